@@ -1,0 +1,115 @@
+//! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
+//! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112), f32 on the CPU.
+//! `bench/transformers_bench.py` measures transformers on the same shapes for comparison.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use finserve::engine::batcher::start_batch;
+use finserve::model::t5::{Config, T5Model};
+use finserve::model::weights::Weights;
+
+fn mt0_small() -> T5Model {
+    let config: Config = serde_json::from_value(serde_json::json!({
+        "model_type": "mt5", "vocab_size": 250112, "d_model": 512, "d_kv": 64, "d_ff": 1024,
+        "num_layers": 8, "num_decoder_layers": 8, "num_heads": 6,
+        "feed_forward_proj": "gated-gelu", "tie_word_embeddings": false
+    }))
+    .expect("config");
+    let dev = Device::Cpu;
+    let mut t = HashMap::new();
+    let mut add = |name: String, shape: &[usize]| {
+        let w = Tensor::randn(0f32, 0.05, shape, &dev).expect("randn");
+        t.insert(name, w);
+    };
+    add("shared.weight".into(), &[250112, 512]);
+    add("lm_head.weight".into(), &[250112, 512]);
+    for stack in ["encoder", "decoder"] {
+        add(
+            format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+            &[32, 6],
+        );
+        add(format!("{stack}.final_layer_norm.weight"), &[512]);
+        for i in 0..8 {
+            let attn: &[&str] = if stack == "encoder" {
+                &["0.SelfAttention"]
+            } else {
+                &["0.SelfAttention", "1.EncDecAttention"]
+            };
+            for a in attn {
+                for p in ["q", "k", "v"] {
+                    add(
+                        format!("{stack}.block.{i}.layer.{a}.{p}.weight"),
+                        &[384, 512],
+                    );
+                }
+                add(format!("{stack}.block.{i}.layer.{a}.o.weight"), &[512, 384]);
+            }
+            let ff = if stack == "encoder" { 1 } else { 2 };
+            for l in 0..=ff {
+                add(
+                    format!("{stack}.block.{i}.layer.{l}.layer_norm.weight"),
+                    &[512],
+                );
+            }
+            add(
+                format!("{stack}.block.{i}.layer.{ff}.DenseReluDense.wi_0.weight"),
+                &[1024, 512],
+            );
+            add(
+                format!("{stack}.block.{i}.layer.{ff}.DenseReluDense.wi_1.weight"),
+                &[1024, 512],
+            );
+            add(
+                format!("{stack}.block.{i}.layer.{ff}.DenseReluDense.wo.weight"),
+                &[512, 1024],
+            );
+        }
+    }
+    let mut w = Weights::from_tensors(t, "random", DType::F32, &dev);
+    T5Model::load(config, &mut w).expect("model")
+}
+
+fn bench(c: &mut Criterion) {
+    let model = mt0_small();
+    let mut group = c.benchmark_group("mt0-small");
+    group.sample_size(10);
+    for (batch, len) in [(1, 32), (8, 64)] {
+        let ids: Vec<Vec<u32>> = (0..batch)
+            .map(|b| (0..len).map(|i| (100 + b * 7 + i) as u32).collect())
+            .collect();
+        let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        group.throughput(Throughput::Elements((batch * len) as u64));
+        group.bench_with_input(
+            BenchmarkId::new("encode_tokens", format!("{batch}x{len}")),
+            &inputs,
+            |b, inputs| b.iter(|| start_batch(&model, inputs).expect("encode")),
+        );
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_with_input(
+            BenchmarkId::new("decode_step_tokens", format!("{batch}x{len}")),
+            &inputs,
+            |b, inputs| {
+                // A cache already 16 tokens deep, as in the middle of a generation.
+                let mut states = start_batch(&model, inputs).expect("encode");
+                let mut refs: Vec<_> = states.iter_mut().collect();
+                let warm: Vec<Vec<u32>> = (0..inputs.len()).map(|_| (0..16).collect()).collect();
+                model.decode(&mut refs, &warm).expect("prefill");
+                b.iter_batched(
+                    || states.clone(),
+                    |mut s| {
+                        let mut refs: Vec<_> = s.iter_mut().collect();
+                        let next = vec![vec![5u32]; refs.len()];
+                        model.decode(&mut refs, &next).expect("step")
+                    },
+                    criterion::BatchSize::LargeInput,
+                )
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

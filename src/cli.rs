@@ -1,0 +1,415 @@
+//! Command-line interface: `serve` (the default), `merge`, `eval` and `openapi`. Every flag can
+//! also be set through a `FINSERVE_*` environment variable.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::sentiment::LabelSet;
+use crate::engine::{Engine, EngineConfig};
+use crate::http::types::{InfoResponse, Limits};
+use crate::http::{AppState, HttpLimits};
+use crate::hub::HubConfig;
+use crate::lora::AdapterSpec;
+use crate::metrics::METRICS;
+use crate::model::{self, LoadedModel, ModelSpec};
+
+/// Where the demo model lives, relative to the working directory or `FINSERVE_HOME`.
+const DEMO_BASE: &str = "models/demo/base";
+const DEMO_ADAPTER: &str = "models/demo/adapter";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "finserve",
+    version,
+    about = "Serve mt0/mT5 financial-sentiment models with merged LoRA adapters",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Without a subcommand, finserve serves with these options.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, env = "FINSERVE_JSON_LOGS", global = true)]
+    pub json_logs: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the REST API (what `finserve` with no subcommand runs).
+    Serve(ServeArgs),
+    /// Merge adapters into the base model and write it in Hugging Face format.
+    Merge(MergeArgs),
+    /// Score a labelled CSV file and print accuracy, macro-F1 and the confusion matrix.
+    Eval(EvalArgs),
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Base model: a local directory or a Hugging Face Hub id (default: the bundled demo model).
+    #[arg(long, env = "FINSERVE_MODEL")]
+    pub model: Option<String>,
+    /// Hub revision (branch, tag or commit) of --model.
+    #[arg(long, env = "FINSERVE_REVISION")]
+    pub revision: Option<String>,
+    /// LoRA adapter directory or Hub id, optionally `:WEIGHT`; repeat (or comma-separate) to
+    /// merge several in order. Default: the demo adapter when --model is not given.
+    #[arg(long = "adapter", env = "FINSERVE_ADAPTER", value_delimiter = ',')]
+    pub adapters: Vec<AdapterSpec>,
+    /// Merge no adapter at all (serve the base model as is).
+    #[arg(long, env = "FINSERVE_NO_ADAPTER")]
+    pub no_adapter: bool,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, env = "FINSERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Serving dtype: f32, or bf16 on GPU.
+    #[arg(long, env = "FINSERVE_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Sentiment labels, comma-separated, scored as the text the model generates.
+    #[arg(
+        long,
+        env = "FINSERVE_LABELS",
+        value_delimiter = ',',
+        default_value = "negative,neutral,positive"
+    )]
+    pub labels: Vec<String>,
+    /// Prompt template for sentiment; `{text}` is replaced by the input.
+    #[arg(long, env = "FINSERVE_PROMPT_TEMPLATE", default_value = "{text}")]
+    pub prompt_template: String,
+    /// Longest input in tokens (EOS included).
+    #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", default_value_t = 512)]
+    pub max_input_tokens: usize,
+    /// Most inputs per engine batch.
+    #[arg(long, env = "FINSERVE_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "FINSERVE_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "FINSERVE_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Most padded tokens (longest input x batch size) per engine batch.
+    #[arg(long, env = "FINSERVE_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+    /// How long the engine may wait for more sentiment requests to fill a batch.
+    #[arg(long, env = "FINSERVE_MAX_BATCH_WAIT_MS", default_value_t = 0)]
+    pub max_batch_wait_ms: u64,
+    /// Largest `max_new_tokens` a client may ask for.
+    #[arg(long, env = "FINSERVE_MAX_NEW_TOKENS", default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Most inputs in one /v1/sentiment request.
+    #[arg(long, env = "FINSERVE_MAX_CLIENT_BATCH_SIZE", default_value_t = 64)]
+    pub max_client_batch_size: usize,
+    /// Most requests handled at once; more get 429.
+    #[arg(long, env = "FINSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+    /// Largest request body in bytes; larger get 413.
+    #[arg(long, env = "FINSERVE_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Per-request time limit in milliseconds; slower requests get 504.
+    #[arg(long, env = "FINSERVE_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    pub request_timeout_ms: u64,
+    /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "FINSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
+    /// Require this key on /v1/* and /info (`Authorization: Bearer` or `x-api-key`).
+    #[arg(long, env = "FINSERVE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Enable CORS for these origins (comma-separated, `*` for any). Off by default.
+    #[arg(long, env = "FINSERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output directory (created; existing files are overwritten).
+    #[arg(long, env = "FINSERVE_OUT")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// CSV file with a header row.
+    #[arg(long, env = "FINSERVE_EVAL_DATA")]
+    pub data: PathBuf,
+    #[arg(long, env = "FINSERVE_EVAL_TEXT_COLUMN", default_value = "sentence")]
+    pub text_column: String,
+    #[arg(long, env = "FINSERVE_EVAL_LABEL_COLUMN", default_value = "label")]
+    pub label_column: String,
+    /// Write one JSON line per row (text, gold label, prediction, scores).
+    #[arg(long, env = "FINSERVE_EVAL_OUT")]
+    pub out: Option<PathBuf>,
+}
+
+/// Finds `rel` under the working directory or `FINSERVE_HOME`.
+fn find_demo(rel: &str) -> Option<PathBuf> {
+    let mut roots = vec![PathBuf::from(".")];
+    if let Ok(home) = std::env::var("FINSERVE_HOME") {
+        roots.insert(0, PathBuf::from(home));
+    }
+    roots.into_iter().map(|r| r.join(rel)).find(|p| p.is_dir())
+}
+
+impl ModelArgs {
+    /// Resolves defaults: no --model means the bundled demo base plus its adapter.
+    pub fn spec(&self) -> anyhow::Result<ModelSpec> {
+        let device = model::parse_device(&self.device)?;
+        let dtype = model::parse_dtype(&self.dtype, &device)?;
+        let (model, mut adapters) = match &self.model {
+            Some(m) => (m.clone(), self.adapters.clone()),
+            None => {
+                let base = find_demo(DEMO_BASE).with_context(|| {
+                    format!(
+                        "no --model given and the demo model ({DEMO_BASE}) is not under the working \
+                         directory or $FINSERVE_HOME; pass --model DIR_OR_HUB_ID (or set FINSERVE_MODEL), \
+                         or run from the repository root"
+                    )
+                })?;
+                let mut adapters = self.adapters.clone();
+                if adapters.is_empty()
+                    && let Some(a) = find_demo(DEMO_ADAPTER)
+                {
+                    adapters.push(AdapterSpec {
+                        source: a.display().to_string(),
+                        weight: 1.0,
+                    });
+                }
+                (base.display().to_string(), adapters)
+            }
+        };
+        if self.no_adapter {
+            adapters.clear();
+        }
+        if self.max_input_tokens < 2 || self.max_batch_size == 0 {
+            bail!("--max-input-tokens must be >= 2 and --max-batch-size >= 1");
+        }
+        Ok(ModelSpec {
+            model,
+            revision: self.revision.clone(),
+            adapters,
+            dtype,
+            device,
+        })
+    }
+
+    pub fn load(&self) -> anyhow::Result<(ModelSpec, LoadedModel, LabelSet)> {
+        let spec = self.spec()?;
+        let loaded = model::load(&spec, &HubConfig::from_env())
+            .with_context(|| format!("cannot load model `{}`", spec.model))?;
+        let labels = LabelSet::new(&self.labels, &loaded.tokenizer)?;
+        if !self.prompt_template.contains("{text}") {
+            bail!("--prompt-template must contain `{{text}}`");
+        }
+        Ok((spec, loaded, labels))
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FINSERVE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.json_logs);
+    match cli.command {
+        None => serve(cli.serve),
+        Some(Command::Serve(args)) => serve(args),
+        Some(Command::Merge(args)) => crate::export::run(&args),
+        Some(Command::Eval(args)) => crate::eval::run(&args),
+        Some(Command::Openapi) => {
+            println!("{}", crate::http::openapi_json());
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(serve_async(args))
+}
+
+async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
+    std::sync::LazyLock::force(&METRICS);
+    let m = &args.model;
+    if args.max_batch_tokens < m.max_input_tokens {
+        bail!(
+            "--max-batch-tokens must be at least --max-input-tokens so every valid input fits a batch"
+        );
+    }
+    let limits = HttpLimits {
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        max_body_bytes: args.max_body_bytes,
+        max_client_batch_size: args.max_client_batch_size.max(1),
+        max_concurrent_requests: args.max_concurrent_requests.max(1),
+        request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
+        cors_allow_origin: args.cors_allow_origin.clone(),
+    };
+    let state = AppState::new(limits);
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    tracing::info!(address = %listener.local_addr()?, "listening (not ready until the model is loaded)");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut stop_wait = stop_rx.clone();
+    let server = tokio::spawn(crate::http::serve(
+        listener,
+        state.clone(),
+        async move {
+            let _ = stop_wait.wait_for(|s| *s).await;
+        },
+        Duration::from_secs(args.shutdown_timeout),
+    ));
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let load_args = args.clone();
+    let loading = tokio::task::spawn_blocking(move || start_engine(&load_args));
+    let mut stopped = stop_rx.clone();
+    tokio::select! {
+        loaded = loading => {
+            let (engine, info) = loaded.context("model loading task failed")??;
+            let _ = state.info.set(info);
+            let _ = state.engine.set(engine);
+            state.ready.store(true, Ordering::SeqCst);
+            tracing::info!("ready");
+        }
+        _ = stopped.wait_for(|s| *s) => {
+            tracing::info!("stopped while loading");
+        }
+    }
+    server.await.context("server task failed")??;
+    signal.abort();
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Loads and merges the model, starts the engine and warms it up with one request of each kind.
+fn start_engine(args: &ServeArgs) -> anyhow::Result<(Engine, InfoResponse)> {
+    let m = &args.model;
+    let (spec, loaded, labels) = m.load()?;
+    METRICS.model_load_seconds.set(loaded.load_seconds);
+    METRICS.merge_seconds.set(loaded.merge_seconds);
+    tracing::info!(
+        seconds = loaded.load_seconds,
+        merge_seconds = loaded.merge_seconds,
+        adapters = loaded.reports.len(),
+        "model loaded"
+    );
+    let config = EngineConfig {
+        max_batch_size: m.max_batch_size,
+        max_batch_tokens: args.max_batch_tokens,
+        max_batch_wait: Duration::from_millis(args.max_batch_wait_ms),
+        queue_capacity: args.max_concurrent_requests.max(1) * args.max_client_batch_size.max(1),
+        max_input_tokens: m.max_input_tokens,
+        max_new_tokens: args.max_new_tokens.max(1),
+        prompt_template: m.prompt_template.clone(),
+    };
+    let info = InfoResponse {
+        model_id: spec.model.clone(),
+        model_revision: spec.revision.clone(),
+        model_dir: loaded.dir.display().to_string(),
+        model_type: loaded
+            .model
+            .config()
+            .model_type
+            .clone()
+            .unwrap_or_else(|| "t5".into()),
+        adapters: loaded.reports.clone(),
+        dtype: format!("{:?}", spec.dtype).to_lowercase(),
+        device: m.device.clone(),
+        labels: labels.names.clone(),
+        prompt_template: m.prompt_template.clone(),
+        limits: Limits {
+            max_input_tokens: m.max_input_tokens,
+            max_new_tokens: config.max_new_tokens,
+            max_batch_size: m.max_batch_size,
+            max_batch_tokens: args.max_batch_tokens,
+            max_batch_wait_ms: args.max_batch_wait_ms,
+            max_client_batch_size: args.max_client_batch_size,
+            max_concurrent_requests: args.max_concurrent_requests,
+            max_body_bytes: args.max_body_bytes,
+            request_timeout_ms: args.request_timeout_ms,
+        },
+        load_seconds: loaded.load_seconds,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let engine = Engine::start(
+        Arc::new(loaded.model),
+        Arc::new(loaded.tokenizer),
+        labels,
+        config,
+    )?;
+    warm_up(&engine)?;
+    Ok((engine, info))
+}
+
+fn warm_up(engine: &Engine) -> anyhow::Result<()> {
+    let ids = engine.tokenize_sentiment("Operating profit rose .", true)?;
+    let scores = engine.sentiment(ids.clone())?.blocking_recv()??;
+    tracing::info!(probs = ?scores.scores.probs, "warm-up sentiment done");
+    let params = crate::engine::generate::GenerateParams {
+        max_new_tokens: 2,
+        ..Default::default()
+    };
+    let mut rx = engine.generate(ids, params)?;
+    while let Some(event) = rx.blocking_recv() {
+        match event {
+            crate::engine::GenerateEvent::End(_) => break,
+            crate::engine::GenerateEvent::Error(e) => bail!("warm-up generation failed: {e}"),
+            crate::engine::GenerateEvent::Token(_) => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! `finserve eval`: scores a labelled CSV through the same engine and batching as the server and
+//! reports accuracy, macro-F1, per-class precision/recall, the confusion matrix and throughput.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::cli::EvalArgs;
+use crate::engine::{Engine, EngineConfig};
+
+/// Gold/predicted label indices over `n` classes, and the scores derived from them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub labels: Vec<String>,
+    /// `confusion[gold][predicted]`.
+    pub confusion: Vec<Vec<usize>>,
+}
+
+impl Report {
+    pub fn new(labels: Vec<String>, pairs: &[(usize, usize)]) -> Self {
+        let n = labels.len();
+        let mut confusion = vec![vec![0; n]; n];
+        for &(gold, pred) in pairs {
+            confusion[gold][pred] += 1;
+        }
+        Self { labels, confusion }
+    }
+
+    fn total(&self) -> usize {
+        self.confusion.iter().flatten().sum()
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        let correct: usize = (0..self.labels.len()).map(|i| self.confusion[i][i]).sum();
+        correct as f64 / self.total().max(1) as f64
+    }
+
+    /// (precision, recall, f1, support) of class `c`; 0 where undefined, as scikit-learn reports.
+    pub fn class(&self, c: usize) -> (f64, f64, f64, usize) {
+        let tp = self.confusion[c][c] as f64;
+        let predicted: usize = self.confusion.iter().map(|row| row[c]).sum();
+        let support: usize = self.confusion[c].iter().sum();
+        let ratio = |a: f64, b: usize| if b == 0 { 0.0 } else { a / b as f64 };
+        let (p, r) = (ratio(tp, predicted), ratio(tp, support));
+        let f1 = if p + r == 0.0 {
+            0.0
+        } else {
+            2.0 * p * r / (p + r)
+        };
+        (p, r, f1, support)
+    }
+
+    pub fn macro_f1(&self) -> f64 {
+        let n = self.labels.len();
+        (0..n).map(|c| self.class(c).2).sum::<f64>() / n.max(1) as f64
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "accuracy  {:.4}\nmacro-F1  {:.4}\n\n{:<12} {:>9} {:>9} {:>9} {:>9}\n",
+            self.accuracy(),
+            self.macro_f1(),
+            "class",
+            "precision",
+            "recall",
+            "f1",
+            "support"
+        );
+        for (c, label) in self.labels.iter().enumerate() {
+            let (p, r, f, n) = self.class(c);
+            s += &format!("{label:<12} {p:>9.4} {r:>9.4} {f:>9.4} {n:>9}\n");
+        }
+        s += &format!("\nconfusion (rows gold, columns predicted)\n{:<12}", "");
+        for label in &self.labels {
+            s += &format!(" {label:>10}");
+        }
+        s.push('\n');
+        for (label, row) in self.labels.iter().zip(&self.confusion) {
+            s += &format!("{label:<12}");
+            for v in row {
+                s += &format!(" {v:>10}");
+            }
+            s.push('\n');
+        }
+        s
+    }
+}
+
+fn read_rows(args: &EvalArgs, labels: &[String]) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut reader = csv::Reader::from_path(&args.data)
+        .with_context(|| format!("cannot open {}", args.data.display()))?;
+    let headers = reader.headers()?.clone();
+    let column = |name: &str| {
+        headers.iter().position(|h| h == name).with_context(|| {
+            format!(
+                "{} has no column `{name}` (columns: {headers:?})",
+                args.data.display()
+            )
+        })
+    };
+    let (text_col, label_col) = (column(&args.text_column)?, column(&args.label_column)?);
+    let mut rows = Vec::new();
+    for (i, record) in reader.records().enumerate() {
+        let record = record.with_context(|| format!("{}: row {}", args.data.display(), i + 2))?;
+        let text = record.get(text_col).unwrap_or_default().to_string();
+        let gold = record.get(label_col).unwrap_or_default();
+        let Some(idx) = labels.iter().position(|l| l == gold) else {
+            bail!(
+                "{}: row {} has label `{gold}`, not one of {labels:?}",
+                args.data.display(),
+                i + 2
+            );
+        };
+        rows.push((text, idx));
+    }
+    if rows.is_empty() {
+        bail!("{} has no rows", args.data.display());
+    }
+    Ok(rows)
+}
+
+pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
+    let m = &args.model;
+    let (_, loaded, labels) = m.load()?;
+    let rows = read_rows(args, &labels.names)?;
+    let names = labels.names.clone();
+    let engine = Engine::start(
+        Arc::new(loaded.model),
+        Arc::new(loaded.tokenizer),
+        labels,
+        EngineConfig {
+            max_batch_size: m.max_batch_size,
+            max_batch_tokens: m.max_batch_size * m.max_input_tokens,
+            max_batch_wait: Duration::ZERO,
+            queue_capacity: rows.len(),
+            max_input_tokens: m.max_input_tokens,
+            max_new_tokens: 1,
+            prompt_template: m.prompt_template.clone(),
+        },
+    )?;
+    let start = Instant::now();
+    let mut receivers = Vec::with_capacity(rows.len());
+    for (text, _) in &rows {
+        let ids = engine.tokenize_sentiment(text, true)?;
+        receivers.push(engine.sentiment(ids)?);
+    }
+    let bar = indicatif::ProgressBar::new(rows.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} sentences ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut out = match &args.out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut pairs = Vec::with_capacity(rows.len());
+    for ((text, gold), rx) in rows.iter().zip(receivers) {
+        let result = rx.blocking_recv().context("the engine stopped")??;
+        let probs = &result.scores.probs;
+        let pred = (0..probs.len())
+            .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
+            .unwrap_or(0);
+        pairs.push((*gold, pred));
+        if let Some(w) = out.as_mut() {
+            let line = serde_json::json!({
+                "text": text,
+                "label": names[*gold],
+                "prediction": names[pred],
+                "scores": names.iter().zip(probs).map(|(n, p)| (n.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
+            });
+            writeln!(w, "{line}")?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    let report = Report::new(names, &pairs);
+    println!(
+        "{} sentences from {} in {elapsed:.1} s ({:.1} sentences/s)\n",
+        rows.len(),
+        args.data.display(),
+        rows.len() as f64 / elapsed
+    );
+    print!("{}", report.render());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_match_scikit_learn() {
+        // sklearn: accuracy 0.6, f1 per class [0.6667, 0.5, 0.6667] -> macro 0.6111
+        let labels = vec!["a".into(), "b".into(), "c".into()];
+        let pairs = [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2)];
+        let r = Report::new(labels, &pairs);
+        assert!((r.accuracy() - 0.6).abs() < 1e-12);
+        let (p, rec, f, n) = r.class(1);
+        assert_eq!(n, 2);
+        assert!((p - 0.5).abs() < 1e-12 && (rec - 0.5).abs() < 1e-12 && (f - 0.5).abs() < 1e-12);
+        assert!((r.macro_f1() - (2.0 / 3.0 + 0.5 + 2.0 / 3.0) / 3.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,699 @@
+//! The T5 family (T5 v1.0, T5 v1.1 / flan-t5, mT5 / mt0) as an encoder-decoder in candle.
+//!
+//! This is a re-implementation of transformers' `modeling_t5.py` for inference only. The weights
+//! are immutable and meant to be shared (`Arc<T5Model>`) by every thread that runs the model; all
+//! per-request state (the decoder's self-attention KV cache and the cross-attention K/V computed
+//! once from the encoder output) lives in [`DecoderState`], outside the model.
+//!
+//! Details that matter for parity with transformers:
+//! - no `1/sqrt(d_kv)` scaling of attention scores (T5 folds it into the initialisation);
+//! - relative-position buckets are bidirectional in the encoder and unidirectional (only the past)
+//!   in the decoder, computed in f32 exactly like `_relative_position_bucket`;
+//! - the bias is computed by the first block of each stack and reused by all later blocks;
+//! - cross-attention has no position bias;
+//! - with tied embeddings (T5 v1.0) the decoder output is scaled by `d_model^-0.5` before the
+//!   shared embedding matrix projects it onto the vocabulary.
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, Linear};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::weights::Weights;
+
+/// `config.json` of a T5-family checkpoint. Unknown fields are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    #[serde(default)]
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    #[serde(default = "default_num_buckets")]
+    pub relative_attention_num_buckets: usize,
+    #[serde(default = "default_max_distance")]
+    pub relative_attention_max_distance: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default)]
+    pub feed_forward_proj: Option<String>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub eos_token_id: Option<Vec<u32>>,
+    #[serde(default)]
+    pub decoder_start_token_id: Option<u32>,
+}
+
+fn default_num_buckets() -> usize {
+    32
+}
+fn default_max_distance() -> usize {
+    128
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<u32>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+    }
+    Ok(Option::<OneOrMany>::deserialize(d)?.map(|v| match v {
+        OneOrMany::One(x) => vec![x],
+        OneOrMany::Many(x) => x,
+    }))
+}
+
+impl Config {
+    fn is_mt5(&self) -> bool {
+        self.model_type.as_deref() == Some("mt5")
+    }
+
+    /// transformers' `MT5Config` defaults to gated-gelu and untied embeddings; `T5Config` to relu and tied.
+    pub fn feed_forward_proj(&self) -> &str {
+        match &self.feed_forward_proj {
+            Some(p) => p,
+            None if self.is_mt5() => "gated-gelu",
+            None => "relu",
+        }
+    }
+
+    pub fn tie_word_embeddings(&self) -> bool {
+        self.tie_word_embeddings.unwrap_or(!self.is_mt5())
+    }
+
+    pub fn decoder_layers(&self) -> usize {
+        self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    pub fn pad_token_id(&self) -> u32 {
+        self.pad_token_id.unwrap_or(0)
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.eos_token_id.clone().unwrap_or_else(|| vec![1])
+    }
+
+    pub fn decoder_start_token_id(&self) -> u32 {
+        self.decoder_start_token_id.unwrap_or(self.pad_token_id())
+    }
+
+    fn inner_dim(&self) -> usize {
+        self.num_heads * self.d_kv
+    }
+
+    /// Checks what the forward pass relies on, so a broken config fails at load with a clear message.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        if let Some(t) = &self.model_type
+            && t != "t5"
+            && t != "mt5"
+        {
+            return bad(format!(
+                "model_type `{t}` is not a T5-family model (expected t5 or mt5)"
+            ));
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("d_kv", self.d_kv),
+            ("d_ff", self.d_ff),
+            ("num_layers", self.num_layers),
+            ("num_decoder_layers", self.decoder_layers()),
+            ("num_heads", self.num_heads),
+        ] {
+            if v == 0 {
+                return bad(format!("`{name}` must be > 0"));
+            }
+        }
+        if self.relative_attention_num_buckets < 4 {
+            return bad("`relative_attention_num_buckets` must be >= 4".into());
+        }
+        if self.relative_attention_max_distance * 2 <= self.relative_attention_num_buckets {
+            return bad(
+                "`relative_attention_max_distance` must exceed half the number of buckets".into(),
+            );
+        }
+        Activation::parse(self.feed_forward_proj())?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Activation {
+    Relu,
+    /// Exact (erf) GELU, what a non-gated `gelu` maps to.
+    Gelu,
+    /// tanh-approximated GELU, what `gated-gelu` maps to in transformers.
+    GeluNew,
+    Silu,
+}
+
+impl Activation {
+    /// Parses `feed_forward_proj` (`relu`, `gated-gelu`, ...) into (activation, gated).
+    fn parse(proj: &str) -> Result<(Self, bool)> {
+        let (gated, name) = match proj.strip_prefix("gated-") {
+            Some(rest) => (true, rest),
+            None => (false, proj),
+        };
+        let act = match (name, gated) {
+            ("gelu", true) | ("gelu_new", _) => Self::GeluNew,
+            ("gelu", false) => Self::Gelu,
+            ("relu", _) => Self::Relu,
+            ("silu", _) | ("swish", _) => Self::Silu,
+            _ => {
+                return Err(Error::Config(format!(
+                    "feed_forward_proj `{proj}` is not supported (relu, gelu, silu, optionally `gated-`)"
+                )));
+            }
+        };
+        Ok((act, gated))
+    }
+
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Relu => x.relu(),
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluNew => x.gelu(),
+            Self::Silu => x.silu(),
+        }
+    }
+}
+
+/// transformers' `_relative_position_bucket`, including its f32 arithmetic for large distances.
+pub fn relative_position_bucket(
+    relative_position: i64,
+    bidirectional: bool,
+    num_buckets: usize,
+    max_distance: usize,
+) -> u32 {
+    let mut num_buckets = num_buckets as i64;
+    let mut bucket = 0i64;
+    let distance = if bidirectional {
+        num_buckets /= 2;
+        if relative_position > 0 {
+            bucket += num_buckets;
+        }
+        relative_position.abs()
+    } else {
+        (-relative_position).max(0)
+    };
+    let max_exact = num_buckets / 2;
+    if distance < max_exact {
+        bucket += distance;
+    } else {
+        let log_ratio = (max_distance as f64 / max_exact as f64).ln() as f32;
+        let scaled = (distance as f32 / max_exact as f32).ln() / log_ratio
+            * (num_buckets - max_exact) as f32;
+        let large = max_exact + scaled as i64;
+        bucket += large.min(num_buckets - 1);
+    }
+    bucket as u32
+}
+
+/// T5's RMS norm: no mean subtraction, no bias.
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(w: &mut Weights, name: &str, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            weight: w.take(&format!("{name}.weight"), &[cfg.d_model])?,
+            eps: cfg.layer_norm_epsilon as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+fn linear(w: &mut Weights, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
+    Ok(Linear::new(
+        w.take(&format!("{name}.weight"), &[out_dim, in_dim])?,
+        None,
+    ))
+}
+
+#[derive(Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    num_heads: usize,
+    d_kv: usize,
+}
+
+impl Attention {
+    fn load(w: &mut Weights, name: &str, cfg: &Config) -> Result<Self> {
+        let inner = cfg.inner_dim();
+        Ok(Self {
+            q: linear(w, &format!("{name}.q"), inner, cfg.d_model)?,
+            k: linear(w, &format!("{name}.k"), inner, cfg.d_model)?,
+            v: linear(w, &format!("{name}.v"), inner, cfg.d_model)?,
+            o: linear(w, &format!("{name}.o"), cfg.d_model, inner)?,
+            num_heads: cfg.num_heads,
+            d_kv: cfg.d_kv,
+        })
+    }
+
+    /// (b, t, inner) -> (b, heads, t, d_kv)
+    fn split_heads(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, self.num_heads, self.d_kv))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// (b, heads, t, d_kv) -> (b, t, inner)
+    fn merge_heads(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, _, t, _) = x.dims4()?;
+        x.transpose(1, 2)?
+            .reshape((b, t, self.num_heads * self.d_kv))
+    }
+
+    /// Scaled-free dot-product attention; `bias` (broadcastable to the scores) carries the position
+    /// bias and the masks. Softmax runs in f32 as in transformers.
+    fn attend(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let dtype = q.dtype();
+        let mut scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        probs.matmul(v)
+    }
+}
+
+#[derive(Debug)]
+struct FeedForward {
+    wi: Linear,
+    wi_1: Option<Linear>,
+    wo: Linear,
+    act: Activation,
+}
+
+impl FeedForward {
+    fn load(w: &mut Weights, name: &str, cfg: &Config) -> Result<Self> {
+        let (act, gated) = Activation::parse(cfg.feed_forward_proj())?;
+        let (wi, wi_1) = if gated {
+            (
+                linear(w, &format!("{name}.wi_0"), cfg.d_ff, cfg.d_model)?,
+                Some(linear(w, &format!("{name}.wi_1"), cfg.d_ff, cfg.d_model)?),
+            )
+        } else {
+            (
+                linear(w, &format!("{name}.wi"), cfg.d_ff, cfg.d_model)?,
+                None,
+            )
+        };
+        Ok(Self {
+            wi,
+            wi_1,
+            wo: linear(w, &format!("{name}.wo"), cfg.d_model, cfg.d_ff)?,
+            act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = self.act.apply(&self.wi.forward(x)?)?;
+        if let Some(wi_1) = &self.wi_1 {
+            h = (h * wi_1.forward(x)?)?;
+        }
+        self.wo.forward(&h)
+    }
+}
+
+#[derive(Debug)]
+struct EncoderBlock {
+    self_attn: Attention,
+    attn_norm: LayerNorm,
+    ff: FeedForward,
+    ff_norm: LayerNorm,
+}
+
+#[derive(Debug)]
+struct DecoderBlock {
+    self_attn: Attention,
+    self_attn_norm: LayerNorm,
+    cross_attn: Attention,
+    cross_attn_norm: LayerNorm,
+    ff: FeedForward,
+    ff_norm: LayerNorm,
+}
+
+/// A whole T5 checkpoint, read-only once loaded.
+#[derive(Debug)]
+pub struct T5Model {
+    config: Config,
+    encoder_embed: Embedding,
+    decoder_embed: Embedding,
+    encoder_bias: Tensor,
+    encoder_blocks: Vec<EncoderBlock>,
+    encoder_norm: LayerNorm,
+    decoder_bias: Tensor,
+    decoder_blocks: Vec<DecoderBlock>,
+    decoder_norm: LayerNorm,
+    lm_head: Tensor,
+    device: Device,
+}
+
+/// The encoder output of one sequence, unpadded: `(1, len, d_model)`.
+#[derive(Debug, Clone)]
+pub struct Encoded(pub Tensor);
+
+/// Everything one decoding sequence needs besides the weights. Cloning is cheap (tensors are
+/// reference counted), which is how label scoring branches a shared prefix.
+#[derive(Debug, Clone)]
+pub struct DecoderState {
+    /// Per decoder layer: cross-attention K and V, `(1, heads, src_len, d_kv)`, computed once.
+    cross_kv: Vec<(Tensor, Tensor)>,
+    /// Per decoder layer: self-attention K and V of the tokens fed so far.
+    self_kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Number of decoder tokens fed so far.
+    pub position: usize,
+}
+
+impl T5Model {
+    /// Builds the model from a weight map, taking every tensor it uses out of `w`.
+    pub fn load(config: Config, w: &mut Weights) -> Result<Self> {
+        config.validate()?;
+        let cfg = &config;
+        let device = w.device().clone();
+        let shared = w.take("shared.weight", &[cfg.vocab_size, cfg.d_model])?;
+        // mt0 checkpoints store only `shared.weight`; both stacks embed with it.
+        let mut embed = |name: &str| -> Result<Embedding> {
+            let t = w
+                .take_optional(name, &[cfg.vocab_size, cfg.d_model])?
+                .unwrap_or_else(|| shared.clone());
+            Ok(Embedding::new(t, cfg.d_model))
+        };
+        let encoder_embed = embed("encoder.embed_tokens.weight")?;
+        let decoder_embed = embed("decoder.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings() {
+            w.discard("lm_head.weight");
+            shared.clone()
+        } else {
+            w.take("lm_head.weight", &[cfg.vocab_size, cfg.d_model])?
+        };
+        let bias_shape = [cfg.relative_attention_num_buckets, cfg.num_heads];
+        let encoder_bias = w.take(
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            &bias_shape,
+        )?;
+        let decoder_bias = w.take(
+            "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            &bias_shape,
+        )?;
+        let encoder_blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let p = format!("encoder.block.{i}.layer");
+                Ok(EncoderBlock {
+                    self_attn: Attention::load(w, &format!("{p}.0.SelfAttention"), cfg)?,
+                    attn_norm: LayerNorm::load(w, &format!("{p}.0.layer_norm"), cfg)?,
+                    ff: FeedForward::load(w, &format!("{p}.1.DenseReluDense"), cfg)?,
+                    ff_norm: LayerNorm::load(w, &format!("{p}.1.layer_norm"), cfg)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let decoder_blocks = (0..cfg.decoder_layers())
+            .map(|i| {
+                let p = format!("decoder.block.{i}.layer");
+                Ok(DecoderBlock {
+                    self_attn: Attention::load(w, &format!("{p}.0.SelfAttention"), cfg)?,
+                    self_attn_norm: LayerNorm::load(w, &format!("{p}.0.layer_norm"), cfg)?,
+                    cross_attn: Attention::load(w, &format!("{p}.1.EncDecAttention"), cfg)?,
+                    cross_attn_norm: LayerNorm::load(w, &format!("{p}.1.layer_norm"), cfg)?,
+                    ff: FeedForward::load(w, &format!("{p}.2.DenseReluDense"), cfg)?,
+                    ff_norm: LayerNorm::load(w, &format!("{p}.2.layer_norm"), cfg)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            encoder_norm: LayerNorm::load(w, "encoder.final_layer_norm", cfg)?,
+            decoder_norm: LayerNorm::load(w, "decoder.final_layer_norm", cfg)?,
+            config,
+            encoder_embed,
+            decoder_embed,
+            encoder_bias,
+            encoder_blocks,
+            decoder_bias,
+            decoder_blocks,
+            lm_head,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.lm_head.dtype()
+    }
+
+    /// Position bias `(1, heads, q_len, k_len)` for queries at `q_offset..q_offset+q_len`.
+    fn position_bias(
+        &self,
+        table: &Tensor,
+        q_offset: usize,
+        q_len: usize,
+        k_len: usize,
+        bidirectional: bool,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let buckets: Vec<u32> = (0..q_len)
+            .flat_map(|qi| {
+                (0..k_len).map(move |ki| {
+                    relative_position_bucket(
+                        ki as i64 - (q_offset + qi) as i64,
+                        bidirectional,
+                        cfg.relative_attention_num_buckets,
+                        cfg.relative_attention_max_distance,
+                    )
+                })
+            })
+            .collect();
+        let ids = Tensor::from_vec(buckets, q_len * k_len, &self.device)?;
+        table
+            .index_select(&ids, 0)?
+            .reshape((q_len, k_len, cfg.num_heads))?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_dtype(DType::F32)
+    }
+
+    /// Runs the encoder over a right-padded batch. `input_ids` and `mask` are `(batch, len)`;
+    /// mask is 1 for real tokens. Returns each sequence's unpadded output.
+    pub fn encode(
+        &self,
+        input_ids: &Tensor,
+        lengths: &[usize],
+    ) -> candle_core::Result<Vec<Encoded>> {
+        let (b, t) = input_ids.dims2()?;
+        let mask: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&len| (0..t).map(move |i| if i < len { 0.0 } else { f32::MIN }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t), &self.device)?;
+        let bias = self
+            .position_bias(&self.encoder_bias, 0, t, t, true)?
+            .broadcast_add(&mask)?;
+        let mut x = self.encoder_embed.forward(input_ids)?;
+        for block in &self.encoder_blocks {
+            let h = block.attn_norm.forward(&x)?;
+            let a = &block.self_attn;
+            let q = a.split_heads(&a.q.forward(&h)?)?;
+            let k = a.split_heads(&a.k.forward(&h)?)?;
+            let v = a.split_heads(&a.v.forward(&h)?)?;
+            let out = Attention::attend(&q, &k, &v, Some(&bias))?;
+            x = (x + a.o.forward(&a.merge_heads(&out)?)?)?;
+            x = (&x + block.ff.forward(&block.ff_norm.forward(&x)?)?)?;
+        }
+        let x = self.encoder_norm.forward(&x)?;
+        lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| Ok(Encoded(x.i((i..i + 1, 0..len))?)))
+            .collect()
+    }
+
+    /// Starts a decoder for one encoded sequence: computes its cross-attention K/V once.
+    pub fn start_decoder(&self, encoded: &Encoded) -> candle_core::Result<DecoderState> {
+        let cross_kv = self
+            .decoder_blocks
+            .iter()
+            .map(|block| {
+                let a = &block.cross_attn;
+                Ok((
+                    a.split_heads(&a.k.forward(&encoded.0)?)?,
+                    a.split_heads(&a.v.forward(&encoded.0)?)?,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(DecoderState {
+            self_kv: vec![None; cross_kv.len()],
+            cross_kv,
+            position: 0,
+        })
+    }
+
+    /// Feeds `tokens[i]` (the same number of tokens for every sequence) to `states[i]` and returns
+    /// the logits of every fed position, `(batch, n_tokens, vocab)` in f32. The linear layers run
+    /// batched; attention runs per sequence against that sequence's own cache, so sequences at
+    /// different positions with different source lengths can share one step.
+    pub fn decode(
+        &self,
+        states: &mut [&mut DecoderState],
+        tokens: &[Vec<u32>],
+    ) -> candle_core::Result<Tensor> {
+        let b = states.len();
+        let n = tokens.first().map_or(0, Vec::len);
+        if tokens.len() != b || n == 0 || tokens.iter().any(|t| t.len() != n) {
+            candle_core::bail!("decode needs one equally long, non-empty token list per state");
+        }
+        let flat: Vec<u32> = tokens.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, (b, n), &self.device)?;
+        let mut x = self.decoder_embed.forward(&ids)?;
+
+        // One bias per distinct start position: (1, heads, n, pos + n), causal within the new tokens.
+        let mut biases: HashMap<usize, Tensor> = HashMap::new();
+        for s in states.iter() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = biases.entry(s.position) {
+                let k_len = s.position + n;
+                let mut bias =
+                    self.position_bias(&self.decoder_bias, s.position, n, k_len, false)?;
+                if n > 1 {
+                    let causal: Vec<f32> = (0..n)
+                        .flat_map(|qi| {
+                            (0..k_len)
+                                .map(move |ki| if ki > s.position + qi { f32::MIN } else { 0.0 })
+                        })
+                        .collect();
+                    bias = bias.broadcast_add(&Tensor::from_vec(
+                        causal,
+                        (1, 1, n, k_len),
+                        &self.device,
+                    )?)?;
+                }
+                slot.insert(bias);
+            }
+        }
+
+        for (layer, block) in self.decoder_blocks.iter().enumerate() {
+            let a = &block.self_attn;
+            let h = block.self_attn_norm.forward(&x)?;
+            let q = a.split_heads(&a.q.forward(&h)?)?;
+            let k = a.split_heads(&a.k.forward(&h)?)?;
+            let v = a.split_heads(&a.v.forward(&h)?)?;
+            let mut outs = Vec::with_capacity(b);
+            for (i, state) in states.iter_mut().enumerate() {
+                let (ki, vi) = (k.i(i..i + 1)?, v.i(i..i + 1)?);
+                let (ki, vi) = match &state.self_kv[layer] {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, &ki], 2)?, Tensor::cat(&[pv, &vi], 2)?),
+                    None => (ki, vi),
+                };
+                outs.push(Attention::attend(
+                    &q.i(i..i + 1)?,
+                    &ki,
+                    &vi,
+                    Some(&biases[&state.position]),
+                )?);
+                state.self_kv[layer] = Some((ki, vi));
+            }
+            x = (x + a.o.forward(&a.merge_heads(&Tensor::cat(&outs, 0)?)?)?)?;
+
+            let a = &block.cross_attn;
+            let h = block.cross_attn_norm.forward(&x)?;
+            let q = a.split_heads(&a.q.forward(&h)?)?;
+            let outs = states
+                .iter()
+                .enumerate()
+                .map(|(i, state)| {
+                    let (ck, cv) = &state.cross_kv[layer];
+                    Attention::attend(&q.i(i..i + 1)?, ck, cv, None)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            x = (x + a.o.forward(&a.merge_heads(&Tensor::cat(&outs, 0)?)?)?)?;
+
+            x = (&x + block.ff.forward(&block.ff_norm.forward(&x)?)?)?;
+        }
+        for state in states.iter_mut() {
+            state.position += n;
+        }
+        let mut x = self.decoder_norm.forward(&x)?;
+        if self.config.tie_word_embeddings() {
+            x = (x * (self.config.d_model as f64).powf(-0.5))?;
+        }
+        x.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+    }
+
+    /// Log-softmax over the vocabulary of `decode`'s last position, `(batch, vocab)`.
+    pub fn last_log_probs(logits: &Tensor) -> candle_core::Result<Tensor> {
+        let n = logits.dim(1)?;
+        candle_nn::ops::log_softmax(&logits.i((.., n - 1))?, D::Minus1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_match_transformers_formula() {
+        // Values from transformers' `_relative_position_bucket` (32 buckets, max distance 128).
+        let bi = |p| relative_position_bucket(p, true, 32, 128);
+        assert_eq!(
+            [-1000, -128, -20, -8, -7, -1, 0, 1, 7, 8, 20, 127, 1000].map(bi),
+            [15, 15, 10, 8, 7, 1, 0, 17, 23, 24, 26, 31, 31]
+        );
+        let uni = |p| relative_position_bucket(p, false, 32, 128);
+        assert_eq!(
+            [-1000, -127, -40, -16, -15, -1, 0, 5].map(uni),
+            [31, 31, 23, 16, 15, 1, 0, 0]
+        );
+    }
+
+    #[test]
+    fn activation_names_follow_transformers() {
+        assert_eq!(
+            Activation::parse("gated-gelu").unwrap(),
+            (Activation::GeluNew, true)
+        );
+        assert_eq!(
+            Activation::parse("gelu").unwrap(),
+            (Activation::Gelu, false)
+        );
+        assert_eq!(
+            Activation::parse("relu").unwrap(),
+            (Activation::Relu, false)
+        );
+        assert!(Activation::parse("gated-tanh").is_err());
+    }
+}

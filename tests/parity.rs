@@ -1,0 +1,454 @@
+//! Parity with transformers + peft on the committed fixtures of `tests/parity/` (see its README):
+//! teacher-forced logits, greedy generations, label probabilities, batch invariance, the merge
+//! export, every weight format, and the refusals of bad adapters.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use finserve::engine::batcher::start_batch;
+use finserve::engine::generate::GenerateParams;
+use finserve::engine::sentiment::{LabelSet, score};
+use finserve::engine::{Engine, EngineConfig, GenerateEvent};
+use finserve::hub::HubConfig;
+use finserve::lora::AdapterSpec;
+use finserve::model::{self, LoadedModel, ModelSpec};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+struct Reference {
+    model: String,
+    adapters: Vec<String>,
+    inputs: Vec<String>,
+    input_ids: Vec<Vec<u32>>,
+    decoder_input_ids: Vec<Vec<u32>>,
+    logits: Vec<Vec<Vec<f32>>>,
+    merged_logits: Vec<Vec<Vec<f32>>>,
+    greedy_max_new_tokens: usize,
+    greedy: Vec<Vec<u32>>,
+    labels: Vec<String>,
+    label_ids: Vec<Vec<u32>>,
+    label_probs: Vec<Vec<f64>>,
+    label_logprobs: Vec<Vec<f64>>,
+}
+
+const CASES: &[&str] = &[
+    "mt5_plain",
+    "mt5_qv",
+    "mt5_all_patterns",
+    "mt5_modules_to_save",
+    "mt5_qv_bin",
+    "mt5_regex_layers",
+    "t5_qv",
+];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/parity/fixtures")
+}
+
+fn reference(case: &str) -> Reference {
+    let path = fixtures().join(case).join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn offline_hub() -> HubConfig {
+    HubConfig {
+        cache_dir: std::env::temp_dir().join("finserve-test-no-cache"),
+        endpoint: None,
+        token: None,
+        offline: true,
+    }
+}
+
+fn spec(model: &Path, adapters: &[PathBuf]) -> ModelSpec {
+    ModelSpec {
+        model: model.display().to_string(),
+        revision: None,
+        adapters: adapters
+            .iter()
+            .map(|a| AdapterSpec {
+                source: a.display().to_string(),
+                weight: 1.0,
+            })
+            .collect(),
+        dtype: DType::F32,
+        device: Device::Cpu,
+    }
+}
+
+fn load(model: &Path, adapters: &[PathBuf]) -> LoadedModel {
+    model::load(&spec(model, adapters), &offline_hub()).unwrap()
+}
+
+fn load_case(r: &Reference) -> LoadedModel {
+    let adapters: Vec<PathBuf> = r.adapters.iter().map(|a| fixtures().join(a)).collect();
+    load(&fixtures().join(&r.model), &adapters)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Teacher-forced logits of every input, all in one padded batch, all decoder tokens at once.
+fn batch_logits(
+    m: &LoadedModel,
+    input_ids: &[Vec<u32>],
+    decoder_ids: &[Vec<u32>],
+) -> Vec<Vec<Vec<f32>>> {
+    let inputs: Vec<&[u32]> = input_ids.iter().map(Vec::as_slice).collect();
+    let mut states = start_batch(&m.model, &inputs).unwrap();
+    let mut refs: Vec<_> = states.iter_mut().collect();
+    m.model
+        .decode(&mut refs, decoder_ids)
+        .unwrap()
+        .to_vec3()
+        .unwrap()
+}
+
+fn assert_logits_close(case: &str, what: &str, got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        for (pos, (gp, wp)) in g.iter().zip(w).enumerate() {
+            let d = max_abs_diff(gp, wp);
+            assert!(
+                d < 1e-4,
+                "{case} {what}: input {i} position {pos} differs by {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tokenizer_matches_transformers() {
+    for case in CASES {
+        let r = reference(case);
+        let m = load_case(&r);
+        for (text, ids) in r.inputs.iter().zip(&r.input_ids) {
+            assert_eq!(
+                m.tokenizer.encode(text.as_str(), true).unwrap().get_ids(),
+                ids.as_slice(),
+                "{case}"
+            );
+        }
+        let labels = LabelSet::new(&r.labels, &m.tokenizer).unwrap();
+        assert_eq!(labels.targets, r.label_ids, "{case}");
+    }
+}
+
+#[test]
+fn teacher_forced_logits_match_peft() {
+    for case in CASES {
+        let r = reference(case);
+        let m = load_case(&r);
+        let got = batch_logits(&m, &r.input_ids, &r.decoder_input_ids);
+        assert_logits_close(case, "runtime-LoRA logits", &got, &r.logits);
+        assert_logits_close(case, "merge_and_unload logits", &got, &r.merged_logits);
+    }
+}
+
+#[test]
+fn incremental_decoding_matches_full_decoding() {
+    let r = reference("mt5_all_patterns");
+    let m = load_case(&r);
+    let inputs: Vec<&[u32]> = r.input_ids.iter().map(Vec::as_slice).collect();
+    let mut states = start_batch(&m.model, &inputs).unwrap();
+    let steps = r.decoder_input_ids[0].len();
+    for pos in 0..steps {
+        let tokens: Vec<Vec<u32>> = r.decoder_input_ids.iter().map(|d| vec![d[pos]]).collect();
+        let mut refs: Vec<_> = states.iter_mut().collect();
+        let logits: Vec<Vec<Vec<f32>>> = m
+            .model
+            .decode(&mut refs, &tokens)
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        for (i, l) in logits.iter().enumerate() {
+            let d = max_abs_diff(&l[0], &r.logits[i][pos]);
+            assert!(d < 1e-4, "input {i} step {pos} differs by {d}");
+        }
+    }
+}
+
+fn engine(m: LoadedModel, labels: &[String]) -> Engine {
+    let labels = LabelSet::new(labels, &m.tokenizer).unwrap();
+    Engine::start(
+        Arc::new(m.model),
+        Arc::new(m.tokenizer),
+        labels,
+        EngineConfig {
+            max_batch_size: 8,
+            max_batch_tokens: 4096,
+            max_batch_wait: Duration::ZERO,
+            queue_capacity: 64,
+            max_input_tokens: 512,
+            max_new_tokens: 64,
+            prompt_template: "{text}".into(),
+        },
+    )
+    .unwrap()
+}
+
+fn generated_ids(rx: &mut tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>) -> Vec<u32> {
+    loop {
+        match rx.blocking_recv().expect("engine hung up") {
+            GenerateEvent::End(out) => return out.tokens.iter().map(|t| t.id).collect(),
+            GenerateEvent::Error(e) => panic!("generation failed: {e}"),
+            GenerateEvent::Token(_) => {}
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_is_token_identical_alone_and_batched() {
+    for case in CASES {
+        let r = reference(case);
+        assert!(
+            r.greedy.iter().all(|g| g.len() >= 24),
+            "{case}: fixture needs >= 24 tokens"
+        );
+        let e = engine(load_case(&r), &r.labels);
+        let params = GenerateParams {
+            max_new_tokens: r.greedy_max_new_tokens,
+            ..Default::default()
+        };
+        // All inputs at once: they share decode steps (continuous batching).
+        let mut batched: Vec<_> = r
+            .input_ids
+            .iter()
+            .map(|ids| e.generate(ids.clone(), params.clone()).unwrap())
+            .collect();
+        for (i, rx) in batched.iter_mut().enumerate() {
+            assert_eq!(generated_ids(rx), r.greedy[i], "{case} input {i} (batched)");
+        }
+        for (i, ids) in r.input_ids.iter().enumerate() {
+            let mut rx = e.generate(ids.clone(), params.clone()).unwrap();
+            assert_eq!(
+                generated_ids(&mut rx),
+                r.greedy[i],
+                "{case} input {i} (alone)"
+            );
+        }
+    }
+}
+
+#[test]
+fn label_probabilities_match_and_batching_changes_nothing() {
+    for case in CASES {
+        let r = reference(case);
+        let m = load_case(&r);
+        let labels = LabelSet::new(&r.labels, &m.tokenizer).unwrap();
+        let inputs: Vec<&[u32]> = r.input_ids.iter().map(Vec::as_slice).collect();
+        let batched = score(&m.model, start_batch(&m.model, &inputs).unwrap(), &labels).unwrap();
+        for (i, s) in batched.iter().enumerate() {
+            for (l, (got, want)) in s.probs.iter().zip(&r.label_probs[i]).enumerate() {
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "{case} input {i} label {l}: {got} vs {want}"
+                );
+            }
+            for (got, want) in s.log_probs.iter().zip(&r.label_logprobs[i]) {
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{case} input {i}: log-prob {got} vs {want}"
+                );
+            }
+            let alone = score(
+                &m.model,
+                start_batch(&m.model, &inputs[i..i + 1]).unwrap(),
+                &labels,
+            )
+            .unwrap();
+            for (a, b) in alone[0].probs.iter().zip(&s.probs) {
+                assert!(
+                    (a - b).abs() < 1e-6,
+                    "{case} input {i}: alone {a} vs batched {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sharded_and_pytorch_bin_checkpoints_load_the_same_model() {
+    let r = reference("mt5_qv");
+    let adapters = [fixtures().join("adapters/qv")];
+    for dir in ["mt5_base_sharded", "mt5_base_bin"] {
+        let m = load(&fixtures().join(dir), &adapters);
+        let got = batch_logits(&m, &r.input_ids, &r.decoder_input_ids);
+        assert_logits_close(dir, "logits", &got, &r.logits);
+    }
+}
+
+#[test]
+fn hub_offline_cache_layout_resolves_model_and_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let install = |repo: &str, src: &Path| {
+        let root = tmp
+            .path()
+            .join(format!("models--{}", repo.replace('/', "--")));
+        let snap = root.join("snapshots/0123abcd");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(root.join("refs")).unwrap();
+        std::fs::write(root.join("refs/main"), "0123abcd").unwrap();
+        for f in std::fs::read_dir(src).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, snap.join(f.file_name().unwrap())).unwrap();
+        }
+    };
+    install("acme/mt0-tiny", &fixtures().join("mt5_base"));
+    install("acme/mt0-tiny-lora", &fixtures().join("adapters/qv"));
+    let hub = HubConfig {
+        cache_dir: tmp.path().to_path_buf(),
+        endpoint: None,
+        token: None,
+        offline: true,
+    };
+    let mut s = spec(Path::new("acme/mt0-tiny"), &[]);
+    s.adapters = vec![AdapterSpec {
+        source: "acme/mt0-tiny-lora".into(),
+        weight: 1.0,
+    }];
+    let m = model::load(&s, &hub).unwrap();
+    let r = reference("mt5_qv");
+    assert_logits_close(
+        "hub",
+        "logits",
+        &batch_logits(&m, &r.input_ids, &r.decoder_input_ids),
+        &r.logits,
+    );
+}
+
+#[test]
+fn adapter_weight_scales_the_update() {
+    let r = reference("mt5_qv");
+    let base = load(&fixtures().join("mt5_base"), &[]);
+    let mut s = spec(
+        &fixtures().join("mt5_base"),
+        &[fixtures().join("adapters/qv")],
+    );
+    s.adapters[0].weight = 0.0;
+    let zero = model::load(&s, &offline_hub()).unwrap();
+    let a = batch_logits(&base, &r.input_ids, &r.decoder_input_ids);
+    let b = batch_logits(&zero, &r.input_ids, &r.decoder_input_ids);
+    assert_logits_close("weight 0", "logits", &b, &a);
+    // Two half-weight merges of the same adapter equal one full merge.
+    s.adapters[0].weight = 0.5;
+    s.adapters.push(s.adapters[0].clone());
+    let halves = model::load(&s, &offline_hub()).unwrap();
+    let got = batch_logits(&halves, &r.input_ids, &r.decoder_input_ids);
+    assert_logits_close("two halves", "logits", &got, &r.logits);
+}
+
+#[test]
+fn merge_export_reproduces_merge_and_unload() {
+    for (case, adapter) in [("mt5_qv", "adapters/qv"), ("t5_qv", "adapters/t5_qv")] {
+        let r = reference(case);
+        let out = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+            .args(["merge", "--model"])
+            .arg(fixtures().join(&r.model))
+            .arg("--adapter")
+            .arg(fixtures().join(adapter))
+            .arg("--out")
+            .arg(out.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            assert!(out.path().join(f).is_file(), "{f} missing");
+        }
+        let m = load(out.path(), &[]);
+        let got = batch_logits(&m, &r.input_ids, &r.decoder_input_ids);
+        assert_logits_close(case, "exported logits", &got, &r.merged_logits);
+    }
+}
+
+/// Copies the `qv` adapter into a temp dir and lets `edit` break it.
+fn broken_adapter(
+    edit: impl FnOnce(&mut serde_json::Value, &mut std::collections::HashMap<String, Tensor>),
+) -> tempfile::TempDir {
+    let src = fixtures().join("adapters/qv");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    edit(&mut config, &mut tensors);
+    std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+    candle_core::safetensors::save(&tensors, dir.path().join("adapter_model.safetensors")).unwrap();
+    dir
+}
+
+fn refusal(adapter: &Path) -> String {
+    match model::load(
+        &spec(&fixtures().join("mt5_base"), &[adapter.to_path_buf()]),
+        &offline_hub(),
+    ) {
+        Ok(_) => panic!("adapter {} was accepted", adapter.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_adapters_are_refused_naming_file_and_tensor() {
+    const Q_A: &str = "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight";
+    let cases: Vec<(&str, tempfile::TempDir, Vec<&str>)> = vec![
+        (
+            "peft_type",
+            broken_adapter(|c, _| c["peft_type"] = "PREFIX_TUNING".into()),
+            vec!["adapter_config.json", "PREFIX_TUNING"],
+        ),
+        (
+            "dora",
+            broken_adapter(|c, _| c["use_dora"] = true.into()),
+            vec!["adapter_config.json", "use_dora"],
+        ),
+        (
+            "no match",
+            broken_adapter(|c, _| c["target_modules"] = serde_json::json!(["query"])),
+            vec!["adapter_model.safetensors", "no module"],
+        ),
+        (
+            "unused tensor",
+            broken_adapter(|_, t| {
+                let a = t[Q_A].clone();
+                t.insert(Q_A.replace(".q.", ".k."), a);
+                let b_name = Q_A.replace("lora_A", "lora_B");
+                let b = t[&b_name].clone();
+                t.insert(b_name.replace(".q.", ".k."), b);
+            }),
+            vec!["adapter_model.safetensors", "SelfAttention.k.lora_A.weight"],
+        ),
+        (
+            "shape",
+            broken_adapter(|_, t| {
+                let a = t[Q_A].narrow(1, 0, 5).unwrap().contiguous().unwrap();
+                t.insert(Q_A.to_string(), a);
+            }),
+            vec![
+                "adapter_model.safetensors",
+                "encoder.block.0.layer.0.SelfAttention.q",
+            ],
+        ),
+        (
+            "bias",
+            broken_adapter(|_, t| {
+                let bias = Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap();
+                t.insert(Q_A.replace("lora_A.weight", "lora_B.bias"), bias);
+            }),
+            vec!["adapter_model.safetensors", "SelfAttention.q.lora_B.bias"],
+        ),
+    ];
+    for (what, dir, needles) in cases {
+        let msg = refusal(dir.path());
+        for n in needles {
+            assert!(msg.contains(n), "{what}: `{msg}` does not mention `{n}`");
+        }
+    }
+}

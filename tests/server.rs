@@ -1,0 +1,535 @@
+//! The real server binary over HTTP: every route, every error status, streaming, API keys,
+//! timing headers and request ids, batching under concurrency, cancellation, graceful shutdown,
+//! the OpenAPI document, and the Prometheus exposition.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{metric_value, start};
+use serde_json::{Value, json};
+
+const SHORT: &str = "Profit rose .";
+const LONG: &str = "The company said that its operating profit for the full year rose to EUR 13.1 mn from EUR 8.7 mn , \
+                    while net sales increased by 12 % to EUR 120 mn , driven by strong demand in Finland and Sweden .";
+
+fn probs(entry: &Value) -> Vec<(String, f64)> {
+    entry
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["label"].as_str().unwrap().to_string(),
+                l["score"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn routes_statuses_headers_and_spec() {
+    let s = start(&[
+        "--max-input-tokens",
+        "24",
+        "--max-new-tokens",
+        "40",
+        "--max-body-bytes",
+        "4096",
+        "--max-client-batch-size",
+        "4",
+    ]);
+    assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.get("/ready").0, 200);
+
+    let (code, info) = s.get("/info");
+    assert_eq!(code, 200);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["labels"], json!(["negative", "neutral", "positive"]));
+    assert!(info["adapters"][0]["modules_merged"].as_u64().unwrap() > 0);
+    assert_eq!(info["limits"]["max_input_tokens"], 24);
+
+    // Sentiment: one string still gives [[...]], sorted, summing to 1.
+    let (code, body) = s.post("/v1/sentiment", &json!({"inputs": SHORT}));
+    assert_eq!(code, 200, "{body}");
+    let entries = body.as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    let p = probs(&entries[0]);
+    assert_eq!(p.len(), 3);
+    assert!(p.windows(2).all(|w| w[0].1 >= w[1].1));
+    assert!((p.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-9);
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": [SHORT, "Sales fell ."], "parameters": {"top_k": 1}}),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(body.as_array().unwrap().len(), 2);
+    assert_eq!(body[1].as_array().unwrap().len(), 1);
+
+    // Too long: 422 unless truncated.
+    let (code, body) = s.post("/v1/sentiment", &json!({"inputs": LONG}));
+    assert_eq!(
+        (code, body["error_type"].as_str()),
+        (422, Some("validation")),
+        "{body}"
+    );
+    assert_eq!(
+        s.post("/v1/sentiment", &json!({"inputs": LONG, "truncate": true}))
+            .0,
+        200
+    );
+
+    // Error statuses and the one error shape.
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/sentiment", "{not json".into(), 400, "bad_request"),
+        (
+            "/v1/sentiment",
+            json!({"inputs": 5}).to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": ""}).to_string(),
+            422,
+            "validation",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": []}).to_string(),
+            422,
+            "validation",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": SHORT, "parameters": {"top_k": 0}}).to_string(),
+            422,
+            "validation",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": ["a", "b", "c", "d", "e"]}).to_string(),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": "x".repeat(5000)}).to_string(),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"temperature": 0.0}}).to_string(),
+            422,
+            "validation",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"top_p": 1.0}}).to_string(),
+            422,
+            "validation",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"max_new_tokens": 41}}).to_string(),
+            422,
+            "validation",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"typical_p": 0.5}}).to_string(),
+            422,
+            "validation",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": LONG}).to_string(),
+            422,
+            "validation",
+        ),
+    ];
+    for (path, body, status, kind) in cases {
+        let (code, text) = s.post_raw(path, &body, &[]);
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+        assert_eq!(code, status, "{path} {body}: {text}");
+        assert_eq!(v["error_type"], kind, "{path} {body}: {text}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+
+    // Generate with details; tokens add up; greedy is deterministic.
+    let req = json!({"inputs": SHORT, "parameters": {"max_new_tokens": 12, "details": true, "decoder_input_details": true}});
+    let (code, a) = s.post("/v1/generate", &req);
+    assert_eq!(code, 200, "{a}");
+    let d = &a["details"];
+    assert_eq!(
+        d["generated_tokens"].as_u64().unwrap() as usize,
+        d["tokens"].as_array().unwrap().len()
+    );
+    assert!(["length", "eos_token"].contains(&d["finish_reason"].as_str().unwrap()));
+    assert!(!d["prefill"].as_array().unwrap().is_empty());
+    assert!(d["tokens"][0]["logprob"].as_f64().unwrap() <= 0.0);
+    assert_eq!(
+        s.post("/v1/generate", &req).1["generated_text"],
+        a["generated_text"]
+    );
+
+    // Sampling is reproducible by seed.
+    let sample = json!({"inputs": SHORT, "parameters": {"max_new_tokens": 16, "do_sample": true, "seed": 42, "details": true}});
+    let (x, y) = (
+        s.post("/v1/generate", &sample).1,
+        s.post("/v1/generate", &sample).1,
+    );
+    assert_eq!(x["generated_text"], y["generated_text"]);
+    assert_eq!(x["details"]["seed"], 42);
+
+    // A stop sequence taken from the greedy output ends generation there.
+    let text = a["generated_text"].as_str().unwrap().to_string();
+    let word = text
+        .split_whitespace()
+        .nth(1)
+        .or(text.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let (_, stopped) = s.post("/v1/generate", &json!({"inputs": SHORT, "parameters": {"max_new_tokens": 12, "stop": [word], "details": true}}));
+    assert_eq!(
+        stopped["details"]["finish_reason"], "stop_sequence",
+        "{stopped}"
+    );
+
+    // Streaming: TGI events, the last carrying the same text as the plain request.
+    let events = stream(
+        &s.url,
+        &json!({"inputs": SHORT, "stream": true, "parameters": {"max_new_tokens": 12}}),
+    );
+    let last = events.last().unwrap();
+    assert_eq!(last["generated_text"], a["generated_text"]);
+    assert_eq!(
+        last["details"]["generated_tokens"].as_u64().unwrap() as usize,
+        events.len()
+    );
+    assert!(
+        events[..events.len() - 1]
+            .iter()
+            .all(|e| e["generated_text"].is_null())
+    );
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| e["index"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        (1..=events.len() as u64).collect::<Vec<_>>()
+    );
+
+    // Request ids: echoed, or generated; present in that request's log lines. Timing headers.
+    let resp = ureq::post(&format!("{}/v1/sentiment", s.url))
+        .set("x-request-id", "req-abc-123")
+        .send_json(json!({"inputs": SHORT}))
+        .unwrap();
+    assert_eq!(resp.header("x-request-id"), Some("req-abc-123"));
+    for h in ["x-queue-time", "x-inference-time", "x-total-time"] {
+        let v: f64 = resp
+            .header(h)
+            .unwrap_or_else(|| panic!("{h} missing"))
+            .parse()
+            .unwrap();
+        assert!(v >= 0.0);
+    }
+    let resp = ureq::get(&format!("{}/health", s.url)).call().unwrap();
+    assert_eq!(resp.header("x-request-id").unwrap().len(), 36);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        s.log_text()
+            .lines()
+            .any(|l| l.contains("req-abc-123") && l.contains("handled"))
+    );
+
+    // The served spec is the committed one; Swagger UI is served from the binary.
+    let (_, served) = s.get("/openapi.json");
+    let committed = std::fs::read_to_string(common::repo().join("openapi/openapi.json")).unwrap();
+    assert!(
+        serde_json::from_str::<Value>(&served).unwrap()
+            == serde_json::from_str::<Value>(&committed).unwrap(),
+        "openapi/openapi.json is stale: regenerate with `cargo run -- openapi > openapi/openapi.json`"
+    );
+    let (code, html) = s.get("/docs/");
+    assert_eq!(code, 200);
+    assert!(html.contains("swagger"), "{html}");
+
+    let m = s.metrics();
+    assert!(
+        metric_value(
+            &m,
+            "finserve_requests_total",
+            "route=\"/v1/sentiment\",status=\"200\""
+        )
+        .unwrap()
+            >= 3.0
+    );
+    assert!(metric_value(&m, "finserve_errors_total", "error_type=\"validation\"").unwrap() >= 1.0);
+    assert!(metric_value(&m, "finserve_lora_merge_seconds", "").is_some());
+    assert!(m.contains("process_resident_memory_bytes"));
+}
+
+/// Posts a streaming request and returns the parsed `data:` events.
+fn stream(url: &str, body: &Value) -> Vec<Value> {
+    let resp = ureq::post(&format!("{url}/v1/generate"))
+        .send_json(body)
+        .unwrap();
+    assert_eq!(resp.header("content-type"), Some("text/event-stream"));
+    BufReader::new(resp.into_reader())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| {
+            l.strip_prefix("data:")
+                .map(|d| serde_json::from_str(d.trim()).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn metrics_pass_promtool() {
+    let s = start(&[]);
+    s.post("/v1/sentiment", &json!({"inputs": SHORT}));
+    s.post("/v1/generate", &json!({"inputs": SHORT}));
+    let mut child = std::process::Command::new(common::which("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(s.metrics().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let s = start(&["--api-key", "s3cret"]);
+    let body = json!({"inputs": SHORT}).to_string();
+    let (code, text) = s.post_raw("/v1/sentiment", &body, &[]);
+    assert_eq!(code, 401);
+    assert!(text.contains("unauthorized"));
+    assert_eq!(
+        s.post_raw("/v1/sentiment", &body, &[("authorization", "Bearer wrong")])
+            .0,
+        401
+    );
+    assert_eq!(
+        s.post_raw(
+            "/v1/sentiment",
+            &body,
+            &[("authorization", "Bearer s3cret")]
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        s.post_raw(
+            "/v1/generate",
+            &json!({"inputs": SHORT}).to_string(),
+            &[("x-api-key", "s3cret")]
+        )
+        .0,
+        200
+    );
+    assert_eq!(s.get("/info").0, 401);
+    assert_eq!(s.get("/health").0, 200);
+    assert_eq!(s.get("/metrics").0, 200);
+}
+
+#[test]
+fn concurrent_requests_batch_and_match_one_at_a_time() {
+    let s = start(&["--max-batch-wait-ms", "30", "--max-batch-size", "16"]);
+    let texts: Vec<String> = (0..24)
+        .map(|i| match i % 3 {
+            0 => SHORT.to_string(),
+            1 => format!("Net sales decreased by {i} % in the quarter ."),
+            _ => LONG.to_string(),
+        })
+        .collect();
+    let alone: Vec<Value> = texts
+        .iter()
+        .map(|t| s.post("/v1/sentiment", &json!({"inputs": t})).1)
+        .collect();
+    let gen_alone: Vec<Value> = texts[..6]
+        .iter()
+        .map(|t| {
+            s.post(
+                "/v1/generate",
+                &json!({"inputs": t, "parameters": {"max_new_tokens": 20}}),
+            )
+            .1
+        })
+        .collect();
+    let url = s.url.clone();
+    let handles: Vec<_> = texts
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, t)| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let route = if i < 6 { "generate" } else { "sentiment" };
+                let body = if i < 6 {
+                    json!({"inputs": t, "parameters": {"max_new_tokens": 20}})
+                } else {
+                    json!({"inputs": t})
+                };
+                let v: Value = ureq::post(&format!("{url}/v1/{route}"))
+                    .send_json(body)
+                    .unwrap()
+                    .into_json()
+                    .unwrap();
+                (i, v)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, v) = h.join().unwrap();
+        if i < 6 {
+            assert_eq!(v, gen_alone[i], "generate {i}");
+        } else {
+            assert_same_scores(&v, &alone[i], i);
+        }
+    }
+    let m = s.metrics();
+    for kind in ["sentiment", "generate"] {
+        let label = format!("kind=\"{kind}\"");
+        let count = metric_value(&m, "finserve_batch_size_count", &label).unwrap();
+        let singles = metric_value(
+            &m,
+            "finserve_batch_size_bucket",
+            &format!("{label},le=\"1\""),
+        )
+        .unwrap();
+        assert!(
+            count > singles,
+            "{kind}: no batch larger than one ({singles} of {count} were single)"
+        );
+    }
+}
+
+/// Same labels in the same order, probabilities equal to 1e-6. Not bitwise: the CPU matmul
+/// kernels block differently for different batch shapes, which moves the last bits.
+fn assert_same_scores(batched: &Value, alone: &Value, i: usize) {
+    let (b, a) = (probs(&batched[0]), probs(&alone[0]));
+    assert_eq!(
+        b.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        "input {i}"
+    );
+    for ((_, x), (_, y)) in b.iter().zip(&a) {
+        assert!((x - y).abs() < 1e-6, "input {i}: batched {x} vs alone {y}");
+    }
+}
+
+#[test]
+fn too_many_concurrent_requests_get_429() {
+    // With a long batch wait, a lone sentiment request stays in flight for ~2 s.
+    let s = start(&[
+        "--max-concurrent-requests",
+        "1",
+        "--max-batch-wait-ms",
+        "2000",
+    ]);
+    let url = s.url.clone();
+    let first = std::thread::spawn(move || {
+        ureq::post(&format!("{url}/v1/sentiment"))
+            .send_json(json!({"inputs": SHORT}))
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, text) = s.post_raw("/v1/generate", &json!({"inputs": SHORT}).to_string(), &[]);
+    assert_eq!(code, 429, "{text}");
+    assert!(text.contains("overloaded"));
+    assert_eq!(first.join().unwrap().unwrap(), 200);
+}
+
+#[test]
+fn request_timeout_gives_504() {
+    let s = start(&["--request-timeout-ms", "200", "--max-batch-wait-ms", "1500"]);
+    let (code, text) = s.post_raw("/v1/sentiment", &json!({"inputs": SHORT}).to_string(), &[]);
+    assert_eq!(code, 504, "{text}");
+    assert!(text.contains("timeout"));
+}
+
+#[test]
+fn disconnected_clients_are_dropped_from_the_batch() {
+    let s = start(&["--max-new-tokens", "4000"]);
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let body = json!({"inputs": SHORT, "stream": true, "parameters": {"max_new_tokens": 4000}})
+        .to_string();
+    let mut sock = TcpStream::connect(&addr).unwrap();
+    write!(sock, "POST /v1/generate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut first = [0u8; 64];
+    sock.read_exact(&mut first).unwrap();
+    drop(sock);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = s.metrics();
+        if metric_value(&m, "finserve_cancelled_total", "kind=\"generate\"").unwrap_or(0.0) >= 1.0 {
+            // It never finished, so none of its tokens were counted as generated.
+            assert_eq!(
+                metric_value(&m, "finserve_generated_tokens_total", "").unwrap_or(0.0),
+                2.0,
+                "only the warm-up's 2 tokens should be counted"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled generation was not dropped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let mut s = start(&["--max-batch-wait-ms", "1500", "--shutdown-timeout", "10"]);
+    let url = s.url.clone();
+    let inflight = std::thread::spawn(move || {
+        ureq::post(&format!("{url}/v1/sentiment"))
+            .send_json(json!({"inputs": SHORT}))
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let status = s.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(inflight.join().unwrap().unwrap(), 200);
+    assert!(s.log_text().contains("shut down cleanly"));
+}
+
+#[test]
+fn refuses_to_start_with_a_precise_message() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(common::fixtures().join("mt5_base"))
+        .arg("--adapter")
+        .arg(common::fixtures().join("adapters/t5_qv"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("adapters/t5_qv") && err.contains("lora_A"),
+        "{err}"
+    );
+}
