@@ -40,6 +40,7 @@ const CASES: &[&str] = &[
     "mt5_modules_to_save",
     "mt5_qv_bin",
     "mt5_regex_layers",
+    "mt5_layers_to_transform",
     "t5_qv",
 ];
 
@@ -136,6 +137,28 @@ fn tokenizer_matches_transformers() {
         }
         let labels = LabelSet::new(&r.labels, &m.tokenizer).unwrap();
         assert_eq!(labels.targets, r.label_ids, "{case}");
+    }
+}
+
+#[test]
+fn tokenizer_edge_cases_match_transformers() {
+    #[derive(Deserialize)]
+    struct Case {
+        text: String,
+        ids: Vec<u32>,
+        decoded: String,
+    }
+    #[derive(Deserialize)]
+    struct Cases {
+        cases: Vec<Case>,
+    }
+    let path = fixtures().join("tokenizer_cases.json");
+    let cases: Cases = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(fixtures().join("tokenizer.json")).unwrap();
+    for c in cases.cases {
+        let enc = tok.encode(c.text.as_str(), true).unwrap();
+        assert_eq!(enc.get_ids(), c.ids.as_slice(), "{:?}", c.text);
+        assert_eq!(tok.decode(&c.ids, true).unwrap(), c.decoded, "{:?}", c.text);
     }
 }
 

@@ -1,0 +1,113 @@
+//! Real clients against the real server: the `huggingface_hub` Python InferenceClient, and a
+//! Prometheus server scraping `/metrics`.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::start;
+use serde_json::{Value, json};
+
+#[test]
+fn huggingface_hub_inference_client_works() {
+    let s = start(&[]);
+    let out = Command::new(common::python())
+        .arg(common::repo().join("tests/clients/hf_client.py"))
+        .arg(&s.url)
+        // The client only talks to our loopback server; offline mode would refuse even that.
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_metrics() {
+    let s = start(&[]);
+    assert_eq!(
+        s.post("/v1/sentiment", &json!({"inputs": "Profit rose ."}))
+            .0,
+        200
+    );
+    let target = s.url.trim_start_matches("http://");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: finserve\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let _prom = Killed(
+        Command::new(common::which("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let api = format!("http://127.0.0.1:{port}/api/v1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let up = ureq::get(&format!("{api}/query"))
+            .query("query", "finserve_requests_total{route=\"/v1/sentiment\"}")
+            .call()
+            .ok()
+            .and_then(|r| r.into_json::<Value>().ok());
+        let targets = ureq::get(&format!("{api}/targets"))
+            .call()
+            .ok()
+            .and_then(|r| r.into_json::<Value>().ok());
+        let healthy = targets.as_ref().is_some_and(|t| {
+            t["data"]["activeTargets"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|x| x["labels"]["job"] == "finserve" && x["health"] == "up")
+            })
+        });
+        let sampled = up.as_ref().is_some_and(|v| {
+            v["data"]["result"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|x| x["value"][1].as_str().is_some_and(|n| n != "0"))
+            })
+        });
+        if healthy && sampled {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus never scraped finserve: targets {targets:?}, query {up:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
