@@ -43,6 +43,12 @@ fn routes_statuses_headers_and_spec() {
     ]);
     assert_eq!(s.get("/health").0, 200);
     assert_eq!(s.get("/ready").0, 200);
+    // CORS is off unless --cors-allow-origin is given.
+    let resp = ureq::get(&format!("{}/health", s.url))
+        .set("origin", "https://evil.example")
+        .call()
+        .unwrap();
+    assert_eq!(resp.header("access-control-allow-origin"), None);
 
     let (code, info) = s.get("/info");
     assert_eq!(code, 200);
@@ -318,7 +324,21 @@ fn metrics_pass_promtool() {
 
 #[test]
 fn api_key_is_required_when_set() {
-    let s = start(&["--api-key", "s3cret"]);
+    let s = start(&[
+        "--api-key",
+        "s3cret",
+        "--cors-allow-origin",
+        "https://app.example",
+    ]);
+    let preflight = ureq::request("OPTIONS", &format!("{}/v1/sentiment", s.url))
+        .set("origin", "https://app.example")
+        .set("access-control-request-method", "POST")
+        .call()
+        .unwrap();
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
     let body = json!({"inputs": SHORT}).to_string();
     let (code, text) = s.post_raw("/v1/sentiment", &body, &[]);
     assert_eq!(code, 401);

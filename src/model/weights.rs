@@ -86,15 +86,7 @@ pub fn for_each_tensor(
     match files {
         WeightFiles::Safetensors(paths) => {
             for path in paths {
-                // SAFETY: the file is mapped read-only and each tensor is copied out before the map drops.
-                let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-                    .map_err(|e| Error::weights(path.display(), e))?;
-                for (name, _) in st.tensors() {
-                    let t = st.load(&name, &Device::Cpu).map_err(|e| {
-                        Error::weights(path.display(), format!("tensor `{name}`: {e}"))
-                    })?;
-                    f(name, t)?;
-                }
+                read_safetensors(path, &mut f)?;
             }
         }
         WeightFiles::Pytorch(path) => {
@@ -104,6 +96,38 @@ pub fn for_each_tensor(
                 f(name, t)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// Reads one memory-mapped safetensors file tensor by tensor. Each tensor's pages are released
+/// from the mapping once copied, so the process holds about one copy of the weights, not two.
+fn read_safetensors(path: &Path, f: &mut impl FnMut(String, Tensor) -> Result<()>) -> Result<()> {
+    use candle_core::safetensors::Load;
+    let err = |e: &dyn std::fmt::Display| Error::weights(path.display(), e);
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and lives until every tensor has been copied out of it.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| err(&e))?;
+    let mut names = st.names();
+    names.sort();
+    for name in names {
+        let view = st.tensor(name).map_err(|e| err(&e))?;
+        let tensor = view
+            .load(&Device::Cpu)
+            .map_err(|e| Error::weights(path.display(), format!("tensor `{name}`: {e}")))?;
+        #[cfg(unix)]
+        // SAFETY: read-only file mapping; these bytes are not read again, and a later read would
+        // fault them back in from the file.
+        unsafe {
+            let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+            let _ = mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                offset,
+                view.data().len(),
+            );
+        }
+        f(name.to_string(), tensor)?;
     }
     Ok(())
 }
