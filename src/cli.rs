@@ -184,9 +184,17 @@ impl ModelArgs {
                     )
                 })?;
                 let mut adapters = self.adapters.clone();
-                if adapters.is_empty()
-                    && let Some(a) = find_demo(DEMO_ADAPTER)
-                {
+                if adapters.is_empty() && !self.no_adapter {
+                    let a = base
+                        .parent()
+                        .map(|demo| demo.join("adapter"))
+                        .filter(|a| a.is_dir())
+                        .with_context(|| {
+                            format!(
+                                "the demo adapter ({DEMO_ADAPTER}) is missing next to {}",
+                                base.display()
+                            )
+                        })?;
                     adapters.push(AdapterSpec {
                         source: a.display().to_string(),
                         weight: 1.0,

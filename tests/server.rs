@@ -553,3 +553,21 @@ fn refuses_to_start_with_a_precise_message() {
         "{err}"
     );
 }
+
+#[test]
+fn without_a_model_it_says_what_to_pass() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .current_dir(empty.path())
+        .env_remove("FINSERVE_HOME")
+        .env_remove("FINSERVE_MODEL")
+        .args(["--port", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--model") && err.contains("FINSERVE_HOME"),
+        "{err}"
+    );
+}

@@ -101,11 +101,16 @@ impl utoipa::Modify for Security {
     }
 }
 
-/// The OpenAPI document as served at `/openapi.json` and committed in `openapi/openapi.json`.
-pub fn openapi_json() -> String {
+/// The OpenAPI document as served at `/openapi.json`.
+fn api_doc() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    doc.to_pretty_json().unwrap_or_default()
+    doc
+}
+
+/// The served document as JSON, what `openapi/openapi.json` must contain.
+pub fn openapi_json() -> String {
+    api_doc().to_pretty_json().unwrap_or_default()
 }
 
 /// Request id, tracing span, timing header and request metrics for every routed request.
@@ -208,14 +213,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     let protected = inference
         .route("/info", get(routes::info))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    let mut doc = ApiDoc::openapi();
-    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     let mut app = Router::new()
         .merge(protected)
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/metrics", get(routes::metrics))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", api_doc()))
         .route_layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state.clone());
