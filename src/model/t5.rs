@@ -376,7 +376,7 @@ pub struct T5Model {
     decoder_bias: Tensor,
     decoder_blocks: Vec<DecoderBlock>,
     decoder_norm: LayerNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     device: Device,
 }
 
@@ -412,12 +412,15 @@ impl T5Model {
         };
         let encoder_embed = embed("encoder.embed_tokens.weight")?;
         let decoder_embed = embed("decoder.embed_tokens.weight")?;
-        let lm_head = if cfg.tie_word_embeddings() {
-            w.discard("lm_head.weight");
-            shared.clone()
-        } else {
-            w.take("lm_head.weight", &[cfg.vocab_size, cfg.d_model])?
-        };
+        let lm_head = Linear::new(
+            if cfg.tie_word_embeddings() {
+                w.discard("lm_head.weight");
+                shared.clone()
+            } else {
+                w.take("lm_head.weight", &[cfg.vocab_size, cfg.d_model])?
+            },
+            None,
+        );
         let bias_shape = [cfg.relative_attention_num_buckets, cfg.num_heads];
         let encoder_bias = w.take(
             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
@@ -475,7 +478,7 @@ impl T5Model {
     }
 
     pub fn dtype(&self) -> DType {
-        self.lm_head.dtype()
+        self.lm_head.weight().dtype()
     }
 
     /// Position bias `(1, heads, q_len, k_len)` for queries at `q_offset..q_offset+q_len`.
@@ -651,7 +654,16 @@ impl T5Model {
         if self.config.tie_word_embeddings() {
             x = (x * (self.config.d_model as f64).powf(-0.5))?;
         }
-        x.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+        // W·xᵀ rather than x·Wᵀ: with few rows in x, the CPU kernels are far faster this way
+        // round (the weight is read in its stored layout instead of being repacked per call).
+        let (b, n, d) = x.dims3()?;
+        let rows = x.reshape((b * n, d))?;
+        self.lm_head
+            .weight()
+            .matmul(&rows.t()?)?
+            .t()?
+            .to_dtype(DType::F32)?
+            .reshape((b, n, ()))
     }
 
     /// Log-softmax over the vocabulary of `decode`'s last position, `(batch, vocab)`.

@@ -1,0 +1,140 @@
+//! The committed demo model (models/demo) through the real load + merge path, and `finserve eval`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use finserve::engine::sentiment::LabelSet;
+use finserve::engine::{Engine, EngineConfig};
+use finserve::hub::HubConfig;
+use finserve::lora::AdapterSpec;
+use finserve::model::{self, ModelSpec};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn engine(adapter: bool) -> Engine {
+    let spec = ModelSpec {
+        model: repo().join("models/demo/base").display().to_string(),
+        revision: None,
+        adapters: adapter
+            .then(|| AdapterSpec {
+                source: repo().join("models/demo/adapter").display().to_string(),
+                weight: 1.0,
+            })
+            .into_iter()
+            .collect(),
+        dtype: DType::F32,
+        device: Device::Cpu,
+    };
+    let hub = HubConfig {
+        cache_dir: std::env::temp_dir(),
+        endpoint: None,
+        token: None,
+        offline: true,
+    };
+    let loaded = model::load(&spec, &hub).unwrap();
+    if adapter {
+        assert!(loaded.reports[0].modules_merged > 0);
+    }
+    let names: Vec<String> = ["negative", "neutral", "positive"].map(String::from).into();
+    let labels = LabelSet::new(&names, &loaded.tokenizer).unwrap();
+    Engine::start(
+        Arc::new(loaded.model),
+        Arc::new(loaded.tokenizer),
+        labels,
+        EngineConfig {
+            max_batch_size: 16,
+            max_batch_tokens: 8192,
+            max_batch_wait: Duration::ZERO,
+            queue_capacity: 64,
+            max_input_tokens: 256,
+            max_new_tokens: 8,
+            prompt_template: "{text}".into(),
+        },
+    )
+    .unwrap()
+}
+
+/// Held-out sentences (models/data/test.csv) whose label no reader would dispute.
+const UNAMBIGUOUS: &[(&str, &str)] = &[
+    (
+        "Operating profit totaled EUR 3.8 mn , down from EUR 4.5 mn in the corresponding period in 2005 .",
+        "negative",
+    ),
+    (
+        "The company 's profit totaled Ls 578,100 in H1 2007 , down 30.9 % year-on-year .",
+        "negative",
+    ),
+    (
+        "The total value of the contract is some EUR 8 million .",
+        "neutral",
+    ),
+    (
+        "The annual net sales of the unit is some EUR 5 million and it currently employs some 55 people .",
+        "neutral",
+    ),
+    (
+        "Operating profit rose to EUR 13.5 mn from EUR 9.7 mn in the corresponding period in 2006 .",
+        "positive",
+    ),
+    (
+        "Cash flow from operations rose to EUR 52.7 mn from EUR 15.6 mn in 2007 .",
+        "positive",
+    ),
+];
+
+fn predict(e: &Engine, text: &str) -> String {
+    let ids = e.tokenize_sentiment(text, true).unwrap();
+    let out = e.sentiment(ids).unwrap().blocking_recv().unwrap().unwrap();
+    let p = &out.scores.probs;
+    let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+    e.labels().names[best].clone()
+}
+
+#[test]
+fn merged_demo_model_classifies_held_out_sentences() {
+    let test_csv = std::fs::read_to_string(repo().join("models/data/test.csv")).unwrap();
+    let e = engine(true);
+    for (text, label) in UNAMBIGUOUS {
+        assert!(test_csv.contains(text), "not a held-out sentence: {text}");
+        assert_eq!(predict(&e, text), *label, "{text}");
+    }
+}
+
+#[test]
+fn eval_command_reports_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sample.csv");
+    let test_csv = std::fs::read_to_string(repo().join("models/data/test.csv")).unwrap();
+    let header_and_40_rows: Vec<&str> = test_csv.lines().take(41).collect();
+    std::fs::write(&data, header_and_40_rows.join("\n") + "\n").unwrap();
+    let out_path = dir.path().join("results.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .current_dir(repo())
+        .args(["eval", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "accuracy",
+        "macro-F1",
+        "precision",
+        "confusion",
+        "sentences/s",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle}: {stdout}");
+    }
+    let lines = std::fs::read_to_string(Path::new(&out_path)).unwrap();
+    assert_eq!(lines.lines().count(), 40);
+}
