@@ -475,3 +475,59 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
         }
     }
 }
+
+/// Every merged weight acts like the base weight plus the low-rank update applied at run time,
+/// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`, computed here from the adapter file without any merge code.
+#[test]
+fn merged_weights_equal_runtime_low_rank_update() {
+    let base_dir = fixtures().join("mt5_base");
+    let adapter_dir = fixtures().join("adapters/qv");
+    let merged =
+        model::load_merged(&spec(&base_dir, &[adapter_dir.clone()]), &offline_hub()).unwrap();
+    let base = model::load_merged(&spec(&base_dir, &[]), &offline_hub()).unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let scale = config["lora_alpha"].as_f64().unwrap() / config["r"].as_f64().unwrap();
+    let lora =
+        candle_core::safetensors::load(adapter_dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let mut checked = 0;
+    for (name, a) in lora.iter().filter(|(n, _)| n.contains(".lora_A.")) {
+        let b = &lora[&name.replace(".lora_A.", ".lora_B.")];
+        let module = name
+            .strip_prefix("base_model.model.")
+            .unwrap()
+            .split(".lora_A.")
+            .next()
+            .unwrap();
+        let w_name = format!("{module}.weight");
+        let w0 = base.weights.get(&w_name).unwrap();
+        let w1 = merged.weights.get(&w_name).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (5, w0.dim(1).unwrap()), &Device::Cpu).unwrap();
+        let runtime = (x.matmul(&w0.t().unwrap()).unwrap()
+            + (x.matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap()
+                * scale)
+                .unwrap())
+        .unwrap();
+        let merged_out = x.matmul(&w1.t().unwrap()).unwrap();
+        let diff: f32 = (runtime - merged_out)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            diff < 1e-4,
+            "{module}: merged and runtime LoRA differ by {diff}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} LoRA modules checked");
+}
