@@ -482,8 +482,11 @@ fn bad_adapters_are_refused_naming_file_and_tensor() {
 fn merged_weights_equal_runtime_low_rank_update() {
     let base_dir = fixtures().join("mt5_base");
     let adapter_dir = fixtures().join("adapters/qv");
-    let merged =
-        model::load_merged(&spec(&base_dir, &[adapter_dir.clone()]), &offline_hub()).unwrap();
+    let merged = model::load_merged(
+        &spec(&base_dir, std::slice::from_ref(&adapter_dir)),
+        &offline_hub(),
+    )
+    .unwrap();
     let base = model::load_merged(&spec(&base_dir, &[]), &offline_hub()).unwrap();
     let config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).unwrap(),
