@@ -1,12 +1,14 @@
 //! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
 //! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112), f32 on the CPU.
-//! `bench/transformers_bench.py` measures transformers on the same shapes for comparison.
+//! These are the engine's own numbers; `benches/compare.py` compares the whole server with
+//! transformers and CTranslate2.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use finserve::engine::batcher::start_batch;
+use finserve::engine::sentiment::{LabelSet, score};
+use finserve::model::decode_batch::DecodeBatch;
 use finserve::model::t5::{Config, T5Model};
 use finserve::model::weights::Weights;
 
@@ -71,8 +73,28 @@ fn mt0_small() -> T5Model {
     T5Model::load(config, &mut w).expect("model")
 }
 
+/// Encodes `inputs`, starts a decoder per input and feeds each `prefix` tokens.
+fn started(model: &T5Model, inputs: &[&[u32]], prefix: usize) -> (DecodeBatch, Vec<usize>) {
+    let mut batch = model.new_batch();
+    let encoded = model.encode(inputs).expect("encode");
+    let rows: Vec<usize> = (0..inputs.len()).collect();
+    let slots = model.join(&mut batch, &encoded, &rows).expect("join");
+    let warm: Vec<(usize, Vec<u32>)> = slots
+        .iter()
+        .map(|&s| (s, (0..prefix as u32).collect()))
+        .collect();
+    model.decode(&mut batch, &warm).expect("prefill");
+    (batch, slots)
+}
+
 fn bench(c: &mut Criterion) {
     let model = mt0_small();
+    // Three single-token labels plus EOS, like negative / neutral / positive.
+    let labels = LabelSet::from_targets(
+        ["negative", "neutral", "positive"].map(String::from).into(),
+        vec![vec![4, 1], vec![5, 1], vec![6, 1]],
+    )
+    .expect("labels");
     let mut group = c.benchmark_group("mt0-small");
     group.sample_size(10);
     for (batch, len) in [(1, 32), (8, 64)] {
@@ -84,7 +106,7 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("encode_tokens", format!("{batch}x{len}")),
             &inputs,
-            |b, inputs| b.iter(|| start_batch(&model, inputs).expect("encode")),
+            |b, inputs| b.iter(|| model.encode(inputs).expect("encode")),
         );
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(
@@ -92,20 +114,24 @@ fn bench(c: &mut Criterion) {
             &inputs,
             |b, inputs| {
                 // A cache already 16 tokens deep, as in the middle of a generation.
-                let mut states = start_batch(&model, inputs).expect("encode");
-                let mut refs: Vec<_> = states.iter_mut().collect();
-                let warm: Vec<Vec<u32>> = (0..inputs.len()).map(|_| (0..16).collect()).collect();
-                model.decode(&mut refs, &warm).expect("prefill");
                 b.iter_batched(
-                    || states.clone(),
-                    |mut s| {
-                        let mut refs: Vec<_> = s.iter_mut().collect();
-                        let next = vec![vec![5u32]; refs.len()];
-                        model.decode(&mut refs, &next).expect("step")
+                    || started(&model, inputs, 16),
+                    |(mut state, slots)| {
+                        let next: Vec<(usize, Vec<u32>)> =
+                            slots.iter().map(|&s| (s, vec![5])).collect();
+                        let hidden = model.decode(&mut state, &next).expect("step");
+                        model
+                            .logits(&hidden.squeeze(1).expect("squeeze"))
+                            .expect("logits")
                     },
-                    criterion::BatchSize::LargeInput,
+                    criterion::BatchSize::PerIteration,
                 )
             },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("score_3_labels", format!("{batch}x{len}")),
+            &inputs,
+            |b, inputs| b.iter(|| score(&model, inputs, &labels).expect("score")),
         );
     }
     group.finish();

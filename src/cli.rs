@@ -16,6 +16,7 @@ use crate::http::{AppState, HttpLimits};
 use crate::hub::HubConfig;
 use crate::lora::AdapterSpec;
 use crate::metrics::METRICS;
+use crate::model::linear::Quantization;
 use crate::model::{self, LoadedModel, ModelSpec};
 
 /// Where the demo model lives, relative to the working directory or `FINSERVE_HOME`.
@@ -73,6 +74,9 @@ pub struct ModelArgs {
     /// Serving dtype: f32, or bf16 on GPU.
     #[arg(long, env = "FINSERVE_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// Quantize the linear layers and lm_head after the merge: `none`, or `q8` (int8 blocks, CPU).
+    #[arg(long, env = "FINSERVE_QUANTIZE", default_value = "none")]
+    pub quantize: String,
     /// Sentiment labels, comma-separated, scored as the text the model generates.
     #[arg(
         long,
@@ -173,6 +177,10 @@ impl ModelArgs {
     pub fn spec(&self) -> anyhow::Result<ModelSpec> {
         let device = model::parse_device(&self.device)?;
         let dtype = model::parse_dtype(&self.dtype, &device)?;
+        let quantize = Quantization::parse(&self.quantize)?;
+        if quantize == Quantization::Q8 && !device.is_cpu() {
+            bail!("--quantize q8 runs on the CPU only; on a GPU serve --dtype bf16 instead");
+        }
         let (model, mut adapters) = match &self.model {
             Some(m) => (m.clone(), self.adapters.clone()),
             None => {
@@ -215,6 +223,7 @@ impl ModelArgs {
             adapters,
             dtype,
             device,
+            quantize,
         })
     }
 
@@ -353,6 +362,7 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<(Engine, InfoResponse)> {
         seconds = loaded.load_seconds,
         merge_seconds = loaded.merge_seconds,
         adapters = loaded.reports.len(),
+        quantize = spec.quantize.as_str(),
         "model loaded"
     );
     let config = EngineConfig {
@@ -376,6 +386,7 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<(Engine, InfoResponse)> {
             .unwrap_or_else(|| "t5".into()),
         adapters: loaded.reports.clone(),
         dtype: format!("{:?}", spec.dtype).to_lowercase(),
+        quantize: spec.quantize.as_str().to_string(),
         device: m.device.clone(),
         labels: labels.names.clone(),
         prompt_template: m.prompt_template.clone(),

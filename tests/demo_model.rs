@@ -9,13 +9,14 @@ use finserve::engine::sentiment::LabelSet;
 use finserve::engine::{Engine, EngineConfig};
 use finserve::hub::HubConfig;
 use finserve::lora::AdapterSpec;
+use finserve::model::linear::Quantization;
 use finserve::model::{self, ModelSpec};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn engine(adapter: bool) -> Engine {
+fn engine(adapter: bool, quantize: Quantization) -> Engine {
     let spec = ModelSpec {
         model: repo().join("models/demo/base").display().to_string(),
         revision: None,
@@ -28,6 +29,7 @@ fn engine(adapter: bool) -> Engine {
             .collect(),
         dtype: DType::F32,
         device: Device::Cpu,
+        quantize,
     };
     let hub = HubConfig {
         cache_dir: std::env::temp_dir(),
@@ -97,7 +99,7 @@ fn predict(e: &Engine, text: &str) -> String {
 #[test]
 fn merged_demo_model_classifies_held_out_sentences() {
     let test_csv = std::fs::read_to_string(repo().join("models/data/test.csv")).unwrap();
-    let e = engine(true);
+    let e = engine(true, Quantization::None);
     for (text, label) in UNAMBIGUOUS {
         assert!(test_csv.contains(text), "not a held-out sentence: {text}");
         assert_eq!(predict(&e, text), *label, "{text}");
@@ -137,4 +139,66 @@ fn eval_command_reports_scores() {
     }
     let lines = std::fs::read_to_string(Path::new(&out_path)).unwrap();
     assert_eq!(lines.lines().count(), 40);
+}
+
+/// Probabilities of every held-out sentence, scored through the engine in batches.
+fn score_test_set(e: &Engine) -> (Vec<Vec<f64>>, Vec<usize>) {
+    let mut reader = csv::Reader::from_path(repo().join("models/data/test.csv")).unwrap();
+    let rows: Vec<(String, String)> = reader.deserialize().map(Result::unwrap).collect();
+    let gold = rows
+        .iter()
+        .map(|(_, label)| e.labels().names.iter().position(|n| n == label).unwrap())
+        .collect();
+    let mut probs = Vec::new();
+    for chunk in rows.chunks(32) {
+        let pending: Vec<_> = chunk
+            .iter()
+            .map(|(text, _)| {
+                e.sentiment(e.tokenize_sentiment(text, true).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        for rx in pending {
+            probs.push(rx.blocking_recv().unwrap().unwrap().scores.probs);
+        }
+    }
+    (probs, gold)
+}
+
+fn accuracy(probs: &[Vec<f64>], gold: &[usize]) -> f64 {
+    let argmax = |p: &Vec<f64>| (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+    let correct = probs
+        .iter()
+        .zip(gold)
+        .filter(|(p, g)| argmax(p) == **g)
+        .count();
+    correct as f64 / gold.len() as f64
+}
+
+/// `--quantize q8` keeps the demo's held-out accuracy within half a point of f32 and moves no
+/// label probability by more than 0.02.
+#[test]
+fn q8_quantized_demo_model_stays_close_to_f32() {
+    let (f32_probs, gold) = score_test_set(&engine(true, Quantization::None));
+    let (q8_probs, _) = score_test_set(&engine(true, Quantization::Q8));
+    assert!(gold.len() > 400, "test split has only {} rows", gold.len());
+    let (a32, a8) = (accuracy(&f32_probs, &gold), accuracy(&q8_probs, &gold));
+    assert!(
+        (a32 - a8).abs() <= 0.005,
+        "accuracy f32 {a32:.4} vs q8 {a8:.4}"
+    );
+    let worst = f32_probs
+        .iter()
+        .flatten()
+        .zip(q8_probs.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst <= 0.02,
+        "a label probability moved by {worst:.4} under q8"
+    );
+    assert!(
+        worst > 0.0,
+        "q8 changed nothing: was the model quantized at all?"
+    );
 }

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use finserve::engine::batcher::start_batch;
 use finserve::engine::generate::GenerateParams;
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::engine::{Engine, EngineConfig, GenerateEvent};
 use finserve::hub::HubConfig;
 use finserve::lora::AdapterSpec;
+use finserve::model::decode_batch::DecodeBatch;
+use finserve::model::linear::Quantization;
+use finserve::model::t5::T5Model;
 use finserve::model::{self, LoadedModel, ModelSpec};
 use serde::Deserialize;
 
@@ -75,6 +77,7 @@ fn spec(model: &Path, adapters: &[PathBuf]) -> ModelSpec {
             .collect(),
         dtype: DType::F32,
         device: Device::Cpu,
+        quantize: Quantization::None,
     }
 }
 
@@ -95,6 +98,27 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Encodes `inputs` and starts one decoder sequence per input in a fresh batch.
+fn start(model: &T5Model, inputs: &[&[u32]]) -> (DecodeBatch, Vec<usize>) {
+    let mut batch = model.new_batch();
+    let encoded = model.encode(inputs).unwrap();
+    let rows: Vec<usize> = (0..inputs.len()).collect();
+    let slots = model.join(&mut batch, &encoded, &rows).unwrap();
+    (batch, slots)
+}
+
+/// Feeds `tokens` (slot, ids) and returns the logits `(listed, n, vocab)`.
+fn step(
+    model: &T5Model,
+    batch: &mut DecodeBatch,
+    tokens: &[(usize, Vec<u32>)],
+) -> Vec<Vec<Vec<f32>>> {
+    let hidden = model.decode(batch, tokens).unwrap();
+    let (b, n, d) = hidden.dims3().unwrap();
+    let logits = model.logits(&hidden.reshape((b * n, d)).unwrap()).unwrap();
+    logits.reshape((b, n, ())).unwrap().to_vec3().unwrap()
+}
+
 /// Teacher-forced logits of every input, all in one padded batch, all decoder tokens at once.
 fn batch_logits(
     m: &LoadedModel,
@@ -102,13 +126,10 @@ fn batch_logits(
     decoder_ids: &[Vec<u32>],
 ) -> Vec<Vec<Vec<f32>>> {
     let inputs: Vec<&[u32]> = input_ids.iter().map(Vec::as_slice).collect();
-    let mut states = start_batch(&m.model, &inputs).unwrap();
-    let mut refs: Vec<_> = states.iter_mut().collect();
-    m.model
-        .decode(&mut refs, decoder_ids)
-        .unwrap()
-        .to_vec3()
-        .unwrap()
+    let (mut batch, slots) = start(&m.model, &inputs);
+    let tokens: Vec<(usize, Vec<u32>)> =
+        slots.into_iter().zip(decoder_ids.iter().cloned()).collect();
+    step(&m.model, &mut batch, &tokens)
 }
 
 fn assert_logits_close(case: &str, what: &str, got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>]) {
@@ -178,22 +199,78 @@ fn incremental_decoding_matches_full_decoding() {
     let r = reference("mt5_all_patterns");
     let m = load_case(&r);
     let inputs: Vec<&[u32]> = r.input_ids.iter().map(Vec::as_slice).collect();
-    let mut states = start_batch(&m.model, &inputs).unwrap();
+    let (mut batch, slots) = start(&m.model, &inputs);
     let steps = r.decoder_input_ids[0].len();
     for pos in 0..steps {
-        let tokens: Vec<Vec<u32>> = r.decoder_input_ids.iter().map(|d| vec![d[pos]]).collect();
-        let mut refs: Vec<_> = states.iter_mut().collect();
-        let logits: Vec<Vec<Vec<f32>>> = m
-            .model
-            .decode(&mut refs, &tokens)
-            .unwrap()
-            .to_vec3()
-            .unwrap();
+        let tokens: Vec<(usize, Vec<u32>)> = slots
+            .iter()
+            .zip(&r.decoder_input_ids)
+            .map(|(&s, d)| (s, vec![d[pos]]))
+            .collect();
+        let logits = step(&m.model, &mut batch, &tokens);
         for (i, l) in logits.iter().enumerate() {
             let d = max_abs_diff(&l[0], &r.logits[i][pos]);
             assert!(d < 1e-4, "input {i} step {pos} differs by {d}");
         }
     }
+}
+
+/// Sequences that join a running batch late, leave early, or reuse a freed slot see exactly the
+/// logits they would see alone: per-slot masks and the shared position bias are right.
+#[test]
+fn sequences_joining_and_leaving_a_running_batch_match_the_reference() {
+    let r = reference("mt5_all_patterns");
+    let m = load_case(&r);
+    let model = &m.model;
+    let steps = r.decoder_input_ids[0].len();
+    assert!(r.input_ids.len() >= 3 && steps >= 4, "fixture too small");
+    let mut batch = model.new_batch();
+    // (input, slot, next position) of the running sequences.
+    let mut running: Vec<(usize, usize, usize)> = Vec::new();
+    let join = |batch: &mut DecodeBatch, running: &mut Vec<(usize, usize, usize)>, input: usize| {
+        let encoded = model.encode(&[r.input_ids[input].as_slice()]).unwrap();
+        let slot = model.join(batch, &encoded, &[0]).unwrap()[0];
+        running.push((input, slot, 0));
+        slot
+    };
+    let first = join(&mut batch, &mut running, 0);
+    let mut checked = 0;
+    for round in 0..steps + 3 {
+        match round {
+            2 => {
+                join(&mut batch, &mut running, 1);
+            }
+            3 => {
+                // Input 0 leaves; input 2 must reuse its slot.
+                running.retain(|&(i, _, _)| i != 0);
+                batch.free(first);
+                assert_eq!(join(&mut batch, &mut running, 2), first);
+            }
+            _ => {}
+        }
+        running.retain(|&(_, slot, pos)| {
+            let done = pos >= steps;
+            if done {
+                batch.free(slot);
+            }
+            !done
+        });
+        if running.is_empty() {
+            break;
+        }
+        let tokens: Vec<(usize, Vec<u32>)> = running
+            .iter()
+            .map(|&(i, slot, pos)| (slot, vec![r.decoder_input_ids[i][pos]]))
+            .collect();
+        let logits = step(model, &mut batch, &tokens);
+        for ((i, _, pos), l) in running.iter_mut().zip(logits) {
+            let d = max_abs_diff(&l[0], &r.logits[*i][*pos]);
+            assert!(d < 1e-4, "input {i} position {pos} differs by {d}");
+            *pos += 1;
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2 * steps, "only {checked} positions checked");
 }
 
 fn engine(m: LoadedModel, labels: &[String]) -> Engine {
@@ -265,7 +342,7 @@ fn label_probabilities_match_and_batching_changes_nothing() {
         let m = load_case(&r);
         let labels = LabelSet::new(&r.labels, &m.tokenizer).unwrap();
         let inputs: Vec<&[u32]> = r.input_ids.iter().map(Vec::as_slice).collect();
-        let batched = score(&m.model, start_batch(&m.model, &inputs).unwrap(), &labels).unwrap();
+        let batched = score(&m.model, &inputs, &labels).unwrap();
         for (i, s) in batched.iter().enumerate() {
             for (l, (got, want)) in s.probs.iter().zip(&r.label_probs[i]).enumerate() {
                 assert!(
@@ -279,12 +356,7 @@ fn label_probabilities_match_and_batching_changes_nothing() {
                     "{case} input {i}: log-prob {got} vs {want}"
                 );
             }
-            let alone = score(
-                &m.model,
-                start_batch(&m.model, &inputs[i..i + 1]).unwrap(),
-                &labels,
-            )
-            .unwrap();
+            let alone = score(&m.model, &inputs[i..i + 1], &labels).unwrap();
             for (a, b) in alone[0].probs.iter().zip(&s.probs) {
                 assert!(
                     (a - b).abs() < 1e-6,

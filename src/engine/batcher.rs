@@ -12,6 +12,9 @@
 //!   decode step, so neither starves the other.
 //!
 //! A panic while running a batch fails that batch's requests and the loop goes on.
+//!
+//! The model is reached only through the [`Backend`] trait, so these rules are unit-tested
+//! against a fake model below.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -19,23 +22,23 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
+use super::backend::{Backend, Choice, StepRow};
 use super::generate::{FinishReason, Sampler, stop_hit};
-use super::sentiment::{LabelSet, score};
+use super::sentiment::LabelSet;
 use super::{
     EngineConfig, GenerateEvent, GenerateJob, GenerateOutput, Job, SentimentJob, SentimentOutput,
     Timing, TokenInfo,
 };
 use crate::error::{Error, Result};
 use crate::metrics::METRICS;
-use crate::model::t5::{DecoderState, Encoded, T5Model};
 
 /// A generation in the running batch.
 struct Running {
     job: GenerateJob,
-    state: DecoderState,
+    /// Its row in the backend's decode batch.
+    slot: usize,
     sampler: Sampler,
     /// Decoder tokens so far, decoder start first.
     context: Vec<u32>,
@@ -46,8 +49,8 @@ struct Running {
     started: Instant,
 }
 
-pub(crate) struct Batcher {
-    model: Arc<T5Model>,
+pub(crate) struct Batcher<B> {
+    backend: B,
     tokenizer: Arc<Tokenizer>,
     labels: Arc<LabelSet>,
     config: Arc<EngineConfig>,
@@ -57,29 +60,6 @@ pub(crate) struct Batcher {
     waiting: VecDeque<GenerateJob>,
     running: Vec<Running>,
     sentiment_turn: bool,
-}
-
-/// Pads `inputs` to the longest, returning the id tensor and the true lengths.
-fn pad_batch(model: &T5Model, inputs: &[&[u32]]) -> candle_core::Result<(Tensor, Vec<usize>)> {
-    let max = inputs.iter().map(|i| i.len()).max().unwrap_or(0);
-    let pad = model.config().pad_token_id();
-    let flat: Vec<u32> = inputs
-        .iter()
-        .flat_map(|i| {
-            i.iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad, max - i.len()))
-        })
-        .collect();
-    let ids = Tensor::from_vec(flat, (inputs.len(), max), model.device())?;
-    Ok((ids, inputs.iter().map(|i| i.len()).collect()))
-}
-
-/// Encodes a batch and starts one decoder per input.
-pub fn start_batch(model: &T5Model, inputs: &[&[u32]]) -> candle_core::Result<Vec<DecoderState>> {
-    let (ids, lengths) = pad_batch(model, inputs)?;
-    let encoded: Vec<Encoded> = model.encode(&ids, &lengths)?;
-    encoded.iter().map(|e| model.start_decoder(e)).collect()
 }
 
 /// How many of the queued lengths fit one batch under both caps (at least one).
@@ -122,16 +102,16 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-impl Batcher {
+impl<B: Backend> Batcher<B> {
     pub(crate) fn new(
-        model: Arc<T5Model>,
+        backend: B,
         tokenizer: Arc<Tokenizer>,
         labels: Arc<LabelSet>,
         config: Arc<EngineConfig>,
         rx: Receiver<Job>,
     ) -> Self {
         Self {
-            model,
+            backend,
             tokenizer,
             labels,
             config,
@@ -195,23 +175,25 @@ impl Batcher {
     }
 
     pub(crate) fn run(mut self) {
-        loop {
-            self.receive();
-            if self.idle() {
-                if self.open {
-                    continue;
-                }
-                return;
-            }
-            let generating = !self.running.is_empty() || !self.waiting.is_empty();
-            if !self.sentiment.is_empty() && (self.sentiment_turn || !generating) {
-                self.sentiment_batch();
-                self.sentiment_turn = false;
-            } else {
-                self.generate_step();
-                self.sentiment_turn = true;
-            }
+        while self.tick() {}
+    }
+
+    /// Takes what has arrived and runs one unit of work (a sentiment batch or a decode step);
+    /// false once the queue is closed and everything is done.
+    fn tick(&mut self) -> bool {
+        self.receive();
+        if self.idle() {
+            return self.open;
         }
+        let generating = !self.running.is_empty() || !self.waiting.is_empty();
+        if !self.sentiment.is_empty() && (self.sentiment_turn || !generating) {
+            self.sentiment_batch();
+            self.sentiment_turn = false;
+        } else {
+            self.generate_step();
+            self.sentiment_turn = true;
+        }
+        true
     }
 
     fn sentiment_batch(&mut self) {
@@ -237,10 +219,10 @@ impl Batcher {
             .batch_tokens
             .with_label_values(&["sentiment"])
             .observe((longest * n) as f64);
-        let (model, labels) = (&self.model, &self.labels);
+        let (backend, labels) = (&mut self.backend, &self.labels);
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<_> {
             let inputs: Vec<&[u32]> = jobs.iter().map(|j| j.ids.as_slice()).collect();
-            score(model, start_batch(model, &inputs)?, labels)
+            backend.score(&inputs, labels)
         }));
         let inference = start.elapsed();
         match result {
@@ -290,14 +272,14 @@ impl Batcher {
             .observe((longest * n) as f64);
         let started = Instant::now();
         let inputs: Vec<&[u32]> = jobs.iter().map(|j| j.ids.as_slice()).collect();
-        let states = start_batch(&self.model, &inputs)?;
-        let start_token = self.model.config().decoder_start_token_id();
-        for (job, state) in jobs.into_iter().zip(states) {
+        let slots = self.backend.join(&inputs)?;
+        let start_token = self.backend.decoder_start();
+        for (job, slot) in jobs.into_iter().zip(slots) {
             self.running.push(Running {
                 sampler: Sampler::new(job.params.clone()),
                 queue_time: started.duration_since(job.enqueued),
                 job,
-                state,
+                slot,
                 context: vec![start_token],
                 tokens: Vec::new(),
                 text_len: 0,
@@ -310,12 +292,21 @@ impl Batcher {
     fn generate_step(&mut self) {
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
             self.admit()?;
-            let before = self.running.len();
-            self.running.retain(|r| !r.job.events.is_closed());
+            let mut cancelled = 0;
+            let mut i = 0;
+            while i < self.running.len() {
+                if self.running[i].job.events.is_closed() {
+                    let r = self.running.swap_remove(i);
+                    self.backend.leave(r.slot);
+                    cancelled += 1;
+                } else {
+                    i += 1;
+                }
+            }
             METRICS
                 .cancelled
                 .with_label_values(&["generate"])
-                .inc_by((before - self.running.len()) as u64);
+                .inc_by(cancelled);
             if self.running.is_empty() {
                 return Ok(());
             }
@@ -323,24 +314,27 @@ impl Batcher {
                 .batch_size
                 .with_label_values(&["generate"])
                 .observe(self.running.len() as f64);
-            let tokens: Vec<Vec<u32>> = self
+            let mut rows: Vec<StepRow<'_>> = self
                 .running
-                .iter()
-                .map(|r| vec![*r.context.last().unwrap_or(&0)])
+                .iter_mut()
+                .map(|r| StepRow {
+                    slot: r.slot,
+                    context: &r.context,
+                    sampler: &mut r.sampler,
+                })
                 .collect();
-            let mut states: Vec<&mut DecoderState> =
-                self.running.iter_mut().map(|r| &mut r.state).collect();
-            let logits = self.model.decode(&mut states, &tokens)?;
-            let logits: Vec<Vec<Vec<f32>>> = logits.to_vec3()?;
+            let choices = self.backend.step(&mut rows)?;
+            drop(rows);
             let mut finished = Vec::new();
-            let eos = self.model.config().eos_token_ids();
-            for (i, (r, l)) in self.running.iter_mut().zip(logits).enumerate() {
-                if let Some(reason) = advance(&self.tokenizer, &eos, r, &l[0])? {
+            let eos = self.backend.eos_ids();
+            for (i, (r, choice)) in self.running.iter_mut().zip(choices).enumerate() {
+                if let Some(reason) = advance(&self.tokenizer, eos, r, choice)? {
                     finished.push((i, reason));
                 }
             }
             for (i, reason) in finished.into_iter().rev() {
                 let r = self.running.swap_remove(i);
+                self.backend.leave(r.slot);
                 self.finish(r, reason)?;
             }
             Ok(())
@@ -351,6 +345,7 @@ impl Batcher {
             Err(p) => panic_message(p),
         };
         tracing::error!(error = %error, "generation step failed; failing the running batch");
+        self.backend.reset();
         for r in self.running.drain(..) {
             let _ = r
                 .job
@@ -386,9 +381,8 @@ fn advance(
     tokenizer: &Tokenizer,
     eos_ids: &[u32],
     r: &mut Running,
-    logits: &[f32],
+    Choice { id, logprob }: Choice,
 ) -> Result<Option<FinishReason>> {
-    let (id, logprob) = r.sampler.next(logits, &r.context);
     r.context.push(id);
     let eos = eos_ids.contains(&id);
     let text = decode(tokenizer, &r.context[1..])?;
@@ -424,7 +418,187 @@ fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::fits;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{SyncSender, sync_channel};
+
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+    use crate::engine::generate::GenerateParams;
+    use crate::engine::sentiment::LabelScores;
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Call {
+        Score(usize),
+        Join(Vec<usize>),
+        Step(Vec<usize>),
+        Leave(usize),
+        Reset,
+    }
+
+    /// A model that records what the batcher asks of it: token `10 + position` every step,
+    /// uniform label scores, and a panic on demand.
+    #[derive(Clone, Default)]
+    struct Fake {
+        calls: Arc<Mutex<Vec<Call>>>,
+        slots: Arc<Mutex<Vec<bool>>>,
+        panic: Arc<AtomicBool>,
+    }
+
+    impl Fake {
+        fn log(&self, c: Call) {
+            self.calls.lock().unwrap().push(c);
+        }
+        fn take_calls(&self) -> Vec<Call> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+        fn check_panic(&self) {
+            if self.panic.swap(false, Ordering::SeqCst) {
+                panic!("injected fault");
+            }
+        }
+    }
+
+    impl Backend for Fake {
+        fn score(&mut self, inputs: &[&[u32]], labels: &LabelSet) -> Result<Vec<LabelScores>> {
+            self.log(Call::Score(inputs.len()));
+            self.check_panic();
+            let n = labels.names.len();
+            Ok(inputs
+                .iter()
+                .map(|_| LabelScores {
+                    log_probs: vec![-(n as f64).ln(); n],
+                    probs: vec![1.0 / n as f64; n],
+                })
+                .collect())
+        }
+        fn join(&mut self, inputs: &[&[u32]]) -> Result<Vec<usize>> {
+            let mut slots = self.slots.lock().unwrap();
+            let mut got = Vec::new();
+            for _ in inputs {
+                let free = slots.iter().position(|used| !used).unwrap_or(slots.len());
+                if free == slots.len() {
+                    slots.push(true);
+                } else {
+                    slots[free] = true;
+                }
+                got.push(free);
+            }
+            drop(slots);
+            self.log(Call::Join(got.clone()));
+            Ok(got)
+        }
+        fn step(&mut self, rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
+            self.log(Call::Step(rows.iter().map(|r| r.slot).collect()));
+            self.check_panic();
+            Ok(rows
+                .iter()
+                .map(|r| Choice {
+                    id: 10 + r.context.len() as u32,
+                    logprob: -1.0,
+                })
+                .collect())
+        }
+        fn leave(&mut self, slot: usize) {
+            self.slots.lock().unwrap()[slot] = false;
+            self.log(Call::Leave(slot));
+        }
+        fn reset(&mut self) {
+            self.slots.lock().unwrap().clear();
+            self.log(Call::Reset);
+        }
+        fn decoder_start(&self) -> u32 {
+            0
+        }
+        fn eos_ids(&self) -> &[u32] {
+            &[1]
+        }
+    }
+
+    struct Harness {
+        batcher: Batcher<Fake>,
+        tx: SyncSender<Job>,
+        fake: Fake,
+    }
+
+    fn harness(max_batch_size: usize, max_batch_wait: Duration) -> Harness {
+        let tokenizer = Tokenizer::from_file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/parity/fixtures/tokenizer.json"
+        ))
+        .unwrap();
+        let labels = LabelSet::from_targets(
+            vec!["down".into(), "up".into()],
+            vec![vec![5, 1], vec![6, 1]],
+        )
+        .unwrap();
+        let config = EngineConfig {
+            max_batch_size,
+            max_batch_tokens: 1024,
+            max_batch_wait,
+            queue_capacity: 64,
+            max_input_tokens: 64,
+            max_new_tokens: 64,
+            prompt_template: "{text}".into(),
+        };
+        let (tx, rx) = sync_channel(64);
+        let fake = Fake::default();
+        let batcher = Batcher::new(
+            fake.clone(),
+            Arc::new(tokenizer),
+            Arc::new(labels),
+            Arc::new(config),
+            rx,
+        );
+        Harness { batcher, tx, fake }
+    }
+
+    impl Harness {
+        fn sentiment(&self) -> oneshot::Receiver<Result<SentimentOutput>> {
+            let (reply, rx) = oneshot::channel();
+            let job = SentimentJob {
+                ids: vec![20, 21, 1],
+                reply,
+                enqueued: Instant::now(),
+            };
+            self.tx.send(Job::Sentiment(job)).unwrap();
+            rx
+        }
+        fn generate(&self, max_new_tokens: usize) -> mpsc::UnboundedReceiver<GenerateEvent> {
+            let (events, rx) = mpsc::unbounded_channel();
+            let job = GenerateJob {
+                ids: vec![20, 21, 1],
+                params: GenerateParams {
+                    max_new_tokens,
+                    ..Default::default()
+                },
+                events,
+                enqueued: Instant::now(),
+            };
+            self.tx.send(Job::Generate(job)).unwrap();
+            rx
+        }
+        fn ticks(&mut self, n: usize) -> Vec<Call> {
+            for _ in 0..n {
+                assert!(self.batcher.tick());
+            }
+            self.fake.take_calls()
+        }
+    }
+
+    fn end(
+        rx: &mut mpsc::UnboundedReceiver<GenerateEvent>,
+    ) -> std::result::Result<GenerateOutput, String> {
+        loop {
+            match rx.try_recv() {
+                Ok(GenerateEvent::End(out)) => return Ok(out),
+                Ok(GenerateEvent::Error(e)) => return Err(e),
+                Ok(GenerateEvent::Token(_)) => {}
+                Err(e) => return Err(format!("no end event: {e}")),
+            }
+        }
+    }
 
     #[test]
     fn batches_respect_size_and_padded_token_caps() {
@@ -437,5 +611,111 @@ mod tests {
         // Next to 3 running sequences only one more fits a batch of 4.
         assert_eq!(fits([1, 1].into_iter(), 4, 100, 3), 1);
         assert_eq!(fits([1].into_iter(), 4, 100, 4), 0);
+    }
+
+    #[test]
+    fn sentiment_batches_and_decode_steps_alternate() {
+        let mut h = harness(1, Duration::ZERO);
+        let s: Vec<_> = (0..2).map(|_| h.sentiment()).collect();
+        let mut g = h.generate(3);
+        let calls = h.ticks(4);
+        assert_eq!(
+            calls,
+            [
+                Call::Score(1),
+                Call::Join(vec![0]),
+                Call::Step(vec![0]),
+                Call::Score(1),
+                Call::Step(vec![0]),
+            ]
+        );
+        for mut rx in s {
+            assert!(rx.try_recv().unwrap().is_ok());
+        }
+        h.ticks(1);
+        let out = end(&mut g).unwrap();
+        assert_eq!(
+            out.tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+            [11, 12, 13]
+        );
+        assert_eq!(out.finish_reason, FinishReason::Length);
+    }
+
+    #[test]
+    fn a_finished_sequence_frees_its_slot_for_the_next_one() {
+        let mut h = harness(2, Duration::ZERO);
+        let mut short = h.generate(2);
+        let _long = h.generate(6);
+        assert_eq!(h.ticks(1), [Call::Join(vec![0, 1]), Call::Step(vec![0, 1])]);
+        assert_eq!(h.ticks(1), [Call::Step(vec![0, 1]), Call::Leave(0)]);
+        assert!(end(&mut short).is_ok());
+        let _next = h.generate(4);
+        // The newcomer takes slot 0; the running sequence in slot 1 is untouched.
+        assert_eq!(h.ticks(1), [Call::Join(vec![0]), Call::Step(vec![1, 0])]);
+    }
+
+    #[test]
+    fn a_cancelled_generation_leaves_the_batch_before_the_next_step() {
+        let mut h = harness(4, Duration::ZERO);
+        let gone = h.generate(10);
+        let _kept = h.generate(10);
+        h.ticks(1);
+        drop(gone);
+        assert_eq!(h.ticks(1), [Call::Leave(0), Call::Step(vec![1])]);
+    }
+
+    #[test]
+    fn a_panicking_step_fails_the_running_batch_and_the_engine_goes_on() {
+        let mut h = harness(4, Duration::ZERO);
+        let mut a = h.generate(5);
+        h.ticks(1);
+        h.fake.panic.store(true, Ordering::SeqCst);
+        let calls = h.ticks(1);
+        assert_eq!(calls.last(), Some(&Call::Reset));
+        assert!(end(&mut a).unwrap_err().contains("injected fault"));
+        let mut b = h.generate(2);
+        h.ticks(2);
+        assert_eq!(end(&mut b).unwrap().tokens.len(), 2);
+    }
+
+    #[test]
+    fn a_panicking_sentiment_batch_fails_only_its_requests() {
+        let mut h = harness(1, Duration::ZERO);
+        let mut first = h.sentiment();
+        let mut second = h.sentiment();
+        h.fake.panic.store(true, Ordering::SeqCst);
+        h.ticks(2);
+        assert!(matches!(first.try_recv().unwrap(), Err(Error::EngineDown)));
+        assert!(second.try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn max_batch_wait_gathers_a_fuller_sentiment_batch() {
+        let mut h = harness(2, Duration::from_secs(30));
+        let _a = h.sentiment();
+        let tx = h.tx.clone();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let (reply, rx) = oneshot::channel();
+            let job = SentimentJob {
+                ids: vec![20, 1],
+                reply,
+                enqueued: Instant::now(),
+            };
+            tx.send(Job::Sentiment(job)).unwrap();
+            rx
+        });
+        // The batch closes as soon as it is full, long before the 30 s wait.
+        assert_eq!(h.ticks(1), [Call::Score(2)]);
+        assert!(late.join().unwrap().try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn the_loop_ends_when_the_queue_closes_and_work_is_done() {
+        let mut h = harness(2, Duration::ZERO);
+        let mut g = h.generate(2);
+        drop(h.tx);
+        while h.batcher.tick() {}
+        assert!(end(&mut g).is_ok());
     }
 }

@@ -87,6 +87,12 @@ impl Sampler {
         &self.params
     }
 
+    /// Greedy without a repetition penalty: the argmax of the raw logits, which the backend can
+    /// take on the device without copying the logits.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.rng.is_none() && self.params.repetition_penalty.is_none()
+    }
+
     /// Chooses the next token from `logits` (raw, f32, full vocabulary) given the decoder tokens so
     /// far (`context`, decoder start included, as transformers penalises). Returns the token and
     /// its model log-probability.
@@ -128,36 +134,54 @@ fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// Draws from the (temperature-scaled) distribution restricted to the top-k tokens and then to
+/// the top-p nucleus. Only the candidates that can matter are ordered: the top k with
+/// `select_nth_unstable`, and for top-p a growing prefix until it holds the nucleus.
 fn sample(scores: &mut [f32], p: &GenerateParams, rng: &mut ChaCha8Rng) -> u32 {
     if let Some(t) = p.temperature {
         scores.iter_mut().for_each(|s| *s /= t as f32);
     }
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let mut keep = match p.top_k {
-        Some(k) => k.min(order.len()).max(1),
-        None => order.len(),
-    };
-    let max = scores[order[0]];
-    let weights: Vec<f64> = order[..keep]
+    let v = scores.len();
+    let k = p.top_k.map_or(v, |k| k.clamp(1, v));
+    let desc = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]);
+    let mut order: Vec<usize> = (0..v).collect();
+    if k < v {
+        order.select_nth_unstable_by(k - 1, desc);
+        order.truncate(k);
+    }
+    let max = order
         .iter()
-        .map(|&i| f64::from(scores[i] - max).exp())
-        .collect();
-    let total: f64 = weights.iter().sum();
-    if let Some(top_p) = p.top_p {
-        // Smallest prefix whose mass reaches top_p (the token crossing the threshold is kept).
-        let mut cum = 0.0;
-        for (n, w) in weights.iter().enumerate() {
-            cum += w / total;
-            if cum >= top_p {
-                keep = n + 1;
-                break;
+        .map(|&i| scores[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let weight = |i: usize| f64::from(scores[i] - max).exp();
+    let keep = match p.top_p {
+        None => order.len(),
+        Some(top_p) => {
+            let total: f64 = order.iter().map(|&i| weight(i)).sum();
+            // Sort a prefix large enough to hold the nucleus, doubling it until it does.
+            let mut sorted = 64.min(order.len());
+            loop {
+                if sorted < order.len() {
+                    order.select_nth_unstable_by(sorted - 1, desc);
+                }
+                order[..sorted].sort_by(desc);
+                let mut cum = 0.0;
+                let found = order[..sorted].iter().position(|&i| {
+                    cum += weight(i) / total;
+                    cum >= top_p
+                });
+                match found {
+                    Some(n) => break n + 1,
+                    None if sorted == order.len() => break sorted,
+                    None => sorted = (sorted * 2).min(order.len()),
+                }
             }
         }
-    }
-    let total: f64 = weights[..keep].iter().sum();
+    };
+    let weights: Vec<f64> = order[..keep].iter().map(|&i| weight(i)).collect();
+    let total: f64 = weights.iter().sum();
     let mut draw = rng.random::<f64>() * total;
-    for (n, w) in weights[..keep].iter().enumerate() {
+    for (n, w) in weights.iter().enumerate() {
         if draw < *w {
             return order[n] as u32;
         }

@@ -5,6 +5,7 @@
 //! Nothing here knows about HTTP: requests arrive as token ids plus validated parameters, and
 //! errors are [`crate::error::Error`]s.
 
+pub mod backend;
 pub mod batcher;
 pub mod generate;
 pub mod sentiment;
@@ -120,8 +121,13 @@ impl Engine {
         let labels = Arc::new(labels);
         let config = Arc::new(config);
         let eos = model.config().eos_token_ids()[0];
-        let batcher =
-            batcher::Batcher::new(model, tokenizer.clone(), labels.clone(), config.clone(), rx);
+        let batcher = batcher::Batcher::new(
+            backend::T5Backend::new(model),
+            tokenizer.clone(),
+            labels.clone(),
+            config.clone(),
+            rx,
+        );
         let flag = alive.clone();
         std::thread::Builder::new()
             .name("finserve-engine".into())

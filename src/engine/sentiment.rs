@@ -2,54 +2,94 @@
 //!
 //! Each label's target is the tokenizer's encoding of the label text, EOS included (what PEFT
 //! training fed as `labels`). The score is the teacher-forced sum of full-vocabulary
-//! log-softmaxes, renormalised over the label set. One encoder pass per batch; the decoder walks a
-//! trie of the targets, so a prefix shared by several labels is computed once.
+//! log-softmaxes, renormalised over the label set.
+//!
+//! A batch costs one encoder pass and one decoder pass: every (input, label) pair is a decoder
+//! sequence, teacher-forced on its whole target at once (padded to the longest label, causal
+//! mask). Only the positions that start a distinct label prefix go through `lm_head` (for
+//! `negative` / `neutral` / `positive` with EOS: the shared first position plus one per label),
+//! all in one matmul, so the vocabulary projection is read once per batch; the log-softmax and the
+//! lookup of each target token stay on the device and only the needed values come back.
 
-use candle_core::Tensor;
+use candle_core::{D, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::model::t5::{DecoderState, T5Model};
+use crate::model::t5::T5Model;
 
 /// The labels a sentiment request is scored against, with their target token ids.
 #[derive(Debug, Clone)]
 pub struct LabelSet {
     pub names: Vec<String>,
     pub targets: Vec<Vec<u32>>,
+    /// Distinct target prefixes as `(label, length)`: the first label that has the prefix.
+    prefixes: Vec<(usize, usize)>,
+    /// `prefix_of[label][pos]`: index in `prefixes` of `targets[label][..pos]`.
+    prefix_of: Vec<Vec<usize>>,
 }
 
 impl LabelSet {
+    /// Tokenizes each label (EOS appended, as PEFT training fed it).
     pub fn new(names: &[String], tokenizer: &Tokenizer) -> Result<Self> {
-        if names.len() < 2 {
-            return Err(Error::Config("at least two labels are needed".into()));
+        let targets = names
+            .iter()
+            .map(|name| {
+                Ok(tokenizer
+                    .encode(name.as_str(), true)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))?
+                    .get_ids()
+                    .to_vec())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_targets(names.to_vec(), targets)
+    }
+
+    /// A label set from already tokenized targets.
+    pub fn from_targets(names: Vec<String>, targets: Vec<Vec<u32>>) -> Result<Self> {
+        if names.len() < 2 || names.len() != targets.len() {
+            return Err(Error::Config(
+                "at least two labels, each with its target tokens, are needed".into(),
+            ));
         }
-        let mut targets = Vec::with_capacity(names.len());
-        for (i, name) in names.iter().enumerate() {
+        for (i, (name, ids)) in names.iter().zip(&targets).enumerate() {
             if name.trim().is_empty() || names[..i].contains(name) {
                 return Err(Error::Config(format!(
                     "label `{name}` is empty or repeated"
                 )));
             }
-            let ids = tokenizer
-                .encode(name.as_str(), true)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?
-                .get_ids()
-                .to_vec();
             if ids.is_empty() {
                 return Err(Error::Config(format!(
                     "label `{name}` encodes to no tokens"
                 )));
             }
-            if targets.contains(&ids) {
+            if targets[..i].contains(ids) {
                 return Err(Error::Config(format!(
                     "label `{name}` has the same tokens as another label"
                 )));
             }
-            targets.push(ids);
         }
+        let mut prefixes: Vec<(usize, usize)> = Vec::new();
+        let prefix_of = targets
+            .iter()
+            .enumerate()
+            .map(|(label, target)| {
+                (0..target.len())
+                    .map(|len| {
+                        let same =
+                            |&(l, n): &(usize, usize)| n == len && targets[l][..n] == target[..len];
+                        prefixes.iter().position(same).unwrap_or_else(|| {
+                            prefixes.push((label, len));
+                            prefixes.len() - 1
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
         Ok(Self {
-            names: names.to_vec(),
+            names,
             targets,
+            prefixes,
+            prefix_of,
         })
     }
 }
@@ -63,20 +103,71 @@ pub struct LabelScores {
     pub probs: Vec<f64>,
 }
 
-/// Scores every encoded input of `states` (one per input, fresh from `start_decoder`).
-pub fn score(
-    model: &T5Model,
-    states: Vec<DecoderState>,
-    labels: &LabelSet,
-) -> Result<Vec<LabelScores>> {
-    let n = states.len();
-    let mut totals = vec![vec![0f64; labels.targets.len()]; n];
-    let all: Vec<usize> = (0..labels.targets.len()).collect();
-    let start = model.config().decoder_start_token_id();
-    walk(model, states, start, 0, &all, labels, &mut totals)?;
-    Ok(totals
-        .into_iter()
-        .map(|log_probs| {
+/// Scores every input against `labels` in one encoder and one decoder pass.
+pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Vec<LabelScores>> {
+    let device = model.device();
+    let (b, l) = (inputs.len(), labels.targets.len());
+    let len = labels.targets.iter().map(Vec::len).max().unwrap_or(0);
+    let encoded = model.encode(inputs)?;
+    let rows: Vec<usize> = (0..b).flat_map(|i| std::iter::repeat_n(i, l)).collect();
+    let mut batch = model.new_batch();
+    let slots = model.join(&mut batch, &encoded, &rows)?;
+    let (start, pad) = (
+        model.config().decoder_start_token_id(),
+        model.config().pad_token_id(),
+    );
+    let tokens: Vec<(usize, Vec<u32>)> = slots
+        .iter()
+        .enumerate()
+        .map(|(j, &slot)| {
+            let target = &labels.targets[j % l];
+            let mut t = vec![start];
+            t.extend_from_slice(&target[..target.len() - 1]);
+            t.resize(len, pad);
+            (slot, t)
+        })
+        .collect();
+    let hidden = model.decode(&mut batch, &tokens)?;
+    let d = hidden.dim(2)?;
+    let p = labels.prefixes.len();
+    let picked: Vec<u32> = (0..b)
+        .flat_map(|i| {
+            labels
+                .prefixes
+                .iter()
+                .map(move |&(label, pos)| ((i * l + label) * len + pos) as u32)
+        })
+        .collect();
+    let picked = Tensor::from_vec(picked, b * p, device)?;
+    let rows = hidden.reshape((b * l * len, d))?.index_select(&picked, 0)?;
+    let log_probs = candle_nn::ops::log_softmax(&model.logits(&rows)?, D::Minus1)?;
+    let vocab = log_probs.dim(1)?;
+    let wanted: Vec<u32> = (0..b)
+        .flat_map(|i| {
+            labels
+                .targets
+                .iter()
+                .enumerate()
+                .flat_map(move |(label, target)| {
+                    target.iter().enumerate().map(move |(pos, &tok)| {
+                        ((i * p + labels.prefix_of[label][pos]) * vocab + tok as usize) as u32
+                    })
+                })
+        })
+        .collect();
+    let n = wanted.len();
+    let values: Vec<f32> = log_probs
+        .flatten_all()?
+        .index_select(&Tensor::from_vec(wanted, n, device)?, 0)?
+        .to_vec1()?;
+    let mut values = values.into_iter();
+    Ok((0..b)
+        .map(|_| {
+            let log_probs: Vec<f64> = labels
+                .targets
+                .iter()
+                .map(|t| values.by_ref().take(t.len()).map(f64::from).sum())
+                .collect();
             let max = log_probs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let exp: Vec<f64> = log_probs.iter().map(|l| (l - max).exp()).collect();
             let sum: f64 = exp.iter().sum();
@@ -86,54 +177,4 @@ pub fn score(
             }
         })
         .collect())
-}
-
-/// Feeds `token` to every state, adds the log-probability of position `depth` to the labels in
-/// `group` (which all share the prefix fed so far) and recurses into each distinct next token.
-fn walk(
-    model: &T5Model,
-    mut states: Vec<DecoderState>,
-    token: u32,
-    depth: usize,
-    group: &[usize],
-    labels: &LabelSet,
-    totals: &mut [Vec<f64>],
-) -> Result<()> {
-    let tokens = vec![vec![token]; states.len()];
-    let mut refs: Vec<&mut DecoderState> = states.iter_mut().collect();
-    let logits = model.decode(&mut refs, &tokens)?;
-    let log_probs: Tensor = T5Model::last_log_probs(&logits)?;
-    let log_probs: Vec<Vec<f32>> = log_probs.to_vec2()?;
-    let mut branches: Vec<(u32, Vec<usize>)> = Vec::new();
-    for &label in group {
-        let target = labels.targets[label][depth];
-        for (input, lp) in log_probs.iter().enumerate() {
-            totals[input][label] += f64::from(lp[target as usize]);
-        }
-        if labels.targets[label].len() > depth + 1 {
-            match branches.iter_mut().find(|(t, _)| *t == target) {
-                Some((_, members)) => members.push(label),
-                None => branches.push((target, vec![label])),
-            }
-        }
-    }
-    let last = branches.len().saturating_sub(1);
-    for (i, (next, members)) in branches.into_iter().enumerate() {
-        // The last branch can take the states; the others need their own copy of the cache.
-        let branch_states = if i == last {
-            std::mem::take(&mut states)
-        } else {
-            states.clone()
-        };
-        walk(
-            model,
-            branch_states,
-            next,
-            depth + 1,
-            &members,
-            labels,
-            totals,
-        )?;
-    }
-    Ok(())
 }

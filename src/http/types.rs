@@ -200,6 +200,8 @@ pub struct InfoResponse {
     pub model_type: String,
     pub adapters: Vec<MergeReport>,
     pub dtype: String,
+    /// Weight quantization of the linear layers: `none` or `q8`.
+    pub quantize: String,
     pub device: String,
     pub labels: Vec<String>,
     pub prompt_template: String,

@@ -1,6 +1,9 @@
 //! Loading a servable model: resolve `--model` (directory or Hub id), read its config, tokenizer
-//! and weights, merge the `--adapter`s, and build the [`t5::T5Model`].
+//! and weights, merge the `--adapter`s, build the [`t5::T5Model`] and, with `--quantize q8`,
+//! quantize its linear layers.
 
+pub mod decode_batch;
+pub mod linear;
 pub mod t5;
 pub mod weights;
 
@@ -13,6 +16,7 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::hub::{HubConfig, RepoKind};
 use crate::lora::{self, Adapter, AdapterSpec, MergeReport};
+use linear::Quantization;
 use t5::{Config, T5Model};
 use weights::{WeightFiles, Weights};
 
@@ -24,6 +28,7 @@ pub struct ModelSpec {
     pub adapters: Vec<AdapterSpec>,
     pub dtype: DType,
     pub device: Device,
+    pub quantize: Quantization,
 }
 
 /// The merged checkpoint before it becomes a model: what `finserve merge` exports.
@@ -132,7 +137,11 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
             config.vocab_size
         )));
     }
-    let model = T5Model::load(config, &mut weights)?;
+    let mut model = T5Model::load(config, &mut weights)?;
+    if spec.quantize == Quantization::Q8 {
+        model.quantize_q8()?;
+        tracing::info!("linear layers and lm_head quantized to q8 (Q8_0)");
+    }
     let leftover = weights.leftover();
     if !leftover.is_empty() {
         tracing::warn!(source = weights.source(), tensors = ?leftover, "checkpoint tensors not used by the model");

@@ -1,0 +1,314 @@
+"""finserve against transformers and CTranslate2, side by side, in one run on one machine.
+
+    python3 -m venv .bench-venv && .bench-venv/bin/pip install -r benches/requirements.txt
+    cargo build --release
+    .bench-venv/bin/python benches/compare.py [--rounds 3] [--out bench-results.md]
+
+Builds (once, cached under target/compare) a random mt0-small-shaped model (d_model 512, 8+8
+layers, 6x64 heads, d_ff 1024, vocab 250112) with a random q,v LoRA adapter, converts it to
+CTranslate2, and measures on the same 64 Financial PhraseBank sentences (models/data/test.csv),
+tokenized by the same tokenizer.json for every engine, in sentences per second:
+
+- sentiment: finserve over HTTP (16 inputs per request, or 1) against the peers scoring the three
+  label sequences (`negative`/`neutral`/`positive` + EOS) for a batch of 16 (or 1);
+- generate (3 new tokens, greedy): 16 concurrent HTTP clients (or 1) against the peers generating
+  for a batch of 16 (or 1).
+
+finserve runs the release binary (f32, then `--quantize q8`, then `--no-adapter`), the peers run
+in-process with every core (torch's default threads, CTranslate2 `intra_threads` = cores). Peak RSS
+of each server is read from /proc. Numbers are medians of `--rounds` passes over the sentences.
+Not a test: it reports, it asserts nothing.
+"""
+
+import argparse
+import csv
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = ["negative", "neutral", "positive"]
+BATCH = 16
+NEW_TOKENS = 3
+
+
+def cpu_flags() -> str:
+    flags = set()
+    model = platform.processor()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"]
+    return f"{model}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in flags)
+
+
+def build_model(work: Path) -> tuple[Path, Path, Path]:
+    base, adapter, ct2 = work / "base", work / "adapter", work / "ct2"
+    if not (base / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(ROOT / "benches/make_mt0_small.py"), str(work),
+                        str(ROOT / "models/demo/base/tokenizer.json")], check=True)
+    if not (ct2 / "model.bin").exists():
+        import ctranslate2.converters
+        ctranslate2.converters.TransformersConverter(str(base)).convert(str(ct2), force=True)
+    return base, adapter, ct2
+
+
+def sentences(n: int) -> list[str]:
+    with (ROOT / "models/data/test.csv").open(newline="", encoding="utf-8") as f:
+        return [r["sentence"] for r in csv.DictReader(f)][:n]
+
+
+def timed(fn, rounds: int, n: int) -> float:
+    """Median sentences per second of `fn` (which handles `n` sentences) over `rounds` runs."""
+    fn()
+    rates = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+class Server:
+    """The finserve release binary on a free local port."""
+
+    def __init__(self, binary: Path, base: Path, adapter: Path, *extra: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        args = [str(binary), "--model", str(base), "--host", "127.0.0.1", "--port", str(self.port),
+                "--max-batch-size", "32", "--max-concurrent-requests", "256", *extra]
+        if "--no-adapter" not in extra:
+            args += ["--adapter", str(adapter)]
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log, env={**os.environ, "FINSERVE_LOG": "warn"})
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"finserve exited: {self.log.read().decode()[-2000:]}")
+            try:
+                if self.get("/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("finserve did not become ready")
+
+    def get(self, path: str):
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read()
+
+    def post(self, conn: http.client.HTTPConnection, path: str, body: dict) -> dict:
+        conn.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{path}: {r.status} {data[:200]!r}")
+        return json.loads(data)
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def finserve_rates(server: Server, texts: list[str], rounds: int) -> dict:
+    n = len(texts)
+    conns = [server.conn() for _ in range(BATCH)]
+
+    def sentiment_batched():
+        for i in range(0, n, BATCH):
+            server.post(conns[0], "/v1/sentiment", {"inputs": texts[i:i + BATCH]})
+
+    def sentiment_single():
+        for t in texts:
+            server.post(conns[0], "/v1/sentiment", {"inputs": t})
+
+    def generate(concurrency: int):
+        def client(k: int):
+            for t in texts[k::concurrency]:
+                out = server.post(conns[k], "/v1/generate", {
+                    "inputs": t, "parameters": {"max_new_tokens": NEW_TOKENS, "details": True}})
+                assert out["details"]["generated_tokens"] >= 1
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(client, range(concurrency)))
+
+    return {
+        "sent16": timed(sentiment_batched, rounds, n),
+        "sent1": timed(sentiment_single, rounds, n),
+        "gen16": timed(lambda: generate(BATCH), rounds, n),
+        "gen1": timed(lambda: generate(1), rounds, n),
+    }
+
+
+def tokenize(texts: list[str]):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(ROOT / "models/demo/base/tokenizer.json"))
+    ids = [tok.encode(t).ids for t in texts]
+    labels = [tok.encode(l).ids for l in LABELS]
+    return tok, ids, labels
+
+
+def transformers_rates(base: Path, texts: list[str], rounds: int) -> dict:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(base)).eval()
+    for stack in (model.encoder, model.decoder):
+        stack.embed_tokens.weight = model.shared.weight
+    _, ids, labels = tokenize(texts)
+    width = max(len(l) for l in labels)
+
+    def pad(rows):
+        m = max(len(r) for r in rows)
+        t = torch.tensor([r + [0] * (m - len(r)) for r in rows])
+        lengths = torch.tensor([len(r) for r in rows])
+        return t, (torch.arange(m)[None, :] < lengths[:, None]).long()
+
+    def score(batch):
+        x, mask = pad(batch)
+        enc = model.encoder(input_ids=x, attention_mask=mask).last_hidden_state
+        b, L = len(batch), len(labels)
+        enc = enc.repeat_interleave(L, 0)
+        mask_l = mask.repeat_interleave(L, 0)
+        dec = torch.tensor([[0] + l[:-1] + [0] * (width - len(l)) for l in labels] * b)
+        tgt = torch.tensor([l + [0] * (width - len(l)) for l in labels] * b)
+        logits = model(encoder_outputs=(enc,), attention_mask=mask_l, decoder_input_ids=dec).logits
+        lp = logits.log_softmax(-1).gather(-1, tgt[..., None])[..., 0]
+        keep = torch.tensor([[1.0] * len(l) + [0.0] * (width - len(l)) for l in labels] * b)
+        return (lp * keep).sum(-1).view(b, L).softmax(-1)
+
+    def gen(batch):
+        x, mask = pad(batch)
+        return model.generate(input_ids=x, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1)
+
+    n = len(ids)
+    with torch.inference_mode():
+        return {
+            "sent16": timed(lambda: [score(ids[i:i + BATCH]) for i in range(0, n, BATCH)], rounds, n),
+            "sent1": timed(lambda: [score([r]) for r in ids], rounds, n),
+            "gen16": timed(lambda: [gen(ids[i:i + BATCH]) for i in range(0, n, BATCH)], rounds, n),
+            "gen1": timed(lambda: [gen([r]) for r in ids], rounds, n),
+        }
+
+
+def ctranslate2_rates(ct2: Path, texts: list[str], rounds: int, compute_type: str) -> dict:
+    import ctranslate2
+    tok, ids, labels = tokenize(texts)
+    tr = ctranslate2.Translator(str(ct2), device="cpu", compute_type=compute_type,
+                                intra_threads=os.cpu_count(), inter_threads=1)
+    src = [[tok.id_to_token(i) for i in r] for r in ids]
+    tgts = [[tok.id_to_token(i) for i in l] for l in labels]
+
+    def score(batch):
+        pairs_src = [s for s in batch for _ in tgts]
+        pairs_tgt = [t for _ in batch for t in tgts]
+        return tr.score_batch(pairs_src, pairs_tgt, max_batch_size=len(pairs_src))
+
+    def gen(batch):
+        return tr.translate_batch(batch, beam_size=1, max_decoding_length=NEW_TOKENS,
+                                  max_batch_size=len(batch))
+
+    n = len(src)
+    return {
+        "sent16": timed(lambda: [score(src[i:i + BATCH]) for i in range(0, n, BATCH)], rounds, n),
+        "sent1": timed(lambda: [score([r]) for r in src], rounds, n),
+        "gen16": timed(lambda: [gen(src[i:i + BATCH]) for i in range(0, n, BATCH)], rounds, n),
+        "gen1": timed(lambda: [gen([r]) for r in src], rounds, n),
+    }
+
+
+ROWS = [
+    ("sent16", "sentiment, 16 inputs per request / score 3 labels, batch 16"),
+    ("sent1", "sentiment, 1 input per request / score, batch 1"),
+    ("gen16", f"16 concurrent generate ({NEW_TOKENS} tokens) / generate, batch 16"),
+    ("gen1", f"1 generate ({NEW_TOKENS} tokens) at a time / generate, batch 1"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    ap.add_argument("--finserve", default=str(target / "release/finserve"))
+    ap.add_argument("--work", default=str(ROOT / "target/compare"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sentences", type=int, default=64)
+    ap.add_argument("--out", help="also write the markdown report here")
+    args = ap.parse_args()
+    binary = Path(args.finserve)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base, adapter, ct2 = build_model(work)
+    texts = sentences(args.sentences)
+
+    results, rss = {}, {}
+    for name, extra in [("finserve f32", ()), ("finserve q8", ("--quantize", "q8")),
+                        ("finserve f32 --no-adapter", ("--no-adapter",))]:
+        server = Server(binary, base, adapter, *extra)
+        try:
+            results[name] = finserve_rates(server, texts, args.rounds)
+            rss[name] = server.peak_rss_mb()
+        finally:
+            server.close()
+        print(f"{name}: {results[name]}", file=sys.stderr)
+    results["transformers fp32"] = transformers_rates(base, texts, args.rounds)
+    print(f"transformers: {results['transformers fp32']}", file=sys.stderr)
+    results["CTranslate2 fp32"] = ctranslate2_rates(ct2, texts, args.rounds, "float32")
+    results["CTranslate2 int8"] = ctranslate2_rates(ct2, texts, args.rounds, "int8")
+
+    import ctranslate2
+    import torch
+    import transformers
+    cols = ["finserve f32", "finserve q8", "transformers fp32", "CTranslate2 fp32", "CTranslate2 int8"]
+    lines = [
+        f"Machine: {cpu_flags()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"transformers {transformers.__version__}, CTranslate2 {ctranslate2.__version__}; "
+        f"{len(texts)} sentences, median of {args.rounds} rounds, sentences/s.",
+        "",
+        "| work (finserve / peers) | " + " | ".join(cols) + " | f32 vs CT2 fp32 | f32 vs transformers | q8 vs CT2 int8 |",
+        "|---|" + "---|" * (len(cols) + 3),
+    ]
+    for key, title in ROWS:
+        r = {c: results[c][key] for c in cols}
+        lines.append(
+            f"| {title} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
+            + f" | {r['finserve f32'] / r['CTranslate2 fp32']:.2f}x"
+            + f" | {r['finserve f32'] / r['transformers fp32']:.2f}x"
+            + f" | {r['finserve q8'] / r['CTranslate2 int8']:.2f}x |")
+    na = results["finserve f32 --no-adapter"]
+    lines += [
+        "",
+        "Merged adapter vs `--no-adapter` (finserve f32): "
+        + ", ".join(f"{key} {results['finserve f32'][key]:.1f} vs {na[key]:.1f}" for key, _ in ROWS) + ".",
+        "Peak RSS serving: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()) + ".",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+//! The decoder state of a whole batch of sequences, kept in preallocated device tensors so that a
+//! decode step is one attention call per layer for every sequence, whatever its position.
+//!
+//! Sequences live in *slots* (rows of every cache tensor). All active slots write their new
+//! self-attention K/V at the same cache *column*; a slot that joined at column `first` owns the
+//! columns from `first` on and masks everything before. Because every slot writes at the same
+//! column, a key at column `c` seen from a query at column `t` is always `c - t` positions back,
+//! whatever the slot: the relative-position bias is one tensor per step, shared by all slots.
+//! Cross-attention K/V are computed once when a slot is filled and padded to the longest source
+//! in the batch, with a source-length mask.
+//!
+//! A sequence leaves by freeing its slot (nothing else moves); a new one reuses the lowest free
+//! slot. When the columns run out, the columns that no active slot can see are dropped and the
+//! capacity doubles, so a long-lived batch neither grows without bound nor re-copies per step.
+
+use candle_core::{DType, Device, Tensor};
+
+/// One occupied slot.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// First cache column of this sequence.
+    first: usize,
+    /// Real (unpadded) source length.
+    src_len: usize,
+}
+
+/// Shapes of the cache: one `(keys, values)` pair per decoder layer.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub d_kv: usize,
+}
+
+#[derive(Debug)]
+struct Tensors {
+    /// Per layer, `(slots, heads, capacity, d_kv)`.
+    self_kv: Vec<(Tensor, Tensor)>,
+    /// Per layer, `(slots, heads, src_capacity, d_kv)`.
+    cross_kv: Vec<(Tensor, Tensor)>,
+    /// `(slots, 1, 1, src_capacity)`: 0 on real source tokens, `f32::MIN` on padding.
+    cross_mask: Tensor,
+}
+
+/// Decoder state for many sequences at once; see the module docs.
+#[derive(Debug)]
+pub struct DecodeBatch {
+    shape: CacheShape,
+    dtype: DType,
+    device: Device,
+    slots: Vec<Option<Slot>>,
+    tensors: Option<Tensors>,
+    /// Cache columns written so far (the next step writes at this column).
+    columns: usize,
+    capacity: usize,
+    src_capacity: usize,
+}
+
+const MIN_COLUMNS: usize = 16;
+
+impl DecodeBatch {
+    pub fn new(shape: CacheShape, dtype: DType, device: &Device) -> Self {
+        Self {
+            shape,
+            dtype,
+            device: device.clone(),
+            slots: Vec::new(),
+            tensors: None,
+            columns: 0,
+            capacity: 0,
+            src_capacity: 0,
+        }
+    }
+
+    /// Slot rows the cache has (free ones included); every decode step runs over all of them.
+    pub fn num_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_active(&self, slot: usize) -> bool {
+        self.slots.get(slot).is_some_and(Option::is_some)
+    }
+
+    pub fn active(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// Cache columns written so far.
+    pub fn columns(&self) -> usize {
+        self.columns
+    }
+
+    fn zeros(&self, slots: usize, len: usize) -> candle_core::Result<Tensor> {
+        let s = self.shape;
+        Tensor::zeros((slots, s.heads, len, s.d_kv), self.dtype, &self.device)
+    }
+
+    /// Adds sequences whose cross-attention K/V (per layer, `(n, heads, src, d_kv)`, padded to
+    /// a common `src`) and true source lengths are given. Returns their slots.
+    pub fn fill(
+        &mut self,
+        cross_kv: Vec<(Tensor, Tensor)>,
+        src_lens: &[usize],
+    ) -> candle_core::Result<Vec<usize>> {
+        let n = src_lens.len();
+        if cross_kv.len() != self.shape.layers {
+            candle_core::bail!(
+                "cross K/V for {} layers, expected {}",
+                cross_kv.len(),
+                self.shape.layers
+            );
+        }
+        let src = match cross_kv.first() {
+            Some((k, _)) => k.dim(2)?,
+            None => 0,
+        };
+        let free: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| self.slots[s].is_none())
+            .collect();
+        let mut next = self.slots.len();
+        let slots: Vec<usize> = (0..n)
+            .map(|j| {
+                free.get(j).copied().unwrap_or_else(|| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        let columns = self.capacity.max(MIN_COLUMNS);
+        self.reserve(next, src.max(self.src_capacity), columns)?;
+        let cap = self.src_capacity;
+        let tensors = self
+            .tensors
+            .as_mut()
+            .ok_or_else(|| candle_core::Error::Msg("decode batch has no cache".into()))?;
+        for (layer, (k, v)) in cross_kv.into_iter().enumerate() {
+            let (k, v) = if src < cap {
+                let s = self.shape;
+                let pad = Tensor::zeros((n, s.heads, cap - src, s.d_kv), self.dtype, &self.device)?;
+                (Tensor::cat(&[&k, &pad], 2)?, Tensor::cat(&[&v, &pad], 2)?)
+            } else {
+                (k.contiguous()?, v.contiguous()?)
+            };
+            let (ck, cv) = &tensors.cross_kv[layer];
+            for (j, &slot) in slots.iter().enumerate() {
+                ck.slice_set(&k.narrow(0, j, 1)?, 0, slot)?;
+                cv.slice_set(&v.narrow(0, j, 1)?, 0, slot)?;
+            }
+        }
+        for (&slot, &src_len) in slots.iter().zip(src_lens) {
+            self.slots[slot] = Some(Slot {
+                first: self.columns,
+                src_len,
+            });
+        }
+        self.rebuild_cross_mask()?;
+        Ok(slots)
+    }
+
+    /// Frees a slot. When no slot is left active the cache is released entirely.
+    pub fn free(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = None;
+        }
+        while self.slots.last().is_some_and(Option::is_none) {
+            self.slots.pop();
+        }
+        if self.slots.is_empty() {
+            *self = Self::new(self.shape, self.dtype, &self.device);
+            return;
+        }
+        // Trailing free rows leave the step: a prefix along dim 0 is a contiguous view, no copy.
+        let rows = self.slots.len();
+        if let Some(t) = self.tensors.as_mut() {
+            for (k, v) in t.self_kv.iter_mut().chain(t.cross_kv.iter_mut()) {
+                if let (Ok(nk), Ok(nv)) = (k.narrow(0, 0, rows), v.narrow(0, 0, rows)) {
+                    *k = nk;
+                    *v = nv;
+                }
+            }
+            if let Ok(m) = t.cross_mask.narrow(0, 0, rows) {
+                t.cross_mask = m;
+            }
+        }
+    }
+
+    /// Grows the cache to at least `slots` rows, `src` source columns and `columns` self columns.
+    fn reserve(&mut self, slots: usize, src: usize, columns: usize) -> candle_core::Result<()> {
+        let s = self.shape;
+        let Some(t) = self.tensors.as_mut() else {
+            let kv = |len: usize| -> candle_core::Result<Vec<(Tensor, Tensor)>> {
+                (0..s.layers)
+                    .map(|_| Ok((self.zeros(slots, len)?, self.zeros(slots, len)?)))
+                    .collect()
+            };
+            self.tensors = Some(Tensors {
+                self_kv: kv(columns)?,
+                cross_kv: kv(src)?,
+                cross_mask: Tensor::zeros((slots, 1, 1, src), DType::F32, &self.device)?,
+            });
+            self.slots.resize(slots, None);
+            self.capacity = columns;
+            self.src_capacity = src;
+            return Ok(());
+        };
+        let old = self.slots.len();
+        if slots > old {
+            let grow = |x: &Tensor| -> candle_core::Result<Tensor> {
+                let mut dims = x.dims().to_vec();
+                dims[0] = slots - old;
+                Tensor::cat(&[x, &Tensor::zeros(dims, x.dtype(), x.device())?], 0)
+            };
+            for (k, v) in t.self_kv.iter_mut().chain(t.cross_kv.iter_mut()) {
+                *k = grow(k)?;
+                *v = grow(v)?;
+            }
+            self.slots.resize(slots, None);
+        }
+        if src > self.src_capacity {
+            let extra = src - self.src_capacity;
+            for (k, v) in t.cross_kv.iter_mut() {
+                let pad = Tensor::zeros(
+                    (self.slots.len(), s.heads, extra, s.d_kv),
+                    k.dtype(),
+                    k.device(),
+                )?;
+                *k = Tensor::cat(&[&*k, &pad], 2)?;
+                *v = Tensor::cat(&[&*v, &pad], 2)?;
+            }
+            self.src_capacity = src;
+        }
+        if columns > self.capacity {
+            // Columns before the earliest active slot's first are seen by no one: drop them.
+            let start = self
+                .slots
+                .iter()
+                .flatten()
+                .map(|s| s.first)
+                .min()
+                .unwrap_or(self.columns);
+            let used = self.columns - start;
+            let capacity = columns.max(2 * used).max(MIN_COLUMNS);
+            let rows = self.slots.len();
+            for (k, v) in t.self_kv.iter_mut() {
+                let pad = Tensor::zeros(
+                    (rows, s.heads, capacity - used, s.d_kv),
+                    k.dtype(),
+                    k.device(),
+                )?;
+                *k = Tensor::cat(&[&k.narrow(2, start, used)?, &pad], 2)?;
+                *v = Tensor::cat(&[&v.narrow(2, start, used)?, &pad], 2)?;
+            }
+            for slot in self.slots.iter_mut().flatten() {
+                slot.first -= start;
+            }
+            self.columns = used;
+            self.capacity = capacity;
+        }
+        Ok(())
+    }
+
+    fn rebuild_cross_mask(&mut self) -> candle_core::Result<()> {
+        let cap = self.src_capacity;
+        let mask: Vec<f32> = self
+            .slots
+            .iter()
+            .flat_map(|s| {
+                // A free slot sees every column, so its (ignored) output stays finite.
+                let len = s.map_or(cap, |s| s.src_len);
+                (0..cap).map(move |c| if c < len { 0.0 } else { f32::MIN })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (self.slots.len(), 1, 1, cap), &self.device)?;
+        if let Some(t) = self.tensors.as_mut() {
+            t.cross_mask = mask;
+        }
+        Ok(())
+    }
+
+    /// Makes room for `n` more columns and returns the column the step writes at.
+    pub fn begin_step(&mut self, n: usize) -> candle_core::Result<usize> {
+        if self.columns + n > self.capacity {
+            self.reserve(self.slots.len(), self.src_capacity, self.columns + n)?;
+        }
+        Ok(self.columns)
+    }
+
+    /// Ends a step that wrote `n` columns.
+    pub fn end_step(&mut self, n: usize) {
+        self.columns += n;
+    }
+
+    /// The self-attention mask of a step writing `n` columns at `start`, `(slots, 1, n, start + n)`:
+    /// `f32::MIN` where a query must not look (the future, or before its slot's first column).
+    pub fn self_mask(&self, start: usize, n: usize) -> candle_core::Result<Tensor> {
+        let width = start + n;
+        let mask: Vec<f32> = self
+            .slots
+            .iter()
+            .flat_map(|s| {
+                let first = s.map_or(0, |s| s.first);
+                (0..n).flat_map(move |q| {
+                    (0..width).map(move |c| {
+                        if c > start + q || c < first {
+                            f32::MIN
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+            })
+            .collect();
+        Tensor::from_vec(mask, (self.slots.len(), 1, n, width), &self.device)
+    }
+
+    /// Layer `layer`'s caches: self K/V (whole capacity), cross K/V and the cross mask.
+    pub fn layer(&self, layer: usize) -> candle_core::Result<LayerCache<'_>> {
+        let t = self
+            .tensors
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("decode batch is empty".into()))?;
+        Ok(LayerCache {
+            self_kv: &t.self_kv[layer],
+            cross_kv: &t.cross_kv[layer],
+            cross_mask: &t.cross_mask,
+        })
+    }
+}
+
+/// One layer's view of the batch caches.
+pub struct LayerCache<'a> {
+    pub self_kv: &'a (Tensor, Tensor),
+    pub cross_kv: &'a (Tensor, Tensor),
+    pub cross_mask: &'a Tensor,
+}
