@@ -8,13 +8,15 @@
 //! sequence, teacher-forced on its whole target at once (padded to the longest label, causal
 //! mask). Only the positions that start a distinct label prefix go through `lm_head` (for
 //! `negative` / `neutral` / `positive` with EOS: the shared first position plus one per label),
-//! all in one matmul, so the vocabulary projection is read once per batch; the log-softmax and the
-//! lookup of each target token stay on the device and only the needed values come back.
+//! all in one matmul, so the vocabulary projection is read once per batch; the normaliser (one
+//! fused pass) and the lookup of each target token stay on the device and only the needed values
+//! come back.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::model::ops::log_sum_exp;
 use crate::model::t5::T5Model;
 
 /// The labels a sentiment request is scored against, with their target token ids.
@@ -140,8 +142,10 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
         .collect();
     let picked = Tensor::from_vec(picked, b * p, device)?;
     let rows = hidden.reshape((b * l * len, d))?.index_select(&picked, 0)?;
-    let log_probs = candle_nn::ops::log_softmax(&model.logits(&rows)?, D::Minus1)?;
-    let vocab = log_probs.dim(1)?;
+    let logits = model.logits(&rows)?;
+    let vocab = logits.dim(1)?;
+    let log_z: Vec<f32> = log_sum_exp(&logits)?.to_vec1()?;
+    let mut row_of = Vec::new();
     let wanted: Vec<u32> = (0..b)
         .flat_map(|i| {
             labels
@@ -149,17 +153,27 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
                 .iter()
                 .enumerate()
                 .flat_map(move |(label, target)| {
-                    target.iter().enumerate().map(move |(pos, &tok)| {
-                        ((i * p + labels.prefix_of[label][pos]) * vocab + tok as usize) as u32
-                    })
+                    target
+                        .iter()
+                        .enumerate()
+                        .map(move |(pos, &tok)| (i * p + labels.prefix_of[label][pos], tok))
                 })
+        })
+        .map(|(row, tok)| {
+            row_of.push(row);
+            (row * vocab + tok as usize) as u32
         })
         .collect();
     let n = wanted.len();
-    let values: Vec<f32> = log_probs
+    let picked: Vec<f32> = logits
         .flatten_all()?
         .index_select(&Tensor::from_vec(wanted, n, device)?, 0)?
         .to_vec1()?;
+    let values: Vec<f32> = picked
+        .iter()
+        .zip(&row_of)
+        .map(|(x, &r)| x - log_z[r])
+        .collect();
     let mut values = values.into_iter();
     Ok((0..b)
         .map(|_| {

@@ -4,6 +4,7 @@
 
 pub mod decode_batch;
 pub mod linear;
+pub mod ops;
 pub mod t5;
 pub mod weights;
 

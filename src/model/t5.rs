@@ -15,7 +15,7 @@
 //! - with tied embeddings (T5 v1.0) the decoder output is scaled by `d_model^-0.5` before the
 //!   shared embedding matrix projects it onto the vocabulary.
 
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -712,11 +712,6 @@ impl T5Model {
             hidden.clone()
         };
         self.lm_head.forward_wide(&hidden)?.to_dtype(DType::F32)
-    }
-
-    /// Log-softmax over the vocabulary of [`Self::logits`].
-    pub fn log_probs(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::log_softmax(&self.logits(hidden)?, D::Minus1)
     }
 }
 
