@@ -145,8 +145,8 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
     let logits = model.logits(&rows)?;
     let vocab = logits.dim(1)?;
     let log_z: Vec<f32> = log_sum_exp(&logits)?.to_vec1()?;
-    let mut row_of = Vec::new();
-    let wanted: Vec<u32> = (0..b)
+    // (projected row, target token) of every label position of every input, in output order.
+    let picks: Vec<(usize, u32)> = (0..b)
         .flat_map(|i| {
             labels
                 .targets
@@ -159,22 +159,20 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
                         .map(move |(pos, &tok)| (i * p + labels.prefix_of[label][pos], tok))
                 })
         })
-        .map(|(row, tok)| {
-            row_of.push(row);
-            (row * vocab + tok as usize) as u32
-        })
+        .collect();
+    let wanted: Vec<u32> = picks
+        .iter()
+        .map(|&(row, tok)| (row * vocab + tok as usize) as u32)
         .collect();
     let n = wanted.len();
     let picked: Vec<f32> = logits
         .flatten_all()?
         .index_select(&Tensor::from_vec(wanted, n, device)?, 0)?
         .to_vec1()?;
-    let values: Vec<f32> = picked
+    let mut values = picked
         .iter()
-        .zip(&row_of)
-        .map(|(x, &r)| x - log_z[r])
-        .collect();
-    let mut values = values.into_iter();
+        .zip(&picks)
+        .map(|(x, &(row, _))| x - log_z[row]);
     Ok((0..b)
         .map(|_| {
             let log_probs: Vec<f64> = labels

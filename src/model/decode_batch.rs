@@ -85,11 +85,6 @@ impl DecodeBatch {
         self.slots.iter().flatten().count()
     }
 
-    /// Cache columns written so far.
-    pub fn columns(&self) -> usize {
-        self.columns
-    }
-
     fn zeros(&self, slots: usize, len: usize) -> candle_core::Result<Tensor> {
         let s = self.shape;
         Tensor::zeros((slots, s.heads, len, s.d_kv), self.dtype, &self.device)
@@ -114,6 +109,54 @@ impl DecodeBatch {
             Some((k, _)) => k.dim(2)?,
             None => 0,
         };
+        let slots = if self.tensors.is_none() {
+            self.adopt(cross_kv, n)?
+        } else {
+            self.place(cross_kv, n, src)?
+        };
+        for (&slot, &src_len) in slots.iter().zip(src_lens) {
+            self.slots[slot] = Some(Slot {
+                first: self.columns,
+                src_len,
+            });
+        }
+        self.rebuild_cross_mask()?;
+        Ok(slots)
+    }
+
+    /// Starts an empty batch from the first sequences: their cross K/V become the cache as they
+    /// are (no copy), in slots `0..n`.
+    fn adopt(
+        &mut self,
+        cross_kv: Vec<(Tensor, Tensor)>,
+        n: usize,
+    ) -> candle_core::Result<Vec<usize>> {
+        let cross_kv = cross_kv
+            .into_iter()
+            .map(|(k, v)| Ok((k.contiguous()?, v.contiguous()?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.src_capacity = cross_kv.first().map_or(Ok(0), |(k, _)| k.dim(2))?;
+        let self_kv = (0..self.shape.layers)
+            .map(|_| Ok((self.zeros(n, MIN_COLUMNS)?, self.zeros(n, MIN_COLUMNS)?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.tensors = Some(Tensors {
+            self_kv,
+            cross_kv,
+            cross_mask: Tensor::zeros((n, 1, 1, self.src_capacity), DType::F32, &self.device)?,
+        });
+        self.capacity = MIN_COLUMNS;
+        self.slots = vec![None; n];
+        Ok((0..n).collect())
+    }
+
+    /// Copies new sequences' cross K/V into free slots (then new ones), growing the cache as
+    /// needed; a run of consecutive slots is one copy.
+    fn place(
+        &mut self,
+        cross_kv: Vec<(Tensor, Tensor)>,
+        n: usize,
+        src: usize,
+    ) -> candle_core::Result<Vec<usize>> {
         let free: Vec<usize> = (0..self.slots.len())
             .filter(|&s| self.slots[s].is_none())
             .collect();
@@ -126,34 +169,31 @@ impl DecodeBatch {
                 })
             })
             .collect();
-        let columns = self.capacity.max(MIN_COLUMNS);
-        self.reserve(next, src.max(self.src_capacity), columns)?;
-        let cap = self.src_capacity;
+        self.reserve(next, src.max(self.src_capacity), self.capacity)?;
+        let (cap, s) = (self.src_capacity, self.shape);
+        let consecutive = slots.windows(2).all(|w| w[1] == w[0] + 1);
         let tensors = self
             .tensors
             .as_mut()
             .ok_or_else(|| candle_core::Error::Msg("decode batch has no cache".into()))?;
         for (layer, (k, v)) in cross_kv.into_iter().enumerate() {
             let (k, v) = if src < cap {
-                let s = self.shape;
                 let pad = Tensor::zeros((n, s.heads, cap - src, s.d_kv), self.dtype, &self.device)?;
                 (Tensor::cat(&[&k, &pad], 2)?, Tensor::cat(&[&v, &pad], 2)?)
             } else {
                 (k.contiguous()?, v.contiguous()?)
             };
             let (ck, cv) = &tensors.cross_kv[layer];
-            for (j, &slot) in slots.iter().enumerate() {
-                ck.slice_set(&k.narrow(0, j, 1)?, 0, slot)?;
-                cv.slice_set(&v.narrow(0, j, 1)?, 0, slot)?;
+            if consecutive {
+                ck.slice_set(&k, 0, slots[0])?;
+                cv.slice_set(&v, 0, slots[0])?;
+            } else {
+                for (j, &slot) in slots.iter().enumerate() {
+                    ck.slice_set(&k.narrow(0, j, 1)?, 0, slot)?;
+                    cv.slice_set(&v.narrow(0, j, 1)?, 0, slot)?;
+                }
             }
         }
-        for (&slot, &src_len) in slots.iter().zip(src_lens) {
-            self.slots[slot] = Some(Slot {
-                first: self.columns,
-                src_len,
-            });
-        }
-        self.rebuild_cross_mask()?;
         Ok(slots)
     }
 
@@ -187,22 +227,10 @@ impl DecodeBatch {
     /// Grows the cache to at least `slots` rows, `src` source columns and `columns` self columns.
     fn reserve(&mut self, slots: usize, src: usize, columns: usize) -> candle_core::Result<()> {
         let s = self.shape;
-        let Some(t) = self.tensors.as_mut() else {
-            let kv = |len: usize| -> candle_core::Result<Vec<(Tensor, Tensor)>> {
-                (0..s.layers)
-                    .map(|_| Ok((self.zeros(slots, len)?, self.zeros(slots, len)?)))
-                    .collect()
-            };
-            self.tensors = Some(Tensors {
-                self_kv: kv(columns)?,
-                cross_kv: kv(src)?,
-                cross_mask: Tensor::zeros((slots, 1, 1, src), DType::F32, &self.device)?,
-            });
-            self.slots.resize(slots, None);
-            self.capacity = columns;
-            self.src_capacity = src;
-            return Ok(());
-        };
+        let t = self
+            .tensors
+            .as_mut()
+            .ok_or_else(|| candle_core::Error::Msg("decode batch has no cache".into()))?;
         let old = self.slots.len();
         if slots > old {
             let grow = |x: &Tensor| -> candle_core::Result<Tensor> {

@@ -50,14 +50,6 @@ impl Linear {
         Self::Dense(weight)
     }
 
-    /// The dense weight, `(out, in)`; `None` once quantized.
-    pub fn weight(&self) -> Option<&Tensor> {
-        match self {
-            Self::Dense(w) => Some(w),
-            Self::Q8(_) => None,
-        }
-    }
-
     /// Replaces a dense f32 weight by its Q8_0 blocks. `name` is for the error message.
     pub fn quantize(&mut self, name: &str) -> Result<()> {
         let Self::Dense(w) = self else {
