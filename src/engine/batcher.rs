@@ -293,16 +293,15 @@ impl<B: Backend> Batcher<B> {
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
             self.admit()?;
             let mut cancelled = 0;
-            let mut i = 0;
-            while i < self.running.len() {
-                if self.running[i].job.events.is_closed() {
-                    let r = self.running.swap_remove(i);
-                    self.backend.leave(r.slot);
+            let backend = &mut self.backend;
+            self.running.retain(|r| {
+                let gone = r.job.events.is_closed();
+                if gone {
+                    backend.leave(r.slot);
                     cancelled += 1;
-                } else {
-                    i += 1;
                 }
-            }
+                !gone
+            });
             METRICS
                 .cancelled
                 .with_label_values(&["generate"])
