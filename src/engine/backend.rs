@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use super::generate::Sampler;
 use super::sentiment::{self, LabelScores, LabelSet};
 use crate::error::{Error, Result};
 use crate::model::decode_batch::DecodeBatch;
-use crate::model::ops::log_sum_exp;
+use crate::model::ops::row_stats;
 use crate::model::t5::T5Model;
 
 /// One running sequence's part in a decode step.
@@ -120,20 +120,9 @@ fn choose(logits: &Tensor, rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
             let n = greedy.len();
             logits.index_select(&Tensor::from_vec(greedy.clone(), n, logits.device())?, 0)?
         };
-        let ids: Vec<u32> = g.argmax(D::Minus1)?.to_vec1()?;
-        let vocab = g.dim(1)?;
-        let at: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(r, &id)| (r * vocab) as u32 + id)
-            .collect();
-        let n = at.len();
-        let best: Vec<f32> = g
-            .flatten_all()?
-            .index_select(&Tensor::from_vec(at, n, g.device())?, 0)?
-            .to_vec1()?;
-        let log_z: Vec<f32> = log_sum_exp(&g)?.to_vec1()?;
-        let logprobs = best.iter().zip(log_z).map(|(b, z)| b - z);
+        let stats = row_stats(&g)?;
+        let logprobs = stats.max.iter().zip(&stats.log_z).map(|(m, z)| m - z);
+        let ids = stats.argmax.iter().copied();
         for ((&row, id), logprob) in greedy.iter().zip(ids).zip(logprobs) {
             choices[row as usize] = Some(Choice { id, logprob });
         }

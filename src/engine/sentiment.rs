@@ -8,15 +8,15 @@
 //! sequence, teacher-forced on its whole target at once (padded to the longest label, causal
 //! mask). Only the positions that start a distinct label prefix go through `lm_head` (for
 //! `negative` / `neutral` / `positive` with EOS: the shared first position plus one per label),
-//! all in one matmul, so the vocabulary projection is read once per batch; the normaliser (one
-//! fused pass) and the lookup of each target token stay on the device and only the needed values
+//! all in one matmul, so the vocabulary projection is read once per batch; the normaliser and the
+//! target logits are read from the logits where they lie (`model::ops`), and only per-row numbers
 //! come back.
 
 use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::model::ops::log_sum_exp;
+use crate::model::ops::{pick, row_stats};
 use crate::model::t5::T5Model;
 
 /// The labels a sentiment request is scored against, with their target token ids.
@@ -143,8 +143,7 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
     let picked = Tensor::from_vec(picked, b * p, device)?;
     let rows = hidden.reshape((b * l * len, d))?.index_select(&picked, 0)?;
     let logits = model.logits(&rows)?;
-    let vocab = logits.dim(1)?;
-    let log_z: Vec<f32> = log_sum_exp(&logits)?.to_vec1()?;
+    let log_z = row_stats(&logits)?.log_z;
     // (projected row, target token) of every label position of every input, in output order.
     let picks: Vec<(usize, u32)> = (0..b)
         .flat_map(|i| {
@@ -160,17 +159,8 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
                 })
         })
         .collect();
-    let wanted: Vec<u32> = picks
-        .iter()
-        .map(|&(row, tok)| (row * vocab + tok as usize) as u32)
-        .collect();
-    let n = wanted.len();
-    let picked: Vec<f32> = logits
-        .flatten_all()?
-        .index_select(&Tensor::from_vec(wanted, n, device)?, 0)?
-        .to_vec1()?;
-    let mut values = picked
-        .iter()
+    let mut values = pick(&logits, &picks)?
+        .into_iter()
         .zip(&picks)
         .map(|(x, &(row, _))| x - log_z[row]);
     Ok((0..b)

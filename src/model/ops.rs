@@ -1,73 +1,202 @@
-//! Reductions over the vocabulary that candle composes from several full passes: here they are
-//! one fused, row-parallel pass on the CPU (the vocabulary is 250k wide, so each extra pass over
-//! a batch of logits costs more than the matmul that made them). Other devices use candle's ops.
+//! What the engine needs from a `(rows, vocab)` block of logits, without materialising anything
+//! vocabulary-wide a second time: per row the maximum, its first index and `log Σ exp`, and the
+//! values at a few `(row, token)` positions.
+//!
+//! On the CPU these read the logits in place, in one parallel pass per quantity, in either layout
+//! the model produces: row-major, or the transpose of a row-major `(vocab, rows)` block, which is
+//! what `lm_head` computed as `W·xᵀ` yields (re-laying out 250k-wide logits costs more than the
+//! matmul that made them). Other devices use candle's ops and copy back only per-row numbers.
 
-use candle_core::{CpuStorage, CustomOp1, D, Layout, Shape, Tensor};
+use candle_core::{D, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-/// `log Σ exp(x)` over the last dimension of `(rows, vocab)` logits -> `(rows,)`, f32.
-pub fn log_sum_exp(logits: &Tensor) -> candle_core::Result<Tensor> {
-    if logits.device().is_cpu() {
-        return logits.contiguous()?.apply_op1_no_bwd(&LogSumExp);
+/// Per-row statistics of a `(rows, vocab)` logits tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowStats {
+    pub max: Vec<f32>,
+    /// First index of the maximum, like `torch.argmax`.
+    pub argmax: Vec<u32>,
+    /// `log Σ exp(logits)`: a token's log-probability is its logit minus this.
+    pub log_z: Vec<f32>,
+}
+
+/// How a CPU `(rows, vocab)` f32 tensor lies in its buffer.
+enum Lay {
+    /// `data[offset + row * vocab + col]`
+    RowMajor,
+    /// `data[offset + col * rows + row]`
+    ColMajor,
+}
+
+/// Runs `f` on the f32 buffer of a CPU 2-D tensor laid out either way; `None` otherwise.
+fn with_cpu_data<T>(
+    logits: &Tensor,
+    f: impl FnOnce(&[f32], Lay, usize, usize) -> T,
+) -> candle_core::Result<Option<T>> {
+    let (rows, vocab) = logits.dims2()?;
+    if !matches!(logits.device(), Device::Cpu) {
+        return Ok(None);
     }
+    let (storage, layout) = logits.storage_and_layout();
+    let Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
+        return Ok(None);
+    };
+    let data = &data[layout.start_offset()..];
+    let lay = match layout.stride() {
+        [s, 1] if *s == vocab => Lay::RowMajor,
+        [1, s] if *s == rows => Lay::ColMajor,
+        _ => return Ok(None),
+    };
+    Ok(Some(f(data, lay, rows, vocab)))
+}
+
+/// Max, argmax and `log Σ exp` of every row.
+pub fn row_stats(logits: &Tensor) -> candle_core::Result<RowStats> {
+    if let Some(stats) = with_cpu_data(logits, cpu_row_stats)? {
+        return Ok(stats);
+    }
+    let logits = logits.contiguous()?;
     let max = logits.max_keepdim(D::Minus1)?;
-    logits
+    let log_z = logits
         .broadcast_sub(&max)?
         .exp()?
         .sum_keepdim(D::Minus1)?
         .log()?
-        .add(&max)?
-        .squeeze(D::Minus1)
+        .add(&max)?;
+    Ok(RowStats {
+        max: max.squeeze(D::Minus1)?.to_vec1()?,
+        argmax: logits.argmax(D::Minus1)?.to_vec1()?,
+        log_z: log_z.squeeze(D::Minus1)?.to_vec1()?,
+    })
 }
 
-struct LogSumExp;
-
-impl CustomOp1 for LogSumExp {
-    fn name(&self) -> &'static str {
-        "log-sum-exp-last-dim"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("log_sum_exp expects f32 logits");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("log_sum_exp expects contiguous logits");
-        };
-        let dims = layout.shape().dims();
-        let width = *dims.last().unwrap_or(&1);
-        if width == 0 {
-            candle_core::bail!("log_sum_exp over an empty dimension");
+fn cpu_row_stats(data: &[f32], lay: Lay, rows: usize, vocab: usize) -> RowStats {
+    match lay {
+        Lay::RowMajor => {
+            let per_row: Vec<(f32, u32, f32)> = data[..rows * vocab]
+                .par_chunks(vocab)
+                .map(|row| {
+                    let (mut max, mut arg) = (f32::NEG_INFINITY, 0);
+                    for (i, &x) in row.iter().enumerate() {
+                        if x > max {
+                            (max, arg) = (x, i);
+                        }
+                    }
+                    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+                    (max, arg as u32, max + sum.ln())
+                })
+                .collect();
+            RowStats {
+                max: per_row.iter().map(|r| r.0).collect(),
+                argmax: per_row.iter().map(|r| r.1).collect(),
+                log_z: per_row.iter().map(|r| r.2).collect(),
+            }
         }
-        let out: Vec<f32> = data[start..end]
-            .par_chunks(width)
-            .map(|row| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-                max + sum.ln()
-            })
-            .collect();
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from_dims(&dims[..dims.len() - 1]),
-        ))
+        Lay::ColMajor => {
+            // Blocks of whole vocabulary entries (each `rows` wide) in parallel, merged in order
+            // so that ties keep the first index.
+            let block = 4096 * rows;
+            let data = &data[..rows * vocab];
+            let partial: Vec<(Vec<f32>, Vec<u32>)> = data
+                .par_chunks(block)
+                .enumerate()
+                .map(|(b, chunk)| {
+                    let (mut max, mut arg) = (vec![f32::NEG_INFINITY; rows], vec![0u32; rows]);
+                    for (j, entry) in chunk.chunks(rows).enumerate() {
+                        for (r, &x) in entry.iter().enumerate() {
+                            if x > max[r] {
+                                max[r] = x;
+                                arg[r] = (b * 4096 + j) as u32;
+                            }
+                        }
+                    }
+                    (max, arg)
+                })
+                .collect();
+            let (mut max, mut argmax) = (vec![f32::NEG_INFINITY; rows], vec![0u32; rows]);
+            for (m, a) in partial {
+                for r in 0..rows {
+                    if m[r] > max[r] {
+                        max[r] = m[r];
+                        argmax[r] = a[r];
+                    }
+                }
+            }
+            let sums: Vec<f32> = data
+                .par_chunks(block)
+                .map(|chunk| {
+                    let mut sum = vec![0f32; rows];
+                    for entry in chunk.chunks(rows) {
+                        for (r, &x) in entry.iter().enumerate() {
+                            sum[r] += (x - max[r]).exp();
+                        }
+                    }
+                    sum
+                })
+                .reduce(
+                    || vec![0f32; rows],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        a
+                    },
+                );
+            let log_z = max.iter().zip(sums).map(|(m, s)| m + s.ln()).collect();
+            RowStats { max, argmax, log_z }
+        }
     }
+}
+
+/// The logits at `(row, token)` positions.
+pub fn pick(logits: &Tensor, at: &[(usize, u32)]) -> candle_core::Result<Vec<f32>> {
+    let read = |data: &[f32], lay: Lay, rows: usize, vocab: usize| {
+        at.iter()
+            .map(|&(r, t)| match lay {
+                Lay::RowMajor => data[r * vocab + t as usize],
+                Lay::ColMajor => data[t as usize * rows + r],
+            })
+            .collect()
+    };
+    if let Some(values) = with_cpu_data(logits, read)? {
+        return Ok(values);
+    }
+    let vocab = logits.dim(1)?;
+    let flat: Vec<u32> = at.iter().map(|&(r, t)| (r * vocab) as u32 + t).collect();
+    let n = flat.len();
+    logits
+        .contiguous()?
+        .flatten_all()?
+        .index_select(&Tensor::from_vec(flat, n, logits.device())?, 0)?
+        .to_vec1()
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Tensor};
+    use super::*;
 
+    /// Both CPU layouts and the generic path agree with the definitions.
     #[test]
-    fn log_sum_exp_matches_the_definition() {
-        let x = Tensor::new(&[[1f32, 2., 3.], [-1000., 0., 1000.]], &Device::Cpu).unwrap();
-        let got: Vec<f32> = super::log_sum_exp(&x).unwrap().to_vec1().unwrap();
-        let first = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() as f32;
-        assert!((got[0] - first).abs() < 1e-6);
-        assert!((got[1] - 1000.0).abs() < 1e-3);
+    fn stats_and_picks_follow_the_definitions_in_every_layout() {
+        let rows = [[1f32, 3., 2., 3.], [-1000., 0., 1000., 5.]];
+        let row_major = Tensor::new(&rows, &Device::Cpu).unwrap();
+        let col_major = row_major.t().unwrap().contiguous().unwrap().t().unwrap();
+        let strided = Tensor::new(
+            &[[1f32, 3., 2., 3., 9.], [-1000., 0., 1000., 5., 9.]],
+            &Device::Cpu,
+        )
+        .unwrap()
+        .narrow(1, 0, 4)
+        .unwrap();
+        let lse0 = (1f64.exp() + 2. * 3f64.exp() + 2f64.exp()).ln() as f32;
+        for t in [&row_major, &col_major, &strided] {
+            let s = row_stats(t).unwrap();
+            assert_eq!(s.argmax, [1, 2], "first index of the maximum");
+            assert_eq!(s.max, [3.0, 1000.0]);
+            assert!((s.log_z[0] - lse0).abs() < 1e-6);
+            assert!((s.log_z[1] - 1000.0).abs() < 1e-3);
+            assert_eq!(
+                pick(t, &[(0, 2), (1, 3), (1, 0)]).unwrap(),
+                [2.0, 5.0, -1000.0]
+            );
+        }
     }
 }
