@@ -375,11 +375,16 @@ pub struct T5Model {
     device: Device,
 }
 
-/// The encoder output of a right-padded batch: `(batch, len, d_model)` and each true length.
+/// The encoder output of a batch, packed: every input's tokens in order, no padding,
+/// `(tokens, d_model)`.
 #[derive(Debug, Clone)]
 pub struct Encoded {
     pub hidden: Tensor,
     pub lengths: Vec<usize>,
+    /// For each position of the right-padded `(batch, longest)` layout, its packed row; padding
+    /// points at row 0, which is masked wherever padding is read.
+    unpack: Vec<u32>,
+    longest: usize,
 }
 
 impl T5Model {
@@ -513,24 +518,25 @@ impl T5Model {
         Ok(())
     }
 
-    /// Pads `inputs` to the longest and runs the encoder over them in one batch.
+    /// Runs the encoder over `inputs` in one batch. The linear layers and norms see only real
+    /// tokens (packed); attention runs on the right-padded layout with a padding mask.
     pub fn encode(&self, inputs: &[&[u32]]) -> candle_core::Result<Encoded> {
         let t = inputs.iter().map(|i| i.len()).max().unwrap_or(0);
         if t == 0 {
             candle_core::bail!("encode needs at least one non-empty input");
         }
         let b = inputs.len();
-        let pad = self.config.pad_token_id();
-        let flat: Vec<u32> = inputs
-            .iter()
-            .flat_map(|i| {
-                i.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad, t - i.len()))
-            })
-            .collect();
-        let input_ids = Tensor::from_vec(flat, (b, t), &self.device)?;
         let lengths: Vec<usize> = inputs.iter().map(|i| i.len()).collect();
+        let packed: Vec<u32> = inputs.iter().flat_map(|i| i.iter().copied()).collect();
+        let total = packed.len();
+        let mut unpack = Vec::with_capacity(b * t);
+        let mut repack = Vec::with_capacity(total);
+        let mut offset = 0;
+        for (row, &len) in lengths.iter().enumerate() {
+            unpack.extend((0..t).map(|i| if i < len { (offset + i) as u32 } else { 0 }));
+            repack.extend((0..len).map(|i| (row * t + i) as u32));
+            offset += len;
+        }
         let mask: Vec<f32> = lengths
             .iter()
             .flat_map(|&len| (0..t).map(move |i| if i < len { 0.0 } else { f32::MIN }))
@@ -539,20 +545,31 @@ impl T5Model {
         let bias = self
             .position_bias(&self.encoder_bias, 0, t, t, true)?
             .broadcast_add(&mask)?;
-        let mut x = self.encoder_embed.forward(&input_ids)?;
+        let unpack_t = Tensor::from_vec(unpack.clone(), b * t, &self.device)?;
+        let repack = Tensor::from_vec(repack, total, &self.device)?;
+        let mut x = self
+            .encoder_embed
+            .forward(&Tensor::from_vec(packed, total, &self.device)?)?;
         for block in &self.encoder_blocks {
             let h = block.attn_norm.forward(&x)?;
             let a = &block.self_attn;
-            let q = a.split_heads(&a.q.forward(&h)?)?;
-            let k = a.split_heads(&a.k.forward(&h)?)?;
-            let v = a.split_heads(&a.v.forward(&h)?)?;
-            let out = Attention::attend(&q, &k, &v, &bias)?;
-            x = (x + a.o.forward(&a.merge_heads(&out)?)?)?;
+            let heads = |p: &Linear| -> candle_core::Result<Tensor> {
+                let y = p.forward(&h)?.index_select(&unpack_t, 0)?;
+                a.split_heads(&y.reshape((b, t, ()))?)
+            };
+            let out = Attention::attend(&heads(&a.q)?, &heads(&a.k)?, &heads(&a.v)?, &bias)?;
+            let out = a
+                .merge_heads(&out)?
+                .reshape((b * t, ()))?
+                .index_select(&repack, 0)?;
+            x = (x + a.o.forward(&out)?)?;
             x = (&x + block.ff.forward(&block.ff_norm.forward(&x)?)?)?;
         }
         Ok(Encoded {
             hidden: self.encoder_norm.forward(&x)?,
             lengths,
+            unpack,
+            longest: t,
         })
     }
 
@@ -571,7 +588,7 @@ impl T5Model {
     }
 
     /// Adds one decoder sequence per entry of `rows` (an index into `encoded`; an encoded input
-    /// may start several sequences) to `batch`, computing each input's cross-attention K/V once.
+    /// may start several sequences) to `batch`, projecting each input's cross-attention K/V once.
     /// Returns the slots of the new sequences, in order.
     pub fn join(
         &self,
@@ -579,25 +596,23 @@ impl T5Model {
         encoded: &Encoded,
         rows: &[usize],
     ) -> candle_core::Result<Vec<usize>> {
-        let identity =
-            rows.len() == encoded.lengths.len() && rows.iter().enumerate().all(|(i, &r)| i == r);
-        let select = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(),
-            rows.len(),
-            &self.device,
-        )?;
+        // Each new sequence's source positions, padded to the longest, as packed rows.
+        let t = encoded.longest;
+        let gather: Vec<u32> = rows
+            .iter()
+            .flat_map(|&r| encoded.unpack[r * t..(r + 1) * t].iter().copied())
+            .collect();
+        let gather = Tensor::from_vec(gather, rows.len() * t, &self.device)?;
         let cross_kv = self
             .decoder_blocks
             .iter()
             .map(|block| {
                 let a = &block.cross_attn;
-                let k = a.split_heads(&a.k.forward(&encoded.hidden)?)?;
-                let v = a.split_heads(&a.v.forward(&encoded.hidden)?)?;
-                if identity {
-                    Ok((k, v))
-                } else {
-                    Ok((k.index_select(&select, 0)?, v.index_select(&select, 0)?))
-                }
+                let heads = |p: &Linear| -> candle_core::Result<Tensor> {
+                    let y = p.forward(&encoded.hidden)?.index_select(&gather, 0)?;
+                    a.split_heads(&y.reshape((rows.len(), t, ()))?)
+                };
+                Ok((heads(&a.k)?, heads(&a.v)?))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let lens: Vec<usize> = rows.iter().map(|&r| encoded.lengths[r]).collect();
