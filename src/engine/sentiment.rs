@@ -4,15 +4,15 @@
 //! training fed as `labels`). The score is the teacher-forced sum of full-vocabulary
 //! log-softmaxes, renormalised over the label set.
 //!
-//! A batch costs one encoder pass and one decoder pass: every (input, label) pair is a decoder
-//! sequence, teacher-forced on its whole target at once (padded to the longest label, causal
-//! mask). Only the positions that start a distinct label prefix go through `lm_head` (for
-//! `negative` / `neutral` / `positive` with EOS: the shared first position plus one per label),
-//! all in one matmul, so the vocabulary projection is read once per batch; the normaliser and the
-//! target logits are read from the logits where they lie (`model::ops`), and only per-row numbers
-//! come back.
+//! A batch costs one encoder pass and one decoder pass: each input's decoder is fed the whole
+//! trie of label targets at once (one node per distinct prefix, attending to its ancestors:
+//! `T5Model::decode_tree`), so a prefix shared by several labels is computed once and the
+//! encoder output is never copied per label. Every node's hidden state is exactly one row that
+//! needs the vocabulary projection (for `negative` / `neutral` / `positive` with EOS: the shared
+//! first position plus one per label), all in one matmul, so `lm_head` is read once per batch;
+//! the normaliser and the target logits are read from the logits where they lie (`model::ops`),
+//! and only per-row numbers come back.
 
-use candle_core::Tensor;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
@@ -107,41 +107,29 @@ pub struct LabelScores {
 
 /// Scores every input against `labels` in one encoder and one decoder pass.
 pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Vec<LabelScores>> {
-    let device = model.device();
-    let (b, l) = (inputs.len(), labels.targets.len());
-    let len = labels.targets.iter().map(Vec::len).max().unwrap_or(0);
+    let b = inputs.len();
     let encoded = model.encode(inputs)?;
-    let rows: Vec<usize> = (0..b).flat_map(|i| std::iter::repeat_n(i, l)).collect();
+    let rows: Vec<usize> = (0..b).collect();
     let mut batch = model.new_batch();
     let slots = model.join(&mut batch, &encoded, &rows)?;
-    let (start, pad) = (
-        model.config().decoder_start_token_id(),
-        model.config().pad_token_id(),
-    );
-    let tokens: Vec<(usize, Vec<u32>)> = slots
+    // The label trie, one node per distinct prefix: its token is the prefix's last (the
+    // decoder start for the empty one), its parent the prefix one shorter.
+    let start = model.config().decoder_start_token_id();
+    let (nodes, parents): (Vec<u32>, Vec<Option<usize>>) = labels
+        .prefixes
         .iter()
-        .enumerate()
-        .map(|(j, &slot)| {
-            let target = &labels.targets[j % l];
-            let mut t = vec![start];
-            t.extend_from_slice(&target[..target.len() - 1]);
-            t.resize(len, pad);
-            (slot, t)
+        .map(|&(label, len)| match len {
+            0 => (start, None),
+            _ => (
+                labels.targets[label][len - 1],
+                Some(labels.prefix_of[label][len - 1]),
+            ),
         })
-        .collect();
-    let hidden = model.decode(&mut batch, &tokens)?;
-    let d = hidden.dim(2)?;
-    let p = labels.prefixes.len();
-    let picked: Vec<u32> = (0..b)
-        .flat_map(|i| {
-            labels
-                .prefixes
-                .iter()
-                .map(move |&(label, pos)| ((i * l + label) * len + pos) as u32)
-        })
-        .collect();
-    let picked = Tensor::from_vec(picked, b * p, device)?;
-    let rows = hidden.reshape((b * l * len, d))?.index_select(&picked, 0)?;
+        .unzip();
+    let tokens: Vec<(usize, Vec<u32>)> = slots.iter().map(|&s| (s, nodes.clone())).collect();
+    let hidden = model.decode_tree(&mut batch, &tokens, &parents)?;
+    let p = nodes.len();
+    let rows = hidden.reshape((b * p, hidden.dim(2)?))?;
     let logits = model.logits(&rows)?;
     let log_z = row_stats(&logits)?.log_z;
     // (projected row, target token) of every label position of every input, in output order.

@@ -543,7 +543,12 @@ impl T5Model {
             .collect();
         let mask = Tensor::from_vec(mask, (b, 1, 1, t), &self.device)?;
         let bias = self
-            .position_bias(&self.encoder_bias, 0, t, t, true)?
+            .position_bias(
+                &self.encoder_bias,
+                (0..t).flat_map(|q| (0..t).map(move |k| k as i64 - q as i64)),
+                (t, t),
+                true,
+            )?
             .broadcast_add(&mask)?;
         let unpack_t = Tensor::from_vec(unpack.clone(), b * t, &self.device)?;
         let repack = Tensor::from_vec(repack, total, &self.device)?;
@@ -619,19 +624,18 @@ impl T5Model {
         batch.fill(cross_kv, &lens)
     }
 
-    /// Position bias `(1, heads, q_len, k_len)` for queries at positions `q0..q0 + q_len` and
-    /// keys at `0..k_len`. The bucket ids are computed here; the table lookup runs on the device.
+    /// Position bias `(1, heads, q_len, k_len)` from each (query, key) pair's relative position
+    /// (key minus query, row-major). The bucket ids are computed here; the table lookup runs on
+    /// the device.
     fn position_bias(
         &self,
         table: &Tensor,
-        q0: usize,
-        q_len: usize,
-        k_len: usize,
+        relative: impl Iterator<Item = i64>,
+        (q_len, k_len): (usize, usize),
         bidirectional: bool,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
-        let ids: Vec<u32> = (0..q_len)
-            .flat_map(|q| (0..k_len).map(move |k| k as i64 - (q0 + q) as i64))
+        let ids: Vec<u32> = relative
             .map(|rel| {
                 relative_position_bucket(
                     rel,
@@ -649,15 +653,13 @@ impl T5Model {
             .to_dtype(DType::F32)
     }
 
-    /// Feeds `tokens[i].1` to slot `tokens[i].0` of `batch`: every active slot exactly once, the
-    /// same number of tokens each (several tokens are teacher-forced with a causal mask). Returns
-    /// the final decoder hidden states of the listed slots, `(listed, n_tokens, d_model)`, in
-    /// the order listed; [`Self::logits`] projects them onto the vocabulary.
-    pub fn decode(
+    /// Token ids `(slots, n)` for a step feeding `tokens` (slot, ids): every active slot exactly
+    /// once, the same number of tokens each; free slots get padding.
+    fn step_ids(
         &self,
-        batch: &mut DecodeBatch,
+        batch: &DecodeBatch,
         tokens: &[(usize, Vec<u32>)],
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, usize)> {
         let n = tokens.first().map_or(0, |(_, t)| t.len());
         if n == 0 || tokens.iter().any(|(_, t)| t.len() != n) {
             candle_core::bail!("decode needs one equally long, non-empty token list per slot");
@@ -674,14 +676,84 @@ impl T5Model {
         if tokens.len() != batch.active() {
             candle_core::bail!("every active slot must be fed at each step");
         }
+        Ok((Tensor::from_vec(ids, (slots, n), &self.device)?, n))
+    }
+
+    /// Feeds `tokens[i].1` to slot `tokens[i].0` of `batch`: every active slot exactly once, the
+    /// same number of tokens each (several tokens are teacher-forced with a causal mask). Returns
+    /// the final decoder hidden states of the listed slots, `(listed, n_tokens, d_model)`, in
+    /// the order listed; [`Self::logits`] projects them onto the vocabulary.
+    pub fn decode(
+        &self,
+        batch: &mut DecodeBatch,
+        tokens: &[(usize, Vec<u32>)],
+    ) -> candle_core::Result<Tensor> {
+        let (ids, n) = self.step_ids(batch, tokens)?;
         let start = batch.begin_step(n)?;
         let width = start + n;
         // Key column c seen from query q of this step is c - (start + q) positions away, for
         // every slot (see `DecodeBatch`), so one bias serves the whole batch.
+        let relative = (0..n).flat_map(|q| (0..width).map(move |c| c as i64 - (start + q) as i64));
         let bias = self
-            .position_bias(&self.decoder_bias, start, n, width, false)?
+            .position_bias(&self.decoder_bias, relative, (n, width), false)?
             .broadcast_add(&batch.self_mask(start, n)?)?;
-        let ids = Tensor::from_vec(ids, (slots, n), &self.device)?;
+        self.run_decoder(batch, tokens, ids, start, &bias)
+    }
+
+    /// Feeds each listed slot of a fresh batch a whole token tree at once: node `i` carries
+    /// `tokens[slot][i]` and has parent `parents[i]` (`None` for the root). Every node attends to
+    /// itself and its ancestors at their depth, as if its root-to-node path had been decoded
+    /// alone, so all paths of the tree cost one pass and each shared prefix is computed once.
+    /// Returns the hidden states like [`Self::decode`], one per node.
+    pub fn decode_tree(
+        &self,
+        batch: &mut DecodeBatch,
+        tokens: &[(usize, Vec<u32>)],
+        parents: &[Option<usize>],
+    ) -> candle_core::Result<Tensor> {
+        let (ids, n) = self.step_ids(batch, tokens)?;
+        if parents.len() != n
+            || parents
+                .iter()
+                .enumerate()
+                .any(|(i, p)| p.is_some_and(|p| p >= i))
+        {
+            candle_core::bail!("a token tree needs one parent per node, each before its child");
+        }
+        if batch.begin_step(n)? != 0 {
+            candle_core::bail!("a token tree must start a fresh decode batch");
+        }
+        let mut depth = vec![0i64; n];
+        let mut visible = vec![f32::MIN; n * n];
+        for i in 0..n {
+            depth[i] = parents[i].map_or(0, |p| depth[p] + 1);
+            let mut node = Some(i);
+            while let Some(j) = node {
+                visible[i * n + j] = 0.0;
+                node = parents[j];
+            }
+        }
+        let relative = (0..n)
+            .flat_map(|q| (0..n).map(move |k| (q, k)))
+            .map(|(q, k)| depth[k] - depth[q]);
+        let bias = self
+            .position_bias(&self.decoder_bias, relative, (n, n), false)?
+            .broadcast_add(&Tensor::from_vec(visible, (1, 1, n, n), &self.device)?)?;
+        self.run_decoder(batch, tokens, ids, 0, &bias)
+    }
+
+    /// The decoder stack over `ids` `(slots, n)` written at cache column `start`, with the
+    /// self-attention `bias` (position bias and masks) already built.
+    fn run_decoder(
+        &self,
+        batch: &mut DecodeBatch,
+        tokens: &[(usize, Vec<u32>)],
+        ids: Tensor,
+        start: usize,
+        bias: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (slots, n) = ids.dims2()?;
+        let width = start + n;
         let mut x = self.decoder_embed.forward(&ids)?;
         for (layer, block) in self.decoder_blocks.iter().enumerate() {
             let cache = batch.layer(layer)?;
@@ -691,12 +763,8 @@ impl T5Model {
             let (ck, cv) = cache.self_kv;
             ck.slice_set(&a.split_heads(&a.k.forward(&h)?)?, 2, start)?;
             cv.slice_set(&a.split_heads(&a.v.forward(&h)?)?, 2, start)?;
-            let out = Attention::attend(
-                &q,
-                &ck.narrow(2, 0, width)?,
-                &cv.narrow(2, 0, width)?,
-                &bias,
-            )?;
+            let out =
+                Attention::attend(&q, &ck.narrow(2, 0, width)?, &cv.narrow(2, 0, width)?, bias)?;
             x = (x + a.o.forward(&a.merge_heads(&out)?)?)?;
 
             let a = &block.cross_attn;
