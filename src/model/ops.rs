@@ -1,13 +1,16 @@
-//! What the engine needs from a `(rows, vocab)` block of logits, without materialising anything
-//! vocabulary-wide a second time: per row the maximum, its first index and `log Σ exp`, and the
-//! values at a few `(row, token)` positions.
+//! Element-wise and vocabulary-wide work that candle's CPU backend does one scalar libm call at a
+//! time, done here in parallel with a vectorizable `exp`:
+//! - what the engine needs from a `(rows, vocab)` block of logits, without materialising anything
+//!   vocabulary-wide a second time: per row the maximum, its first index and `log Σ exp`, and the
+//!   values at a few `(row, token)` positions. The logits are read in place in either layout the
+//!   model produces: row-major, or the transpose of a row-major `(vocab, rows)` block, which is what
+//!   `lm_head` computed as `W·xᵀ` yields (re-laying out 250k-wide logits costs more than the matmul
+//!   that made them);
+//! - the tanh-approximated GELU of the feed-forward layers.
 //!
-//! On the CPU these read the logits in place, in one parallel pass per quantity, in either layout
-//! the model produces: row-major, or the transpose of a row-major `(vocab, rows)` block, which is
-//! what `lm_head` computed as `W·xᵀ` yields (re-laying out 250k-wide logits costs more than the
-//! matmul that made them). Other devices use candle's ops and copy back only per-row numbers.
+//! Other devices (and layouts) use candle's own ops.
 
-use candle_core::{D, Device, Storage, Tensor};
+use candle_core::{CpuStorage, D, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Per-row statistics of a `(rows, vocab)` logits tensor.
@@ -38,7 +41,7 @@ fn with_cpu_data<T>(
         return Ok(None);
     }
     let (storage, layout) = logits.storage_and_layout();
-    let Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
+    let Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
         return Ok(None);
     };
     let data = &data[layout.start_offset()..];
@@ -82,7 +85,7 @@ fn cpu_row_stats(data: &[f32], lay: Lay, rows: usize, vocab: usize) -> RowStats 
                             (max, arg) = (x, i);
                         }
                     }
-                    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+                    let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
                     (max, arg as u32, max + sum.ln())
                 })
                 .collect();
@@ -128,7 +131,7 @@ fn cpu_row_stats(data: &[f32], lay: Lay, rows: usize, vocab: usize) -> RowStats 
                     let mut sum = vec![0f32; rows];
                     for entry in chunk.chunks(rows) {
                         for (r, &x) in entry.iter().enumerate() {
-                            sum[r] += (x - max[r]).exp();
+                            sum[r] += exp(x - max[r]);
                         }
                     }
                     sum
@@ -169,9 +172,79 @@ pub fn pick(logits: &Tensor, at: &[(usize, u32)]) -> candle_core::Result<Vec<f32
         .to_vec1()
 }
 
+/// `exp(x)` to within a few ulps, written so that loops over it vectorize: range reduction to
+/// `x = k·ln2 + r` with `|r| <= ln2/2`, a degree-6 Taylor polynomial for `e^r` (relative error
+/// below 2e-7), and `2^k` put straight into the exponent bits. Inputs below -87 give `e^-87`
+/// (≈1.6e-38) instead of a denormal: nothing here sums numbers that small against anything.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * LOG2E + ROUND) - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+/// transformers' `gelu_new`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    let out = {
+        let (storage, layout) = x.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => {
+                let mut out = vec![0f32; end - start];
+                out.par_chunks_mut(4096)
+                    .zip(data[start..end].par_chunks(4096))
+                    .for_each(|(o, i)| {
+                        for (o, &x) in o.iter_mut().zip(i) {
+                            let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+                            // tanh(y) = 1 - 2 / (e^(2y) + 1)
+                            *o = 0.5 * x * (2.0 - 2.0 / (exp(2.0 * y) + 1.0));
+                        }
+                    });
+                Some(out)
+            }
+            _ => None,
+        }
+    };
+    match out {
+        Some(out) => Tensor::from_vec(out, x.shape(), x.device()),
+        None => x.gelu(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_exp_and_gelu_match_the_library_functions() {
+        for i in -8700..=8800 {
+            let x = i as f32 / 100.0;
+            let (got, want) = (exp(x), x.exp());
+            assert!(
+                (got - want).abs() <= 4e-7 * want,
+                "exp({x}) = {got}, libm {want}"
+            );
+        }
+        let x = Tensor::arange(-2000i64, 2000, &Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .affine(0.005, 0.0)
+            .unwrap();
+        let fast: Vec<f32> = gelu_tanh(&x).unwrap().to_vec1().unwrap();
+        let candle: Vec<f32> = x.gelu().unwrap().to_vec1().unwrap();
+        for (a, b) in fast.iter().zip(&candle) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
 
     /// Both CPU layouts and the generic path agree with the definitions.
     #[test]

@@ -188,7 +188,7 @@ impl Activation {
         match self {
             Self::Relu => x.relu(),
             Self::Gelu => x.gelu_erf(),
-            Self::GeluNew => x.gelu(),
+            Self::GeluNew => crate::model::ops::gelu_tanh(x),
             Self::Silu => x.silu(),
         }
     }
