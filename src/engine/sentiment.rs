@@ -16,7 +16,7 @@
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::model::ops::{pick, row_stats};
+use crate::model::ops::{log_z, pick};
 use crate::model::t5::T5Model;
 
 /// The labels a sentiment request is scored against, with their target token ids.
@@ -131,7 +131,7 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
     let p = nodes.len();
     let rows = hidden.reshape((b * p, hidden.dim(2)?))?;
     let logits = model.logits(&rows)?;
-    let log_z = row_stats(&logits)?.log_z;
+    let log_z = log_z(&logits)?;
     // (projected row, target token) of every label position of every input, in output order.
     let picks: Vec<(usize, u32)> = (0..b)
         .flat_map(|i| {

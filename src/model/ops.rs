@@ -55,96 +55,125 @@ fn with_cpu_data<T>(
 
 /// Max, argmax and `log Σ exp` of every row.
 pub fn row_stats(logits: &Tensor) -> candle_core::Result<RowStats> {
-    if let Some(stats) = with_cpu_data(logits, cpu_row_stats)? {
+    if let Some(stats) = with_cpu_data(logits, |data, lay, rows, vocab| {
+        let (max, log_z) = cpu_max_log_z(data, &lay, rows, vocab);
+        let argmax = cpu_first_index_of(data, &lay, rows, vocab, &max);
+        RowStats { max, argmax, log_z }
+    })? {
         return Ok(stats);
     }
     let logits = logits.contiguous()?;
     let max = logits.max_keepdim(D::Minus1)?;
-    let log_z = logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .add(&max)?;
     Ok(RowStats {
-        max: max.squeeze(D::Minus1)?.to_vec1()?,
         argmax: logits.argmax(D::Minus1)?.to_vec1()?,
-        log_z: log_z.squeeze(D::Minus1)?.to_vec1()?,
+        log_z: generic_log_z(&logits, &max)?,
+        max: max.squeeze(D::Minus1)?.to_vec1()?,
     })
 }
 
-fn cpu_row_stats(data: &[f32], lay: Lay, rows: usize, vocab: usize) -> RowStats {
+/// `log Σ exp` of every row: the normaliser of its log-softmax.
+pub fn log_z(logits: &Tensor) -> candle_core::Result<Vec<f32>> {
+    if let Some(log_z) = with_cpu_data(logits, |data, lay, rows, vocab| {
+        cpu_max_log_z(data, &lay, rows, vocab).1
+    })? {
+        return Ok(log_z);
+    }
+    let logits = logits.contiguous()?;
+    generic_log_z(&logits, &logits.max_keepdim(D::Minus1)?)
+}
+
+fn generic_log_z(logits: &Tensor, max: &Tensor) -> candle_core::Result<Vec<f32>> {
+    logits
+        .broadcast_sub(max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .add(max)?
+        .squeeze(D::Minus1)?
+        .to_vec1()
+}
+
+/// Vocabulary entries per parallel block of a column-major buffer.
+const BLOCK: usize = 4096;
+
+/// The larger of two values, as a select that vectorizes (no NaN handling needed here).
+fn bigger(a: f32, b: f32) -> f32 {
+    if b > a { b } else { a }
+}
+
+fn merge(f: fn(f32, f32) -> f32) -> impl Fn(Vec<f32>, Vec<f32>) -> Vec<f32> {
+    move |mut a, b| {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x = f(*x, y));
+        a
+    }
+}
+
+/// Per-row maximum and `log Σ exp`, in two passes that vectorize (no branches, no indexing).
+fn cpu_max_log_z(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> (Vec<f32>, Vec<f32>) {
+    let data = &data[..rows * vocab];
     match lay {
-        Lay::RowMajor => {
-            let per_row: Vec<(f32, u32, f32)> = data[..rows * vocab]
-                .par_chunks(vocab)
-                .map(|row| {
-                    let (mut max, mut arg) = (f32::NEG_INFINITY, 0);
-                    for (i, &x) in row.iter().enumerate() {
-                        if x > max {
-                            (max, arg) = (x, i);
-                        }
-                    }
-                    let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
-                    (max, arg as u32, max + sum.ln())
-                })
-                .collect();
-            RowStats {
-                max: per_row.iter().map(|r| r.0).collect(),
-                argmax: per_row.iter().map(|r| r.1).collect(),
-                log_z: per_row.iter().map(|r| r.2).collect(),
-            }
-        }
+        Lay::RowMajor => data
+            .par_chunks(vocab)
+            .map(|row| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| bigger(m, x));
+                let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
+                (max, max + sum.ln())
+            })
+            .unzip(),
         Lay::ColMajor => {
-            // Blocks of whole vocabulary entries (each `rows` wide) in parallel, merged in order
-            // so that ties keep the first index.
-            let block = 4096 * rows;
-            let data = &data[..rows * vocab];
-            let partial: Vec<(Vec<f32>, Vec<u32>)> = data
-                .par_chunks(block)
-                .enumerate()
-                .map(|(b, chunk)| {
-                    let (mut max, mut arg) = (vec![f32::NEG_INFINITY; rows], vec![0u32; rows]);
-                    for (j, entry) in chunk.chunks(rows).enumerate() {
-                        for (r, &x) in entry.iter().enumerate() {
-                            if x > max[r] {
-                                max[r] = x;
-                                arg[r] = (b * 4096 + j) as u32;
-                            }
-                        }
+            let max = data
+                .par_chunks(BLOCK * rows)
+                .map(|chunk| {
+                    let mut m = vec![f32::NEG_INFINITY; rows];
+                    for entry in chunk.chunks_exact(rows) {
+                        m.iter_mut()
+                            .zip(entry)
+                            .for_each(|(m, &x)| *m = bigger(*m, x));
                     }
-                    (max, arg)
+                    m
                 })
-                .collect();
-            let (mut max, mut argmax) = (vec![f32::NEG_INFINITY; rows], vec![0u32; rows]);
-            for (m, a) in partial {
-                for r in 0..rows {
-                    if m[r] > max[r] {
-                        max[r] = m[r];
-                        argmax[r] = a[r];
+                .reduce(|| vec![f32::NEG_INFINITY; rows], merge(bigger));
+            let sum = data
+                .par_chunks(BLOCK * rows)
+                .map(|chunk| {
+                    let mut s = vec![0f32; rows];
+                    for entry in chunk.chunks_exact(rows) {
+                        s.iter_mut()
+                            .zip(entry)
+                            .zip(&max)
+                            .for_each(|((s, &x), &m)| *s += exp(x - m));
+                    }
+                    s
+                })
+                .reduce(|| vec![0f32; rows], merge(|a, b| a + b));
+            let log_z = max.iter().zip(sum).map(|(m, s)| m + s.ln()).collect();
+            (max, log_z)
+        }
+    }
+}
+
+/// Per row, the first index holding that row's `max`.
+fn cpu_first_index_of(data: &[f32], lay: &Lay, rows: usize, vocab: usize, max: &[f32]) -> Vec<u32> {
+    let data = &data[..rows * vocab];
+    match lay {
+        Lay::RowMajor => data
+            .chunks(vocab)
+            .zip(max)
+            .map(|(row, &m)| row.iter().position(|&x| x == m).unwrap_or(0) as u32)
+            .collect(),
+        Lay::ColMajor => {
+            let mut found = vec![u32::MAX; rows];
+            for (j, entry) in data.chunks_exact(rows).enumerate() {
+                for ((f, &x), &m) in found.iter_mut().zip(entry).zip(max) {
+                    if x == m && *f == u32::MAX {
+                        *f = j as u32;
                     }
                 }
             }
-            let sums: Vec<f32> = data
-                .par_chunks(block)
-                .map(|chunk| {
-                    let mut sum = vec![0f32; rows];
-                    for entry in chunk.chunks(rows) {
-                        for (r, &x) in entry.iter().enumerate() {
-                            sum[r] += exp(x - max[r]);
-                        }
-                    }
-                    sum
-                })
-                .reduce(
-                    || vec![0f32; rows],
-                    |mut a, b| {
-                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                        a
-                    },
-                );
-            let log_z = max.iter().zip(sums).map(|(m, s)| m + s.ln()).collect();
-            RowStats { max, argmax, log_z }
+            found
+                .into_iter()
+                .map(|f| if f == u32::MAX { 0 } else { f })
+                .collect()
         }
     }
 }
