@@ -2,8 +2,12 @@
 //! quantized to int8 blocks (`--quantize q8`, GGML's Q8_0: 32 weights share one f16 scale).
 //!
 //! Quantization happens after the LoRA merge, on the merged f32 weight, so an adapter is never
-//! applied to rounded weights. candle's CPU kernels for Q8_0 choose AVX-512 VNNI, AVX-VNNI or
-//! AVX2 at run time.
+//! applied to rounded weights. candle's fast CPU kernel for Q8_0 (AVX-512 VNNI or AVX-VNNI, chosen
+//! at run time) needs the input dimension to be a multiple of 256; other layers (mt0-small's
+//! attention output, 384 wide) would fall back to a per-block dot product several times slower
+//! than f32, so their weights and inputs are padded with zero columns to the next multiple (which
+//! changes no product) when that adds at most half the width. Narrower layers keep the per-block
+//! path: padding 128 to 256 would double their work.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
@@ -39,10 +43,17 @@ impl Quantization {
     }
 }
 
+/// Input widths candle's fast Q8_0 kernel works in.
+const Q8_BLOCK: usize = 256;
+
 #[derive(Debug)]
 pub enum Linear {
     Dense(Tensor),
-    Q8(QMatMul),
+    /// Weight `(out, padded_in)`, zero beyond the real input width.
+    Q8 {
+        weight: QMatMul,
+        padded_in: usize,
+    },
 }
 
 impl Linear {
@@ -61,9 +72,26 @@ impl Linear {
                     .into(),
             ));
         }
-        let q = QTensor::quantize(w, GgmlDType::Q8_0)
+        let (out, input) = w.dims2()?;
+        let fast = input.div_ceil(Q8_BLOCK) * Q8_BLOCK;
+        let padded_in = if 2 * fast <= 3 * input { fast } else { input };
+        let w = if padded_in > input {
+            Tensor::cat(
+                &[
+                    w,
+                    &Tensor::zeros((out, padded_in - input), DType::F32, w.device())?,
+                ],
+                1,
+            )?
+        } else {
+            w.clone()
+        };
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)
             .map_err(|e| Error::Config(format!("cannot quantize `{name}` to q8: {e}")))?;
-        *self = Self::Q8(QMatMul::from_qtensor(q)?);
+        *self = Self::Q8 {
+            weight: QMatMul::from_qtensor(q)?,
+            padded_in,
+        };
         Ok(())
     }
 
@@ -71,7 +99,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => candle_nn::Linear::new(w.clone(), None).forward(x),
-            Self::Q8(q) => q.forward(&x.contiguous()?),
+            Self::Q8 { weight, padded_in } => weight.forward(&pad_last(x, *padded_in)?),
         }
     }
 
@@ -81,7 +109,19 @@ impl Linear {
     pub fn forward_wide(&self, rows: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => w.matmul(&rows.t()?)?.t(),
-            Self::Q8(q) => q.forward(&rows.contiguous()?),
+            Self::Q8 { weight, padded_in } => weight.forward(&pad_last(rows, *padded_in)?),
         }
     }
+}
+
+/// `x` contiguous, with zero columns appended to its last dimension up to `width`.
+fn pad_last(x: &Tensor, width: usize) -> candle_core::Result<Tensor> {
+    let last = x.dim(candle_core::D::Minus1)?;
+    if last == width {
+        return x.contiguous();
+    }
+    let mut dims = x.dims().to_vec();
+    let rank = dims.len();
+    dims[rank - 1] = width - last;
+    Tensor::cat(&[x, &Tensor::zeros(dims, x.dtype(), x.device())?], rank - 1)
 }
