@@ -101,6 +101,21 @@ fn bigger(a: f32, b: f32) -> f32 {
     if b > a { b } else { a }
 }
 
+/// Folds `row` into 16 independent accumulators (element `i` into lane `i % 16`), which the
+/// compiler turns into vector operations: a single running float accumulator cannot be
+/// vectorized without reordering the sum.
+fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 16] {
+    let mut acc = [init; 16];
+    let mut chunks = row.chunks_exact(16);
+    for chunk in chunks.by_ref() {
+        acc.iter_mut().zip(chunk).for_each(|(a, &x)| *a = f(*a, x));
+    }
+    acc.iter_mut()
+        .zip(chunks.remainder())
+        .for_each(|(a, &x)| *a = f(*a, x));
+    acc
+}
+
 fn merge(f: fn(f32, f32) -> f32) -> impl Fn(Vec<f32>, Vec<f32>) -> Vec<f32> {
     move |mut a, b| {
         a.iter_mut().zip(b).for_each(|(x, y)| *x = f(*x, y));
@@ -115,8 +130,10 @@ fn cpu_max_log_z(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> (Vec<f32
         Lay::RowMajor => data
             .par_chunks(vocab)
             .map(|row| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| bigger(m, x));
-                let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
+                let max = lanes(row, f32::NEG_INFINITY, bigger)
+                    .into_iter()
+                    .fold(f32::NEG_INFINITY, bigger);
+                let sum: f32 = lanes(row, 0.0, |s, x| s + exp(x - max)).iter().sum();
                 (max, max + sum.ln())
             })
             .unzip(),
@@ -157,7 +174,7 @@ fn cpu_first_index_of(data: &[f32], lay: &Lay, rows: usize, vocab: usize, max: &
     let data = &data[..rows * vocab];
     match lay {
         Lay::RowMajor => data
-            .chunks(vocab)
+            .par_chunks(vocab)
             .zip(max)
             .map(|(row, &m)| row.iter().position(|&x| x == m).unwrap_or(0) as u32)
             .collect(),
