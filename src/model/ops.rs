@@ -240,18 +240,58 @@ pub fn exp(x: f32) -> f32 {
 
 /// transformers' `gelu_new`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
 pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    let width = x.dim(D::Minus1)?;
+    match map_rows(x, width, |row, out| {
+        out.iter_mut().zip(row).for_each(|(o, &x)| *o = gelu(x))
+    })? {
+        Some(out) => Ok(out),
+        None => x.gelu(),
+    }
+}
+
+/// The gated `gelu_new` of a stacked `wi_0 ‖ wi_1` projection `(.., 2·d_ff)`:
+/// `gelu_new(first half) · second half`, `(.., d_ff)`.
+pub fn gated_gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
+    let d_ff = x.dim(D::Minus1)? / 2;
+    match map_rows(x, d_ff, |row, out| {
+        let (gate, up) = row.split_at(d_ff);
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = gelu(g) * u;
+        }
+    })? {
+        Some(out) => Ok(out),
+        None => x.narrow(D::Minus1, 0, d_ff)?.gelu()? * x.narrow(D::Minus1, d_ff, d_ff)?,
+    }
+}
+
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+    // 0.5·(1 + tanh(y)) = 1 - 1 / (e^(2y) + 1)
+    x * (1.0 - 1.0 / (exp(2.0 * y) + 1.0))
+}
+
+/// Applies `f(input row, output row)` to every row of a contiguous CPU f32 tensor in parallel,
+/// the output rows `out_width` wide; `None` for other tensors.
+fn map_rows(
+    x: &Tensor,
+    out_width: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> candle_core::Result<Option<Tensor>> {
+    let width = x.dim(D::Minus1)?;
     let out = {
         let (storage, layout) = x.storage_and_layout();
         match (&*storage, layout.contiguous_offsets()) {
             (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => {
-                let mut out = vec![0f32; end - start];
-                out.par_chunks_mut(4096)
-                    .zip(data[start..end].par_chunks(4096))
+                let rows = (end - start) / width.max(1);
+                let mut out = vec![0f32; rows * out_width];
+                // Blocks of whole rows, about 64k values each, spread over the threads.
+                let per_block = (65536 / width.max(1)).max(1);
+                out.par_chunks_mut(per_block * out_width)
+                    .zip(data[start..end].par_chunks(per_block * width))
                     .for_each(|(o, i)| {
-                        for (o, &x) in o.iter_mut().zip(i) {
-                            let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
-                            // tanh(y) = 1 - 2 / (e^(2y) + 1)
-                            *o = 0.5 * x * (2.0 - 2.0 / (exp(2.0 * y) + 1.0));
+                        for (o, i) in o.chunks_mut(out_width).zip(i.chunks(width)) {
+                            f(i, o);
                         }
                     });
                 Some(out)
@@ -259,10 +299,12 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
             _ => None,
         }
     };
-    match out {
-        Some(out) => Tensor::from_vec(out, x.shape(), x.device()),
-        None => x.gelu(),
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out_width;
     }
+    out.map(|o| Tensor::from_vec(o, dims, x.device()))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -289,6 +331,24 @@ mod tests {
         let candle: Vec<f32> = x.gelu().unwrap().to_vec1().unwrap();
         for (a, b) in fast.iter().zip(&candle) {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+        let stacked = x.reshape((20, 200)).unwrap();
+        let gated: Vec<f32> = gated_gelu_tanh(&stacked)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = (stacked.narrow(1, 0, 100).unwrap().gelu().unwrap()
+            * stacked.narrow(1, 100, 100).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+        assert_eq!(gated.len(), 2000);
+        for (a, b) in gated.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
         }
     }
 

@@ -15,7 +15,7 @@
 //! - with tied embeddings (T5 v1.0) the decoder output is scaled by `d_model^-0.5` before the
 //!   shared embedding matrix projects it onto the vocabulary.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -251,11 +251,21 @@ fn linear(w: &mut Weights, name: &str, out_dim: usize, in_dim: usize) -> Result<
     ))
 }
 
+/// Several checkpoint projections of the same input as one linear layer (their weights stacked),
+/// so the input is read, and with `--quantize q8` quantized, once.
+fn stacked(w: &mut Weights, names: &[String], out_dim: usize, in_dim: usize) -> Result<Linear> {
+    let parts = names
+        .iter()
+        .map(|n| w.take(&format!("{n}.weight"), &[out_dim, in_dim]))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Linear::new(Tensor::cat(&parts, 0)?))
+}
+
 #[derive(Debug)]
 struct Attention {
     q: Linear,
-    k: Linear,
-    v: Linear,
+    /// `k` and `v` stacked: `(2 · inner, d_model)`.
+    kv: Linear,
     o: Linear,
     num_heads: usize,
     d_kv: usize,
@@ -266,17 +276,32 @@ impl Attention {
         let inner = cfg.inner_dim();
         Ok(Self {
             q: linear(w, &format!("{name}.q"), inner, cfg.d_model)?,
-            k: linear(w, &format!("{name}.k"), inner, cfg.d_model)?,
-            v: linear(w, &format!("{name}.v"), inner, cfg.d_model)?,
+            kv: stacked(
+                w,
+                &[format!("{name}.k"), format!("{name}.v")],
+                inner,
+                cfg.d_model,
+            )?,
             o: linear(w, &format!("{name}.o"), cfg.d_model, inner)?,
             num_heads: cfg.num_heads,
             d_kv: cfg.d_kv,
         })
     }
 
+    /// Splits the stacked K/V projection `(b, t, 2 · inner)` into K and V, each
+    /// `(b, heads, t, d_kv)`.
+    fn split_kv(&self, kv: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let inner = self.num_heads * self.d_kv;
+        Ok((
+            self.split_heads(&kv.narrow(2, 0, inner)?)?,
+            self.split_heads(&kv.narrow(2, inner, inner)?)?,
+        ))
+    }
+
     /// (b, t, inner) -> (b, heads, t, d_kv)
     fn split_heads(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        // A narrowed (non-contiguous) projection is copied once by the transpose below.
         x.reshape((b, t, self.num_heads, self.d_kv))?
             .transpose(1, 2)?
             .contiguous()
@@ -304,8 +329,9 @@ impl Attention {
 
 #[derive(Debug)]
 struct FeedForward {
+    /// `wi`, or for gated activations `wi_0` and `wi_1` stacked: `(2 · d_ff, d_model)`.
     wi: Linear,
-    wi_1: Option<Linear>,
+    gated: bool,
     wo: Linear,
     act: Activation,
 }
@@ -313,30 +339,35 @@ struct FeedForward {
 impl FeedForward {
     fn load(w: &mut Weights, name: &str, cfg: &Config) -> Result<Self> {
         let (act, gated) = Activation::parse(cfg.feed_forward_proj())?;
-        let (wi, wi_1) = if gated {
-            (
-                linear(w, &format!("{name}.wi_0"), cfg.d_ff, cfg.d_model)?,
-                Some(linear(w, &format!("{name}.wi_1"), cfg.d_ff, cfg.d_model)?),
-            )
+        let wi = if gated {
+            stacked(
+                w,
+                &[format!("{name}.wi_0"), format!("{name}.wi_1")],
+                cfg.d_ff,
+                cfg.d_model,
+            )?
         } else {
-            (
-                linear(w, &format!("{name}.wi"), cfg.d_ff, cfg.d_model)?,
-                None,
-            )
+            linear(w, &format!("{name}.wi"), cfg.d_ff, cfg.d_model)?
         };
         Ok(Self {
             wi,
-            wi_1,
+            gated,
             wo: linear(w, &format!("{name}.wo"), cfg.d_model, cfg.d_ff)?,
             act,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut h = self.act.apply(&self.wi.forward(x)?)?;
-        if let Some(wi_1) = &self.wi_1 {
-            h = (h * wi_1.forward(x)?)?;
-        }
+        let h = self.wi.forward(x)?;
+        let h = match (self.gated, self.act) {
+            (false, act) => act.apply(&h)?,
+            (true, Activation::GeluNew) => crate::model::ops::gated_gelu_tanh(&h)?,
+            (true, act) => {
+                let d_ff = h.dim(D::Minus1)? / 2;
+                (act.apply(&h.narrow(D::Minus1, 0, d_ff)?.contiguous()?)?
+                    * h.narrow(D::Minus1, d_ff, d_ff)?)?
+            }
+        };
         self.wo.forward(&h)
     }
 }
@@ -478,20 +509,15 @@ impl T5Model {
         fn attn(p: String, a: &mut Attention) -> Vec<(String, &mut Linear)> {
             vec![
                 (format!("{p}.q"), &mut a.q),
-                (format!("{p}.k"), &mut a.k),
-                (format!("{p}.v"), &mut a.v),
+                (format!("{p}.kv"), &mut a.kv),
                 (format!("{p}.o"), &mut a.o),
             ]
         }
         fn ff(p: String, f: &mut FeedForward) -> Vec<(String, &mut Linear)> {
-            let mut v = vec![
+            vec![
                 (format!("{p}.wi"), &mut f.wi),
                 (format!("{p}.wo"), &mut f.wo),
-            ];
-            if let Some(wi_1) = f.wi_1.as_mut() {
-                v.push((format!("{p}.wi_1"), wi_1));
-            }
-            v
+            ]
         }
         for (i, b) in self.encoder_blocks.iter_mut().enumerate().skip(1) {
             layers.extend(attn(
@@ -558,11 +584,13 @@ impl T5Model {
         for block in &self.encoder_blocks {
             let h = block.attn_norm.forward(&x)?;
             let a = &block.self_attn;
-            let heads = |p: &Linear| -> candle_core::Result<Tensor> {
-                let y = p.forward(&h)?.index_select(&unpack_t, 0)?;
-                a.split_heads(&y.reshape((b, t, ()))?)
+            let padded = |p: &Linear| -> candle_core::Result<Tensor> {
+                p.forward(&h)?
+                    .index_select(&unpack_t, 0)?
+                    .reshape((b, t, ()))
             };
-            let out = Attention::attend(&heads(&a.q)?, &heads(&a.k)?, &heads(&a.v)?, &bias)?;
+            let (k, v) = a.split_kv(&padded(&a.kv)?)?;
+            let out = Attention::attend(&a.split_heads(&padded(&a.q)?)?, &k, &v, &bias)?;
             let out = a
                 .merge_heads(&out)?
                 .reshape((b * t, ()))?
@@ -613,11 +641,8 @@ impl T5Model {
             .iter()
             .map(|block| {
                 let a = &block.cross_attn;
-                let heads = |p: &Linear| -> candle_core::Result<Tensor> {
-                    let y = p.forward(&encoded.hidden)?.index_select(&gather, 0)?;
-                    a.split_heads(&y.reshape((rows.len(), t, ()))?)
-                };
-                Ok((heads(&a.k)?, heads(&a.v)?))
+                let kv = a.kv.forward(&encoded.hidden)?.index_select(&gather, 0)?;
+                a.split_kv(&kv.reshape((rows.len(), t, ()))?)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let lens: Vec<usize> = rows.iter().map(|&r| encoded.lengths[r]).collect();
@@ -761,8 +786,9 @@ impl T5Model {
             let h = block.self_attn_norm.forward(&x)?;
             let q = a.split_heads(&a.q.forward(&h)?)?;
             let (ck, cv) = cache.self_kv;
-            ck.slice_set(&a.split_heads(&a.k.forward(&h)?)?, 2, start)?;
-            cv.slice_set(&a.split_heads(&a.v.forward(&h)?)?, 2, start)?;
+            let (k, v) = a.split_kv(&a.kv.forward(&h)?)?;
+            ck.slice_set(&k, 2, start)?;
+            cv.slice_set(&v, 2, start)?;
             let out =
                 Attention::attend(&q, &ck.narrow(2, 0, width)?, &cv.narrow(2, 0, width)?, bias)?;
             x = (x + a.o.forward(&a.merge_heads(&out)?)?)?;
