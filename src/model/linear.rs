@@ -43,6 +43,10 @@ impl Quantization {
     }
 }
 
+/// Up to this many rows a dense projection runs as `W·xᵀ` (see [`Linear::forward_wide`]): decode
+/// steps, whose few rows would otherwise pay for repacking the whole weight on every call.
+const FEW_ROWS: usize = 64;
+
 /// Input widths candle's fast Q8_0 kernel works in.
 const Q8_BLOCK: usize = 256;
 
@@ -98,7 +102,19 @@ impl Linear {
     /// `x·Wᵀ` over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(w) => candle_nn::Linear::new(w.clone(), None).forward(x),
+            Self::Dense(w) => {
+                let width = x.dim(candle_core::D::Minus1)?;
+                let rows = x.elem_count() / width.max(1);
+                if rows > FEW_ROWS {
+                    return candle_nn::Linear::new(w.clone(), None).forward(x);
+                }
+                let mut dims = x.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = w.dim(0)?;
+                }
+                let y = self.forward_wide(&x.reshape((rows, width))?)?;
+                y.contiguous()?.reshape(dims)
+            }
             Self::Q8 { weight, padded_in } => weight.forward(&pad_last(x, *padded_in)?),
         }
     }
