@@ -15,8 +15,9 @@ tokenized by the same tokenizer.json for every engine, in sentences per second:
   for a batch of 16 (or 1).
 
 finserve runs the release binary (f32, then `--quantize q8`, then `--no-adapter`), the peers run
-in-process with every core (torch's default threads, CTranslate2 `intra_threads` = cores). Peak RSS
-of each server is read from /proc. Numbers are medians of `--rounds` passes over the sentences.
+in-process with every core (torch's default threads, CTranslate2 `intra_threads` = cores). Each
+server's resident memory after its run and its peak (loading and merging included) are read from
+/proc. Numbers are medians of `--rounds` passes over the sentences.
 Not a test: it reports, it asserts nothing.
 """
 
@@ -123,11 +124,12 @@ class Server:
     def conn(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
 
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+    def rss_mb(self) -> tuple[float, float]:
+        """(resident now, peak since start including loading and merging), in MB."""
+        status = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ":" in line)
+        mb = lambda key: int(status[key].split()[0]) / 1024
+        return mb("VmRSS"), mb("VmHWM")
 
     def close(self):
         self.proc.terminate()
@@ -269,7 +271,7 @@ def main() -> None:
         server = Server(binary, base, adapter, *extra)
         try:
             results[name] = finserve_rates(server, texts, args.rounds)
-            rss[name] = server.peak_rss_mb()
+            rss[name] = server.rss_mb()
         finally:
             server.close()
         print(f"{name}: {results[name]}", file=sys.stderr)
@@ -302,7 +304,8 @@ def main() -> None:
         "",
         "Merged adapter vs `--no-adapter` (finserve f32): "
         + ", ".join(f"{key} {results['finserve f32'][key]:.1f} vs {na[key]:.1f}" for key, _ in ROWS) + ".",
-        "Peak RSS serving: " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()) + ".",
+        "RSS after the run (peak while loading and merging): "
+        + ", ".join(f"{k} {now:.0f} MB ({peak:.0f} MB)" for k, (now, peak) in rss.items()) + ".",
     ]
     report = "\n".join(lines)
     print(report)
