@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::backend::T5Backend;
 use crate::engine::sentiment::LabelSet;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::types::{InfoResponse, Limits};
-use crate::http::{AppState, HttpLimits};
+use crate::http::{ApiKey, AppState, HttpLimits, RequestLimits};
 use crate::hub::HubConfig;
 use crate::lora::AdapterSpec;
 use crate::metrics::METRICS;
@@ -89,10 +90,10 @@ pub struct ModelArgs {
     #[arg(long, env = "FINSERVE_PROMPT_TEMPLATE", default_value = "{text}")]
     pub prompt_template: String,
     /// Longest input in tokens (EOS included).
-    #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", default_value_t = 512)]
+    #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", default_value_t = EngineConfig::default().max_input_tokens)]
     pub max_input_tokens: usize,
     /// Most inputs per engine batch.
-    #[arg(long, env = "FINSERVE_MAX_BATCH_SIZE", default_value_t = 32)]
+    #[arg(long, env = "FINSERVE_MAX_BATCH_SIZE", default_value_t = EngineConfig::default().max_batch_size)]
     pub max_batch_size: usize,
 }
 
@@ -106,17 +107,31 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, env = "FINSERVE_PORT", default_value_t = 8080)]
     pub port: u16,
+    /// Serve /metrics on this port only (not on --port), so it can stay internal while the API
+    /// is public.
+    #[arg(long, env = "FINSERVE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
     /// Most padded tokens (longest input x batch size) per engine batch.
-    #[arg(long, env = "FINSERVE_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    #[arg(long, env = "FINSERVE_MAX_BATCH_TOKENS", default_value_t = EngineConfig::default().max_batch_tokens)]
     pub max_batch_tokens: usize,
     /// How long the engine may wait for more sentiment requests to fill a batch.
     #[arg(long, env = "FINSERVE_MAX_BATCH_WAIT_MS", default_value_t = 0)]
     pub max_batch_wait_ms: u64,
     /// Largest `max_new_tokens` a client may ask for.
-    #[arg(long, env = "FINSERVE_MAX_NEW_TOKENS", default_value_t = 256)]
+    #[arg(long, env = "FINSERVE_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
     pub max_new_tokens: usize,
+    /// Most input tokens plus `max_new_tokens` of one generation (default: --max-input-tokens +
+    /// --max-new-tokens).
+    #[arg(long, env = "FINSERVE_MAX_TOTAL_TOKENS")]
+    pub max_total_tokens: Option<usize>,
+    /// Most stop sequences per generate request.
+    #[arg(long, env = "FINSERVE_MAX_STOP_SEQUENCES", default_value_t = RequestLimits::default().max_stop_sequences)]
+    pub max_stop_sequences: usize,
+    /// Longest stop sequence, in characters.
+    #[arg(long, env = "FINSERVE_MAX_STOP_LENGTH", default_value_t = RequestLimits::default().max_stop_length)]
+    pub max_stop_length: usize,
     /// Most inputs in one /v1/sentiment request.
-    #[arg(long, env = "FINSERVE_MAX_CLIENT_BATCH_SIZE", default_value_t = 64)]
+    #[arg(long, env = "FINSERVE_MAX_CLIENT_BATCH_SIZE", default_value_t = RequestLimits::default().max_client_batch_size)]
     pub max_client_batch_size: usize,
     /// Most requests handled at once; more get 429.
     #[arg(long, env = "FINSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
@@ -127,15 +142,67 @@ pub struct ServeArgs {
     /// Per-request time limit in milliseconds; slower requests get 504.
     #[arg(long, env = "FINSERVE_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
     pub request_timeout_ms: u64,
+    /// After this many failed engine batches in a row, /health answers 503 (until one succeeds),
+    /// so an orchestrator restarts the server.
+    #[arg(long, env = "FINSERVE_MAX_FAILED_BATCHES", default_value_t = 5)]
+    pub max_failed_batches: usize,
     /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "FINSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
-    /// Require this key on /v1/* and /info (`Authorization: Bearer` or `x-api-key`).
-    #[arg(long, env = "FINSERVE_API_KEY", hide_env_values = true)]
+    /// Require this key on /v1/* and /info (`Authorization: Bearer` or `x-api-key`). Prefer
+    /// --api-key-file: a key given here shows in the process list.
+    #[arg(
+        long,
+        env = "FINSERVE_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
     pub api_key: Option<String>,
+    /// Read the API key from this file (its first line; e.g. a mounted Kubernetes secret).
+    #[arg(long, env = "FINSERVE_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// Enable CORS for these origins (comma-separated, `*` for any). Off by default.
     #[arg(long, env = "FINSERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
+}
+
+impl ServeArgs {
+    /// The API key from --api-key or --api-key-file, if any.
+    fn api_key(&self) -> anyhow::Result<Option<ApiKey>> {
+        let key = match (&self.api_key, &self.api_key_file) {
+            (Some(key), _) => key.clone(),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
+                let key = text.lines().next().unwrap_or("").trim().to_string();
+                if key.is_empty() {
+                    bail!("--api-key-file {} is empty", path.display());
+                }
+                key
+            }
+            (None, None) => return Ok(None),
+        };
+        Ok((!key.is_empty()).then(|| ApiKey::new(&key)))
+    }
+
+    fn request_limits(&self) -> anyhow::Result<RequestLimits> {
+        let max_new_tokens = self.max_new_tokens.max(1);
+        let max_input = self.model.max_input_tokens;
+        let max_total_tokens = self.max_total_tokens.unwrap_or(max_input + max_new_tokens);
+        if max_total_tokens <= max_input {
+            bail!(
+                "--max-total-tokens ({max_total_tokens}) must be more than --max-input-tokens \
+                 ({max_input}) so every valid input can generate at least one token"
+            );
+        }
+        Ok(RequestLimits {
+            max_new_tokens,
+            max_total_tokens,
+            max_stop_sequences: self.max_stop_sequences,
+            max_stop_length: self.max_stop_length.max(1),
+            max_client_batch_size: self.max_client_batch_size.max(1),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -227,6 +294,16 @@ impl ModelArgs {
         })
     }
 
+    /// The engine settings these options fix; the batching knobs of `serve` stay at their defaults.
+    pub fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            max_batch_size: self.max_batch_size,
+            max_input_tokens: self.max_input_tokens,
+            prompt_template: self.prompt_template.clone(),
+            ..EngineConfig::default()
+        }
+    }
+
     pub fn load(&self) -> anyhow::Result<(ModelSpec, LoadedModel, LabelSet)> {
         let spec = self.spec()?;
         let loaded = model::load(&spec, &HubConfig::from_env())
@@ -262,7 +339,8 @@ pub fn run() -> anyhow::Result<()> {
         Some(Command::Merge(args)) => crate::export::run(&args),
         Some(Command::Eval(args)) => crate::eval::run(&args),
         Some(Command::Openapi) => {
-            println!("{}", crate::http::openapi_json());
+            let doc = crate::http::openapi::default_json().map_err(anyhow::Error::msg)?;
+            println!("{doc}");
             Ok(())
         }
     }
@@ -303,23 +381,38 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let limits = HttpLimits {
-        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        api_key: args.api_key()?,
         max_body_bytes: args.max_body_bytes,
-        max_client_batch_size: args.max_client_batch_size.max(1),
         max_concurrent_requests: args.max_concurrent_requests.max(1),
         request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
         cors_allow_origin: args.cors_allow_origin.clone(),
+        max_failed_batches: args.max_failed_batches.max(1),
+        metrics_on_api: args.metrics_port.is_none(),
+        request: args.request_limits()?,
     };
     let state = AppState::new(limits);
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     tracing::info!(address = %listener.local_addr()?, "listening (not ready until the model is loaded)");
+    let metrics_listener = match args.metrics_port {
+        Some(port) => {
+            let l = tokio::net::TcpListener::bind((args.host.as_str(), port))
+                .await
+                .with_context(|| {
+                    format!("cannot listen on {}:{port} (--metrics-port)", args.host)
+                })?;
+            tracing::info!(metrics_address = %l.local_addr()?, "serving /metrics");
+            Some(l)
+        }
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop_wait = stop_rx.clone();
     let server = tokio::spawn(crate::http::serve(
         listener,
+        metrics_listener,
         state.clone(),
         async move {
             let _ = stop_wait.wait_for(|s| *s).await;
@@ -332,7 +425,11 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let load_args = args.clone();
-    let loading = tokio::task::spawn_blocking(move || start_engine(&load_args));
+    let request_limits = state.limits.request.clone();
+    let max_failed_batches = state.limits.max_failed_batches;
+    let loading = tokio::task::spawn_blocking(move || {
+        start_engine(&load_args, request_limits, max_failed_batches)
+    });
     let mut stopped = stop_rx.clone();
     tokio::select! {
         loaded = loading => {
@@ -353,7 +450,11 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Loads and merges the model, starts the engine and warms it up with one request of each kind.
-fn start_engine(args: &ServeArgs) -> anyhow::Result<(Engine, InfoResponse)> {
+fn start_engine(
+    args: &ServeArgs,
+    request: RequestLimits,
+    max_failed_batches: usize,
+) -> anyhow::Result<(Engine, InfoResponse)> {
     let m = &args.model;
     let (spec, loaded, labels) = m.load()?;
     METRICS.model_load_seconds.set(loaded.load_seconds);
@@ -366,13 +467,10 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<(Engine, InfoResponse)> {
         "model loaded"
     );
     let config = EngineConfig {
-        max_batch_size: m.max_batch_size,
         max_batch_tokens: args.max_batch_tokens,
         max_batch_wait: Duration::from_millis(args.max_batch_wait_ms),
-        queue_capacity: args.max_concurrent_requests.max(1) * args.max_client_batch_size.max(1),
-        max_input_tokens: m.max_input_tokens,
-        max_new_tokens: args.max_new_tokens.max(1),
-        prompt_template: m.prompt_template.clone(),
+        queue_capacity: args.max_concurrent_requests.max(1) * request.max_client_batch_size,
+        ..m.engine_config()
     };
     let info = InfoResponse {
         model_id: spec.model.clone(),
@@ -392,20 +490,24 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<(Engine, InfoResponse)> {
         prompt_template: m.prompt_template.clone(),
         limits: Limits {
             max_input_tokens: m.max_input_tokens,
-            max_new_tokens: config.max_new_tokens,
+            max_new_tokens: request.max_new_tokens,
             max_batch_size: m.max_batch_size,
             max_batch_tokens: args.max_batch_tokens,
             max_batch_wait_ms: args.max_batch_wait_ms,
-            max_client_batch_size: args.max_client_batch_size,
+            max_client_batch_size: request.max_client_batch_size,
             max_concurrent_requests: args.max_concurrent_requests,
             max_body_bytes: args.max_body_bytes,
             request_timeout_ms: args.request_timeout_ms,
+            max_total_tokens: request.max_total_tokens,
+            max_stop_sequences: request.max_stop_sequences,
+            max_stop_length: request.max_stop_length,
+            max_failed_batches,
         },
         load_seconds: loaded.load_seconds,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let engine = Engine::start(
-        Arc::new(loaded.model),
+        T5Backend::new(Arc::new(loaded.model)),
         Arc::new(loaded.tokenizer),
         labels,
         config,

@@ -3,11 +3,12 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 
 use crate::cli::EvalArgs;
+use crate::engine::backend::T5Backend;
 use crate::engine::{Engine, EngineConfig};
 
 /// Gold/predicted label indices over `n` classes, and the scores derived from them.
@@ -127,17 +128,13 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let rows = read_rows(args, &labels.names)?;
     let names = labels.names.clone();
     let engine = Engine::start(
-        Arc::new(loaded.model),
+        T5Backend::new(Arc::new(loaded.model)),
         Arc::new(loaded.tokenizer),
         labels,
         EngineConfig {
-            max_batch_size: m.max_batch_size,
             max_batch_tokens: m.max_batch_size * m.max_input_tokens,
-            max_batch_wait: Duration::ZERO,
             queue_capacity: rows.len(),
-            max_input_tokens: m.max_input_tokens,
-            max_new_tokens: 1,
-            prompt_template: m.prompt_template.clone(),
+            ..m.engine_config()
         },
     )?;
     let start = Instant::now();

@@ -136,7 +136,8 @@ pub struct MergeReport {
     pub weight: f64,
     pub base_model_name_or_path: Option<String>,
     pub modules_merged: usize,
-    /// Distinct ranks used, with how many modules each.
+    /// Distinct ranks used (JSON object keys, so strings), with how many modules each.
+    #[schema(value_type = BTreeMap<String, usize>)]
     pub ranks: BTreeMap<usize, usize>,
     /// Distinct effective scales (`weight · alpha / r`, or `/ sqrt(r)` with rsLoRA).
     pub scales: Vec<f64>,

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub predictions: IntCounterVec,
     pub model_load_seconds: Gauge,
     pub merge_seconds: Gauge,
+    pub engine_up: IntGauge,
+    pub failed_batches: IntCounter,
+    pub failed_batches_in_a_row: IntGauge,
 }
 
 fn seconds(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -137,13 +140,26 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "Seconds spent merging LoRA adapters at startup"
     )
     .expect("finserve_lora_merge_seconds"),
+    engine_up: register_int_gauge!(
+        "finserve_engine_up",
+        "1 while the engine thread runs, 0 once it has died"
+    )
+    .expect("finserve_engine_up"),
+    failed_batches: register_int_counter!(
+        "finserve_failed_batches_total",
+        "Engine batches (sentiment batches or decode steps) that failed"
+    )
+    .expect("finserve_failed_batches_total"),
+    failed_batches_in_a_row: register_int_gauge!(
+        "finserve_failed_batches_in_a_row",
+        "Engine batches failed since the last success; /health is 503 at --max-failed-batches"
+    )
+    .expect("finserve_failed_batches_in_a_row"),
 });
 
 /// The text exposition of every registered metric.
-pub fn render() -> String {
+pub fn render() -> Result<String, prometheus::Error> {
     LazyLock::force(&METRICS);
     let families = prometheus::gather();
-    prometheus::TextEncoder::new()
-        .encode_to_string(&families)
-        .unwrap_or_default()
+    prometheus::TextEncoder::new().encode_to_string(&families)
 }

@@ -1,5 +1,6 @@
-//! Real clients against the real server: the `huggingface_hub` Python InferenceClient, and a
-//! Prometheus server scraping `/metrics`.
+//! Real clients against the real server: the `huggingface_hub` Python InferenceClient,
+//! schemathesis fuzzing every operation against the served OpenAPI document, and a Prometheus
+//! server scraping `/metrics`.
 
 mod common;
 
@@ -24,6 +25,29 @@ fn huggingface_hub_inference_client_works() {
         out.status.success(),
         "client failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The served document is the contract: schemathesis generates valid and invalid requests from
+/// it (fixed seed, bounded examples) and every check must pass: statuses, content types, response
+/// and event schemas, valid data accepted, invalid data rejected, auth enforced.
+#[test]
+fn schemathesis_finds_no_spec_violation() {
+    let key = "schemathesis-key";
+    let s = start(&["--api-key", key]);
+    let venv_bin = common::python().parent().unwrap().to_path_buf();
+    let out = Command::new(venv_bin.join("schemathesis"))
+        .args(["run", &format!("{}/openapi.json", s.url)])
+        .args(["--checks", "all", "--seed", "1", "--max-examples", "300"])
+        .args(["--workers", "1", "--no-color"])
+        .args(["--header", &format!("Authorization: Bearer {key}")])
+        .output()
+        .expect("schemathesis is missing: run .ci/setup");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.contains("No issues found"),
+        "schemathesis found failures:\n{report}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

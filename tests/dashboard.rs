@@ -27,7 +27,7 @@ fn exported_metric_names() -> BTreeSet<String> {
     ] {
         h.with_label_values(&["x"]).observe(1.0);
     }
-    let text = finserve::metrics::render();
+    let text = finserve::metrics::render().expect("metrics render");
     let mut names = BTreeSet::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("# TYPE ") else {

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use candle_core::{DType, Device};
+use finserve::engine::backend::T5Backend;
 use finserve::engine::sentiment::LabelSet;
 use finserve::engine::{Engine, EngineConfig};
 use finserve::hub::HubConfig;
@@ -44,17 +44,15 @@ fn engine(adapter: bool, quantize: Quantization) -> Engine {
     let names: Vec<String> = ["negative", "neutral", "positive"].map(String::from).into();
     let labels = LabelSet::new(&names, &loaded.tokenizer).unwrap();
     Engine::start(
-        Arc::new(loaded.model),
+        T5Backend::new(Arc::new(loaded.model)),
         Arc::new(loaded.tokenizer),
         labels,
         EngineConfig {
             max_batch_size: 16,
             max_batch_tokens: 8192,
-            max_batch_wait: Duration::ZERO,
             queue_capacity: 64,
             max_input_tokens: 256,
-            max_new_tokens: 8,
-            prompt_template: "{text}".into(),
+            ..Default::default()
         },
     )
     .unwrap()

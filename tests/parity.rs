@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
+use finserve::engine::backend::T5Backend;
 use finserve::engine::generate::GenerateParams;
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::engine::{Engine, EngineConfig, GenerateEvent};
@@ -276,17 +276,14 @@ fn sequences_joining_and_leaving_a_running_batch_match_the_reference() {
 fn engine(m: LoadedModel, labels: &[String]) -> Engine {
     let labels = LabelSet::new(labels, &m.tokenizer).unwrap();
     Engine::start(
-        Arc::new(m.model),
+        T5Backend::new(Arc::new(m.model)),
         Arc::new(m.tokenizer),
         labels,
         EngineConfig {
             max_batch_size: 8,
             max_batch_tokens: 4096,
-            max_batch_wait: Duration::ZERO,
             queue_capacity: 64,
-            max_input_tokens: 512,
-            max_new_tokens: 64,
-            prompt_template: "{text}".into(),
+            ..Default::default()
         },
     )
     .unwrap()

@@ -40,6 +40,12 @@ fn routes_statuses_headers_and_spec() {
         "4096",
         "--max-client-batch-size",
         "4",
+        "--max-total-tokens",
+        "36",
+        "--max-stop-sequences",
+        "2",
+        "--max-stop-length",
+        "8",
     ]);
     assert_eq!(s.get("/health").0, 200);
     assert_eq!(s.get("/ready").0, 200);
@@ -87,83 +93,207 @@ fn routes_statuses_headers_and_spec() {
         200
     );
 
-    // Error statuses and the one error shape.
-    let cases: Vec<(&str, String, u16, &str)> = vec![
-        ("/v1/sentiment", "{not json".into(), 400, "bad_request"),
+    // Error statuses and the one error shape; the message names what is wrong.
+    let cases: Vec<(&str, String, u16, &str, &str)> = vec![
+        (
+            "/v1/sentiment",
+            "{not json".into(),
+            400,
+            "bad_request",
+            "JSON",
+        ),
         (
             "/v1/sentiment",
             json!({"inputs": 5}).to_string(),
-            400,
-            "bad_request",
+            422,
+            "validation",
+            "inputs",
+        ),
+        (
+            "/v1/sentiment",
+            json!(["x"]).to_string(),
+            422,
+            "validation",
+            "object",
         ),
         (
             "/v1/sentiment",
             json!({"inputs": ""}).to_string(),
             422,
             "validation",
+            "inputs",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": " \t\u{3000}"}).to_string(),
+            422,
+            "validation",
+            "non-blank",
         ),
         (
             "/v1/sentiment",
             json!({"inputs": []}).to_string(),
             422,
             "validation",
+            "inputs",
         ),
         (
             "/v1/sentiment",
             json!({"inputs": SHORT, "parameters": {"top_k": 0}}).to_string(),
             422,
             "validation",
+            "top_k",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": SHORT, "parameters": {"top_k": "1"}}).to_string(),
+            422,
+            "validation",
+            "parameters.top_k",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": SHORT, "parameters": {"function_to_apply": "sigmoid"}}).to_string(),
+            422,
+            "validation",
+            "softmax",
+        ),
+        // Unknown fields are refused, at the top level and in `parameters`.
+        (
+            "/v1/sentiment",
+            json!({"inputs": SHORT, "parameters": {"candidate_labels": ["up", "down"]}})
+                .to_string(),
+            422,
+            "validation",
+            "candidate_labels",
+        ),
+        (
+            "/v1/sentiment",
+            json!({"inputs": SHORT, "options": {"wait_for_model": true}}).to_string(),
+            422,
+            "validation",
+            "options",
         ),
         (
             "/v1/sentiment",
             json!({"inputs": ["a", "b", "c", "d", "e"]}).to_string(),
-            413,
-            "payload_too_large",
+            422,
+            "validation",
+            "--max-client-batch-size (4)",
         ),
         (
             "/v1/sentiment",
             json!({"inputs": "x".repeat(5000)}).to_string(),
             413,
             "payload_too_large",
+            "--max-body-bytes",
         ),
         (
             "/v1/generate",
             json!({"inputs": SHORT, "parameters": {"temperature": 0.0}}).to_string(),
             422,
             "validation",
+            "temperature",
         ),
         (
             "/v1/generate",
             json!({"inputs": SHORT, "parameters": {"top_p": 1.0}}).to_string(),
             422,
             "validation",
+            "top_p",
         ),
         (
             "/v1/generate",
             json!({"inputs": SHORT, "parameters": {"max_new_tokens": 41}}).to_string(),
             422,
             "validation",
+            "max_new_tokens",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"max_new_tokens": 35}}).to_string(),
+            422,
+            "validation",
+            "must be <= 36",
         ),
         (
             "/v1/generate",
             json!({"inputs": SHORT, "parameters": {"typical_p": 0.5}}).to_string(),
             422,
             "validation",
+            "typical_p",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"stop": ["a", "b", "c"]}}).to_string(),
+            422,
+            "validation",
+            "up to 2 stop sequences",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"stop": ["x".repeat(100_000)]}}).to_string(),
+            413,
+            "payload_too_large",
+            "--max-body-bytes",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"stop": ["x".repeat(9)]}}).to_string(),
+            422,
+            "validation",
+            "1 to 8 characters",
+        ),
+        (
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"truncate": 0}}).to_string(),
+            422,
+            "validation",
+            "truncate",
         ),
         (
             "/v1/generate",
             json!({"inputs": LONG}).to_string(),
             422,
             "validation",
+            "max_input_tokens",
         ),
     ];
-    for (path, body, status, kind) in cases {
+    for (path, body, status, kind, needle) in cases {
         let (code, text) = s.post_raw(path, &body, &[]);
         let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
         assert_eq!(code, status, "{path} {body}: {text}");
         assert_eq!(v["error_type"], kind, "{path} {body}: {text}");
-        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()));
+        assert!(
+            v["error"].as_str().is_some_and(|e| e.contains(needle)),
+            "{path} {body}: {text}"
+        );
     }
+    // Clients that send every field, unset ones as null (as TGI clients do), are served.
+    let nulls = json!({"inputs": SHORT, "stream": null, "parameters": {
+        "max_new_tokens": 2, "best_of": null, "watermark": null, "stop": null, "seed": null,
+        "grammar": null, "adapter_id": null, "top_n_tokens": null}});
+    assert_eq!(s.post("/v1/generate", &nulls).0, 200);
+    let nulls = json!({"inputs": SHORT, "truncate": null, "parameters": {"top_k": null, "candidate_labels": null}});
+    assert_eq!(s.post("/v1/sentiment", &nulls).0, 200);
+    // Integers written as floats are integers (JSON Schema's reading).
+    assert_eq!(
+        s.post(
+            "/v1/generate",
+            &json!({"inputs": SHORT, "parameters": {"max_new_tokens": 2.0}})
+        )
+        .0,
+        200
+    );
+    // return_full_text prefixes the input.
+    let (_, full) = s.post(
+        "/v1/generate",
+        &json!({"inputs": SHORT, "parameters": {"max_new_tokens": 3, "return_full_text": true}}),
+    );
+    assert!(
+        full["generated_text"].as_str().unwrap().starts_with(SHORT),
+        "{full}"
+    );
 
     // Generate with details; tokens add up; greedy is deterministic.
     let req = json!({"inputs": SHORT, "parameters": {"max_new_tokens": 12, "details": true, "decoder_input_details": true}});
@@ -228,6 +358,11 @@ fn routes_statuses_headers_and_spec() {
             .collect::<Vec<_>>(),
         (1..=events.len() as u64).collect::<Vec<_>>()
     );
+    let texts: String = events
+        .iter()
+        .map(|e| e["token"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, a["generated_text"].as_str().unwrap());
 
     // Request ids: echoed, or generated; present in that request's log lines. Timing headers.
     let resp = ureq::post(&format!("{}/v1/sentiment", s.url))
@@ -252,14 +387,27 @@ fn routes_statuses_headers_and_spec() {
             .any(|l| l.contains("req-abc-123") && l.contains("handled"))
     );
 
-    // The served spec is the committed one; Swagger UI is served from the binary.
-    let (_, served) = s.get("/openapi.json");
+    // The committed spec is the default-limits document; the served one states this server's
+    // limits. Swagger UI is served from the binary.
     let committed = std::fs::read_to_string(common::repo().join("openapi/openapi.json")).unwrap();
     assert!(
-        serde_json::from_str::<Value>(&served).unwrap()
+        serde_json::from_str::<Value>(&finserve::http::openapi::default_json().unwrap()).unwrap()
             == serde_json::from_str::<Value>(&committed).unwrap(),
         "openapi/openapi.json is stale: regenerate with `cargo run -- openapi > openapi/openapi.json`"
     );
+    let (_, served) = s.get("/openapi.json");
+    let served: Value = serde_json::from_str(&served).unwrap();
+    let schemas = &served["components"]["schemas"];
+    assert_eq!(schemas["Texts"]["maxItems"], 4);
+    assert_eq!(
+        schemas["GenerateParameters"]["properties"]["max_new_tokens"]["maximum"],
+        40
+    );
+    assert_eq!(
+        schemas["GenerateParameters"]["properties"]["stop"]["maxItems"],
+        2
+    );
+    assert_eq!(schemas["StopSequence"]["maxLength"], 8);
     let (code, html) = s.get("/docs/");
     assert_eq!(code, 200);
     assert!(html.contains("swagger"), "{html}");
@@ -277,6 +425,51 @@ fn routes_statuses_headers_and_spec() {
     assert!(metric_value(&m, "finserve_errors_total", "error_type=\"validation\"").unwrap() >= 1.0);
     assert!(metric_value(&m, "finserve_lora_merge_seconds", "").is_some());
     assert!(m.contains("process_resident_memory_bytes"));
+}
+
+/// Streamed token texts are exact: for sampled generations from multilingual inputs, they
+/// concatenate to the final `generated_text`, which equals the non-streamed text of the same seed.
+#[test]
+fn streamed_texts_concatenate_to_the_generated_text() {
+    let s = start(&[]);
+    let inputs = [
+        "Le bénéfice d'exploitation a augmenté de 12 % à Zürich, señor.",
+        "株価は決算発表後に急騰した。売上高は前年比15%増。",
+        "Umsatz €1,2 Mrd 📈 — Gewinnwarnung? 🤔 naïve café",
+        "\u{1F4B0}\u{200D}\u{1F525} Ωmega ΣΔ déjà vu",
+    ];
+    let mut checked = 0;
+    for (i, text) in inputs.iter().enumerate() {
+        for seed in 0..6u64 {
+            let params = json!({"max_new_tokens": 24, "do_sample": true, "temperature": 1.5,
+                                "seed": seed * 31 + i as u64, "details": true});
+            let events = stream(
+                &s.url,
+                &json!({"inputs": text, "stream": true, "parameters": params}),
+            );
+            let last = events.last().unwrap();
+            let generated = last["generated_text"].as_str().unwrap();
+            let streamed: String = events
+                .iter()
+                .map(|e| e["token"]["text"].as_str().unwrap())
+                .collect();
+            assert_eq!(streamed, generated, "{text} seed {seed}: {events:?}");
+            let (_, plain) = s.post(
+                "/v1/generate",
+                &json!({"inputs": text, "parameters": params}),
+            );
+            assert_eq!(plain["generated_text"], generated);
+            let detail_texts: String = plain["details"]["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["text"].as_str().unwrap())
+                .collect();
+            assert_eq!(detail_texts, generated);
+            checked += !generated.is_empty() as usize;
+        }
+    }
+    assert!(checked > 12, "too few non-empty generations: {checked}");
 }
 
 /// Posts a streaming request and returns the parsed `data:` events.

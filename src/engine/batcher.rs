@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 
 use super::backend::{Backend, Choice, StepRow};
+use super::detokenizer::Detokenizer;
 use super::generate::{FinishReason, Sampler, stop_hit};
 use super::sentiment::LabelSet;
 use super::{
-    EngineConfig, GenerateEvent, GenerateJob, GenerateOutput, Job, SentimentJob, SentimentOutput,
-    Timing, TokenInfo,
+    EngineConfig, GenerateEvent, GenerateJob, GenerateOutput, Health, Job, SentimentJob,
+    SentimentOutput, Timing, TokenInfo,
 };
 use crate::error::{Error, Result};
 use crate::metrics::METRICS;
@@ -43,8 +44,7 @@ struct Running {
     /// Decoder tokens so far, decoder start first.
     context: Vec<u32>,
     tokens: Vec<TokenInfo>,
-    /// Length of the decoded text so far, to cut each new token's text out of it.
-    text_len: usize,
+    detokenizer: Detokenizer,
     queue_time: Duration,
     started: Instant,
 }
@@ -54,6 +54,7 @@ pub(crate) struct Batcher<B> {
     tokenizer: Arc<Tokenizer>,
     labels: Arc<LabelSet>,
     config: Arc<EngineConfig>,
+    health: Arc<Health>,
     rx: Receiver<Job>,
     open: bool,
     sentiment: VecDeque<SentimentJob>,
@@ -108,6 +109,7 @@ impl<B: Backend> Batcher<B> {
         tokenizer: Arc<Tokenizer>,
         labels: Arc<LabelSet>,
         config: Arc<EngineConfig>,
+        health: Arc<Health>,
         rx: Receiver<Job>,
     ) -> Self {
         Self {
@@ -115,6 +117,7 @@ impl<B: Backend> Batcher<B> {
             tokenizer,
             labels,
             config,
+            health,
             rx,
             open: true,
             sentiment: VecDeque::new(),
@@ -225,29 +228,26 @@ impl<B: Backend> Batcher<B> {
             backend.score(&inputs, labels)
         }));
         let inference = start.elapsed();
-        match result {
-            Ok(Ok(scores)) => {
-                for (job, scores) in jobs.into_iter().zip(scores) {
-                    let timing = Timing {
-                        queue: start.duration_since(job.enqueued),
-                        inference,
-                    };
-                    let _ = job.reply.send(Ok(SentimentOutput { scores, timing }));
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "sentiment batch failed");
-                for job in jobs {
-                    let _ = job.reply.send(Err(Error::Inference(e.to_string())));
-                }
-            }
-            Err(p) => {
-                let msg = panic_message(p);
-                tracing::error!(panic = %msg, "sentiment batch panicked");
-                for job in jobs {
-                    let _ = job.reply.send(Err(Error::EngineDown));
-                }
-            }
+        let scores = match result {
+            Ok(Ok(scores)) => scores,
+            Ok(Err(e)) => return self.fail_sentiment(jobs, e.to_string()),
+            Err(p) => return self.fail_sentiment(jobs, panic_message(p)),
+        };
+        self.health.batch_done(true);
+        for (job, scores) in jobs.into_iter().zip(scores) {
+            let timing = Timing {
+                queue: start.duration_since(job.enqueued),
+                inference,
+            };
+            let _ = job.reply.send(Ok(SentimentOutput { scores, timing }));
+        }
+    }
+
+    fn fail_sentiment(&self, jobs: Vec<SentimentJob>, error: String) {
+        tracing::error!(%error, "sentiment batch failed");
+        self.health.batch_done(false);
+        for job in jobs {
+            let _ = job.reply.send(Err(Error::Inference(error.clone())));
         }
     }
 
@@ -282,7 +282,7 @@ impl<B: Backend> Batcher<B> {
                 slot,
                 context: vec![start_token],
                 tokens: Vec::new(),
-                text_len: 0,
+                detokenizer: Detokenizer::default(),
                 started,
             });
         }
@@ -327,92 +327,99 @@ impl<B: Backend> Batcher<B> {
             let mut finished = Vec::new();
             let eos = self.backend.eos_ids();
             for (i, (r, choice)) in self.running.iter_mut().zip(choices).enumerate() {
-                if let Some(reason) = advance(&self.tokenizer, eos, r, choice)? {
-                    finished.push((i, reason));
+                if let Some(end) = advance(&self.tokenizer, eos, r, choice)? {
+                    finished.push((i, end));
                 }
             }
-            for (i, reason) in finished.into_iter().rev() {
+            for (i, (reason, text)) in finished.into_iter().rev() {
                 let r = self.running.swap_remove(i);
                 self.backend.leave(r.slot);
-                self.finish(r, reason)?;
+                finish(r, reason, text);
             }
             Ok(())
         }));
         let error = match result {
-            Ok(Ok(())) => return,
+            Ok(Ok(())) => return self.health.batch_done(true),
             Ok(Err(e)) => e.to_string(),
             Err(p) => panic_message(p),
         };
-        tracing::error!(error = %error, "generation step failed; failing the running batch");
+        tracing::error!(%error, "generation step failed; failing the running batch");
+        self.health.batch_done(false);
         self.backend.reset();
         for r in self.running.drain(..) {
             let _ = r
                 .job
                 .events
-                .send(GenerateEvent::Error(format!("inference failed: {error}")));
+                .send(GenerateEvent::Error(Error::Inference(error.clone())));
         }
-    }
-
-    fn finish(&self, r: Running, reason: FinishReason) -> Result<()> {
-        let inference = r.started.elapsed();
-        let n = r.tokens.len();
-        METRICS.generated_tokens.inc_by(n as u64);
-        METRICS
-            .time_per_output_token
-            .observe(inference.as_secs_f64() / n.max(1) as f64);
-        let output = GenerateOutput {
-            generated_text: decode(&self.tokenizer, &r.context[1..])?,
-            finish_reason: reason,
-            tokens: r.tokens,
-            seed: r.sampler.seed,
-            timing: Timing {
-                queue: r.queue_time,
-                inference,
-            },
-        };
-        let _ = r.job.events.send(GenerateEvent::End(output));
-        Ok(())
     }
 }
 
-/// Picks the next token of `r`, reports it, and says whether the sequence is done.
+fn finish(r: Running, reason: FinishReason, generated_text: String) {
+    let inference = r.started.elapsed();
+    let n = r.tokens.len();
+    METRICS.generated_tokens.inc_by(n as u64);
+    METRICS
+        .time_per_output_token
+        .observe(inference.as_secs_f64() / n.max(1) as f64);
+    let output = GenerateOutput {
+        generated_text,
+        finish_reason: reason,
+        tokens: r.tokens,
+        seed: r.sampler.seed,
+        timing: Timing {
+            queue: r.queue_time,
+            inference,
+        },
+    };
+    let _ = r.job.events.send(GenerateEvent::End(output));
+}
+
+/// Records the token chosen for `r` and decides whether the sequence is done. Every token but
+/// the last is sent at once; the last, which also carries any text held back, goes out with
+/// the end of the sequence (its reason and whole text are returned).
 fn advance(
     tokenizer: &Tokenizer,
     eos_ids: &[u32],
     r: &mut Running,
     Choice { id, logprob }: Choice,
-) -> Result<Option<FinishReason>> {
+) -> Result<Option<(FinishReason, String)>> {
     r.context.push(id);
-    let eos = eos_ids.contains(&id);
-    let text = decode(tokenizer, &r.context[1..])?;
-    let token = TokenInfo {
-        id,
-        text: if eos {
-            tokenizer.id_to_token(id).unwrap_or_default()
-        } else {
-            text.get(r.text_len..).unwrap_or_default().to_string()
-        },
-        logprob,
-        special: eos,
+    let special = eos_ids.contains(&id);
+    let mut text = if special {
+        String::new()
+    } else {
+        r.detokenizer.push(tokenizer, id)?
     };
-    r.text_len = text.len();
-    r.tokens.push(token.clone());
-    let _ = r.job.events.send(GenerateEvent::Token(token));
-    Ok(if eos {
+    let params = r.sampler.params();
+    let reason = if special {
         Some(FinishReason::EosToken)
-    } else if stop_hit(&text, &r.sampler.params().stop) {
+    } else if stop_hit(r.detokenizer.text(), text.len(), &params.stop) {
         Some(FinishReason::StopSequence)
-    } else if r.tokens.len() >= r.sampler.params().max_new_tokens {
+    } else if r.tokens.len() + 1 >= params.max_new_tokens {
         Some(FinishReason::Length)
     } else {
         None
-    })
-}
-
-fn decode(tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tokenizer
-        .decode(ids, true)
-        .map_err(|e| Error::Tokenizer(e.to_string()))
+    };
+    let end = match reason {
+        Some(reason) => {
+            let (full, rest) = r.detokenizer.finish(tokenizer)?;
+            text.push_str(&rest);
+            Some((reason, full))
+        }
+        None => None,
+    };
+    let token = TokenInfo {
+        id,
+        text,
+        logprob,
+        special,
+    };
+    if end.is_none() {
+        let _ = r.job.events.send(GenerateEvent::Token(token.clone()));
+    }
+    r.tokens.push(token);
+    Ok(end)
 }
 
 #[cfg(test)]
@@ -519,6 +526,7 @@ mod tests {
         batcher: Batcher<Fake>,
         tx: SyncSender<Job>,
         fake: Fake,
+        health: Arc<Health>,
     }
 
     fn harness(max_batch_size: usize, max_batch_wait: Duration) -> Harness {
@@ -538,19 +546,28 @@ mod tests {
             max_batch_wait,
             queue_capacity: 64,
             max_input_tokens: 64,
-            max_new_tokens: 64,
-            prompt_template: "{text}".into(),
+            ..Default::default()
         };
         let (tx, rx) = sync_channel(64);
         let fake = Fake::default();
+        let health = Arc::new(Health {
+            alive: true.into(),
+            failed_in_a_row: 0.into(),
+        });
         let batcher = Batcher::new(
             fake.clone(),
             Arc::new(tokenizer),
             Arc::new(labels),
             Arc::new(config),
+            health.clone(),
             rx,
         );
-        Harness { batcher, tx, fake }
+        Harness {
+            batcher,
+            tx,
+            fake,
+            health,
+        }
     }
 
     impl Harness {
@@ -592,7 +609,7 @@ mod tests {
         loop {
             match rx.try_recv() {
                 Ok(GenerateEvent::End(out)) => return Ok(out),
-                Ok(GenerateEvent::Error(e)) => return Err(e),
+                Ok(GenerateEvent::Error(e)) => return Err(e.to_string()),
                 Ok(GenerateEvent::Token(_)) => {}
                 Err(e) => return Err(format!("no end event: {e}")),
             }
@@ -684,8 +701,52 @@ mod tests {
         let mut second = h.sentiment();
         h.fake.panic.store(true, Ordering::SeqCst);
         h.ticks(2);
-        assert!(matches!(first.try_recv().unwrap(), Err(Error::EngineDown)));
+        let failed = first.try_recv().unwrap().unwrap_err();
+        assert!(matches!(&failed, Error::Inference(m) if m.contains("injected fault")));
         assert!(second.try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn failed_batches_are_counted_until_one_succeeds() {
+        let mut h = harness(1, Duration::ZERO);
+        let failed = |h: &Harness| h.health.failed_in_a_row.load(Ordering::SeqCst);
+        for n in 1..=3 {
+            let _s = h.sentiment();
+            h.fake.panic.store(true, Ordering::SeqCst);
+            h.ticks(1);
+            assert_eq!(failed(&h), n);
+        }
+        let mut g = h.generate(3);
+        h.fake.panic.store(true, Ordering::SeqCst);
+        h.ticks(1);
+        assert_eq!(
+            failed(&h),
+            4,
+            "a failed decode step counts like a failed sentiment batch"
+        );
+        assert!(end(&mut g).is_err());
+        let _ok = h.sentiment();
+        h.ticks(1);
+        assert_eq!(failed(&h), 0);
+    }
+
+    #[test]
+    fn the_last_token_arrives_with_the_end_and_texts_concatenate() {
+        let mut h = harness(1, Duration::ZERO);
+        let mut g = h.generate(4);
+        h.ticks(4);
+        let mut streamed = Vec::new();
+        let out = loop {
+            match g.try_recv().unwrap() {
+                GenerateEvent::Token(t) => streamed.push(t),
+                GenerateEvent::End(out) => break out,
+                GenerateEvent::Error(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(streamed.len(), 3);
+        assert_eq!(out.tokens[..3], streamed[..]);
+        let texts: String = out.tokens.iter().map(|t| t.text.as_str()).collect();
+        assert_eq!(texts, out.generated_text);
     }
 
     #[test]

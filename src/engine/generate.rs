@@ -46,21 +46,13 @@ impl GenerateParams {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Length,
     EosToken,
     StopSequence,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Length => "length",
-            Self::EosToken => "eos_token",
-            Self::StopSequence => "stop_sequence",
-        }
-    }
 }
 
 /// Picks tokens for one sequence.
@@ -111,7 +103,7 @@ impl Sampler {
         }
         let token = match self.rng.as_mut() {
             None => argmax(&scores),
-            Some(rng) => sample(&mut scores, &self.params, rng),
+            Some(rng) => sample(&scores, &self.params, rng),
         };
         (token, logits[token as usize] - log_z)
     }
@@ -137,10 +129,11 @@ fn argmax(x: &[f32]) -> u32 {
 /// Draws from the (temperature-scaled) distribution restricted to the top-k tokens and then to
 /// the top-p nucleus. Only the candidates that can matter are ordered: the top k with
 /// `select_nth_unstable`, and for top-p a growing prefix until it holds the nucleus.
-fn sample(scores: &mut [f32], p: &GenerateParams, rng: &mut ChaCha8Rng) -> u32 {
-    if let Some(t) = p.temperature {
-        scores.iter_mut().for_each(|s| *s /= t as f32);
-    }
+///
+/// The temperature divides the distance to the best score, not the scores themselves, so a
+/// temperature near zero (or a penalty that pushed scores to infinity) turns into greedy
+/// decoding instead of infinities and NaN weights.
+fn sample(scores: &[f32], p: &GenerateParams, rng: &mut ChaCha8Rng) -> u32 {
     let v = scores.len();
     let k = p.top_k.map_or(v, |k| k.clamp(1, v));
     let desc = |a: &usize, b: &usize| scores[*b].total_cmp(&scores[*a]);
@@ -153,7 +146,14 @@ fn sample(scores: &mut [f32], p: &GenerateParams, rng: &mut ChaCha8Rng) -> u32 {
         .iter()
         .map(|&i| scores[i])
         .fold(f32::NEG_INFINITY, f32::max);
-    let weight = |i: usize| f64::from(scores[i] - max).exp();
+    let t = p.temperature.unwrap_or(1.0);
+    let weight = |i: usize| {
+        if scores[i] == max {
+            1.0
+        } else {
+            (f64::from(scores[i] - max) / t).exp()
+        }
+    };
     let keep = match p.top_p {
         None => order.len(),
         Some(top_p) => {
@@ -190,11 +190,17 @@ fn sample(scores: &mut [f32], p: &GenerateParams, rng: &mut ChaCha8Rng) -> u32 {
     order[keep - 1] as u32
 }
 
-/// Whether any stop sequence occurs in `text`.
-pub fn stop_hit(text: &str, stops: &[String]) -> bool {
-    stops.iter().any(|s| text.contains(s.as_str()))
+/// Whether a stop sequence ends within the last `new_bytes` bytes of `text`: only the tail
+/// where a match can newly appear is searched, so checking every token stays linear.
+pub fn stop_hit(text: &str, new_bytes: usize, stops: &[String]) -> bool {
+    stops.iter().any(|s| {
+        let mut from = text.len().saturating_sub(new_bytes + s.len());
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        text[from..].contains(s.as_str())
+    })
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +242,43 @@ mod tests {
         assert_eq!(a, run());
         assert!(a.iter().all(|t| *t == 3 || *t == 4));
         assert!(a.contains(&3) && a.contains(&4));
+    }
+
+    #[test]
+    fn extreme_temperatures_and_penalties_stay_finite() {
+        let logits = [1.0, 3.0, 2.0, 3.0];
+        for (temperature, penalty) in [(5e-324, None), (1e-30, Some(5e-324)), (1e300, None)] {
+            let mut s = Sampler::new(GenerateParams {
+                do_sample: true,
+                seed: Some(1),
+                temperature: Some(temperature),
+                repetition_penalty: penalty,
+                top_p: Some(0.5),
+                ..Default::default()
+            });
+            for _ in 0..20 {
+                let (t, lp) = s.next(&logits, &[1]);
+                assert!(
+                    (t as usize) < logits.len() && lp.is_finite(),
+                    "{temperature} {t} {lp}"
+                );
+            }
+        }
+        // A vanishing temperature is greedy over the best scores (ties: either one).
+        let mut s = Sampler::new(GenerateParams {
+            temperature: Some(1e-300),
+            seed: Some(3),
+            ..Default::default()
+        });
+        assert!((0..20).all(|_| matches!(s.next(&logits, &[]).0, 1 | 3)));
+    }
+
+    #[test]
+    fn stop_sequences_are_found_in_the_new_tail_only() {
+        let stops = vec!["ab".to_string(), "é!".to_string()];
+        assert!(stop_hit("xxab", 1, &stops));
+        assert!(stop_hit("çaé!", 1, &stops));
+        assert!(!stop_hit("abxxxx", 2, &stops));
+        assert!(!stop_hit("", 0, &stops));
     }
 }

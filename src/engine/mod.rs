@@ -7,12 +7,12 @@
 
 pub mod backend;
 pub mod batcher;
+pub mod detokenizer;
 pub mod generate;
 pub mod sentiment;
-pub mod validation;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::metrics::METRICS;
-use crate::model::t5::T5Model;
+use backend::Backend;
 use generate::{FinishReason, GenerateParams};
 use sentiment::{LabelScores, LabelSet};
 
@@ -35,8 +35,47 @@ pub struct EngineConfig {
     /// Requests that may wait in the queue before new ones are refused.
     pub queue_capacity: usize,
     pub max_input_tokens: usize,
-    pub max_new_tokens: usize,
     pub prompt_template: String,
+}
+
+impl Default for EngineConfig {
+    /// The `finserve serve` defaults.
+    fn default() -> Self {
+        Self {
+            max_batch_size: 32,
+            max_batch_tokens: 16384,
+            max_batch_wait: Duration::ZERO,
+            queue_capacity: 512,
+            max_input_tokens: 512,
+            prompt_template: "{text}".into(),
+        }
+    }
+}
+
+/// The engine thread's health, shared with every [`Engine`] handle: whether the thread runs,
+/// and how many batches in a row have failed (reset by the next success).
+#[derive(Debug)]
+pub(crate) struct Health {
+    alive: AtomicBool,
+    failed_in_a_row: AtomicUsize,
+}
+
+impl Health {
+    pub(crate) fn batch_done(&self, ok: bool) {
+        let failed = if ok {
+            self.failed_in_a_row.store(0, Ordering::SeqCst);
+            0
+        } else {
+            METRICS.failed_batches.inc();
+            self.failed_in_a_row.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        METRICS.failed_batches_in_a_row.set(failed as i64);
+    }
+
+    fn set_alive(&self, alive: bool) {
+        self.alive.store(alive, Ordering::SeqCst);
+        METRICS.engine_up.set(i64::from(alive));
+    }
 }
 
 /// How long a request waited and how long the model worked on it.
@@ -52,7 +91,9 @@ pub struct SentimentOutput {
     pub timing: Timing,
 }
 
-/// One generated token as reported to clients.
+/// One generated token as reported to clients. `text` is what the token adds to the generated
+/// text (see [`detokenizer`]): the texts of a sequence's tokens concatenate to its
+/// `generated_text`, and the EOS token adds nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenInfo {
     pub id: u32,
@@ -70,12 +111,13 @@ pub struct GenerateOutput {
     pub timing: Timing,
 }
 
-/// What a generate request receives, in order: tokens as they are produced, then one `End` or `Error`.
-#[derive(Debug, Clone)]
+/// What a generate request receives, in order: every token but the last as it is produced, then
+/// one `End` (whose `tokens` end with the last token) or `Error`.
+#[derive(Debug)]
 pub enum GenerateEvent {
     Token(TokenInfo),
     End(GenerateOutput),
-    Error(String),
+    Error(Error),
 }
 
 pub(crate) struct SentimentJob {
@@ -96,6 +138,14 @@ pub(crate) enum Job {
     Generate(GenerateJob),
 }
 
+/// Whether `text` has no character other than whitespace, by the union of Unicode's, Python's
+/// and JavaScript's definitions, so that the `\S`-like pattern of the OpenAPI document
+/// (`http::types::Text`) means the same to every client's validator as it does here.
+pub fn is_blank(text: &str) -> bool {
+    text.chars()
+        .all(|c| c.is_whitespace() || matches!(c, '\u{1c}'..='\u{1f}' | '\u{feff}'))
+}
+
 /// A cheap, cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
@@ -103,43 +153,52 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     labels: Arc<LabelSet>,
     config: Arc<EngineConfig>,
-    alive: Arc<AtomicBool>,
+    health: Arc<Health>,
     eos: u32,
 }
 
 impl Engine {
-    /// Starts the engine thread for `model`. The thread ends when every handle is dropped and the
-    /// work already queued is done.
-    pub fn start(
-        model: Arc<T5Model>,
+    /// Starts the engine thread, which owns `backend`. The thread ends when every handle is
+    /// dropped and the work already queued is done.
+    pub fn start<B: Backend + Send + 'static>(
+        backend: B,
         tokenizer: Arc<Tokenizer>,
         labels: LabelSet,
         config: EngineConfig,
     ) -> Result<Self> {
+        let eos = *backend
+            .eos_ids()
+            .first()
+            .ok_or_else(|| Error::Config("the model has no EOS token id".into()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity.max(1));
-        let alive = Arc::new(AtomicBool::new(true));
+        let health = Arc::new(Health {
+            alive: AtomicBool::new(false),
+            failed_in_a_row: AtomicUsize::new(0),
+        });
+        health.set_alive(true);
+        health.batch_done(true);
         let labels = Arc::new(labels);
         let config = Arc::new(config);
-        let eos = model.config().eos_token_ids()[0];
         let batcher = batcher::Batcher::new(
-            backend::T5Backend::new(model),
+            backend,
             tokenizer.clone(),
             labels.clone(),
             config.clone(),
+            health.clone(),
             rx,
         );
-        let flag = alive.clone();
+        let thread_health = health.clone();
         std::thread::Builder::new()
             .name("finserve-engine".into())
             .spawn(move || {
                 // Cleared however the thread ends, so health checks see a dead engine.
-                struct Alive(Arc<AtomicBool>);
+                struct Alive(Arc<Health>);
                 impl Drop for Alive {
                     fn drop(&mut self) {
-                        self.0.store(false, Ordering::SeqCst);
+                        self.0.set_alive(false);
                     }
                 }
-                let _alive = Alive(flag);
+                let _alive = Alive(thread_health);
                 batcher.run();
             })
             .map_err(|e| Error::Config(format!("cannot start the engine thread: {e}")))?;
@@ -148,13 +207,18 @@ impl Engine {
             tokenizer,
             labels,
             config,
-            alive,
+            health,
             eos,
         })
     }
 
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
+        self.health.alive.load(Ordering::SeqCst)
+    }
+
+    /// How many batches in a row have failed (0 after any success).
+    pub fn failed_batches_in_a_row(&self) -> usize {
+        self.health.failed_in_a_row.load(Ordering::SeqCst)
     }
 
     pub fn labels(&self) -> &LabelSet {
@@ -169,8 +233,10 @@ impl Engine {
     /// `truncate_to` is given, in which case it is cut to that many tokens (at most
     /// `max_input_tokens`), keeping the start and the final EOS. CPU-bound: call it off the async runtime.
     pub fn tokenize(&self, text: &str, truncate_to: Option<usize>) -> Result<Vec<u32>> {
-        if text.trim().is_empty() {
-            return Err(Error::Validation("`inputs` must not be empty".into()));
+        if is_blank(text) {
+            return Err(Error::Validation(
+                "`inputs` must contain a non-blank character".into(),
+            ));
         }
         let mut ids = self
             .tokenizer
@@ -193,16 +259,22 @@ impl Engine {
         Ok(ids)
     }
 
-    /// The text of one token id as the tokenizer decodes it.
-    pub fn token_text(&self, id: u32) -> String {
-        self.tokenizer.decode(&[id], false).unwrap_or_default()
+    /// The text of each token id on its own, as the tokenizer decodes it.
+    pub fn token_texts(&self, ids: &[u32]) -> Result<Vec<String>> {
+        ids.iter()
+            .map(|&id| {
+                self.tokenizer
+                    .decode(&[id], false)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))
+            })
+            .collect()
     }
 
     /// Applies the prompt template, then tokenizes (`truncate` cuts at `max_input_tokens`).
     pub fn tokenize_sentiment(&self, text: &str, truncate: bool) -> Result<Vec<u32>> {
-        if text.trim().is_empty() {
+        if is_blank(text) {
             return Err(Error::Validation(
-                "`inputs` must not contain empty strings".into(),
+                "every text in `inputs` must contain a non-blank character".into(),
             ));
         }
         let prompt = self.config.prompt_template.replace("{text}", text);

@@ -3,10 +3,13 @@
 //! [`crate::engine::Engine`].
 
 pub mod error;
+pub mod extract;
+pub mod openapi;
 pub mod routes;
 pub mod types;
+pub mod validation;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -18,10 +21,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
-use utoipa::OpenApi;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::engine::Engine;
@@ -29,15 +32,72 @@ use crate::metrics::METRICS;
 use error::ApiError;
 use types::InfoResponse;
 
-/// Limits enforced by the HTTP layer itself.
+/// Limits on what one request may ask. `/info` reports them and the served OpenAPI document
+/// states them as schema bounds.
+#[derive(Debug, Clone)]
+pub struct RequestLimits {
+    pub max_new_tokens: usize,
+    /// Input tokens plus `max_new_tokens` of one generation.
+    pub max_total_tokens: usize,
+    pub max_stop_sequences: usize,
+    /// In characters.
+    pub max_stop_length: usize,
+    pub max_client_batch_size: usize,
+}
+
+impl Default for RequestLimits {
+    /// The `finserve serve` defaults.
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            max_total_tokens: 768,
+            max_stop_sequences: 4,
+            max_stop_length: 128,
+            max_client_batch_size: 64,
+        }
+    }
+}
+
+/// An API key, kept only as its SHA-256 digest: comparing digests takes the same time
+/// whatever the key's length or where a guess differs, and the key itself never sits in
+/// memory that a `Debug` print or a log line could show.
+#[derive(Clone)]
+pub struct ApiKey([u8; 32]);
+
+impl ApiKey {
+    pub fn new(key: &str) -> Self {
+        Self(Sha256::digest(key.as_bytes()).into())
+    }
+
+    fn matches(&self, given: &str) -> bool {
+        let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+        given
+            .iter()
+            .zip(&self.0)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Limits and policies enforced by the HTTP layer itself.
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
-    pub api_key: Option<String>,
+    pub api_key: Option<ApiKey>,
     pub max_body_bytes: usize,
-    pub max_client_batch_size: usize,
     pub max_concurrent_requests: usize,
     pub request_timeout: Duration,
     pub cors_allow_origin: Vec<String>,
+    /// `/health` turns 503 after this many failed engine batches in a row.
+    pub max_failed_batches: usize,
+    /// Whether `/metrics` is served by the API listener (false with `--metrics-port`).
+    pub metrics_on_api: bool,
+    pub request: RequestLimits,
 }
 
 /// Shared by every handler. The engine and info appear once the model is loaded.
@@ -47,7 +107,7 @@ pub struct AppState {
     pub ready: AtomicBool,
     pub shutting_down: AtomicBool,
     pub limits: HttpLimits,
-    in_flight: AtomicUsize,
+    permits: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -57,60 +117,10 @@ impl AppState {
             info: OnceLock::new(),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
+            permits: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
             limits,
-            in_flight: AtomicUsize::new(0),
         })
     }
-}
-
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "finserve",
-        description = "Financial-sentiment inference for mt0/mT5 models with merged LoRA adapters."
-    ),
-    paths(
-        routes::sentiment,
-        routes::generate,
-        routes::health,
-        routes::ready,
-        routes::info,
-        routes::metrics
-    ),
-    modifiers(&Security),
-    tags(
-        (name = "inference", description = "Model inference"),
-        (name = "operations", description = "Health, readiness, info and metrics")
-    )
-)]
-pub struct ApiDoc;
-
-struct Security;
-
-impl utoipa::Modify for Security {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "api_key",
-            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
-        );
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
-
-/// The OpenAPI document as served at `/openapi.json`.
-fn api_doc() -> utoipa::openapi::OpenApi {
-    let mut doc = ApiDoc::openapi();
-    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    doc
-}
-
-/// The served document as JSON, what `openapi/openapi.json` must contain.
-pub fn openapi_json() -> String {
-    api_doc().to_pretty_json().unwrap_or_default()
 }
 
 /// Request id, tracing span, timing header and request metrics for every routed request.
@@ -153,11 +163,6 @@ async fn observe(matched: Option<MatchedPath>, req: Request, next: Next) -> Resp
     response
 }
 
-/// Compares in time independent of where the strings differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &state.limits.api_key {
         let h = req.headers();
@@ -166,7 +171,7 @@ async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         let given = bearer.or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
-        if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
+        if !given.is_some_and(|g| key.matches(g)) {
             return ApiError::unauthorized().into_response();
         }
     }
@@ -179,30 +184,35 @@ async fn limit_concurrency(
     req: Request,
     next: Next,
 ) -> Response {
-    let max = state.limits.max_concurrent_requests;
-    if state.in_flight.fetch_add(1, Ordering::SeqCst) >= max {
-        state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let Ok(permit) = state.permits.clone().try_acquire_owned() else {
         return ApiError::from(crate::error::Error::Overloaded).into_response();
-    }
+    };
     METRICS.in_flight.inc();
-    struct Release(Arc<AppState>);
-    impl Drop for Release {
+    struct Slot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+    impl Drop for Slot {
         fn drop(&mut self) {
-            self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
             METRICS.in_flight.dec();
         }
     }
-    let release = Release(state.clone());
+    let slot = Slot(permit);
     // A streamed body outlives the handler: keep the slot until the body is done or dropped.
     let (parts, body) = next.run(req).await.into_parts();
     let body = body.into_data_stream().map(move |chunk| {
-        let _slot = &release;
+        let _slot = &slot;
         chunk
     });
     Response::from_parts(parts, Body::from_stream(body))
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// `/metrics` alone, for `--metrics-port`.
+pub fn metrics_router() -> Router {
+    Router::new()
+        .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn(observe))
+}
+
+/// The API router. Fails only if the OpenAPI document cannot be built.
+pub fn router(state: Arc<AppState>) -> Result<Router, String> {
     let inference = Router::new()
         .route("/v1/sentiment", post(routes::sentiment))
         .route("/v1/generate", post(routes::generate))
@@ -213,12 +223,17 @@ pub fn router(state: Arc<AppState>) -> Router {
     let protected = inference
         .route("/info", get(routes::info))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
+    let limits = &state.limits;
+    let doc = openapi::document(&limits.request, limits.metrics_on_api)?;
     let mut app = Router::new()
         .merge(protected)
         .route("/health", get(routes::health))
-        .route("/ready", get(routes::ready))
-        .route("/metrics", get(routes::metrics))
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", api_doc()))
+        .route("/ready", get(routes::ready));
+    if limits.metrics_on_api {
+        app = app.route("/metrics", get(routes::metrics));
+    }
+    let mut app = app
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
         .route_layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state.clone());
@@ -247,18 +262,23 @@ pub fn router(state: Arc<AppState>) -> Router {
                 ]),
         );
     }
-    app
+    Ok(app)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; then stops accepting, marks the server
-/// not ready, and lets in-flight requests finish for up to `grace`.
+/// Serves the API on `listener` (and `/metrics` on `metrics`, if given) until `shutdown`
+/// resolves; then stops accepting, marks the server not ready, and lets in-flight requests
+/// finish for up to `grace`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let app = router(state.clone());
+    let app = router(state.clone()).map_err(std::io::Error::other)?;
+    // Metrics stay scrapeable while requests drain; the task ends with this function.
+    let metrics_server =
+        metrics.map(|l| tokio::spawn(axum::serve(l, metrics_router()).into_future()));
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let flag = state.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -269,19 +289,19 @@ pub async fn serve(
     });
     let server = tokio::spawn(async move { server.await });
     tokio::pin!(server);
-    tokio::select! {
-        done = &mut server => return done.map_err(std::io::Error::other)?,
-        _ = started_rx => {}
+    let result = tokio::select! {
+        done = &mut server => done.map_err(std::io::Error::other).and_then(|r| r),
+        _ = started_rx => match tokio::time::timeout(grace, &mut server).await {
+            Ok(done) => done.map_err(std::io::Error::other).and_then(|r| r),
+            Err(_) => {
+                tracing::warn!(?grace, "shutdown timeout reached with requests still in flight");
+                server.abort();
+                Ok(())
+            }
+        },
+    };
+    if let Some(m) = metrics_server {
+        m.abort();
     }
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(done) => done.map_err(std::io::Error::other)?,
-        Err(_) => {
-            tracing::warn!(
-                ?grace,
-                "shutdown timeout reached with requests still in flight"
-            );
-            server.abort();
-            Ok(())
-        }
-    }
+    result
 }

@@ -7,43 +7,21 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use serde::de::DeserializeOwned;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::AppState;
 use super::error::ApiError;
+use super::extract::JsonBody;
 use super::types::*;
-use crate::engine::generate::FinishReason as CoreFinish;
-use crate::engine::validation::{RawGenerateParams, validate_generate};
+use super::validation;
 use crate::engine::{Engine, GenerateEvent, GenerateOutput, Timing};
 use crate::error::Error;
 use crate::metrics::METRICS;
-
-/// JSON body extractor whose rejections use our error shape (400 malformed, 413 too large).
-pub struct JsonBody<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large("request body is larger than --max-body-bytes")
-            } else {
-                ApiError::bad_request(e.body_text())
-            }
-        })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-    }
-}
 
 fn engine(state: &AppState) -> Result<Engine, ApiError> {
     match state.engine.get() {
@@ -100,8 +78,8 @@ async fn tokenize<T: Send + 'static>(
          example = json!([[{"label": "positive", "score": 0.93}, {"label": "neutral", "score": 0.05}, {"label": "negative", "score": 0.02}]])),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
-        (status = 413, description = "Body or batch too large", body = ErrorResponse),
-        (status = 422, description = "Invalid input", body = ErrorResponse),
+        (status = 413, description = "Body larger than --max-body-bytes", body = ErrorResponse),
+        (status = 422, description = "Invalid input, unknown field or a limit exceeded", body = ErrorResponse),
         (status = 429, description = "Too many concurrent requests", body = ErrorResponse),
         (status = 503, description = "Not ready", body = ErrorResponse),
         (status = 504, description = "Timed out", body = ErrorResponse),
@@ -113,33 +91,23 @@ pub async fn sentiment(
     JsonBody(req): JsonBody<SentimentRequest>,
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
-    let texts = match req.inputs {
-        Inputs::One(t) => vec![t],
-        Inputs::Many(v) => v,
+    let texts: Vec<String> = match req.inputs {
+        Inputs::One(t) => vec![t.0],
+        Inputs::Many(v) => v.0.into_iter().map(|t| t.0).collect(),
     };
     if texts.is_empty() {
         return Err(ApiError::validation("`inputs` must not be an empty list"));
     }
-    let max = state.limits.max_client_batch_size;
+    let max = state.limits.request.max_client_batch_size;
     if texts.len() > max {
-        return Err(ApiError::too_large(format!(
+        return Err(ApiError::validation(format!(
             "{} inputs is more than --max-client-batch-size ({max})",
             texts.len()
         )));
     }
     let params = req.parameters.unwrap_or_default();
-    let top_k = match params.top_k {
-        Some(k) if k <= 0 => return Err(ApiError::validation("`top_k` must be strictly positive")),
-        Some(k) => k as usize,
-        None => usize::MAX,
-    };
-    if let Some(f) = params.function_to_apply.as_deref()
-        && f != "softmax"
-    {
-        return Err(ApiError::validation(format!(
-            "function_to_apply `{f}` is not supported: scores are label probabilities (softmax)"
-        )));
-    }
+    let top_k = validation::sentiment_top_k(params.top_k)?;
+    let FunctionToApply::Softmax = params.function_to_apply.unwrap_or_default();
     let truncate = req.truncate.unwrap_or(false);
     let tokenizer_engine = engine.clone();
     let ids = tokenize("sentiment", move || {
@@ -170,7 +138,7 @@ pub async fn sentiment(
     let mut timing = Timing::default();
     let mut body: SentimentResponse = Vec::with_capacity(results.len());
     for r in results {
-        let out = r.map_err(|_| ApiError::from(Error::EngineDown))??;
+        let out = r.map_err(|_| Error::EngineDown)??;
         timing.queue = timing.queue.max(out.timing.queue);
         timing.inference = timing.inference.max(out.timing.inference);
         let mut scores: Vec<LabelScore> = labels
@@ -195,47 +163,20 @@ pub async fn sentiment(
     Ok((timing_headers(timing), Json(body)).into_response())
 }
 
-/// Rejects TGI parameters finserve does not implement, rather than silently ignoring them.
-fn check_unsupported(p: &GenerateParameters) -> Result<(), ApiError> {
-    let unsupported = [
-        ("best_of", p.best_of.is_some_and(|b| b > 1)),
-        ("typical_p", p.typical_p.is_some()),
-        ("watermark", p.watermark == Some(true)),
-        ("top_n_tokens", p.top_n_tokens.is_some_and(|n| n > 0)),
-        ("frequency_penalty", p.frequency_penalty.is_some()),
-        ("return_full_text", p.return_full_text == Some(true)),
-        ("grammar", p.grammar.as_ref().is_some_and(|g| !g.is_null())),
-        ("adapter_id", p.adapter_id.is_some()),
-    ];
-    match unsupported.iter().find(|(_, set)| *set) {
-        Some((name, _)) => Err(ApiError::validation(format!(
-            "parameter `{name}` is not supported"
-        ))),
-        None => Ok(()),
-    }
-}
-
-fn finish_reason(r: CoreFinish) -> FinishReason {
-    match r {
-        CoreFinish::Length => FinishReason::Length,
-        CoreFinish::EosToken => FinishReason::EosToken,
-        CoreFinish::StopSequence => FinishReason::StopSequence,
-    }
-}
-
 /// Generates text (text-generation-inference format; `stream: true` for server-sent events).
 #[utoipa::path(
     post, path = "/v1/generate", tag = "inference",
     request_body = GenerateRequest,
     responses(
-        (status = 200, description = "Generated text", body = GenerateResponse,
-         example = json!({"generated_text": "positive"})),
-        (status = 200, description = "With `stream`: a text/event-stream of StreamResponse events", body = StreamResponse,
-         content_type = "text/event-stream"),
+        (status = 200, description = "Generated text; with `stream`, server-sent events, one StreamResponse per token",
+         content(
+            (GenerateResponse = "application/json", example = json!({"generated_text": "positive"})),
+            (StreamResponse = "text/event-stream")
+         )),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
-        (status = 413, description = "Body too large", body = ErrorResponse),
-        (status = 422, description = "Invalid input or parameters", body = ErrorResponse),
+        (status = 413, description = "Body larger than --max-body-bytes", body = ErrorResponse),
+        (status = 422, description = "Invalid input or parameters, unknown field or a limit exceeded", body = ErrorResponse),
         (status = 429, description = "Too many concurrent requests", body = ErrorResponse),
         (status = 503, description = "Not ready", body = ErrorResponse),
         (status = 504, description = "Timed out", body = ErrorResponse),
@@ -248,39 +189,27 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
     let p = req.parameters.unwrap_or_default();
-    check_unsupported(&p)?;
-    let params = validate_generate(
-        RawGenerateParams {
-            max_new_tokens: p.max_new_tokens,
-            do_sample: p.do_sample,
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            repetition_penalty: p.repetition_penalty,
-            seed: p.seed,
-            stop: p.stop.clone(),
-        },
-        engine.config(),
-    )?;
-    if p.truncate == Some(0) {
-        return Err(ApiError::validation("`truncate` must be strictly positive"));
-    }
-    let truncate = p.truncate.map(|n| n as usize);
-    let text = req.inputs;
+    let truncate = validation::generate_truncate(p.truncate)?;
+    let text = req.inputs.0;
+    let prefix = p.return_full_text.unwrap_or(false).then(|| text.clone());
     let tokenizer_engine = engine.clone();
     let ids = tokenize("generate", move || {
         tokenizer_engine.tokenize(&text, truncate)
     })
     .await?;
+    let params = validation::generate_params(&p, ids.len(), &state.limits.request)?;
     METRICS
         .input_tokens
         .with_label_values(&["generate"])
         .observe(ids.len() as f64);
-    let prefill: Vec<Token> = if p.decoder_input_details {
+    let details = p.details.unwrap_or(false);
+    let prefill = if details && p.decoder_input_details.unwrap_or(false) {
+        let texts = engine.token_texts(&ids)?;
         ids.iter()
-            .map(|&id| Token {
+            .zip(texts)
+            .map(|(&id, text)| Token {
                 id,
-                text: engine.token_text(id),
+                text,
                 logprob: None,
                 special: false,
             })
@@ -290,20 +219,20 @@ pub async fn generate(
     };
     let rx = engine.generate(ids, params)?;
     let deadline = Instant::now() + state.limits.request_timeout;
-    if req.stream {
-        return Ok(stream_response(rx, deadline).into_response());
+    if req.stream.unwrap_or(false) {
+        return Ok(stream_response(rx, deadline, prefix).into_response());
     }
     let out = collect(rx, deadline).await?;
     record_timing("generate", out.timing);
-    let details = p.details.then(|| Details {
-        finish_reason: finish_reason(out.finish_reason),
+    let details = details.then(|| Details {
+        finish_reason: out.finish_reason,
         generated_tokens: out.tokens.len() as u32,
         seed: out.seed,
         prefill,
         tokens: out.tokens.iter().map(Token::from).collect(),
     });
     let body = GenerateResponse {
-        generated_text: out.generated_text,
+        generated_text: prefix.unwrap_or_default() + &out.generated_text,
         details,
     };
     Ok((timing_headers(out.timing), Json(body)).into_response())
@@ -320,7 +249,7 @@ async fn collect(
         match event {
             Some(GenerateEvent::Token(_)) => {}
             Some(GenerateEvent::End(out)) => return Ok(out),
-            Some(GenerateEvent::Error(e)) => return Err(Error::Inference(e).into()),
+            Some(GenerateEvent::Error(e)) => return Err(e.into()),
             None => return Err(Error::EngineDown.into()),
         }
     }
@@ -330,99 +259,96 @@ async fn collect(
 fn stream_response(
     rx: UnboundedReceiver<GenerateEvent>,
     deadline: Instant,
+    prefix: Option<String>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     struct S {
         rx: UnboundedReceiver<GenerateEvent>,
-        pending: Option<Token>,
         index: u32,
         done: bool,
+        prefix: Option<String>,
     }
     let init = S {
         rx,
-        pending: None,
         index: 0,
         done: false,
+        prefix,
     };
     let stream = futures::stream::unfold(init, move |mut s| async move {
-        loop {
-            if s.done {
-                return None;
+        if s.done {
+            return None;
+        }
+        let event = match tokio::time::timeout_at(deadline.into(), s.rx.recv()).await {
+            Ok(e) => e,
+            Err(_) => {
+                s.done = true;
+                return Some((error_event(&ApiError::timeout()), s));
             }
-            let event = match tokio::time::timeout_at(deadline.into(), s.rx.recv()).await {
-                Ok(e) => e,
-                Err(_) => {
-                    s.done = true;
-                    return Some((error_event(&ApiError::timeout()), s));
-                }
-            };
-            match event {
-                Some(GenerateEvent::Token(t)) => {
-                    // Hold each token back by one so the last can carry the final fields.
-                    if let Some(prev) = s.pending.replace(Token::from(&t)) {
-                        s.index += 1;
-                        let item = StreamResponse {
-                            index: s.index,
-                            token: prev,
-                            generated_text: None,
-                            details: None,
-                        };
-                        return Some((json_event(&item), s));
-                    }
-                }
-                Some(GenerateEvent::End(out)) => {
-                    s.done = true;
-                    record_timing("generate", out.timing);
-                    let token = s.pending.take().unwrap_or(Token {
-                        id: 0,
-                        text: String::new(),
-                        logprob: None,
-                        special: true,
-                    });
-                    let item = StreamResponse {
-                        index: s.index + 1,
-                        token,
+        };
+        s.index += 1;
+        let item = match event {
+            Some(GenerateEvent::Token(t)) => json_event(&StreamResponse {
+                index: s.index,
+                token: Token::from(&t),
+                generated_text: None,
+                details: None,
+            }),
+            Some(GenerateEvent::End(out)) => {
+                s.done = true;
+                record_timing("generate", out.timing);
+                match out.tokens.last() {
+                    Some(last) => json_event(&StreamResponse {
+                        index: s.index,
+                        token: Token::from(last),
                         details: Some(StreamDetails {
-                            finish_reason: finish_reason(out.finish_reason),
+                            finish_reason: out.finish_reason,
                             generated_tokens: out.tokens.len() as u32,
                             seed: out.seed,
                         }),
-                        generated_text: Some(out.generated_text),
-                    };
-                    return Some((json_event(&item), s));
-                }
-                Some(GenerateEvent::Error(e)) => {
-                    s.done = true;
-                    return Some((error_event(&Error::Inference(e).into()), s));
-                }
-                None => {
-                    s.done = true;
-                    return Some((error_event(&Error::EngineDown.into()), s));
+                        generated_text: Some(
+                            s.prefix.take().unwrap_or_default() + &out.generated_text,
+                        ),
+                    }),
+                    None => error_event(
+                        &Error::Inference("the generation ended without a token".into()).into(),
+                    ),
                 }
             }
-        }
+            Some(GenerateEvent::Error(e)) => {
+                s.done = true;
+                error_event(&e.into())
+            }
+            None => {
+                s.done = true;
+                error_event(&Error::EngineDown.into())
+            }
+        };
+        Some((item, s))
     });
     Sse::new(stream.map(Ok)).keep_alive(KeepAlive::default())
 }
 
 fn json_event<T: serde::Serialize>(item: &T) -> Event {
-    Event::default()
-        .json_data(item)
-        .unwrap_or_else(|_| Event::default().data("{}"))
+    Event::default().json_data(item).unwrap_or_else(|e| {
+        error_event(&Error::Inference(format!("cannot serialise the event: {e}")).into())
+    })
 }
 
+/// An error as the stream's last event, in the same shape as error responses.
 fn error_event(e: &ApiError) -> Event {
     METRICS.errors.with_label_values(&[e.error_type]).inc();
-    json_event(&e.body())
+    let body = serde_json::json!({"error": e.message, "error_type": e.error_type});
+    Event::default().data(body.to_string())
 }
 
-/// Liveness: 200 while loading or when the engine thread is running; 503 if it died.
+/// Liveness: 200 while loading or while the engine works; 503 if the engine thread died
+/// (`engine_down`) or its last `--max-failed-batches` batches all failed (`failing`).
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
 pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<HealthResponse>) {
-    let (status, text) = match state.engine.get() {
+    let (status, text) = match engine_health(&state) {
         None => (StatusCode::OK, "loading"),
-        Some(e) if e.is_alive() => (StatusCode::OK, "ok"),
-        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "engine_down"),
+        Some(Ok(())) => (StatusCode::OK, "ok"),
+        Some(Err(why)) => (StatusCode::SERVICE_UNAVAILABLE, why),
     };
     (
         status,
@@ -432,14 +358,26 @@ pub async fn health(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Hea
     )
 }
 
+/// None while loading; otherwise whether the engine is healthy, or why not.
+fn engine_health(state: &AppState) -> Option<Result<(), &'static str>> {
+    let engine = state.engine.get()?;
+    Some(if !engine.is_alive() {
+        Err("engine_down")
+    } else if engine.failed_batches_in_a_row() >= state.limits.max_failed_batches {
+        Err("failing")
+    } else {
+        Ok(())
+    })
+}
+
 /// Readiness: 200 once the model is loaded, merged and warmed up; 503 before, while shutting
-/// down, or if the engine died.
+/// down, or while `/health` is 503.
 #[utoipa::path(get, path = "/ready", tag = "operations",
     responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
 pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<HealthResponse>) {
     let ready = state.ready.load(Ordering::SeqCst)
         && !state.shutting_down.load(Ordering::SeqCst)
-        && state.engine.get().is_some_and(Engine::is_alive);
+        && engine_health(&state) == Some(Ok(()));
     let (status, text) = if ready {
         (StatusCode::OK, "ready")
     } else {
@@ -468,13 +406,23 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<InfoRespons
 
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
-pub async fn metrics() -> impl IntoResponse {
-    (
+    responses(
+        (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+        (status = 500, description = "The metrics could not be rendered", body = ErrorResponse)))]
+pub async fn metrics() -> Result<Response, ApiError> {
+    let text = crate::metrics::render().map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot render the metrics: {e}"),
+        )
+    })?;
+    Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::metrics::render(),
+        text,
     )
+        .into_response())
 }

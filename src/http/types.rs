@@ -6,33 +6,86 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::engine::TokenInfo;
+pub use crate::engine::generate::FinishReason;
 use crate::lora::MergeReport;
 
-/// One string or a list of strings.
+/// JSON Schema's `integer` is any number without a fractional part, so `20.0` is as valid as
+/// `20`; serde's integers accept only the latter. Used with `deserialize_with` on integer fields.
+fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::de::Error;
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(i) = n.as_i64() {
+        return Ok(Some(i));
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f >= i64::MIN as f64 && f < i64::MAX as f64 => {
+            Ok(Some(f as i64))
+        }
+        _ => Err(D::Error::custom(format!(
+            "expected an integer between {} and {}, got {n}",
+            i64::MIN,
+            i64::MAX
+        ))),
+    }
+}
+
+/// A text to classify or continue: at least one non-blank character.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged)]
+#[schema(
+    min_length = 1,
+    pattern = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+)]
+pub struct Text(pub String);
+
+/// A list of texts: at least one, at most the server's `max_client_batch_size` (see `/info`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(min_items = 1)]
+pub struct Texts(pub Vec<Text>);
+
+/// One text or a list of texts.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(
+    untagged,
+    expecting = "`inputs` must be a string or a non-empty list of strings"
+)]
 pub enum Inputs {
-    One(String),
-    Many(Vec<String>),
+    One(Text),
+    Many(Texts),
+}
+
+/// A stop sequence (at most the server's `max_stop_length` characters, see `/info`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(min_length = 1)]
+pub struct StopSequence(pub String);
+
+/// How label scores are computed from the model's label likelihoods.
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FunctionToApply {
+    /// Probabilities renormalised over the labels (the only mode today).
+    #[default]
+    Softmax,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SentimentParameters {
     /// Keep only the `top_k` best labels per input.
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integer")]
     pub top_k: Option<i64>,
-    /// Accepted for Hugging Face client compatibility; only `softmax` (what the scores are) is allowed.
-    pub function_to_apply: Option<String>,
+    /// The name Hugging Face clients send; `softmax` is what the scores are.
+    pub function_to_apply: Option<FunctionToApply>,
 }
 
+/// Unknown fields are refused (422) unless their value is null; null means "unset" everywhere.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"inputs": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn ."}))]
 pub struct SentimentRequest {
     pub inputs: Inputs,
-    #[serde(default)]
     pub parameters: Option<SentimentParameters>,
     /// Cut inputs longer than the server's `max_input_tokens` instead of refusing them.
-    #[serde(default)]
     pub truncate: Option<bool>,
 }
 
@@ -46,62 +99,57 @@ pub struct LabelScore {
 /// One entry per input, in input order; each lists the labels by descending score.
 pub type SentimentResponse = Vec<Vec<LabelScore>>;
 
+/// TGI's generation parameters. Those TGI has and finserve does not (`best_of`, `typical_p`,
+/// `watermark`, `top_n_tokens`, `frequency_penalty`, `grammar`, `adapter_id`) are unknown fields:
+/// refused unless null.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
+    /// At most the server's `max_new_tokens` (see `/info`); default 20, or less when
+    /// `max_total_tokens` leaves less room.
     #[schema(minimum = 1)]
-    pub max_new_tokens: Option<u32>,
+    #[serde(default, deserialize_with = "integer")]
+    pub max_new_tokens: Option<i64>,
+    /// Sample instead of greedy decoding (also implied by temperature, top_k or top_p).
     pub do_sample: Option<bool>,
     #[schema(exclusive_minimum = 0.0)]
     pub temperature: Option<f64>,
     #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integer")]
     pub top_k: Option<i64>,
     #[schema(exclusive_minimum = 0.0, exclusive_maximum = 1.0)]
     pub top_p: Option<f64>,
     #[schema(exclusive_minimum = 0.0)]
     pub repetition_penalty: Option<f64>,
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stop: Vec<String>,
-    #[serde(default)]
-    pub details: bool,
-    #[serde(default)]
-    pub decoder_input_details: bool,
-    pub truncate: Option<u64>,
-    /// TGI parameters finserve does not implement; accepted only when unset.
-    #[serde(default)]
-    #[schema(ignore)]
-    pub best_of: Option<u32>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub typical_p: Option<f64>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub watermark: Option<bool>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub top_n_tokens: Option<u32>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub frequency_penalty: Option<f64>,
-    #[serde(default)]
-    #[schema(ignore)]
+    /// Seed of the sampler; the same seed gives the same text.
+    #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "integer")]
+    pub seed: Option<i64>,
+    /// Stop when the generated text contains one of these (at most `max_stop_sequences`, each at
+    /// most `max_stop_length` characters; see `/info`).
+    pub stop: Option<Vec<StopSequence>>,
+    /// Return `details` (finish reason, tokens with log-probabilities).
+    pub details: Option<bool>,
+    /// With `details`, also return the encoder input tokens as `prefill`.
+    pub decoder_input_details: Option<bool>,
+    /// Keep only the first `truncate` input tokens (at most `max_input_tokens`) instead of
+    /// refusing a longer input.
+    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "integer")]
+    pub truncate: Option<i64>,
+    /// Prefix `generated_text` with the input text.
     pub return_full_text: Option<bool>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub grammar: Option<serde_json::Value>,
-    #[serde(default)]
-    #[schema(ignore)]
-    pub adapter_id: Option<String>,
 }
 
+/// Unknown fields are refused (422) unless their value is null; null means "unset" everywhere.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"inputs": "Profit rose 20 % .", "parameters": {"max_new_tokens": 5, "details": true}}))]
 pub struct GenerateRequest {
-    pub inputs: String,
-    #[serde(default)]
+    pub inputs: Text,
     pub parameters: Option<GenerateParameters>,
-    #[serde(default)]
-    pub stream: bool,
+    /// Answer with server-sent events, one per token.
+    pub stream: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -122,14 +170,6 @@ impl From<&TokenInfo> for Token {
             special: t.special,
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    Length,
-    EosToken,
-    StopSequence,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -175,7 +215,7 @@ pub struct ErrorResponse {
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct HealthResponse {
-    /// `ok`, `loading` or `engine_down`.
+    /// `ok`, `loading`, `engine_down` or `failing` (health); `ready` or `not_ready` (readiness).
     pub status: String,
 }
 
@@ -190,6 +230,10 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
+    pub max_total_tokens: usize,
+    pub max_stop_sequences: usize,
+    pub max_stop_length: usize,
+    pub max_failed_batches: usize,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -208,4 +252,23 @@ pub struct InfoResponse {
     pub limits: Limits,
     pub load_seconds: f64,
     pub version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use utoipa::PartialSchema;
+
+    use crate::engine::is_blank;
+
+    /// The document's pattern for a text and the server's blank check agree on every character.
+    #[test]
+    fn text_pattern_matches_exactly_the_non_blank_characters() {
+        let schema = serde_json::to_value(super::Text::schema()).unwrap();
+        let pattern = schema["pattern"].as_str().unwrap();
+        let re = regex::Regex::new(pattern).unwrap();
+        for c in (0..=0x10ffff).filter_map(char::from_u32) {
+            let s = c.to_string();
+            assert_eq!(re.is_match(&s), !is_blank(&s), "U+{:04X}", c as u32);
+        }
+    }
 }

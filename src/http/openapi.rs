@@ -1,0 +1,134 @@
+//! The OpenAPI document: paths and schemas come from the utoipa annotations on the handlers and
+//! types; this module adds the security schemes and the limits of the running server, so the
+//! served `/openapi.json` states exactly what this server accepts (`finserve openapi` prints it
+//! for the default limits, which is what `openapi/openapi.json` holds).
+
+use serde_json::{Value, json};
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use super::{RequestLimits, routes};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "finserve",
+        description = "Financial-sentiment inference for mt0/mT5 models with merged LoRA adapters."
+    ),
+    paths(
+        routes::sentiment,
+        routes::generate,
+        routes::health,
+        routes::ready,
+        routes::info,
+        routes::metrics
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "inference", description = "Model inference"),
+        (name = "operations", description = "Health, readiness, info and metrics")
+    )
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
+        );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Request bodies whose unknown members are refused unless null (see `http::extract`).
+const REQUEST_OBJECTS: [&str; 4] = [
+    "SentimentRequest",
+    "SentimentParameters",
+    "GenerateRequest",
+    "GenerateParameters",
+];
+
+/// The document of a server with `limits`; `metrics` says whether `/metrics` is on this listener.
+pub fn document(limits: &RequestLimits, metrics: bool) -> Result<utoipa::openapi::OpenApi, String> {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    if !metrics {
+        doc.paths.paths.remove("/metrics");
+    }
+    let mut value = serde_json::to_value(&doc).map_err(|e| e.to_string())?;
+    let schemas = "/components/schemas";
+    for name in REQUEST_OBJECTS {
+        set(
+            &mut value,
+            &format!("{schemas}/{name}"),
+            "additionalProperties",
+            json!({"type": "null"}),
+        )?;
+    }
+    let patches = [
+        (
+            "GenerateParameters/properties/max_new_tokens",
+            "maximum",
+            limits.max_new_tokens,
+        ),
+        (
+            "GenerateParameters/properties/stop",
+            "maxItems",
+            limits.max_stop_sequences,
+        ),
+        ("StopSequence", "maxLength", limits.max_stop_length),
+        ("Texts", "maxItems", limits.max_client_batch_size),
+    ];
+    for (path, key, limit) in patches {
+        set(&mut value, &format!("{schemas}/{path}"), key, json!(limit))?;
+    }
+    // An event stream's schema describes one event, whose `data` carries the JSON; utoipa has no
+    // attribute for `contentSchema`, so the shape is stated here.
+    set(
+        &mut value,
+        "/paths/~1v1~1generate/post/responses/200/content/text~1event-stream",
+        "schema",
+        json!({
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+                "data": {
+                    "type": "string",
+                    "description": "One StreamResponse per token; an ErrorResponse if the generation fails",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"oneOf": [
+                        {"$ref": "#/components/schemas/StreamResponse"},
+                        {"$ref": "#/components/schemas/ErrorResponse"}
+                    ]}
+                }
+            }
+        }),
+    )?;
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+/// Sets `key` on the schema object at `pointer`, which must exist: a change in how the schemas
+/// are generated must fail loudly, not leave a limit out of the document.
+fn set(doc: &mut Value, pointer: &str, key: &str, v: Value) -> Result<(), String> {
+    doc.pointer_mut(pointer)
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| format!("OpenAPI document has no schema object at {pointer}"))?
+        .insert(key.to_string(), v);
+    Ok(())
+}
+
+/// The document for the default limits as pretty JSON: what `openapi/openapi.json` holds.
+pub fn default_json() -> Result<String, String> {
+    document(&RequestLimits::default(), true)?
+        .to_pretty_json()
+        .map_err(|e| e.to_string())
+}
