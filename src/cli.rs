@@ -20,6 +20,24 @@ use crate::metrics::METRICS;
 use crate::model::linear::Quantization;
 use crate::model::{self, LoadedModel, ModelSpec};
 
+/// A secret given as a flag: parsed like a string, never shown by `Debug`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Where the demo model lives, relative to the working directory or `FINSERVE_HOME`.
 const DEMO_BASE: &str = "models/demo/base";
 const DEMO_ADAPTER: &str = "models/demo/adapter";
@@ -157,7 +175,7 @@ pub struct ServeArgs {
         hide_env_values = true,
         conflicts_with = "api_key_file"
     )]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Read the API key from this file (its first line; e.g. a mounted Kubernetes secret).
     #[arg(long, env = "FINSERVE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
@@ -170,7 +188,7 @@ impl ServeArgs {
     /// The API key from --api-key or --api-key-file, if any.
     fn api_key(&self) -> anyhow::Result<Option<ApiKey>> {
         let key = match (&self.api_key, &self.api_key_file) {
-            (Some(key), _) => key.clone(),
+            (Some(Secret(key)), _) => key.clone(),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read --api-key-file {}", path.display()))?;

@@ -32,12 +32,24 @@ const MODEL_METADATA: &[&str] = &[
 const ADAPTER_METADATA: &[&str] = &["adapter_config.json"];
 
 /// How to reach the Hub, normally read from the environment.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HubConfig {
     pub cache_dir: PathBuf,
     pub endpoint: Option<String>,
     pub token: Option<String>,
     pub offline: bool,
+}
+
+impl std::fmt::Debug for HubConfig {
+    /// Everything but the token, so a debug print never leaks it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConfig")
+            .field("cache_dir", &self.cache_dir)
+            .field("endpoint", &self.endpoint)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("offline", &self.offline)
+            .finish()
+    }
 }
 
 impl HubConfig {

@@ -472,6 +472,78 @@ fn streamed_texts_concatenate_to_the_generated_text() {
     assert!(checked > 12, "too few non-empty generations: {checked}");
 }
 
+/// A key read from --api-key-file works; neither it nor HF_TOKEN reaches the logs (at debug
+/// level, every request logged); with --metrics-port, /metrics moves to its own listener.
+#[test]
+fn secrets_stay_out_of_logs_and_metrics_can_have_their_own_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, "file-key-8c1f\n").unwrap();
+    let f = common::fixtures();
+    let args: Vec<String> = [
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--model",
+        &f.join("mt5_base").display().to_string(),
+        "--api-key-file",
+        &key_file.display().to_string(),
+    ]
+    .map(String::from)
+    .into();
+    let s = common::start_with(
+        &args,
+        &[("HF_TOKEN", "hf_token_5e2a"), ("FINSERVE_LOG", "debug")],
+    );
+    let body = json!({"inputs": SHORT}).to_string();
+    assert_eq!(s.post_raw("/v1/sentiment", &body, &[]).0, 401);
+    assert_eq!(
+        s.post_raw("/v1/sentiment", &body, &[("x-api-key", "file-key-8c1f")])
+            .0,
+        200
+    );
+    assert_eq!(
+        s.post_raw(
+            "/v1/sentiment",
+            &body,
+            &[("authorization", "Bearer file-key-8c1f")]
+        )
+        .0,
+        200
+    );
+    assert_eq!(s.get("/metrics").0, 404);
+    let (_, doc) = s.get("/openapi.json");
+    assert!(
+        !doc.contains("/metrics"),
+        "the API listener's spec lists /metrics"
+    );
+    let metrics_addr = s
+        .log_text()
+        .lines()
+        .find_map(|l| {
+            l.split("metrics_address=")
+                .nth(1)
+                .map(|a| a.split_whitespace().next().unwrap().to_string())
+        })
+        .expect("metrics address logged");
+    let m = ureq::get(&format!("http://{metrics_addr}/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(m.contains("finserve_requests_total"));
+    std::thread::sleep(Duration::from_millis(100));
+    let logs = s.log_text();
+    assert!(logs.matches("handled").count() >= 4, "{logs}");
+    for secret in ["file-key-8c1f", "hf_token_5e2a"] {
+        assert!(!logs.contains(secret), "{secret} leaked into the log");
+    }
+}
+
 /// Posts a streaming request and returns the parsed `data:` events.
 fn stream(url: &str, body: &Value) -> Vec<Value> {
     let resp = ureq::post(&format!("{url}/v1/generate"))

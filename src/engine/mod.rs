@@ -196,6 +196,12 @@ impl Engine {
                 impl Drop for Alive {
                     fn drop(&mut self) {
                         self.0.set_alive(false);
+                        if std::thread::panicking() {
+                            tracing::error!(
+                                "the engine thread died: every request now gets 503 and /health \
+                                 reports engine_down until the server is restarted"
+                            );
+                        }
                     }
                 }
                 let _alive = Alive(thread_health);

@@ -20,6 +20,7 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -172,10 +173,18 @@ async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next)
             .and_then(|v| v.strip_prefix("Bearer "));
         let given = bearer.or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
         if !given.is_some_and(|g| key.matches(g)) {
-            return ApiError::unauthorized().into_response();
+            return refuse(req, ApiError::unauthorized(), &state).await;
         }
     }
     next.run(req).await
+}
+
+/// Answers `req` with `error` without handling it. The body is read first: hyper closes a
+/// keep-alive connection whose request body was left unread, which a client reusing its
+/// connection after a 429 would see as a broken pipe. A body too large to drain closes it anyway.
+async fn refuse(req: Request, error: ApiError, state: &AppState) -> Response {
+    let _ = axum::body::to_bytes(req.into_body(), state.limits.max_body_bytes).await;
+    error.into_response()
 }
 
 /// Refuses requests over `--max-concurrent-requests` with 429 and tracks the in-flight gauge.
@@ -185,7 +194,7 @@ async fn limit_concurrency(
     next: Next,
 ) -> Response {
     let Ok(permit) = state.permits.clone().try_acquire_owned() else {
-        return ApiError::from(crate::error::Error::Overloaded).into_response();
+        return refuse(req, crate::error::Error::Overloaded.into(), &state).await;
     };
     METRICS.in_flight.inc();
     struct Slot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
@@ -281,6 +290,13 @@ pub async fn serve(
         metrics.map(|l| tokio::spawn(axum::serve(l, metrics_router()).into_future()));
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let flag = state.clone();
+    // Without TCP_NODELAY, a streamed event that follows an earlier response on a keep-alive
+    // connection waits ~40 ms for the client's delayed ACK (Nagle).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         flag.shutting_down.store(true, Ordering::SeqCst);

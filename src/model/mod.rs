@@ -90,7 +90,10 @@ pub fn read_config(dir: &Path) -> Result<Config> {
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let config: Config = serde_json::from_str(&text)
         .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-    config.validate()?;
+    config.validate().map_err(|e| match e {
+        Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+        other => other,
+    })?;
     Ok(config)
 }
 

@@ -140,6 +140,22 @@ impl Config {
                 return bad(format!("`{name}` must be > 0"));
             }
         }
+        let eos = self.eos_token_ids();
+        if eos.is_empty() {
+            return bad("`eos_token_id` is an empty list: generation could never stop".into());
+        }
+        let specials = eos.iter().map(|&id| ("eos_token_id", id)).chain([
+            ("pad_token_id", self.pad_token_id()),
+            ("decoder_start_token_id", self.decoder_start_token_id()),
+        ]);
+        for (name, id) in specials {
+            if id as usize >= self.vocab_size {
+                return bad(format!(
+                    "`{name}` {id} is outside the vocabulary (vocab_size {})",
+                    self.vocab_size
+                ));
+            }
+        }
         if self.relative_attention_num_buckets < 4 {
             return bad("`relative_attention_num_buckets` must be >= 4".into());
         }
