@@ -334,9 +334,10 @@ impl ModelArgs {
     }
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FINSERVE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+fn init_logging(json: bool) -> anyhow::Result<()> {
+    let spec = std::env::var("FINSERVE_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .with_context(|| format!("FINSERVE_LOG=`{spec}` is not a valid log filter"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -346,11 +347,12 @@ fn init_logging(json: bool) {
     } else {
         builder.init();
     }
+    Ok(())
 }
 
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.json_logs);
+    init_logging(cli.json_logs)?;
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),

@@ -105,8 +105,9 @@ fn read_rows(args: &EvalArgs, labels: &[String]) -> anyhow::Result<Vec<(String, 
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
         let record = record.with_context(|| format!("{}: row {}", args.data.display(), i + 2))?;
-        let text = record.get(text_col).unwrap_or_default().to_string();
-        let gold = record.get(label_col).unwrap_or_default();
+        let short = || format!("{}: row {} has too few columns", args.data.display(), i + 2);
+        let text = record.get(text_col).with_context(short)?.to_string();
+        let gold = record.get(label_col).with_context(short)?;
         let Some(idx) = labels.iter().position(|l| l == gold) else {
             bail!(
                 "{}: row {} has label `{gold}`, not one of {labels:?}",

@@ -36,13 +36,13 @@ pub struct Metrics {
 }
 
 fn seconds(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let buckets = exponential_buckets(0.0005, 2.0, 18).unwrap_or_default();
+    let buckets = exponential_buckets(0.0005, 2.0, 18).expect("constant bucket parameters");
     register_histogram_vec!(HistogramOpts::new(name, help).buckets(buckets), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"))
 }
 
 fn counts(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let buckets = exponential_buckets(1.0, 2.0, 14).unwrap_or_default();
+    let buckets = exponential_buckets(1.0, 2.0, 14).expect("constant bucket parameters");
     register_histogram_vec!(HistogramOpts::new(name, help).buckets(buckets), labels)
         .unwrap_or_else(|e| panic!("metric {name}: {e}"))
 }
@@ -105,7 +105,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
             "finserve_time_per_output_token_seconds",
             "Mean decode time per generated token of a request"
         )
-        .buckets(exponential_buckets(0.0005, 2.0, 16).unwrap_or_default())
+        .buckets(exponential_buckets(0.0005, 2.0, 16).expect("constant bucket parameters"))
     )
     .expect("finserve_time_per_output_token_seconds"),
     queue_size: register_int_gauge!("finserve_queue_size", "Requests waiting for the engine")

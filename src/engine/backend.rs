@@ -134,5 +134,51 @@ fn choose(logits: &Tensor, rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
             choices[i] = Some(Choice { id, logprob });
         }
     }
-    Ok(choices.into_iter().flatten().collect())
+    let choices: Vec<Choice> = choices.into_iter().flatten().collect();
+    // NaN logits have no argmax (the token would be an arbitrary 0): refuse them instead.
+    if let Some(c) = choices.iter().find(|c| !c.logprob.is_finite()) {
+        return Err(Error::Inference(format!(
+            "the model produced non-finite logits (token {} with log-probability {})",
+            c.id, c.logprob
+        )));
+    }
+    Ok(choices)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::engine::generate::GenerateParams;
+
+    #[test]
+    fn non_finite_logits_are_an_error_not_token_zero() {
+        let logits = Tensor::new(&[[0.5f32, 2.0, 1.0], [f32::NAN; 3]], &Device::Cpu).unwrap();
+        for params in [
+            GenerateParams::default(),
+            GenerateParams {
+                do_sample: true,
+                seed: Some(1),
+                ..Default::default()
+            },
+        ] {
+            let mut samplers = [Sampler::new(params.clone()), Sampler::new(params)];
+            let context = [0u32];
+            let mut rows: Vec<StepRow<'_>> = samplers
+                .iter_mut()
+                .enumerate()
+                .map(|(slot, sampler)| StepRow {
+                    slot,
+                    context: &context,
+                    sampler,
+                })
+                .collect();
+            let err = choose(&logits, &mut rows).unwrap_err();
+            assert!(err.to_string().contains("non-finite logits"), "{err}");
+            let mut first = rows.into_iter().take(1).collect::<Vec<_>>();
+            let ok = choose(&logits.narrow(0, 0, 1).unwrap(), &mut first).unwrap();
+            assert!(ok[0].logprob.is_finite());
+        }
+    }
 }

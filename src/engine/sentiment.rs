@@ -151,7 +151,7 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
         .into_iter()
         .zip(&picks)
         .map(|(x, &(row, _))| x - log_z[row]);
-    Ok((0..b)
+    (0..b)
         .map(|_| {
             let log_probs: Vec<f64> = labels
                 .targets
@@ -161,10 +161,15 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
             let max = log_probs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let exp: Vec<f64> = log_probs.iter().map(|l| (l - max).exp()).collect();
             let sum: f64 = exp.iter().sum();
-            LabelScores {
-                probs: exp.into_iter().map(|e| e / sum).collect(),
-                log_probs,
+            let probs: Vec<f64> = exp.into_iter().map(|e| e / sum).collect();
+            // NaN or infinite logits (a broken checkpoint or device) would otherwise reach
+            // clients as `null` scores.
+            if !probs.iter().all(|p| p.is_finite()) {
+                return Err(Error::Inference(format!(
+                    "the model produced non-finite label log-likelihoods {log_probs:?}"
+                )));
             }
+            Ok(LabelScores { probs, log_probs })
         })
-        .collect())
+        .collect()
 }

@@ -169,7 +169,8 @@ fn cpu_max_log_z(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> (Vec<f32
     }
 }
 
-/// Per row, the first index holding that row's `max`.
+/// Per row, the first index holding that row's `max`. A row of NaNs has none and gets 0; its
+/// log-probability is NaN too, which the engine refuses (`engine::backend::choose`).
 fn cpu_first_index_of(data: &[f32], lay: &Lay, rows: usize, vocab: usize, max: &[f32]) -> Vec<u32> {
     let data = &data[..rows * vocab];
     match lay {
