@@ -9,16 +9,27 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::calibration::{self, Calibration};
 use crate::engine::backend::T5Backend;
+use crate::engine::prompt::{Template, TruncationDirection};
 use crate::engine::sentiment::LabelSet;
 use crate::engine::{Engine, EngineConfig};
-use crate::http::types::{InfoResponse, Limits};
+use crate::http::types::{CalibrationInfo, InfoResponse, Limits};
 use crate::http::{ApiKey, AppState, HttpLimits, RequestLimits};
 use crate::hub::HubConfig;
 use crate::lora::AdapterSpec;
 use crate::metrics::METRICS;
 use crate::model::linear::Quantization;
 use crate::model::{self, LoadedModel, ModelSpec};
+
+/// What `ModelArgs::load` gives `serve` and `eval`.
+pub struct Loaded {
+    pub spec: ModelSpec,
+    pub model: LoadedModel,
+    /// The server's labels, with the calibration's temperature if one applies.
+    pub labels: LabelSet,
+    pub calibration: Option<(PathBuf, Calibration)>,
+}
 
 /// A secret given as a flag: parsed like a string, never shown by `Debug`.
 #[derive(Clone)]
@@ -104,9 +115,13 @@ pub struct ModelArgs {
         default_value = "negative,neutral,positive"
     )]
     pub labels: Vec<String>,
-    /// Prompt template for sentiment; `{text}` is replaced by the input.
+    /// Prompt template for sentiment; `{text}` (exactly once) is replaced by the input.
     #[arg(long, env = "FINSERVE_PROMPT_TEMPLATE", default_value = "{text}")]
     pub prompt_template: String,
+    /// Calibration file (from `finserve eval --calibrate`) applied to the sentiment scores.
+    /// Default: `calibration.json` in the last adapter's directory, if there is one.
+    #[arg(long, env = "FINSERVE_CALIBRATION")]
+    pub calibration: Option<PathBuf>,
     /// Longest input in tokens (EOS included).
     #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", default_value_t = EngineConfig::default().max_input_tokens)]
     pub max_input_tokens: usize,
@@ -148,6 +163,21 @@ pub struct ServeArgs {
     /// Longest stop sequence, in characters.
     #[arg(long, env = "FINSERVE_MAX_STOP_LENGTH", default_value_t = RequestLimits::default().max_stop_length)]
     pub max_stop_length: usize,
+    /// Most `candidate_labels` of one /v1/sentiment request.
+    #[arg(long, env = "FINSERVE_MAX_CANDIDATE_LABELS", default_value_t = RequestLimits::default().max_candidate_labels)]
+    pub max_candidate_labels: usize,
+    /// Longest candidate label, in characters.
+    #[arg(long, env = "FINSERVE_MAX_LABEL_LENGTH", default_value_t = RequestLimits::default().max_label_length)]
+    pub max_label_length: usize,
+    /// Input tokens shared by consecutive windows of a long input (`long_input: chunk`).
+    #[arg(long, env = "FINSERVE_CHUNK_OVERLAP", default_value_t = RequestLimits::default().chunk_overlap)]
+    pub chunk_overlap: usize,
+    /// Most windows one input may need with `long_input: chunk`; longer inputs get 422.
+    #[arg(long, env = "FINSERVE_MAX_CHUNKS_PER_INPUT", default_value_t = RequestLimits::default().max_chunks_per_input)]
+    pub max_chunks_per_input: usize,
+    /// Which end `truncate` cuts when a request does not say: right (keep the start) or left.
+    #[arg(long, env = "FINSERVE_TRUNCATION_DIRECTION", default_value = "right")]
+    pub truncation_direction: TruncationDirection,
     /// Most inputs in one /v1/sentiment request.
     #[arg(long, env = "FINSERVE_MAX_CLIENT_BATCH_SIZE", default_value_t = RequestLimits::default().max_client_batch_size)]
     pub max_client_batch_size: usize,
@@ -219,6 +249,11 @@ impl ServeArgs {
             max_stop_sequences: self.max_stop_sequences,
             max_stop_length: self.max_stop_length.max(1),
             max_client_batch_size: self.max_client_batch_size.max(1),
+            max_candidate_labels: self.max_candidate_labels.max(2),
+            max_label_length: self.max_label_length.max(1),
+            chunk_overlap: self.chunk_overlap,
+            max_chunks_per_input: self.max_chunks_per_input.max(1),
+            truncation_direction: self.truncation_direction,
         })
     }
 }
@@ -246,6 +281,13 @@ pub struct EvalArgs {
     /// Write one JSON line per row (text, gold label, prediction, scores).
     #[arg(long, env = "FINSERVE_EVAL_OUT")]
     pub out: Option<PathBuf>,
+    /// Fit a softmax temperature on this data and write it (see --calibration-out).
+    #[arg(long, env = "FINSERVE_EVAL_CALIBRATE")]
+    pub calibrate: bool,
+    /// Where --calibrate writes the calibration (default: `calibration.json` in the last
+    /// adapter's directory, where `serve` finds it).
+    #[arg(long, env = "FINSERVE_CALIBRATION_OUT")]
+    pub calibration_out: Option<PathBuf>,
 }
 
 /// Finds `rel` under the working directory or `FINSERVE_HOME`.
@@ -322,15 +364,43 @@ impl ModelArgs {
         }
     }
 
-    pub fn load(&self) -> anyhow::Result<(ModelSpec, LoadedModel, LabelSet)> {
+    /// `calibration.json` in the last adapter's directory, when that is a local directory.
+    pub fn adapter_calibration_path(spec: &ModelSpec) -> Option<PathBuf> {
+        spec.adapters
+            .last()
+            .map(|a| PathBuf::from(&a.source))
+            .filter(|dir| dir.is_dir())
+            .map(|dir| dir.join(calibration::FILE_NAME))
+    }
+
+    /// Loads the model and the label set, the latter calibrated when a calibration applies.
+    pub fn load(&self) -> anyhow::Result<Loaded> {
         let spec = self.spec()?;
+        Template::new(&self.prompt_template).context("--prompt-template")?;
         let loaded = model::load(&spec, &HubConfig::from_env())
             .with_context(|| format!("cannot load model `{}`", spec.model))?;
-        let labels = LabelSet::new(&self.labels, &loaded.tokenizer)?;
-        if !self.prompt_template.contains("{text}") {
-            bail!("--prompt-template must contain `{{text}}`");
-        }
-        Ok((spec, loaded, labels))
+        let mut labels = LabelSet::new(&self.labels, &loaded.tokenizer)?;
+        labels.check_distinct().context("--labels")?;
+        let path = self
+            .calibration
+            .clone()
+            .or_else(|| Self::adapter_calibration_path(&spec).filter(|p| p.is_file()));
+        let calibration = match path {
+            Some(path) => {
+                let c = Calibration::load(&path)?;
+                c.check_fits(&path, &self.labels, &self.prompt_template)?;
+                labels = labels.with_temperature(c.temperature)?;
+                tracing::info!(file = %path.display(), temperature = c.temperature, "sentiment scores calibrated");
+                Some((path, c))
+            }
+            None => None,
+        };
+        Ok(Loaded {
+            spec,
+            model: loaded,
+            labels,
+            calibration,
+        })
     }
 }
 
@@ -476,7 +546,12 @@ fn start_engine(
     max_failed_batches: usize,
 ) -> anyhow::Result<(Engine, InfoResponse)> {
     let m = &args.model;
-    let (spec, loaded, labels) = m.load()?;
+    let Loaded {
+        spec,
+        model: loaded,
+        labels,
+        calibration,
+    } = m.load()?;
     METRICS.model_load_seconds.set(loaded.load_seconds);
     METRICS.merge_seconds.set(loaded.merge_seconds);
     tracing::info!(
@@ -508,6 +583,10 @@ fn start_engine(
         device: m.device.clone(),
         labels: labels.names.clone(),
         prompt_template: m.prompt_template.clone(),
+        calibration: calibration.map(|(path, c)| CalibrationInfo {
+            temperature: c.temperature,
+            file: path.display().to_string(),
+        }),
         limits: Limits {
             max_input_tokens: m.max_input_tokens,
             max_new_tokens: request.max_new_tokens,
@@ -522,6 +601,11 @@ fn start_engine(
             max_stop_sequences: request.max_stop_sequences,
             max_stop_length: request.max_stop_length,
             max_failed_batches,
+            max_candidate_labels: request.max_candidate_labels,
+            max_label_length: request.max_label_length,
+            chunk_overlap: request.chunk_overlap,
+            max_chunks_per_input: request.max_chunks_per_input,
+            truncation_direction: request.truncation_direction,
         },
         load_seconds: loaded.load_seconds,
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -537,8 +621,14 @@ fn start_engine(
 }
 
 fn warm_up(engine: &Engine) -> anyhow::Result<()> {
-    let ids = engine.tokenize_sentiment("Operating profit rose .", true)?;
-    let scores = engine.sentiment(ids.clone())?.blocking_recv()??;
+    let ids = engine.tokenize_sentiment(
+        "Operating profit rose .",
+        engine.template(),
+        Some(TruncationDirection::Right),
+    )?;
+    let scores = engine
+        .sentiment(ids.clone(), engine.labels().clone())?
+        .blocking_recv()??;
     tracing::info!(probs = ?scores.scores.probs, "warm-up sentiment done");
     let params = crate::engine::generate::GenerateParams {
         max_new_tokens: 2,

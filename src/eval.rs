@@ -1,5 +1,7 @@
 //! `finserve eval`: scores a labelled CSV through the same engine and batching as the server and
-//! reports accuracy, macro-F1, per-class precision/recall, the confusion matrix and throughput.
+//! reports accuracy, macro-F1, per-class precision/recall, the confusion matrix, throughput, and
+//! how well the scores are calibrated (ECE, Brier, NLL), before and after the temperature that
+//! applies (the served calibration, or the one `--calibrate` fits and writes).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -7,8 +9,10 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
-use crate::cli::EvalArgs;
+use crate::calibration::{Calibration, quality};
+use crate::cli::{EvalArgs, Loaded, ModelArgs};
 use crate::engine::backend::T5Backend;
+use crate::engine::prompt::TruncationDirection;
 use crate::engine::{Engine, EngineConfig};
 
 /// Gold/predicted label indices over `n` classes, and the scores derived from them.
@@ -125,7 +129,20 @@ fn read_rows(args: &EvalArgs, labels: &[String]) -> anyhow::Result<Vec<(String, 
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let m = &args.model;
-    let (_, loaded, labels) = m.load()?;
+    let Loaded {
+        spec,
+        model: loaded,
+        labels,
+        calibration,
+    } = m.load()?;
+    let calibration_out = match (&args.calibration_out, args.calibrate) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => Some(ModelArgs::adapter_calibration_path(&spec).with_context(|| {
+            "--calibrate writes beside the last adapter, and there is no local adapter directory: \
+             pass --calibration-out"
+        })?),
+        (None, false) => None,
+    };
     let rows = read_rows(args, &labels.names)?;
     let names = labels.names.clone();
     let engine = Engine::start(
@@ -141,8 +158,9 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut receivers = Vec::with_capacity(rows.len());
     for (text, _) in &rows {
-        let ids = engine.tokenize_sentiment(text, true)?;
-        receivers.push(engine.sentiment(ids)?);
+        let ids =
+            engine.tokenize_sentiment(text, engine.template(), Some(TruncationDirection::Right))?;
+        receivers.push(engine.sentiment(ids, engine.labels().clone())?);
     }
     let bar = indicatif::ProgressBar::new(rows.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(
@@ -157,8 +175,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         None => None,
     };
     let mut pairs = Vec::with_capacity(rows.len());
+    let mut log_likelihoods = Vec::with_capacity(rows.len());
     for ((text, gold), rx) in rows.iter().zip(receivers) {
         let result = rx.blocking_recv().context("the engine stopped")??;
+        log_likelihoods.push(result.scores.log_probs.clone());
         let probs = &result.scores.probs;
         let pred = (0..probs.len())
             .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
@@ -177,7 +197,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
-    let report = Report::new(names, &pairs);
+    let report = Report::new(names.clone(), &pairs);
     println!(
         "{} sentences from {} in {elapsed:.1} s ({:.1} sentences/s)\n",
         rows.len(),
@@ -185,6 +205,46 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         rows.len() as f64 / elapsed
     );
     print!("{}", report.render());
+    let gold: Vec<usize> = pairs.iter().map(|p| p.0).collect();
+    let fitted = calibration_out.as_ref().map(|_| {
+        Calibration::fit(
+            &log_likelihoods,
+            &gold,
+            names.clone(),
+            m.prompt_template.clone(),
+            args.data.display().to_string(),
+        )
+    });
+    let temperature = match (&fitted, &calibration) {
+        (Some(c), _) => Some((c.temperature, "fitted here")),
+        (None, Some((_, c))) => Some((c.temperature, "served")),
+        (None, None) => None,
+    };
+    let show = |what: &str, q: &crate::calibration::Quality| {
+        println!(
+            "{what:<32} ECE {:.4}  Brier {:.4}  NLL {:.4}",
+            q.ece, q.brier, q.nll
+        );
+    };
+    println!("\ncalibration (ECE over 15 bins)");
+    show(
+        "uncalibrated (T = 1)",
+        &quality(&log_likelihoods, &gold, 1.0),
+    );
+    if let Some((t, which)) = temperature {
+        show(
+            &format!("T = {t:.4} ({which})"),
+            &quality(&log_likelihoods, &gold, t),
+        );
+    }
+    if let (Some(c), Some(path)) = (fitted, calibration_out) {
+        c.save(&path)?;
+        println!(
+            "\nwrote {} (temperature {:.4})",
+            path.display(),
+            c.temperature
+        );
+    }
     Ok(())
 }
 

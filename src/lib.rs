@@ -6,6 +6,7 @@
 //! (loading, [`lora`] merging, the T5 forward pass). [`cli`] wires them together for the
 //! `serve`, `merge` ([`export`]) and `eval` ([`eval`]) commands.
 
+pub mod calibration;
 pub mod cli;
 pub mod engine;
 pub mod error;

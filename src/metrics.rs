@@ -28,6 +28,7 @@ pub struct Metrics {
     pub batch_size: HistogramVec,
     pub batch_tokens: HistogramVec,
     pub predictions: IntCounterVec,
+    pub top_score: HistogramVec,
     pub model_load_seconds: Gauge,
     pub merge_seconds: Gauge,
     pub engine_up: IntGauge,
@@ -130,6 +131,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         &["label"]
     )
     .expect("finserve_sentiment_predictions_total"),
+    top_score: register_histogram_vec!(
+        HistogramOpts::new(
+            "finserve_sentiment_top_score",
+            "Score (probability) of the top label of each input, by that label"
+        )
+        .buckets(vec![0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999]),
+        &["label"]
+    )
+    .expect("finserve_sentiment_top_score"),
     model_load_seconds: register_gauge!(
         "finserve_model_load_seconds",
         "Seconds spent loading and merging the model at startup"

@@ -16,6 +16,7 @@ fn exported_metric_names() -> BTreeSet<String> {
     m.errors.with_label_values(&["validation"]).inc();
     m.cancelled.with_label_values(&["generate"]).inc();
     m.predictions.with_label_values(&["neutral"]).inc();
+    m.top_score.with_label_values(&["neutral"]).observe(0.9);
     for h in [
         &m.request_duration,
         &m.tokenization_duration,

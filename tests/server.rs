@@ -161,11 +161,10 @@ fn routes_statuses_headers_and_spec() {
         // Unknown fields are refused, at the top level and in `parameters`.
         (
             "/v1/sentiment",
-            json!({"inputs": SHORT, "parameters": {"candidate_labels": ["up", "down"]}})
-                .to_string(),
+            json!({"inputs": SHORT, "parameters": {"multi_label": true}}).to_string(),
             422,
             "validation",
-            "candidate_labels",
+            "multi_label",
         ),
         (
             "/v1/sentiment",
@@ -274,7 +273,7 @@ fn routes_statuses_headers_and_spec() {
         "max_new_tokens": 2, "best_of": null, "watermark": null, "stop": null, "seed": null,
         "grammar": null, "adapter_id": null, "top_n_tokens": null}});
     assert_eq!(s.post("/v1/generate", &nulls).0, 200);
-    let nulls = json!({"inputs": SHORT, "truncate": null, "parameters": {"top_k": null, "candidate_labels": null}});
+    let nulls = json!({"inputs": SHORT, "truncate": null, "parameters": {"top_k": null, "multi_label": null}});
     assert_eq!(s.post("/v1/sentiment", &nulls).0, 200);
     // Integers written as floats are integers (JSON Schema's reading).
     assert_eq!(

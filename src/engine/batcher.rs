@@ -3,7 +3,8 @@
 //! Scheduling policy:
 //! - Sentiment requests are batched dynamically: when the engine is free, everything waiting is
 //!   taken, capped by `max_batch_size` inputs and `max_batch_tokens` padded tokens (longest input
-//!   x batch size), so a lone request never waits; `max_batch_wait` can trade latency for fuller
+//!   x batch size), so a lone request never waits; a batch holds inputs scored against the same
+//!   label set (that of the oldest waiting input), the others wait for a following batch; `max_batch_wait` can trade latency for fuller
 //!   batches when nothing else is running.
 //! - Generation is continuously batched: the running batch advances one decode step at a time;
 //!   between steps, waiting requests are encoded and join (same caps), finished or cancelled
@@ -27,7 +28,6 @@ use tokenizers::Tokenizer;
 use super::backend::{Backend, Choice, StepRow};
 use super::detokenizer::Detokenizer;
 use super::generate::{FinishReason, Sampler, stop_hit};
-use super::sentiment::LabelSet;
 use super::{
     EngineConfig, GenerateEvent, GenerateJob, GenerateOutput, Health, Job, SentimentJob,
     SentimentOutput, Timing, TokenInfo,
@@ -52,7 +52,6 @@ struct Running {
 pub(crate) struct Batcher<B> {
     backend: B,
     tokenizer: Arc<Tokenizer>,
-    labels: Arc<LabelSet>,
     config: Arc<EngineConfig>,
     health: Arc<Health>,
     rx: Receiver<Job>,
@@ -107,7 +106,6 @@ impl<B: Backend> Batcher<B> {
     pub(crate) fn new(
         backend: B,
         tokenizer: Arc<Tokenizer>,
-        labels: Arc<LabelSet>,
         config: Arc<EngineConfig>,
         health: Arc<Health>,
         rx: Receiver<Job>,
@@ -115,7 +113,6 @@ impl<B: Backend> Batcher<B> {
         Self {
             backend,
             tokenizer,
-            labels,
             config,
             health,
             rx,
@@ -201,17 +198,31 @@ impl<B: Backend> Batcher<B> {
 
     fn sentiment_batch(&mut self) {
         drop_cancelled(&mut self.sentiment, |j| j.reply.is_closed(), "sentiment");
+        let Some(labels) = self.sentiment.front().map(|j| j.labels.clone()) else {
+            return;
+        };
+        let same: Vec<usize> = (0..self.sentiment.len())
+            .filter(|&i| {
+                let other = &self.sentiment[i].labels;
+                Arc::ptr_eq(other, &labels) || **other == *labels
+            })
+            .collect();
         let cfg = &self.config;
         let n = fits(
-            self.sentiment.iter().map(|j| j.ids.len()),
+            same.iter().map(|&i| self.sentiment[i].ids.len()),
             cfg.max_batch_size,
             cfg.max_batch_tokens,
             0,
         );
-        if n == 0 {
+        let mut jobs: Vec<SentimentJob> = same[..n]
+            .iter()
+            .rev()
+            .filter_map(|&i| self.sentiment.remove(i))
+            .collect();
+        jobs.reverse();
+        if jobs.is_empty() {
             return;
         }
-        let jobs: Vec<SentimentJob> = self.sentiment.drain(..n).collect();
         let start = Instant::now();
         let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
         METRICS
@@ -222,10 +233,10 @@ impl<B: Backend> Batcher<B> {
             .batch_tokens
             .with_label_values(&["sentiment"])
             .observe((longest * n) as f64);
-        let (backend, labels) = (&mut self.backend, &self.labels);
+        let backend = &mut self.backend;
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<_> {
             let inputs: Vec<&[u32]> = jobs.iter().map(|j| j.ids.as_slice()).collect();
-            backend.score(&inputs, labels)
+            backend.score(&inputs, &labels)
         }));
         let inference = start.elapsed();
         let scores = match result {
@@ -432,7 +443,7 @@ mod tests {
 
     use super::*;
     use crate::engine::generate::GenerateParams;
-    use crate::engine::sentiment::LabelScores;
+    use crate::engine::sentiment::{LabelScores, LabelSet};
 
     #[derive(Debug, Clone, PartialEq)]
     enum Call {
@@ -527,6 +538,7 @@ mod tests {
         tx: SyncSender<Job>,
         fake: Fake,
         health: Arc<Health>,
+        labels: Arc<LabelSet>,
     }
 
     fn harness(max_batch_size: usize, max_batch_wait: Duration) -> Harness {
@@ -557,7 +569,6 @@ mod tests {
         let batcher = Batcher::new(
             fake.clone(),
             Arc::new(tokenizer),
-            Arc::new(labels),
             Arc::new(config),
             health.clone(),
             rx,
@@ -567,13 +578,21 @@ mod tests {
             tx,
             fake,
             health,
+            labels: Arc::new(labels),
         }
     }
 
     impl Harness {
         fn sentiment(&self) -> oneshot::Receiver<Result<SentimentOutput>> {
+            self.sentiment_with(self.labels.clone())
+        }
+        fn sentiment_with(
+            &self,
+            labels: Arc<LabelSet>,
+        ) -> oneshot::Receiver<Result<SentimentOutput>> {
             let (reply, rx) = oneshot::channel();
             let job = SentimentJob {
+                labels,
                 ids: vec![20, 21, 1],
                 reply,
                 enqueued: Instant::now(),
@@ -750,14 +769,36 @@ mod tests {
     }
 
     #[test]
+    fn inputs_with_other_labels_wait_for_their_own_batch() {
+        let mut h = harness(8, Duration::ZERO);
+        let other = Arc::new(
+            LabelSet::from_targets(
+                vec!["a".into(), "b".into(), "c".into()],
+                vec![vec![7, 1], vec![8, 1], vec![9, 1]],
+            )
+            .unwrap(),
+        );
+        let mut first = h.sentiment();
+        let mut odd = h.sentiment_with(other.clone());
+        let mut third = h.sentiment();
+        assert_eq!(h.ticks(1), [Call::Score(2)]);
+        assert_eq!(first.try_recv().unwrap().unwrap().scores.probs.len(), 2);
+        assert_eq!(third.try_recv().unwrap().unwrap().scores.probs.len(), 2);
+        assert_eq!(h.ticks(1), [Call::Score(1)]);
+        assert_eq!(odd.try_recv().unwrap().unwrap().scores.probs.len(), 3);
+    }
+
+    #[test]
     fn max_batch_wait_gathers_a_fuller_sentiment_batch() {
         let mut h = harness(2, Duration::from_secs(30));
         let _a = h.sentiment();
         let tx = h.tx.clone();
+        let labels = h.labels.clone();
         let late = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             let (reply, rx) = oneshot::channel();
             let job = SentimentJob {
+                labels: labels.clone(),
                 ids: vec![20, 1],
                 reply,
                 enqueued: Instant::now(),

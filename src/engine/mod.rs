@@ -9,6 +9,7 @@ pub mod backend;
 pub mod batcher;
 pub mod detokenizer;
 pub mod generate;
+pub mod prompt;
 pub mod sentiment;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::metrics::METRICS;
 use backend::Backend;
 use generate::{FinishReason, GenerateParams};
+use prompt::{Prompt, Template};
 use sentiment::{LabelScores, LabelSet};
 
 /// Limits and batching knobs of the engine.
@@ -122,6 +124,7 @@ pub enum GenerateEvent {
 
 pub(crate) struct SentimentJob {
     pub ids: Vec<u32>,
+    pub labels: Arc<LabelSet>,
     pub reply: oneshot::Sender<Result<SentimentOutput>>,
     pub enqueued: Instant,
 }
@@ -152,6 +155,7 @@ pub struct Engine {
     tx: SyncSender<Job>,
     tokenizer: Arc<Tokenizer>,
     labels: Arc<LabelSet>,
+    template: Arc<Template>,
     config: Arc<EngineConfig>,
     health: Arc<Health>,
     eos: u32,
@@ -178,11 +182,11 @@ impl Engine {
         health.set_alive(true);
         health.batch_done(true);
         let labels = Arc::new(labels);
+        let template = Arc::new(Template::new(&config.prompt_template)?);
         let config = Arc::new(config);
         let batcher = batcher::Batcher::new(
             backend,
             tokenizer.clone(),
-            labels.clone(),
             config.clone(),
             health.clone(),
             rx,
@@ -212,6 +216,7 @@ impl Engine {
             tx,
             tokenizer,
             labels,
+            template,
             config,
             health,
             eos,
@@ -227,8 +232,24 @@ impl Engine {
         self.health.failed_in_a_row.load(Ordering::SeqCst)
     }
 
-    pub fn labels(&self) -> &LabelSet {
+    /// The server's labels (`--labels`), with their calibration.
+    pub fn labels(&self) -> &Arc<LabelSet> {
         &self.labels
+    }
+
+    /// The server's prompt template (`--prompt-template`).
+    pub fn template(&self) -> &Arc<Template> {
+        &self.template
+    }
+
+    /// A label set of a request (tokenized as the server's labels are, uncalibrated).
+    pub fn label_set(&self, names: &[String]) -> Result<Arc<LabelSet>> {
+        LabelSet::new(names, &self.tokenizer)
+            .map(Arc::new)
+            .map_err(|e| match e {
+                Error::Config(msg) => Error::Validation(format!("`candidate_labels`: {msg}")),
+                other => other,
+            })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -276,15 +297,34 @@ impl Engine {
             .collect()
     }
 
-    /// Applies the prompt template, then tokenizes (`truncate` cuts at `max_input_tokens`).
-    pub fn tokenize_sentiment(&self, text: &str, truncate: bool) -> Result<Vec<u32>> {
+    /// `text` placed in `template` and tokenized, its own tokens located (see [`prompt`]).
+    /// CPU-bound: call it off the async runtime.
+    pub fn prompt(&self, text: &str, template: &Template) -> Result<Prompt> {
         if is_blank(text) {
             return Err(Error::Validation(
                 "every text in `inputs` must contain a non-blank character".into(),
             ));
         }
-        let prompt = self.config.prompt_template.replace("{text}", text);
-        self.tokenize(&prompt, truncate.then_some(self.config.max_input_tokens))
+        Prompt::new(&self.tokenizer, template, text)
+    }
+
+    /// The sentiment prompt of `text` cut to `max_input_tokens` (only the input is cut, from
+    /// `truncate`'s end); without `truncate`, a longer prompt is refused.
+    pub fn tokenize_sentiment(
+        &self,
+        text: &str,
+        template: &Template,
+        truncate: Option<prompt::TruncationDirection>,
+    ) -> Result<Vec<u32>> {
+        let max = self.config.max_input_tokens;
+        let prompt = self.prompt(text, template)?;
+        prompt.fit(max, truncate)?.ok_or_else(|| {
+            Error::Validation(format!(
+                "input has {} tokens with the prompt template, more than max_input_tokens \
+                 ({max}); set `truncate` to cut it, or `long_input: \"chunk\"` to score it in windows",
+                prompt.ids.len()
+            ))
+        })
     }
 
     fn submit(&self, job: Job) -> Result<()> {
@@ -301,11 +341,16 @@ impl Engine {
         }
     }
 
-    /// Queues one input for label scoring; the receiver yields its scores.
-    pub fn sentiment(&self, ids: Vec<u32>) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
+    /// Queues one input for scoring against `labels`; the receiver yields its scores.
+    pub fn sentiment(
+        &self,
+        ids: Vec<u32>,
+        labels: Arc<LabelSet>,
+    ) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Sentiment(SentimentJob {
             ids,
+            labels,
             reply,
             enqueued: Instant::now(),
         }))?;

@@ -2,7 +2,8 @@
 //!
 //! Each label's target is the tokenizer's encoding of the label text, EOS included (what PEFT
 //! training fed as `labels`). The score is the teacher-forced sum of full-vocabulary
-//! log-softmaxes, renormalised over the label set.
+//! log-softmaxes, renormalised over the label set (softmax of the log-likelihoods, divided by the
+//! set's calibration temperature when `finserve eval --calibrate` fitted one).
 //!
 //! A batch costs one encoder pass and one decoder pass: each input's decoder is fed the whole
 //! trie of label targets at once (one node per distinct prefix, attending to its ancestors:
@@ -20,10 +21,12 @@ use crate::model::ops::{log_z, pick};
 use crate::model::t5::T5Model;
 
 /// The labels a sentiment request is scored against, with their target token ids.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LabelSet {
     pub names: Vec<String>,
     pub targets: Vec<Vec<u32>>,
+    /// Softmax temperature of the scores: 1, or what calibration fitted for this set.
+    pub temperature: f64,
     /// Distinct target prefixes as `(label, length)`: the first label that has the prefix.
     prefixes: Vec<(usize, usize)>,
     /// `prefix_of[label][pos]`: index in `prefixes` of `targets[label][..pos]`.
@@ -54,19 +57,14 @@ impl LabelSet {
             ));
         }
         for (i, (name, ids)) in names.iter().zip(&targets).enumerate() {
-            if name.trim().is_empty() || names[..i].contains(name) {
+            if crate::engine::is_blank(name) || names[..i].contains(name) {
                 return Err(Error::Config(format!(
-                    "label `{name}` is empty or repeated"
+                    "label `{name}` is blank or repeated"
                 )));
             }
             if ids.is_empty() {
                 return Err(Error::Config(format!(
                     "label `{name}` encodes to no tokens"
-                )));
-            }
-            if targets[..i].contains(ids) {
-                return Err(Error::Config(format!(
-                    "label `{name}` has the same tokens as another label"
                 )));
             }
         }
@@ -90,10 +88,46 @@ impl LabelSet {
         Ok(Self {
             names,
             targets,
+            temperature: 1.0,
             prefixes,
             prefix_of,
         })
     }
+
+    /// Refuses labels the tokenizer cannot tell apart (e.g. both only unknown-token): they
+    /// would always score the same. The server's own labels must pass; a request's may not,
+    /// its scores are exact either way.
+    pub fn check_distinct(&self) -> Result<()> {
+        for (i, ids) in self.targets.iter().enumerate() {
+            if self.targets[..i].contains(ids) {
+                return Err(Error::Config(format!(
+                    "label `{}` has the same tokens as another label",
+                    self.names[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The same labels, their scores calibrated by `temperature` (> 0).
+    pub fn with_temperature(mut self, temperature: f64) -> Result<Self> {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::Config(format!(
+                "a calibration temperature must be positive (got {temperature})"
+            )));
+        }
+        self.temperature = temperature;
+        Ok(self)
+    }
+}
+
+/// Softmax of `log_probs / temperature`: label probabilities.
+pub fn softmax(log_probs: &[f64], temperature: f64) -> Vec<f64> {
+    let scaled: Vec<f64> = log_probs.iter().map(|l| l / temperature).collect();
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let exp: Vec<f64> = scaled.iter().map(|l| (l - max).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    exp.into_iter().map(|e| e / sum).collect()
 }
 
 /// Per-input scores, in label-set order.
@@ -101,7 +135,7 @@ impl LabelSet {
 pub struct LabelScores {
     /// Summed log-probability of each label's target sequence.
     pub log_probs: Vec<f64>,
-    /// `log_probs` renormalised over the labels (sums to 1).
+    /// `log_probs` renormalised over the labels (sums to 1), with the set's temperature.
     pub probs: Vec<f64>,
 }
 
@@ -158,10 +192,7 @@ pub fn score(model: &T5Model, inputs: &[&[u32]], labels: &LabelSet) -> Result<Ve
                 .iter()
                 .map(|t| values.by_ref().take(t.len()).map(f64::from).sum())
                 .collect();
-            let max = log_probs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let exp: Vec<f64> = log_probs.iter().map(|l| (l - max).exp()).collect();
-            let sum: f64 = exp.iter().sum();
-            let probs: Vec<f64> = exp.into_iter().map(|e| e / sum).collect();
+            let probs = softmax(&log_probs, labels.temperature);
             // NaN or infinite logits (a broken checkpoint or device) would otherwise reach
             // clients as `null` scores.
             if !probs.iter().all(|p| p.is_finite()) {

@@ -29,6 +29,7 @@ use tracing::Instrument;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::engine::Engine;
+use crate::engine::prompt::TruncationDirection;
 use crate::metrics::METRICS;
 use error::ApiError;
 use types::InfoResponse;
@@ -44,6 +45,14 @@ pub struct RequestLimits {
     /// In characters.
     pub max_stop_length: usize,
     pub max_client_batch_size: usize,
+    pub max_candidate_labels: usize,
+    /// In characters.
+    pub max_label_length: usize,
+    /// Input tokens shared by consecutive windows of a long input.
+    pub chunk_overlap: usize,
+    pub max_chunks_per_input: usize,
+    /// The end `truncate` cuts when a request does not say.
+    pub truncation_direction: TruncationDirection,
 }
 
 impl Default for RequestLimits {
@@ -55,6 +64,11 @@ impl Default for RequestLimits {
             max_stop_sequences: 4,
             max_stop_length: 128,
             max_client_batch_size: 64,
+            max_candidate_labels: 10,
+            max_label_length: 64,
+            chunk_overlap: 32,
+            max_chunks_per_input: 16,
+            truncation_direction: TruncationDirection::Right,
         }
     }
 }

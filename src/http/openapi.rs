@@ -85,10 +85,18 @@ pub fn document(limits: &RequestLimits, metrics: bool) -> Result<utoipa::openapi
         ),
         ("StopSequence", "maxLength", limits.max_stop_length),
         ("Texts", "maxItems", limits.max_client_batch_size),
+        ("Labels", "maxItems", limits.max_candidate_labels),
+        ("Label", "maxLength", limits.max_label_length),
     ];
     for (path, key, limit) in patches {
         set(&mut value, &format!("{schemas}/{path}"), key, json!(limit))?;
     }
+    set(
+        &mut value,
+        &format!("{schemas}/Labels"),
+        "uniqueItems",
+        json!(true),
+    )?;
     // An event stream's schema describes one event, whose `data` carries the JSON; utoipa has no
     // attribute for `contentSchema`, so the shape is stated here.
     set(

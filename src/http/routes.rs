@@ -19,6 +19,7 @@ use super::error::ApiError;
 use super::extract::JsonBody;
 use super::types::*;
 use super::validation;
+use crate::engine::prompt::{Template, Window};
 use crate::engine::{Engine, GenerateEvent, GenerateOutput, Timing};
 use crate::error::Error;
 use crate::metrics::METRICS;
@@ -74,7 +75,7 @@ async fn tokenize<T: Send + 'static>(
     post, path = "/v1/sentiment", tag = "inference",
     request_body = SentimentRequest,
     responses(
-        (status = 200, description = "Per input, every label with its probability, best first", body = Vec<Vec<LabelScore>>,
+        (status = 200, description = "Per input, every label with its score, best first (with `return_chunks`, also each window's)", body = Vec<InputScores>,
          example = json!([[{"label": "positive", "score": 0.93}, {"label": "neutral", "score": 0.05}, {"label": "negative", "score": 0.02}]])),
         (status = 400, description = "Malformed JSON", body = ErrorResponse),
         (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
@@ -91,6 +92,7 @@ pub async fn sentiment(
     JsonBody(req): JsonBody<SentimentRequest>,
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
+    let limits = &state.limits.request;
     let texts: Vec<String> = match req.inputs {
         Inputs::One(t) => vec![t.0],
         Inputs::Many(v) => v.0.into_iter().map(|t| t.0).collect(),
@@ -98,7 +100,7 @@ pub async fn sentiment(
     if texts.is_empty() {
         return Err(ApiError::validation("`inputs` must not be an empty list"));
     }
-    let max = state.limits.request.max_client_batch_size;
+    let max = limits.max_client_batch_size;
     if texts.len() > max {
         return Err(ApiError::validation(format!(
             "{} inputs is more than --max-client-batch-size ({max})",
@@ -107,26 +109,64 @@ pub async fn sentiment(
     }
     let params = req.parameters.unwrap_or_default();
     let top_k = validation::sentiment_top_k(params.top_k)?;
-    let FunctionToApply::Softmax = params.function_to_apply.unwrap_or_default();
-    let truncate = req.truncate.unwrap_or(false);
+    let function = params.function_to_apply.unwrap_or_default();
+    let chunk = params.long_input.unwrap_or_default() == LongInput::Chunk;
+    let return_chunks = params.return_chunks.unwrap_or(false);
+    let candidates = params
+        .candidate_labels
+        .map(|l| validation::candidate_labels(l, limits))
+        .transpose()?;
+    let template = match &params.prompt_template {
+        Some(t) => Arc::new(Template::new(&t.0)?),
+        None => engine.template().clone(),
+    };
+    let truncate = req.truncate.unwrap_or(false).then(|| {
+        req.truncation_direction
+            .unwrap_or(limits.truncation_direction)
+    });
+    let (max_tokens, overlap, max_chunks) = (
+        engine.config().max_input_tokens,
+        limits.chunk_overlap,
+        limits.max_chunks_per_input,
+    );
     let tokenizer_engine = engine.clone();
-    let ids = tokenize("sentiment", move || {
-        texts
+    let (labels, windows) = tokenize("sentiment", move || {
+        let e = tokenizer_engine;
+        let labels = match candidates {
+            Some(names) => e.label_set(&names)?,
+            None => e.labels().clone(),
+        };
+        let windows = texts
             .iter()
-            .map(|t| tokenizer_engine.tokenize_sentiment(t, truncate))
-            .collect::<crate::error::Result<Vec<_>>>()
+            .map(|t| {
+                if chunk {
+                    e.prompt(t, &template)?
+                        .windows(max_tokens, overlap, max_chunks)
+                } else {
+                    let ids = e.tokenize_sentiment(t, &template, truncate)?;
+                    let tokens = ids.len();
+                    Ok(vec![Window {
+                        ids,
+                        span: (0, t.len()),
+                        tokens,
+                    }])
+                }
+                .map(|w| (t.clone(), w))
+            })
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        Ok((labels, windows))
     })
     .await?;
-    for i in &ids {
-        METRICS
-            .input_tokens
-            .with_label_values(&["sentiment"])
-            .observe(i.len() as f64);
+    let mut receivers = Vec::new();
+    for (_, ws) in &windows {
+        for w in ws {
+            METRICS
+                .input_tokens
+                .with_label_values(&["sentiment"])
+                .observe(w.ids.len() as f64);
+            receivers.push(engine.sentiment(w.ids.clone(), labels.clone())?);
+        }
     }
-    let receivers = ids
-        .into_iter()
-        .map(|i| engine.sentiment(i))
-        .collect::<crate::error::Result<Vec<_>>>()?;
     let results = tokio::time::timeout(
         state.limits.request_timeout,
         futures::future::join_all(receivers),
@@ -134,33 +174,73 @@ pub async fn sentiment(
     .await
     .map_err(|_| ApiError::timeout())?;
 
-    let labels = &engine.labels().names;
+    let mut results = results.into_iter();
     let mut timing = Timing::default();
-    let mut body: SentimentResponse = Vec::with_capacity(results.len());
-    for r in results {
-        let out = r.map_err(|_| Error::EngineDown)??;
-        timing.queue = timing.queue.max(out.timing.queue);
-        timing.inference = timing.inference.max(out.timing.inference);
-        let mut scores: Vec<LabelScore> = labels
-            .iter()
-            .zip(&out.scores.probs)
-            .map(|(label, p)| LabelScore {
-                label: label.clone(),
-                score: *p,
-            })
-            .collect();
-        scores.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let mut body: Vec<InputScores> = Vec::with_capacity(windows.len());
+    for (text, ws) in windows {
+        let mut chunks = Vec::with_capacity(ws.len());
+        let mut total = vec![0.0; labels.names.len()];
+        let weight: usize = ws.iter().map(|w| w.tokens.max(1)).sum();
+        for w in ws {
+            let out = results
+                .next()
+                .ok_or_else(|| Error::Inference("a window's result is missing".into()))?
+                .map_err(|_| Error::EngineDown)??;
+            timing.queue = timing.queue.max(out.timing.queue);
+            timing.inference = timing.inference.max(out.timing.inference);
+            let values = match function {
+                FunctionToApply::Softmax => &out.scores.probs,
+                FunctionToApply::None => &out.scores.log_probs,
+            };
+            for (t, v) in total.iter_mut().zip(values) {
+                *t += v * w.tokens.max(1) as f64 / weight as f64;
+            }
+            if return_chunks {
+                let chars = |b: usize| text[..b].chars().count();
+                chunks.push(ChunkScores {
+                    start: chars(w.span.0),
+                    end: chars(w.span.1),
+                    tokens: w.tokens,
+                    scores: ranked(&labels.names, values, usize::MAX),
+                });
+            }
+        }
+        let scores = ranked(&labels.names, &total, top_k);
         if let Some(best) = scores.first() {
             METRICS
                 .predictions
                 .with_label_values(&[best.label.as_str()])
                 .inc();
+            if function == FunctionToApply::Softmax {
+                METRICS
+                    .top_score
+                    .with_label_values(&[best.label.as_str()])
+                    .observe(best.score);
+            }
         }
-        scores.truncate(top_k);
-        body.push(scores);
+        body.push(if return_chunks {
+            InputScores::Chunked(ChunkedScores { scores, chunks })
+        } else {
+            InputScores::Labels(scores)
+        });
     }
     record_timing("sentiment", timing);
     Ok((timing_headers(timing), Json(body)).into_response())
+}
+
+/// The labels with their scores, best first, the first `top_k`.
+fn ranked(names: &[String], values: &[f64], top_k: usize) -> Vec<LabelScore> {
+    let mut scores: Vec<LabelScore> = names
+        .iter()
+        .zip(values)
+        .map(|(label, &score)| LabelScore {
+            label: label.clone(),
+            score,
+        })
+        .collect();
+    scores.sort_by(|a, b| b.score.total_cmp(&a.score));
+    scores.truncate(top_k);
+    scores
 }
 
 /// Generates text (text-generation-inference format; `stream: true` for server-sent events).

@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use crate::engine::TokenInfo;
 pub use crate::engine::generate::FinishReason;
+pub use crate::engine::prompt::TruncationDirection;
 use crate::lora::MergeReport;
 
 /// JSON Schema's `integer` is any number without a fractional part, so `20.0` is as valid as
@@ -58,24 +59,64 @@ pub enum Inputs {
 #[schema(min_length = 1)]
 pub struct StopSequence(pub String);
 
-/// How label scores are computed from the model's label likelihoods.
-#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+/// What a label's score is (the name Hugging Face clients send).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FunctionToApply {
-    /// Probabilities renormalised over the labels (the only mode today).
+    /// The probability of the label: the softmax of the label log-likelihoods over the label
+    /// set (with the server's calibration temperature, for its own labels).
     #[default]
     Softmax,
+    /// The label's log-likelihood under the model (sum of its tokens' log-probabilities),
+    /// unnormalised.
+    None,
 }
+
+/// What happens to an input longer than `max_input_tokens` with the prompt template.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LongInput {
+    /// Refused (422), unless `truncate` is set.
+    #[default]
+    Error,
+    /// Scored in overlapping windows of the input (each with the whole template); the input's
+    /// scores are the token-weighted mean of its windows' scores.
+    Chunk,
+}
+
+/// A label to score (at most the server's `max_label_length` characters, see `/info`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(
+    min_length = 1,
+    pattern = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+)]
+pub struct Label(pub String);
+
+/// Labels of one request: at least two, distinct, at most the server's `max_candidate_labels`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(min_items = 2)]
+pub struct Labels(pub Vec<Label>);
+
+/// A prompt template: `{text}` exactly once, where the input goes.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(pattern = r"^(?:[^{]|\{(?!text\}))*\{text\}(?:[^{]|\{(?!text\}))*$")]
+pub struct PromptTemplate(pub String);
 
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SentimentParameters {
     /// Keep only the `top_k` best labels per input.
-    #[schema(minimum = 1)]
     #[serde(default, deserialize_with = "integer")]
+    #[schema(minimum = 1)]
     pub top_k: Option<i64>,
-    /// The name Hugging Face clients send; `softmax` is what the scores are.
     pub function_to_apply: Option<FunctionToApply>,
+    /// Score these labels instead of the server's (multi-token labels welcome).
+    pub candidate_labels: Option<Labels>,
+    /// Use this prompt template instead of the server's.
+    pub prompt_template: Option<PromptTemplate>,
+    pub long_input: Option<LongInput>,
+    /// Also return each window's character span and scores.
+    pub return_chunks: Option<bool>,
 }
 
 /// Unknown fields are refused (422) unless their value is null; null means "unset" everywhere.
@@ -85,19 +126,46 @@ pub struct SentimentParameters {
 pub struct SentimentRequest {
     pub inputs: Inputs,
     pub parameters: Option<SentimentParameters>,
-    /// Cut inputs longer than the server's `max_input_tokens` instead of refusing them.
+    /// Cut inputs longer than the server's `max_input_tokens` instead of refusing them (only the
+    /// input is cut, never the prompt template).
     pub truncate: Option<bool>,
+    /// Which end of the input `truncate` cuts (default: the server's `--truncation-direction`).
+    pub truncation_direction: Option<TruncationDirection>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LabelScore {
     pub label: String,
-    /// Probability of the label, renormalised over the label set.
+    /// The label's probability over the label set, or its log-likelihood with
+    /// `function_to_apply: none`.
     pub score: f64,
 }
 
-/// One entry per input, in input order; each lists the labels by descending score.
-pub type SentimentResponse = Vec<Vec<LabelScore>>;
+/// One window of a long input (`return_chunks`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChunkScores {
+    /// Character span of the input that the window covers: `[start, end)`.
+    pub start: usize,
+    pub end: usize,
+    /// Input tokens in the window (its weight in the input's scores).
+    pub tokens: usize,
+    pub scores: Vec<LabelScore>,
+}
+
+/// An input's scores with those of its windows.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ChunkedScores {
+    pub scores: Vec<LabelScore>,
+    pub chunks: Vec<ChunkScores>,
+}
+
+/// One input's labels by descending score; with `return_chunks`, also its windows.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum InputScores {
+    Labels(Vec<LabelScore>),
+    Chunked(ChunkedScores),
+}
 
 /// TGI's generation parameters. Those TGI has and finserve does not (`best_of`, `typical_p`,
 /// `watermark`, `top_n_tokens`, `frequency_penalty`, `grammar`, `adapter_id`) are unknown fields:
@@ -234,6 +302,17 @@ pub struct Limits {
     pub max_stop_sequences: usize,
     pub max_stop_length: usize,
     pub max_failed_batches: usize,
+    pub max_candidate_labels: usize,
+    pub max_label_length: usize,
+    pub chunk_overlap: usize,
+    pub max_chunks_per_input: usize,
+    pub truncation_direction: TruncationDirection,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CalibrationInfo {
+    pub temperature: f64,
+    pub file: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -249,6 +328,9 @@ pub struct InfoResponse {
     pub device: String,
     pub labels: Vec<String>,
     pub prompt_template: String,
+    /// The softmax temperature fitted by `finserve eval --calibrate` for the server's labels, if
+    /// a calibration file was loaded.
+    pub calibration: Option<CalibrationInfo>,
     pub limits: Limits,
     pub load_seconds: f64,
     pub version: String,

@@ -3,7 +3,7 @@
 //! Every violation is a [`Error::Validation`] (422) naming the parameter.
 
 use super::RequestLimits;
-use super::types::GenerateParameters;
+use super::types::{GenerateParameters, Labels};
 use crate::engine::generate::GenerateParams;
 use crate::error::{Error, Result};
 
@@ -26,6 +26,28 @@ fn positive(name: &str, value: Option<i64>) -> Result<Option<usize>> {
 /// `top_k` of `/v1/sentiment`: how many labels to return (all by default).
 pub fn sentiment_top_k(top_k: Option<i64>) -> Result<usize> {
     Ok(positive("top_k", top_k)?.unwrap_or(usize::MAX))
+}
+
+/// `candidate_labels` of `/v1/sentiment`, within the server's count and length limits.
+pub fn candidate_labels(labels: Labels, limits: &RequestLimits) -> Result<Vec<String>> {
+    let names: Vec<String> = labels.0.into_iter().map(|l| l.0).collect();
+    if names.len() < 2 || names.len() > limits.max_candidate_labels {
+        return Err(invalid(format!(
+            "`candidate_labels` must have 2 to {} labels (got {})",
+            limits.max_candidate_labels,
+            names.len()
+        )));
+    }
+    if let Some(long) = names
+        .iter()
+        .find(|n| n.chars().count() > limits.max_label_length)
+    {
+        return Err(invalid(format!(
+            "`candidate_labels`: `{long}` is longer than {} characters",
+            limits.max_label_length
+        )));
+    }
+    Ok(names)
 }
 
 /// The generation parameters of a request whose input has `input_tokens` tokens.

@@ -43,8 +43,14 @@ pub fn start(args: &[&str]) -> Server {
 
 /// Starts the binary with exactly `args` (and `env`), and waits until it is ready.
 pub fn start_with(args: &[String], env: &[(&str, &str)]) -> Server {
+    start_in(args, env, &repo())
+}
+
+/// [`start_with`] in the working directory `dir` (the repository root serves the demo model).
+pub fn start_in(args: &[String], env: &[(&str, &str)], dir: &Path) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_finserve"));
-    cmd.args(args)
+    cmd.current_dir(dir)
+        .args(args)
         .env("HF_HUB_OFFLINE", "1")
         .env("FINSERVE_LOG", "info")
         .env_remove("FINSERVE_MODEL")
@@ -76,7 +82,7 @@ pub fn start_with(args: &[String], env: &[(&str, &str)]) -> Server {
     let addr = rx
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| panic!("finserve did not start: {:?}", logs.lock().unwrap()));
-    let server = Server {
+    let mut server = Server {
         child,
         url: format!("http://{addr}"),
         logs,
@@ -86,9 +92,16 @@ pub fn start_with(args: &[String], env: &[(&str, &str)]) -> Server {
 }
 
 impl Server {
-    pub fn wait_ready(&self) {
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "finserve exited ({status}) before it was ready: {:?}",
+                    self.logs.lock().unwrap()
+                );
+            }
             if let Ok(r) = ureq::get(&format!("{}/ready", self.url)).call()
                 && r.status() == 200
             {
