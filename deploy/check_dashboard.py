@@ -38,6 +38,7 @@ FINSERVE_METRICS = {
     "finserve_batch_size": "histogram",
     "finserve_generated_tokens_total": "counter",
     "finserve_sentiment_predictions_total": "counter",
+    "finserve_sentiment_top_score": "histogram",
     "finserve_inference_duration_seconds": "histogram",
     "finserve_in_flight_requests": "gauge",
 }
@@ -51,6 +52,7 @@ REQUIRED_COVERAGE = {
     "batch size": ["finserve_batch_size_bucket", "finserve_batch_size_sum"],
     "generated tokens/s": ["finserve_generated_tokens_total"],
     "sentiment label mix": ["finserve_sentiment_predictions_total"],
+    "top-label confidence": ["finserve_sentiment_top_score_bucket"],
     "memory": ["process_resident_memory_bytes"],
 }
 

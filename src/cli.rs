@@ -583,6 +583,7 @@ fn start_engine(
         device: m.device.clone(),
         labels: labels.names.clone(),
         prompt_template: m.prompt_template.clone(),
+        vocab_size: loaded.tokenizer.get_vocab_size(true),
         calibration: calibration.map(|(path, c)| CalibrationInfo {
             temperature: c.temperature,
             file: path.display().to_string(),

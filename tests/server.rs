@@ -363,6 +363,50 @@ fn routes_statuses_headers_and_spec() {
         .collect();
     assert_eq!(texts, a["generated_text"].as_str().unwrap());
 
+    // /tokenize and /decode round-trip; offsets are character spans of the input; the
+    // template option shows the tokens the sentiment route scores.
+    let text = "Umsatz stieg um 5 % — naïve café .";
+    let (code, toks) = s.post("/tokenize", &json!({"inputs": [text, SHORT]}));
+    assert_eq!(code, 200, "{toks}");
+    let first = toks[0].as_array().unwrap();
+    assert!(first.last().unwrap()["special"].as_bool().unwrap());
+    for t in first.iter().filter(|t| !t["special"].as_bool().unwrap()) {
+        let (a, b) = (
+            t["start"].as_u64().unwrap() as usize,
+            t["stop"].as_u64().unwrap() as usize,
+        );
+        let span: String = text.chars().skip(a).take(b - a).collect();
+        assert_eq!(t["text"].as_str().unwrap(), span);
+    }
+    // (The fixture's 250-piece vocabulary has no accents: round-trip the ASCII input.)
+    let ids: Vec<u64> = toks[1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    let (code, decoded) = s.post("/decode", &json!({"ids": [ids.clone()]}));
+    assert_eq!(code, 200, "{decoded}");
+    assert_eq!(decoded[0], SHORT);
+    let (_, direct) = s.post("/decode", &json!({"ids": ids}));
+    assert_eq!(decoded, direct);
+    let (_, again) = s.post("/tokenize", &json!({"inputs": decoded[0]}));
+    assert_eq!(
+        again[0], toks[1],
+        "decode then tokenize gives the same tokens"
+    );
+    let (code, e) = s.post("/decode", &json!({"ids": [1, 100000]}));
+    assert_eq!(code, 422, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("100000"), "{e}");
+    let (_, no_special) = s.post(
+        "/tokenize",
+        &json!({"inputs": SHORT, "add_special_tokens": false}),
+    );
+    assert_eq!(
+        no_special[0].as_array().unwrap().len(),
+        toks[1].as_array().unwrap().len() - 1
+    );
+
     // Request ids: echoed, or generated; present in that request's log lines. Timing headers.
     let resp = ureq::post(&format!("{}/v1/sentiment", s.url))
         .set("x-request-id", "req-abc-123")

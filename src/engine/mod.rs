@@ -93,6 +93,17 @@ pub struct SentimentOutput {
     pub timing: Timing,
 }
 
+/// One token of a tokenized text (`/tokenize`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    pub id: u32,
+    /// The vocabulary entry (e.g. `▁profit`, `</s>`).
+    pub token: String,
+    pub special: bool,
+    /// Byte span in the input text; `None` for special and prompt-template tokens.
+    pub span: Option<(usize, usize)>,
+}
+
 /// One generated token as reported to clients. `text` is what the token adds to the generated
 /// text (see [`detokenizer`]): the texts of a sequence's tokens concatenate to its
 /// `generated_text`, and the EOS token adds nothing.
@@ -284,6 +295,61 @@ impl Engine {
             ids.push(self.eos);
         }
         Ok(ids)
+    }
+
+    /// `text` tokenized (in `template` when given, special tokens added when asked), each
+    /// token with its span in `text`.
+    pub fn pieces(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        template: Option<&Template>,
+    ) -> Result<Vec<Piece>> {
+        let (prompt, lo) = match template {
+            Some(t) => t.place(text),
+            None => (text.to_string(), 0),
+        };
+        let hi = lo + text.len();
+        let enc = self
+            .tokenizer
+            .encode(prompt.as_str(), add_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let special = enc.get_special_tokens_mask();
+        Ok(enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_tokens())
+            .zip(enc.get_offsets())
+            .enumerate()
+            .map(|(i, ((&id, token), &(s, e)))| {
+                let is_special = special.get(i) == Some(&1);
+                let inside = s >= lo && e <= hi && (s < e || s < hi);
+                Piece {
+                    id,
+                    token: token.clone(),
+                    special: is_special,
+                    span: (!is_special && inside).then(|| (s - lo, e - lo)),
+                }
+            })
+            .collect())
+    }
+
+    /// The text of `ids`; an id outside the vocabulary is refused, not skipped.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        let vocab = self.tokenizer.get_vocab_size(true);
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Validation(format!(
+                "`ids`: {id} is not a token id (the vocabulary has {vocab})"
+            )));
+        }
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Token ids the tokenizer knows: `0..vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
     }
 
     /// The text of each token id on its own, as the tokenizer decodes it.

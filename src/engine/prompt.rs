@@ -67,6 +67,14 @@ impl Template {
     pub fn as_string(&self) -> String {
         format!("{}{{text}}{}", self.before, self.after)
     }
+
+    /// The prompt with `text` in place, and the byte offset where `text` starts in it.
+    pub fn place(&self, text: &str) -> (String, usize) {
+        (
+            format!("{}{text}{}", self.before, self.after),
+            self.before.len(),
+        )
+    }
 }
 
 /// A tokenized prompt whose input tokens are `ids[input]`.
@@ -90,11 +98,11 @@ pub struct Window {
 impl Prompt {
     /// Places `text` in `template` and tokenizes the whole (special tokens added).
     pub fn new(tokenizer: &Tokenizer, template: &Template, text: &str) -> Result<Self> {
-        let prompt = format!("{}{text}{}", template.before, template.after);
+        let (prompt, lo) = template.place(text);
         let enc = tokenizer
             .encode(prompt.as_str(), true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let (lo, hi) = (template.before.len(), template.before.len() + text.len());
+        let hi = lo + text.len();
         let special = enc.get_special_tokens_mask();
         let is_input = |(i, &(start, end)): (usize, &(usize, usize))| {
             special.get(i) == Some(&0)

@@ -239,6 +239,8 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
     let inference = Router::new()
         .route("/v1/sentiment", post(routes::sentiment))
         .route("/v1/generate", post(routes::generate))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/decode", post(routes::decode))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             limit_concurrency,
@@ -247,16 +249,18 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
         .route("/info", get(routes::info))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     let limits = &state.limits;
-    let doc = openapi::document(&limits.request, limits.metrics_on_api)?;
+    // Checked here so a broken document fails at startup, not on the first request.
+    openapi::document(&limits.request, limits.metrics_on_api, None)?;
     let mut app = Router::new()
         .merge(protected)
         .route("/health", get(routes::health))
-        .route("/ready", get(routes::ready));
+        .route("/ready", get(routes::ready))
+        .route("/openapi.json", get(routes::openapi));
     if limits.metrics_on_api {
         app = app.route("/metrics", get(routes::metrics));
     }
     let mut app = app
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", doc))
+        .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
         .route_layer(middleware::from_fn(observe))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state.clone());

@@ -18,6 +18,8 @@ use super::{RequestLimits, routes};
     paths(
         routes::sentiment,
         routes::generate,
+        routes::tokenize,
+        routes::decode,
         routes::health,
         routes::ready,
         routes::info,
@@ -48,15 +50,22 @@ impl utoipa::Modify for Security {
 }
 
 /// Request bodies whose unknown members are refused unless null (see `http::extract`).
-const REQUEST_OBJECTS: [&str; 4] = [
+const REQUEST_OBJECTS: [&str; 6] = [
     "SentimentRequest",
     "SentimentParameters",
     "GenerateRequest",
     "GenerateParameters",
+    "TokenizeRequest",
+    "DecodeRequest",
 ];
 
-/// The document of a server with `limits`; `metrics` says whether `/metrics` is on this listener.
-pub fn document(limits: &RequestLimits, metrics: bool) -> Result<utoipa::openapi::OpenApi, String> {
+/// The document of a server with `limits`; `metrics` says whether `/metrics` is on this listener,
+/// `vocab_size` (known once the model is loaded) bounds token ids.
+pub fn document(
+    limits: &RequestLimits,
+    metrics: bool,
+    vocab_size: Option<usize>,
+) -> Result<utoipa::openapi::OpenApi, String> {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     if !metrics {
@@ -97,6 +106,10 @@ pub fn document(limits: &RequestLimits, metrics: bool) -> Result<utoipa::openapi
         "uniqueItems",
         json!(true),
     )?;
+    if let Some(vocab) = vocab_size {
+        let max = json!(vocab.saturating_sub(1));
+        set(&mut value, &format!("{schemas}/TokenId"), "maximum", max)?;
+    }
     // An event stream's schema describes one event, whose `data` carries the JSON; utoipa has no
     // attribute for `contentSchema`, so the shape is stated here.
     set(
@@ -136,7 +149,7 @@ fn set(doc: &mut Value, pointer: &str, key: &str, v: Value) -> Result<(), String
 
 /// The document for the default limits as pretty JSON: what `openapi/openapi.json` holds.
 pub fn default_json() -> Result<String, String> {
-    document(&RequestLimits::default(), true)?
+    document(&RequestLimits::default(), true, None)?
         .to_pretty_json()
         .map_err(|e| e.to_string())
 }

@@ -55,7 +55,7 @@ fn record_timing(route: &str, t: Timing) {
 }
 
 /// Runs CPU-bound tokenization on the blocking pool.
-async fn tokenize<T: Send + 'static>(
+async fn off_runtime<T: Send + 'static>(
     route: &'static str,
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -97,9 +97,6 @@ pub async fn sentiment(
         Inputs::One(t) => vec![t.0],
         Inputs::Many(v) => v.0.into_iter().map(|t| t.0).collect(),
     };
-    if texts.is_empty() {
-        return Err(ApiError::validation("`inputs` must not be an empty list"));
-    }
     let max = limits.max_client_batch_size;
     if texts.len() > max {
         return Err(ApiError::validation(format!(
@@ -130,7 +127,7 @@ pub async fn sentiment(
         limits.max_chunks_per_input,
     );
     let tokenizer_engine = engine.clone();
-    let (labels, windows) = tokenize("sentiment", move || {
+    let (labels, windows) = off_runtime("sentiment", move || {
         let e = tokenizer_engine;
         let labels = match candidates {
             Some(names) => e.label_set(&names)?,
@@ -273,7 +270,7 @@ pub async fn generate(
     let text = req.inputs.0;
     let prefix = p.return_full_text.unwrap_or(false).then(|| text.clone());
     let tokenizer_engine = engine.clone();
-    let ids = tokenize("generate", move || {
+    let ids = off_runtime("generate", move || {
         tokenizer_engine.tokenize(&text, truncate)
     })
     .await?;
@@ -469,6 +466,126 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Heal
             status: text.into(),
         }),
     )
+}
+
+/// Tokenizes texts as the model sees them (TEI's format), with each token's span in the input.
+#[utoipa::path(
+    post, path = "/tokenize", tag = "inference",
+    request_body = TokenizeRequest,
+    responses(
+        (status = 200, description = "Per input, its tokens", body = Vec<Vec<SimpleToken>>),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+        (status = 413, description = "Body larger than --max-body-bytes", body = ErrorResponse),
+        (status = 422, description = "Invalid input or unknown field", body = ErrorResponse),
+        (status = 429, description = "Too many concurrent requests", body = ErrorResponse),
+        (status = 503, description = "Not ready", body = ErrorResponse),
+    ),
+    security((), ("api_key" = []))
+)]
+pub async fn tokenize(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<TokenizeRequest>,
+) -> Result<Json<Vec<Vec<SimpleToken>>>, ApiError> {
+    let engine = engine(&state)?;
+    let texts: Vec<String> = match req.inputs {
+        Inputs::One(t) => vec![t.0],
+        Inputs::Many(v) => v.0.into_iter().map(|t| t.0).collect(),
+    };
+    let max = state.limits.request.max_client_batch_size;
+    if texts.len() > max {
+        return Err(ApiError::validation(format!(
+            "{} inputs is more than --max-client-batch-size ({max})",
+            texts.len()
+        )));
+    }
+    let special = req.add_special_tokens.unwrap_or(true);
+    let template = req.prompt_template.unwrap_or(false);
+    let body = off_runtime("tokenize", move || {
+        let t = template.then(|| engine.template().clone());
+        texts
+            .iter()
+            .map(|text| {
+                let pieces = engine.pieces(text, special, t.as_deref())?;
+                let chars = |b: usize| text[..b].chars().count();
+                Ok(pieces
+                    .into_iter()
+                    .map(|p| match p.span {
+                        Some((a, b)) => SimpleToken {
+                            id: p.id,
+                            text: text[a..b].to_string(),
+                            special: p.special,
+                            start: Some(chars(a)),
+                            stop: Some(chars(b)),
+                        },
+                        None => SimpleToken {
+                            id: p.id,
+                            text: p.token,
+                            special: p.special,
+                            start: None,
+                            stop: None,
+                        },
+                    })
+                    .collect())
+            })
+            .collect::<crate::error::Result<Vec<_>>>()
+    })
+    .await?;
+    Ok(Json(body))
+}
+
+/// Turns token ids back into text (TEI's format): one string per id sequence.
+#[utoipa::path(
+    post, path = "/decode", tag = "inference",
+    request_body = DecodeRequest,
+    responses(
+        (status = 200, description = "One text per id sequence", body = Vec<String>),
+        (status = 400, description = "Malformed JSON", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong API key", body = ErrorResponse),
+        (status = 413, description = "Body larger than --max-body-bytes", body = ErrorResponse),
+        (status = 422, description = "An id outside the vocabulary or an unknown field", body = ErrorResponse),
+        (status = 429, description = "Too many concurrent requests", body = ErrorResponse),
+        (status = 503, description = "Not ready", body = ErrorResponse),
+    ),
+    security((), ("api_key" = []))
+)]
+pub async fn decode(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<DecodeRequest>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    let engine = engine(&state)?;
+    let seqs: Vec<Vec<u32>> = match req.ids {
+        InputIds::One(ids) => vec![ids.into_iter().map(|t| t.0).collect()],
+        InputIds::Many(v) => v
+            .into_iter()
+            .map(|ids| ids.into_iter().map(|t| t.0).collect())
+            .collect(),
+    };
+    let skip = req.skip_special_tokens.unwrap_or(true);
+    let texts = off_runtime("decode", move || {
+        seqs.iter()
+            .map(|ids| engine.decode(ids, skip))
+            .collect::<crate::error::Result<Vec<_>>>()
+    })
+    .await?;
+    Ok(Json(texts))
+}
+
+/// The OpenAPI document of this server: its limits as schema bounds (and, once the model is
+/// loaded, its vocabulary size as the bound of token ids).
+pub async fn openapi(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let limits = &state.limits;
+    let vocab = state.engine.get().map(Engine::vocab_size);
+    let doc = super::openapi::document(&limits.request, limits.metrics_on_api, vocab)
+        .and_then(|d| d.to_json().map_err(|e| e.to_string()))
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("cannot build the OpenAPI document: {e}"),
+            )
+        })?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())
 }
 
 /// The served model, its merged adapters, labels and limits.

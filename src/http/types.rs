@@ -31,27 +31,62 @@ fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Err
 }
 
 /// A text to classify or continue: at least one non-blank character.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, ToSchema)]
 #[schema(
     min_length = 1,
     pattern = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 )]
 pub struct Text(pub String);
 
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if crate::engine::is_blank(&text) {
+            return Err(serde::de::Error::custom(
+                "a text must contain a non-blank character",
+            ));
+        }
+        Ok(Self(text))
+    }
+}
+
 /// A list of texts: at least one, at most the server's `max_client_batch_size` (see `/info`).
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, ToSchema)]
 #[schema(min_items = 1)]
 pub struct Texts(pub Vec<Text>);
 
+impl<'de> Deserialize<'de> for Texts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let texts = Vec::<Text>::deserialize(d)?;
+        if texts.is_empty() {
+            return Err(serde::de::Error::custom("the list of texts is empty"));
+        }
+        Ok(Self(texts))
+    }
+}
+
 /// One text or a list of texts.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(
-    untagged,
-    expecting = "`inputs` must be a string or a non-empty list of strings"
-)]
+#[serde(untagged)]
 pub enum Inputs {
     One(Text),
     Many(Texts),
+}
+
+/// `inputs`, read by hand rather than through `untagged` (used with `deserialize_with`) so the
+/// error says what is wrong with the text(s).
+fn inputs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Inputs, D::Error> {
+    use serde::de::Error;
+    match serde_json::Value::deserialize(d)? {
+        v @ serde_json::Value::String(_) => Text::deserialize(v).map(Inputs::One),
+        v @ serde_json::Value::Array(_) => Texts::deserialize(v).map(Inputs::Many),
+        _ => {
+            return Err(D::Error::custom(
+                "expected a string or a non-empty list of strings",
+            ));
+        }
+    }
+    .map_err(D::Error::custom)
 }
 
 /// A stop sequence (at most the server's `max_stop_length` characters, see `/info`).
@@ -124,6 +159,7 @@ pub struct SentimentParameters {
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"inputs": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn ."}))]
 pub struct SentimentRequest {
+    #[serde(deserialize_with = "inputs")]
     pub inputs: Inputs,
     pub parameters: Option<SentimentParameters>,
     /// Cut inputs longer than the server's `max_input_tokens` instead of refusing them (only the
@@ -275,6 +311,67 @@ pub struct StreamResponse {
     pub details: Option<StreamDetails>,
 }
 
+/// TEI's `/tokenize` request.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"inputs": "Operating profit rose .", "add_special_tokens": true}))]
+pub struct TokenizeRequest {
+    #[serde(deserialize_with = "inputs")]
+    pub inputs: Inputs,
+    /// Add the special tokens the model sees (the final EOS); default true.
+    pub add_special_tokens: Option<bool>,
+    /// Place each input in the server's sentiment prompt template first (the tokens the
+    /// sentiment route scores); offsets stay relative to the input, template tokens have none.
+    pub prompt_template: Option<bool>,
+}
+
+/// One token of a tokenized input.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SimpleToken {
+    pub id: u32,
+    /// The input text the token covers, or the token itself for special and template tokens.
+    pub text: String,
+    pub special: bool,
+    /// Character span `[start, stop)` in the input; null for special and template tokens.
+    pub start: Option<usize>,
+    pub stop: Option<usize>,
+}
+
+/// Token ids, one sequence or several.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(
+    untagged,
+    expecting = "`ids` must be a list of token ids or a list of such lists"
+)]
+pub enum InputIds {
+    One(Vec<TokenId>),
+    Many(Vec<Vec<TokenId>>),
+}
+
+/// A token id (below the tokenizer's vocabulary size, see `/info`).
+#[derive(Debug, Clone, Copy, ToSchema)]
+#[schema(minimum = 0)]
+pub struct TokenId(pub u32);
+
+impl<'de> Deserialize<'de> for TokenId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = integer(d)?.unwrap_or(-1);
+        u32::try_from(n)
+            .map(Self)
+            .map_err(|_| serde::de::Error::custom(format!("{n} is not a token id")))
+    }
+}
+
+/// TEI's `/decode` request.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"ids": [313, 1], "skip_special_tokens": true}))]
+pub struct DecodeRequest {
+    pub ids: InputIds,
+    /// Leave out special tokens (EOS, padding); default true.
+    pub skip_special_tokens: Option<bool>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorResponse {
     pub error: String,
@@ -328,6 +425,8 @@ pub struct InfoResponse {
     pub device: String,
     pub labels: Vec<String>,
     pub prompt_template: String,
+    /// Token ids are `0..vocab_size` (the tokenizer's).
+    pub vocab_size: usize,
     /// The softmax temperature fitted by `finserve eval --calibrate` for the server's labels, if
     /// a calibration file was loaded.
     pub calibration: Option<CalibrationInfo>,
