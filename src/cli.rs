@@ -140,6 +140,10 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, env = "FINSERVE_PORT", default_value_t = 8080)]
     pub port: u16,
+    /// The model's name in the OpenAI routes (`model` field, `/v1/models`); default: --model, or
+    /// `finserve-demo` for the bundled demo.
+    #[arg(long, env = "FINSERVE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
     /// Serve /metrics on this port only (not on --port), so it can stay internal while the API
     /// is public.
     #[arg(long, env = "FINSERVE_METRICS_PORT")]
@@ -478,6 +482,11 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         cors_allow_origin: args.cors_allow_origin.clone(),
         max_failed_batches: args.max_failed_batches.max(1),
         metrics_on_api: args.metrics_port.is_none(),
+        model_name: args
+            .served_model_name
+            .clone()
+            .or_else(|| args.model.model.clone())
+            .unwrap_or_else(|| crate::http::openapi::DEMO_MODEL_NAME.into()),
         request: args.request_limits()?,
     };
     let state = AppState::new(limits);

@@ -1,4 +1,5 @@
-//! Real clients against the real server: the `huggingface_hub` Python InferenceClient,
+//! Real clients against the real server: the `huggingface_hub` Python InferenceClient, the
+//! `openai` Python client,
 //! schemathesis fuzzing every operation against the served OpenAPI document, and a Prometheus
 //! server scraping `/metrics`.
 
@@ -19,6 +20,22 @@ fn huggingface_hub_inference_client_works() {
         .arg(&s.url)
         // The client only talks to our loopback server; offline mode would refuse even that.
         .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn openai_client_works() {
+    let s = start(&["--served-model-name", "fin-mt5"]);
+    let out = Command::new(common::python())
+        .arg(common::repo().join("tests/clients/openai_client.py"))
+        .args([&s.url, "fin-mt5"])
         .output()
         .unwrap();
     assert!(

@@ -86,6 +86,7 @@ fn serve(model: Faulty, max_failed_batches: usize) -> String {
         cors_allow_origin: Vec::new(),
         max_failed_batches,
         metrics_on_api: true,
+        model_name: "faulty".into(),
         request: RequestLimits::default(),
     });
     assert!(state.engine.set(engine).is_ok());

@@ -3,7 +3,8 @@
 //! Malformed JSON is a 400. A well-formed body that does not fit the request type is a 422
 //! naming the field (`parameters.top_k: invalid type ...`, `unknown field ...`), so a client
 //! learns when part of its request would not be honoured. A field set to `null` counts as
-//! absent, known or not: TGI clients send every parameter, unset ones as `null`.
+//! absent, known or not, at any depth (TGI clients send every parameter, unset ones as `null`);
+//! a `null` list element stays a value.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -13,7 +14,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 
-/// Objects whose `null` members are dropped before deserializing: the body and its `parameters`.
+/// The member that must be an object when present.
 const NESTED: &str = "parameters";
 
 pub struct JsonBody<T>(pub T);
@@ -45,7 +46,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// The object `value` without its `null` members (and the same for its `parameters` object).
+/// The object `value` without `null` members at any depth; `parameters` must be an object
+/// (serde would otherwise read a struct from a list).
 fn without_nulls(value: Value, what: &str) -> Result<Map<String, Value>, ApiError> {
     let Value::Object(map) = value else {
         return Err(ApiError::validation(format!(
@@ -55,14 +57,28 @@ fn without_nulls(value: Value, what: &str) -> Result<Map<String, Value>, ApiErro
     map.into_iter()
         .filter(|(_, v)| !v.is_null())
         .map(|(k, v)| {
-            if k == NESTED {
-                let inner = without_nulls(v, "`parameters`")?;
-                Ok((k, Value::Object(inner)))
-            } else {
-                Ok((k, v))
-            }
+            let v = match v {
+                v if k == NESTED => Value::Object(without_nulls(v, "`parameters`")?),
+                v => nested(v),
+            };
+            Ok((k, v))
         })
         .collect()
+}
+
+/// `v` with every object in it (at any depth, in lists too) rid of its `null` members; a
+/// `null` list element stays.
+fn nested(v: Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, nested(v)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.into_iter().map(nested).collect()),
+        v => v,
+    }
 }
 
 #[cfg(test)]
@@ -71,7 +87,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn nulls_vanish_at_both_levels_and_non_objects_are_refused() {
+    fn nulls_vanish_at_any_depth_and_non_objects_are_refused() {
         let body = json!({"inputs": "x", "stream": null, "parameters": {"top_k": null, "seed": 1}});
         assert_eq!(
             Value::Object(without_nulls(body, "body").unwrap()),
@@ -79,11 +95,17 @@ mod tests {
         );
         assert!(without_nulls(json!(["x"]), "body").is_err());
         assert!(without_nulls(json!({"parameters": [null]}), "body").is_err());
-        // Nested deeper than `parameters`, nulls are values like any other.
+        // List elements that are null stay (and fail where a value is needed); objects in lists
+        // lose their null members.
         let kept = json!({"inputs": ["a", null]});
         assert_eq!(
             Value::Object(without_nulls(kept.clone(), "body").unwrap()),
             kept
+        );
+        let messages = json!({"messages": [{"role": "user", "name": null}]});
+        assert_eq!(
+            Value::Object(without_nulls(messages, "body").unwrap()),
+            json!({"messages": [{"role": "user"}]})
         );
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod openai;
 pub mod openapi;
 pub mod routes;
 pub mod types;
@@ -112,6 +113,8 @@ pub struct HttpLimits {
     pub max_failed_batches: usize,
     /// Whether `/metrics` is served by the API listener (false with `--metrics-port`).
     pub metrics_on_api: bool,
+    /// The model's name in the OpenAI routes (`--served-model-name`).
+    pub model_name: String,
     pub request: RequestLimits,
 }
 
@@ -122,6 +125,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     pub shutting_down: AtomicBool,
     pub limits: HttpLimits,
+    /// When the server started, in Unix seconds (`created` of `/v1/models`).
+    pub started: u64,
     permits: Arc<Semaphore>,
 }
 
@@ -133,6 +138,9 @@ impl AppState {
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             limits,
         })
     }
@@ -240,6 +248,8 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
         .route("/v1/sentiment", post(routes::sentiment))
         .route("/v1/generate", post(routes::generate))
         .route("/tokenize", post(routes::tokenize))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat))
         .route("/decode", post(routes::decode))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -247,10 +257,11 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
         ));
     let protected = inference
         .route("/info", get(routes::info))
+        .route("/v1/models", get(openai::models))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     let limits = &state.limits;
     // Checked here so a broken document fails at startup, not on the first request.
-    openapi::document(&limits.request, limits.metrics_on_api, None)?;
+    openapi::document(&limits.request, &[], limits.metrics_on_api, None)?;
     let mut app = Router::new()
         .merge(protected)
         .route("/health", get(routes::health))

@@ -7,7 +7,10 @@ use serde_json::{Value, json};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{RequestLimits, routes};
+use super::{RequestLimits, openai, routes};
+
+/// The OpenAI routes' name for the bundled demo model.
+pub const DEMO_MODEL_NAME: &str = "finserve-demo";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +23,9 @@ use super::{RequestLimits, routes};
         routes::generate,
         routes::tokenize,
         routes::decode,
+        openai::models,
+        openai::completions,
+        openai::chat,
         routes::health,
         routes::ready,
         routes::info,
@@ -28,6 +34,7 @@ use super::{RequestLimits, routes};
     modifiers(&Security),
     tags(
         (name = "inference", description = "Model inference"),
+        (name = "openai", description = "OpenAI-compatible routes"),
         (name = "operations", description = "Health, readiness, info and metrics")
     )
 )]
@@ -50,22 +57,27 @@ impl utoipa::Modify for Security {
 }
 
 /// Request bodies whose unknown members are refused unless null (see `http::extract`).
-const REQUEST_OBJECTS: [&str; 6] = [
+const REQUEST_OBJECTS: [&str; 9] = [
     "SentimentRequest",
     "SentimentParameters",
     "GenerateRequest",
     "GenerateParameters",
     "TokenizeRequest",
     "DecodeRequest",
+    "CompletionRequest",
+    "ChatRequest",
+    "Message",
 ];
 
-/// The document of a server with `limits`; `metrics` says whether `/metrics` is on this listener,
-/// `vocab_size` (known once the model is loaded) bounds token ids.
+/// The document of a server with `limits` serving `models` (the OpenAI routes' `model`
+/// values); `metrics` says whether `/metrics` is on this listener, `vocab_size` (known once the
+/// model is loaded) bounds token ids.
 pub fn document(
     limits: &RequestLimits,
+    models: &[String],
     metrics: bool,
     vocab_size: Option<usize>,
-) -> Result<utoipa::openapi::OpenApi, String> {
+) -> Result<Value, String> {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     if !metrics {
@@ -93,9 +105,25 @@ pub fn document(
             limits.max_stop_sequences,
         ),
         ("StopSequence", "maxLength", limits.max_stop_length),
+        ("StopList", "maxItems", limits.max_stop_sequences),
         ("Texts", "maxItems", limits.max_client_batch_size),
         ("Labels", "maxItems", limits.max_candidate_labels),
         ("Label", "maxLength", limits.max_label_length),
+        (
+            "CompletionRequest/properties/max_tokens",
+            "maximum",
+            limits.max_new_tokens,
+        ),
+        (
+            "ChatRequest/properties/max_tokens",
+            "maximum",
+            limits.max_new_tokens,
+        ),
+        (
+            "ChatRequest/properties/max_completion_tokens",
+            "maximum",
+            limits.max_new_tokens,
+        ),
     ];
     for (path, key, limit) in patches {
         set(&mut value, &format!("{schemas}/{path}"), key, json!(limit))?;
@@ -106,6 +134,10 @@ pub fn document(
         "uniqueItems",
         json!(true),
     )?;
+    for request in ["CompletionRequest", "ChatRequest"] {
+        let path = format!("{schemas}/{request}/properties/model");
+        set(&mut value, &path, "enum", json!(models))?;
+    }
     if let Some(vocab) = vocab_size {
         let max = json!(vocab.saturating_sub(1));
         set(&mut value, &format!("{schemas}/TokenId"), "maximum", max)?;
@@ -134,7 +166,7 @@ pub fn document(
             }
         }),
     )?;
-    serde_json::from_value(value).map_err(|e| e.to_string())
+    Ok(value)
 }
 
 /// Sets `key` on the schema object at `pointer`, which must exist: a change in how the schemas
@@ -147,9 +179,10 @@ fn set(doc: &mut Value, pointer: &str, key: &str, v: Value) -> Result<(), String
     Ok(())
 }
 
-/// The document for the default limits as pretty JSON: what `openapi/openapi.json` holds.
+/// The document for the default limits and the demo model as pretty JSON: what
+/// `openapi/openapi.json` holds.
 pub fn default_json() -> Result<String, String> {
-    document(&RequestLimits::default(), true, None)?
-        .to_pretty_json()
+    let models = [DEMO_MODEL_NAME.to_string()];
+    serde_json::to_string_pretty(&document(&RequestLimits::default(), &models, true, None)?)
         .map_err(|e| e.to_string())
 }

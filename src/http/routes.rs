@@ -24,7 +24,7 @@ use crate::engine::{Engine, GenerateEvent, GenerateOutput, Timing};
 use crate::error::Error;
 use crate::metrics::METRICS;
 
-fn engine(state: &AppState) -> Result<Engine, ApiError> {
+pub(super) fn engine(state: &AppState) -> Result<Engine, ApiError> {
     match state.engine.get() {
         Some(e) if !state.shutting_down.load(Ordering::SeqCst) => Ok(e.clone()),
         _ => Err(ApiError::not_ready()),
@@ -43,7 +43,7 @@ fn timing_headers(t: Timing) -> HeaderMap {
     h
 }
 
-fn record_timing(route: &str, t: Timing) {
+pub(super) fn record_timing(route: &str, t: Timing) {
     METRICS
         .queue_duration
         .with_label_values(&[route])
@@ -55,7 +55,7 @@ fn record_timing(route: &str, t: Timing) {
 }
 
 /// Runs CPU-bound tokenization on the blocking pool.
-async fn off_runtime<T: Send + 'static>(
+pub(super) async fn off_runtime<T: Send + 'static>(
     route: &'static str,
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
@@ -315,7 +315,7 @@ pub async fn generate(
     Ok((timing_headers(out.timing), Json(body)).into_response())
 }
 
-async fn collect(
+pub(super) async fn collect(
     mut rx: UnboundedReceiver<GenerateEvent>,
     deadline: Instant,
 ) -> Result<GenerateOutput, ApiError> {
@@ -411,7 +411,7 @@ fn json_event<T: serde::Serialize>(item: &T) -> Event {
 }
 
 /// An error as the stream's last event, in the same shape as error responses.
-fn error_event(e: &ApiError) -> Event {
+pub(super) fn error_event(e: &ApiError) -> Event {
     METRICS.errors.with_label_values(&[e.error_type]).inc();
     let body = serde_json::json!({"error": e.message, "error_type": e.error_type});
     Event::default().data(body.to_string())
@@ -556,10 +556,11 @@ pub async fn decode(
     let engine = engine(&state)?;
     let seqs: Vec<Vec<u32>> = match req.ids {
         InputIds::One(ids) => vec![ids.into_iter().map(|t| t.0).collect()],
-        InputIds::Many(v) => v
-            .into_iter()
-            .map(|ids| ids.into_iter().map(|t| t.0).collect())
-            .collect(),
+        InputIds::Many(v) => {
+            v.0.into_iter()
+                .map(|ids| ids.into_iter().map(|t| t.0).collect())
+                .collect()
+        }
     };
     let skip = req.skip_special_tokens.unwrap_or(true);
     let texts = off_runtime("decode", move || {
@@ -576,8 +577,8 @@ pub async fn decode(
 pub async fn openapi(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let limits = &state.limits;
     let vocab = state.engine.get().map(Engine::vocab_size);
-    let doc = super::openapi::document(&limits.request, limits.metrics_on_api, vocab)
-        .and_then(|d| d.to_json().map_err(|e| e.to_string()))
+    let models = super::openai::names(&state);
+    let doc = super::openapi::document(&limits.request, &models, limits.metrics_on_api, vocab)
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -585,7 +586,7 @@ pub async fn openapi(State(state): State<Arc<AppState>>) -> Result<Response, Api
                 format!("cannot build the OpenAPI document: {e}"),
             )
         })?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], doc).into_response())
+    Ok(Json(doc).into_response())
 }
 
 /// The served model, its merged adapters, labels and limits.

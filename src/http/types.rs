@@ -12,7 +12,7 @@ use crate::lora::MergeReport;
 
 /// JSON Schema's `integer` is any number without a fractional part, so `20.0` is as valid as
 /// `20`; serde's integers accept only the latter. Used with `deserialize_with` on integer fields.
-fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+pub(super) fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     use serde::de::Error;
     let n = serde_json::Number::deserialize(d)?;
     if let Some(i) = n.as_i64() {
@@ -345,8 +345,13 @@ pub struct SimpleToken {
 )]
 pub enum InputIds {
     One(Vec<TokenId>),
-    Many(Vec<Vec<TokenId>>),
+    Many(IdLists),
 }
+
+/// Several id sequences (at least one, so that `[]` reads as one empty sequence).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(min_items = 1)]
+pub struct IdLists(pub Vec<Vec<TokenId>>);
 
 /// A token id (below the tokenizer's vocabulary size, see `/info`).
 #[derive(Debug, Clone, Copy, ToSchema)]

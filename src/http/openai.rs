@@ -1,0 +1,505 @@
+//! OpenAI-compatible routes (`/v1/models`, `/v1/completions`, `/v1/chat/completions`), so
+//! LangChain, LiteLLM, gateways and the `openai` client can call finserve. They map onto the same
+//! generation as `/v1/generate`: `temperature: 0` is greedy decoding, any other temperature
+//! samples (OpenAI's default is 1), `top_p: 1` means no nucleus cut. mt0 has no chat template,
+//! so a chat's prompt is its messages' contents joined by newlines. Only `n: 1` exists, and
+//! log-probabilities are those of the chosen tokens (no top alternatives).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedReceiver;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::JsonBody;
+use super::routes::{collect, engine, error_event, record_timing};
+use super::types::{ErrorResponse, GenerateParameters, StopSequence, Text};
+use super::validation;
+use crate::engine::generate::FinishReason;
+use crate::engine::{GenerateEvent, TokenInfo};
+use crate::error::Error;
+use crate::metrics::METRICS;
+
+/// One served model.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Model {
+    pub id: String,
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<Model>,
+}
+
+/// A prompt: one text, or a list holding one text.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum PromptInput {
+    One(Text),
+    List(OnePrompt),
+}
+
+/// A list of exactly one prompt (only `n: 1` is served).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(min_items = 1, max_items = 1)]
+pub struct OnePrompt(Vec<Text>);
+
+/// `stop`: one sequence or a list.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Stop {
+    One(StopSequence),
+    Many(StopList),
+}
+
+/// Stop sequences (at most the server's `max_stop_sequences`, see `/info`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+pub struct StopList(Vec<StopSequence>);
+
+/// The sampling fields both OpenAI routes share (repeated in each request type: serde cannot
+/// refuse unknown fields of a struct with a flattened member).
+struct Sampling {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<i64>,
+}
+
+macro_rules! sampling {
+    ($req:expr) => {
+        Sampling {
+            temperature: $req.temperature,
+            top_p: $req.top_p,
+            seed: $req.seed,
+            stop: $req.stop.clone(),
+            n: $req.n,
+        }
+    };
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"model": "finserve", "prompt": "Profit rose 20 % . Sentiment:", "max_tokens": 3, "temperature": 0}))]
+pub struct CompletionRequest {
+    /// A name from `/v1/models`.
+    pub model: String,
+    pub prompt: PromptInput,
+    /// Default 16 (at most the server's `max_new_tokens`).
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<i64>,
+    /// 0 returns the chosen tokens' log-probabilities; top alternatives are not available.
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 0, maximum = 0)]
+    pub logprobs: Option<i64>,
+    /// 0 is greedy decoding; default 1 (sampling), as OpenAI.
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 0)]
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    /// Only 1.
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 1, maximum = 1)]
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+}
+
+/// A chat message; only its `content` reaches the model.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub role: Role,
+    pub content: Text,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"model": "finserve", "messages": [{"role": "user", "content": "Profit rose 20 % ."}], "max_tokens": 3}))]
+pub struct ChatRequest {
+    /// A name from `/v1/models`.
+    pub model: String,
+    #[schema(min_items = 1)]
+    pub messages: Vec<Message>,
+    /// Default 16 (at most the server's `max_new_tokens`).
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<i64>,
+    /// OpenAI's newer name for `max_tokens`; it wins when both are set.
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 1)]
+    pub max_completion_tokens: Option<i64>,
+    /// Return the chosen tokens' log-probabilities.
+    pub logprobs: Option<bool>,
+    /// Only 0: top alternatives are not available.
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 0, maximum = 0)]
+    pub top_logprobs: Option<i64>,
+    /// 0 is greedy decoding; default 1 (sampling), as OpenAI.
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    pub temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 0)]
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    /// Only 1.
+    #[serde(default, deserialize_with = "super::types::integer")]
+    #[schema(minimum = 1, maximum = 1)]
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// What both routes set up before generating.
+struct Run {
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: usize,
+    rx: UnboundedReceiver<GenerateEvent>,
+    deadline: Instant,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn finish(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::EosToken | FinishReason::StopSequence => "stop",
+    }
+}
+
+/// The served model names (one today; one per variant once variants exist).
+pub(super) fn names(state: &AppState) -> Vec<String> {
+    vec![state.limits.model_name.clone()]
+}
+
+/// Checks the model name and sampling fields, tokenizes and queues the generation.
+async fn start(
+    state: &Arc<AppState>,
+    model: String,
+    prompt: String,
+    max_tokens: Option<i64>,
+    s: &Sampling,
+    prefix: &'static str,
+) -> Result<Run, ApiError> {
+    let engine = engine(state)?;
+    let served = names(state);
+    if !served.contains(&model) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model `{model}` is not served here; the models are {served:?}"),
+        ));
+    }
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::validation("`n` must be 1"));
+    }
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::validation(format!(
+            "`temperature` must be between 0 and 2 (got {temperature})"
+        )));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::validation(format!(
+            "`top_p` must be > 0 and <= 1 (got {top_p})"
+        )));
+    }
+    let greedy = temperature == 0.0;
+    let params = GenerateParameters {
+        max_new_tokens: Some(max_tokens.unwrap_or(16)),
+        do_sample: Some(!greedy),
+        temperature: (!greedy).then_some(temperature),
+        top_p: (!greedy && top_p < 1.0).then_some(top_p),
+        seed: s.seed,
+        stop: s.stop.clone().map(|stop| match stop {
+            Stop::One(s) => vec![s],
+            Stop::Many(StopList(v)) => v,
+        }),
+        ..Default::default()
+    };
+    let tokenizer = engine.clone();
+    let ids = super::routes::off_runtime(prefix, move || tokenizer.tokenize(&prompt, None)).await?;
+    let params = validation::generate_params(&params, ids.len(), &state.limits.request)?;
+    METRICS
+        .input_tokens
+        .with_label_values(&[prefix])
+        .observe(ids.len() as f64);
+    let prompt_tokens = ids.len();
+    let rx = engine.generate(ids, params)?;
+    Ok(Run {
+        id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+        created: now(),
+        model,
+        prompt_tokens,
+        rx,
+        deadline: Instant::now() + state.limits.request_timeout,
+    })
+}
+
+fn prompt_of(p: PromptInput) -> Result<String, ApiError> {
+    match p {
+        PromptInput::One(s) => Ok(s.0),
+        PromptInput::List(OnePrompt(mut v)) if v.len() == 1 => Ok(v.remove(0).0),
+        PromptInput::List(_) => Err(ApiError::validation(
+            "`prompt` must be one text (or a list of one): only `n: 1` is served",
+        )),
+    }
+}
+
+/// The models this server serves (OpenAI's format).
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, body = ModelList), (status = 401, body = ErrorResponse)),
+    security((), ("api_key" = [])))]
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    let created = state.started;
+    Json(ModelList {
+        object: "list".into(),
+        data: names(&state)
+            .into_iter()
+            .map(|id| Model {
+                id,
+                object: "model".into(),
+                created,
+                owned_by: "finserve".into(),
+            })
+            .collect(),
+    })
+}
+
+/// Text completion (OpenAI's legacy completions format; `stream: true` for server-sent events
+/// ending with `data: [DONE]`).
+#[utoipa::path(post, path = "/v1/completions", tag = "openai",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion; with `stream`, chunks of it as server-sent events",
+         content((Value = "application/json"), (Value = "text/event-stream"))),
+        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 413, body = ErrorResponse), (status = 422, body = ErrorResponse),
+        (status = 429, body = ErrorResponse), (status = 503, body = ErrorResponse),
+        (status = 504, body = ErrorResponse),
+    ),
+    security((), ("api_key" = [])))]
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    if req.logprobs.is_some_and(|n| n != 0) {
+        return Err(ApiError::validation(
+            "`logprobs` must be 0: only the chosen tokens' log-probabilities are available",
+        ));
+    }
+    let with_logprobs = req.logprobs.is_some();
+    let prompt = prompt_of(req.prompt)?;
+    let stream = req.stream.unwrap_or(false);
+    let sampling = sampling!(req);
+    let run = start(&state, req.model, prompt, req.max_tokens, &sampling, "cmpl").await?;
+    let base = json!({"id": run.id, "object": "text_completion", "created": run.created, "model": run.model});
+    if stream {
+        return Ok(sse(run, base, |t, end| {
+            json!([{"index": 0, "text": t.map_or("", |t| t.text.as_str()),
+                     "logprobs": null, "finish_reason": end.map(finish)}])
+        })
+        .into_response());
+    }
+    let (prompt_tokens, mut base) = (run.prompt_tokens, base);
+    let out = collect(run.rx, run.deadline).await?;
+    record_timing("completions", out.timing);
+    let logprobs = with_logprobs.then(|| {
+        let mut offset = 0;
+        let offsets: Vec<usize> = out
+            .tokens
+            .iter()
+            .map(|t| {
+                let at = offset;
+                offset += t.text.len();
+                at
+            })
+            .collect();
+        json!({"tokens": out.tokens.iter().map(|t| &t.text).collect::<Vec<_>>(),
+               "token_logprobs": out.tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+               "top_logprobs": null, "text_offset": offsets})
+    });
+    base["choices"] = json!([{"index": 0, "text": out.generated_text, "logprobs": logprobs,
+                               "finish_reason": finish(out.finish_reason)}]);
+    base["usage"] = json!(usage(prompt_tokens, out.tokens.len()));
+    Ok(Json(base).into_response())
+}
+
+/// Chat completion (OpenAI's format; `stream: true` for server-sent events ending with
+/// `data: [DONE]`). The prompt is the messages' contents joined by newlines.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The reply; with `stream`, chunks of it as server-sent events",
+         content((Value = "application/json"), (Value = "text/event-stream"))),
+        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
+        (status = 404, description = "Unknown model", body = ErrorResponse),
+        (status = 413, body = ErrorResponse), (status = 422, body = ErrorResponse),
+        (status = 429, body = ErrorResponse), (status = 503, body = ErrorResponse),
+        (status = 504, body = ErrorResponse),
+    ),
+    security((), ("api_key" = [])))]
+pub async fn chat(
+    State(state): State<Arc<AppState>>,
+    JsonBody(req): JsonBody<ChatRequest>,
+) -> Result<Response, ApiError> {
+    if req.top_logprobs.is_some_and(|n| n != 0) {
+        return Err(ApiError::validation(
+            "`top_logprobs` must be 0: only the chosen tokens' log-probabilities are available",
+        ));
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::validation("`messages` must not be empty"));
+    }
+    let prompt = req
+        .messages
+        .iter()
+        .map(|m| m.content.0.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let with_logprobs = req.logprobs.unwrap_or(false);
+    let stream = req.stream.unwrap_or(false);
+    // Both are checked even though the newer name wins.
+    if let (Some(_), Some(old)) = (req.max_completion_tokens, req.max_tokens) {
+        validation::generate_params(
+            &GenerateParameters {
+                max_new_tokens: Some(old),
+                ..Default::default()
+            },
+            0,
+            &state.limits.request,
+        )
+        .map_err(|e| ApiError::validation(format!("`max_tokens`: {e}")))?;
+    }
+    let max = req.max_completion_tokens.or(req.max_tokens);
+    let sampling = sampling!(req);
+    let run = start(&state, req.model, prompt, max, &sampling, "chatcmpl").await?;
+    let base = json!({"id": run.id, "object": if stream { "chat.completion.chunk" } else { "chat.completion" },
+                      "created": run.created, "model": run.model});
+    if stream {
+        return Ok(sse(run, base, |t, end| {
+            let delta = match (t, end) {
+                (Some(t), _) => json!({"role": "assistant", "content": t.text}),
+                (None, _) => json!({}),
+            };
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": end.map(finish)}])
+        })
+        .into_response());
+    }
+    let (prompt_tokens, mut base) = (run.prompt_tokens, base);
+    let out = collect(run.rx, run.deadline).await?;
+    record_timing("chat", out.timing);
+    let logprobs = with_logprobs.then(|| {
+        json!({"content": out.tokens.iter().map(|t| json!({
+            "token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(), "top_logprobs": []
+        })).collect::<Vec<_>>()})
+    });
+    base["choices"] = json!([{"index": 0,
+        "message": {"role": "assistant", "content": out.generated_text},
+        "logprobs": logprobs, "finish_reason": finish(out.finish_reason)}]);
+    base["usage"] = json!(usage(prompt_tokens, out.tokens.len()));
+    Ok(Json(base).into_response())
+}
+
+fn usage(prompt: usize, completion: usize) -> Usage {
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+    }
+}
+
+/// Server-sent chunks: one per token (`choices` built by `choices(token, finish)`), then a last
+/// chunk with the finish reason, then `data: [DONE]`.
+fn sse(
+    run: Run,
+    base: Value,
+    choices: impl Fn(Option<&TokenInfo>, Option<FinishReason>) -> Value + Send + Sync + 'static,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let choices = Arc::new(choices);
+    let chunk = move |t: Option<&TokenInfo>, end: Option<FinishReason>| {
+        let mut c = base.clone();
+        c["choices"] = choices(t, end);
+        Event::default().data(c.to_string())
+    };
+    let Run { rx, deadline, .. } = run;
+    let stream = futures::stream::unfold((rx, false), move |(mut rx, done)| {
+        let chunk = chunk.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let events: Vec<Event> = match tokio::time::timeout_at(deadline.into(), rx.recv()).await
+            {
+                Err(_) => vec![error_event(&ApiError::timeout())],
+                Ok(Some(GenerateEvent::Token(t))) => {
+                    return Some((vec![chunk(Some(&t), None)], (rx, false)));
+                }
+                Ok(Some(GenerateEvent::End(out))) => {
+                    record_timing("openai", out.timing);
+                    let mut v: Vec<Event> = out
+                        .tokens
+                        .last()
+                        .map(|t| chunk(Some(t), None))
+                        .into_iter()
+                        .collect();
+                    v.push(chunk(None, Some(out.finish_reason)));
+                    v.push(Event::default().data("[DONE]"));
+                    v
+                }
+                Ok(Some(GenerateEvent::Error(e))) => vec![error_event(&e.into())],
+                Ok(None) => vec![error_event(&Error::EngineDown.into())],
+            };
+            Some((events, (rx, true)))
+        }
+    });
+    Sse::new(
+        stream
+            .flat_map(futures::stream::iter)
+            .map(Ok::<_, Infallible>),
+    )
+    .keep_alive(KeepAlive::default())
+}
