@@ -264,6 +264,7 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
     openapi::document(&limits.request, &[], limits.metrics_on_api, None)?;
     let mut app = Router::new()
         .merge(protected)
+        .route("/", get(routes::playground))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
         .route("/openapi.json", get(routes::openapi));

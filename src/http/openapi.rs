@@ -26,6 +26,7 @@ pub const DEMO_MODEL_NAME: &str = "finserve-demo";
         openai::models,
         openai::completions,
         openai::chat,
+        routes::playground,
         routes::health,
         routes::ready,
         routes::info,

@@ -589,6 +589,13 @@ pub async fn openapi(State(state): State<Arc<AppState>>) -> Result<Response, Api
     Ok(Json(doc).into_response())
 }
 
+/// The playground: one self-contained page (no CDN) to score and generate from a browser.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses((status = 200, description = "The playground page", body = String, content_type = "text/html")))]
+pub async fn playground() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("playground.html"))
+}
+
 /// The served model, its merged adapters, labels and limits.
 #[utoipa::path(get, path = "/info", tag = "operations",
     responses((status = 200, body = InfoResponse), (status = 503, body = ErrorResponse)),

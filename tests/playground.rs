@@ -1,0 +1,82 @@
+//! The playground page at `/` in a real headless browser (Debian's `chromium`, driven through
+//! the DevTools protocol by `tests/playground/browser.py`): it shows the model from `/info`,
+//! scores its sample and draws a bar per returned label, streams a generation whose text equals
+//! the plain request's, and reports a missing API key instead of failing silently.
+
+mod common;
+
+use std::process::Command;
+
+use common::start;
+use serde_json::{Value, json};
+
+/// The page's state once nothing on it is busy (see `browser.py`).
+fn open(url: &str, screenshot: Option<&std::path::Path>) -> Value {
+    common::which("chromium");
+    let mut cmd = Command::new(common::python());
+    cmd.arg(common::repo().join("tests/playground/browser.py"))
+        .arg(url);
+    if let Some(path) = screenshot {
+        cmd.arg("--screenshot").arg(path);
+    }
+    let out = cmd.output().expect("python");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("page state")
+}
+
+#[test]
+fn the_playground_scores_and_streams_in_a_browser() {
+    let s = start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("playground.png");
+    let page = open(&format!("{}/?run=1", s.url), Some(&png));
+    assert!(
+        page["model"].as_str().unwrap().contains("mt5_base"),
+        "{page}"
+    );
+    assert_eq!(page["errors"], json!([]), "{page}");
+    let (_, scored) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 ."}),
+    );
+    let bars = page["bars"].as_array().unwrap();
+    assert_eq!(bars.len(), 3, "{page}");
+    for (bar, want) in bars.iter().zip(scored[0].as_array().unwrap()) {
+        assert_eq!(bar["label"], want["label"], "{page}");
+        let pct = format!("{:.1}%", 100.0 * want["score"].as_f64().unwrap());
+        assert_eq!(bar["score"], pct.as_str(), "{page}");
+        // The browser normalises the style ("0.0%" reads back as "0%").
+        let width: f64 = bar["width"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches('%')
+            .parse()
+            .unwrap();
+        assert!(
+            (width - 100.0 * want["score"].as_f64().unwrap()).abs() < 0.051,
+            "{page}"
+        );
+    }
+    let (_, plain) = s.post(
+        "/v1/generate",
+        &json!({"inputs": "Net sales decreased by 5 % in the third quarter .",
+                "parameters": {"max_new_tokens": 32}}),
+    );
+    assert_eq!(page["generated"], plain["generated_text"], "{page}");
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000);
+}
+
+#[test]
+fn the_playground_reports_a_missing_api_key() {
+    let s = start(&["--api-key", "secret"]);
+    let page = open(&format!("{}/", s.url), None);
+    let errors = page["errors"].to_string();
+    assert!(errors.contains("missing or invalid API key"), "{page}");
+    assert_eq!(page["bars"], json!([]), "{page}");
+}
