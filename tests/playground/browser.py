@@ -68,6 +68,7 @@ def main() -> None:
                     return msg["result"]
 
         call("Page.enable")
+        call("Emulation.setDeviceMetricsOverride", width=1100, height=760, deviceScaleFactor=1, mobile=False)
         call("Page.navigate", url=args.url)
         state = None
         while time.monotonic() < deadline:
