@@ -69,6 +69,10 @@ pub struct Cli {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "FINSERVE_JSON_LOGS", global = true)]
     pub json_logs: bool,
+    /// Export trace spans to this OpenTelemetry collector (OTLP/HTTP protobuf, e.g.
+    /// http://otel-collector:4318). Off by default.
+    #[arg(long, env = "FINSERVE_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -408,25 +412,9 @@ impl ModelArgs {
     }
 }
 
-fn init_logging(json: bool) -> anyhow::Result<()> {
-    let spec = std::env::var("FINSERVE_LOG").unwrap_or_else(|_| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
-        .with_context(|| format!("FINSERVE_LOG=`{spec}` is not a valid log filter"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    Ok(())
-}
-
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging(cli.json_logs)?;
+    let _telemetry = crate::telemetry::init(cli.json_logs, cli.otlp_endpoint.as_deref())?;
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),

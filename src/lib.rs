@@ -17,3 +17,4 @@ pub mod hub;
 pub mod lora;
 pub mod metrics;
 pub mod model;
+pub mod telemetry;

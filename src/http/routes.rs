@@ -60,7 +60,8 @@ pub(super) async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     let start = Instant::now();
-    let out = tokio::task::spawn_blocking(f)
+    let span = tracing::info_span!("tokenize", route);
+    let out = tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| ApiError::from(Error::Inference(format!("tokenizer task failed: {e}"))))??;
     METRICS
@@ -154,6 +155,7 @@ pub async fn sentiment(
         Ok((labels, windows))
     })
     .await?;
+    let (request, submitted) = (tracing::Span::current(), std::time::SystemTime::now());
     let mut receivers = Vec::new();
     for (_, ws) in &windows {
         for w in ws {
@@ -171,6 +173,7 @@ pub async fn sentiment(
     .await
     .map_err(|_| ApiError::timeout())?;
 
+    let _response = tracing::info_span!("response").entered();
     let mut results = results.into_iter();
     let mut timing = Timing::default();
     let mut body: Vec<InputScores> = Vec::with_capacity(windows.len());
@@ -222,6 +225,7 @@ pub async fn sentiment(
         });
     }
     record_timing("sentiment", timing);
+    crate::telemetry::record_engine_spans(&request, submitted, timing.queue, timing.inference);
     Ok((timing_headers(timing), Json(body)).into_response())
 }
 
@@ -294,6 +298,7 @@ pub async fn generate(
     } else {
         Vec::new()
     };
+    let (request, submitted) = (tracing::Span::current(), std::time::SystemTime::now());
     let rx = engine.generate(ids, params)?;
     let deadline = Instant::now() + state.limits.request_timeout;
     if req.stream.unwrap_or(false) {
@@ -301,6 +306,13 @@ pub async fn generate(
     }
     let out = collect(rx, deadline).await?;
     record_timing("generate", out.timing);
+    crate::telemetry::record_engine_spans(
+        &request,
+        submitted,
+        out.timing.queue,
+        out.timing.inference,
+    );
+    let _response = tracing::info_span!("response").entered();
     let details = details.then(|| Details {
         finish_reason: out.finish_reason,
         generated_tokens: out.tokens.len() as u32,

@@ -1,0 +1,123 @@
+//! OpenTelemetry export: finserve started with `--otlp-endpoint` pointing at a local OTLP/HTTP
+//! receiver (a plain TCP server here, decoding the protobuf with `opentelemetry-proto`) sends a
+//! request's span, carrying its request id, with `tokenize`, `queue`, `inference` and
+//! `response` children.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use prost::Message;
+use serde_json::json;
+
+/// Accepts OTLP/HTTP exports and keeps every span received.
+fn receiver() -> (String, Arc<Mutex<Vec<Span>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let sink = spans.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let mut reader = BufReader::new(stream);
+            loop {
+                let mut length = 0;
+                let mut line = String::new();
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                    break;
+                }
+                loop {
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                assert!(
+                    request_line.starts_with("POST /v1/traces"),
+                    "{request_line}"
+                );
+                let export = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+                for r in export.resource_spans {
+                    for s in r.scope_spans {
+                        sink.lock().unwrap().extend(s.spans);
+                    }
+                }
+                let reply = "HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+                reader.get_mut().write_all(reply.as_bytes()).unwrap();
+            }
+        }
+    });
+    (url, spans)
+}
+
+fn attribute(span: &Span, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            AnyValue::StringValue(s) => s.clone(),
+            other => format!("{other:?}"),
+        })
+}
+
+#[test]
+fn a_request_arrives_as_a_span_tree_at_the_otlp_receiver() {
+    let (url, spans) = receiver();
+    let mut s = common::start(&["--otlp-endpoint", &url]);
+    for (path, body) in [
+        ("/v1/sentiment", json!({"inputs": "Profit rose ."})),
+        (
+            "/v1/generate",
+            json!({"inputs": "Profit rose .", "parameters": {"max_new_tokens": 3}}),
+        ),
+    ] {
+        let (code, _) = s.post_raw(
+            path,
+            &body.to_string(),
+            &[("x-request-id", &format!("trace-{path}"))],
+        );
+        assert_eq!(code, 200);
+    }
+    // SIGTERM flushes the batch exporter on the way out.
+    assert!(s.terminate().success());
+    let spans = spans.lock().unwrap();
+    for path in ["/v1/sentiment", "/v1/generate"] {
+        let id = format!("trace-{path}");
+        let request = spans
+            .iter()
+            .find(|sp| sp.name == "request" && attribute(sp, "request_id").as_deref() == Some(&id))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no request span for {id}: {:?}",
+                    spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+                )
+            });
+        let children: Vec<&str> = spans
+            .iter()
+            .filter(|sp| sp.parent_span_id == request.span_id && sp.trace_id == request.trace_id)
+            .map(|sp| sp.name.as_str())
+            .collect();
+        for name in ["tokenize", "queue", "inference", "response"] {
+            assert!(children.contains(&name), "{path}: children {children:?}");
+        }
+        let queue = spans
+            .iter()
+            .find(|sp| sp.name == "queue" && sp.parent_span_id == request.span_id)
+            .unwrap();
+        assert!(queue.end_time_unix_nano >= queue.start_time_unix_nano);
+        assert!(queue.start_time_unix_nano >= request.start_time_unix_nano);
+    }
+}
