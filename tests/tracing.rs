@@ -1,7 +1,7 @@
 //! OpenTelemetry export: finserve started with `--otlp-endpoint` pointing at a local OTLP/HTTP
 //! receiver (a plain TCP server here, decoding the protobuf with `opentelemetry-proto`) sends a
-//! request's span, carrying its request id, with `tokenize`, `queue`, `inference` and
-//! `response` children.
+//! request's span, carrying its request id, with `tokenize`, `queue` and `inference` children
+//! (and `response` for the answers built in the handler), streamed or not.
 
 mod common;
 
@@ -76,26 +76,44 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
 #[test]
 fn a_request_arrives_as_a_span_tree_at_the_otlp_receiver() {
     let (url, spans) = receiver();
-    let mut s = common::start(&["--otlp-endpoint", &url]);
-    for (path, body) in [
-        ("/v1/sentiment", json!({"inputs": "Profit rose ."})),
+    let mut s = common::start(&["--otlp-endpoint", &url, "--served-model-name", "tests"]);
+    let requests = [
         (
+            "sentiment",
+            "/v1/sentiment",
+            json!({"inputs": "Profit rose ."}),
+        ),
+        (
+            "generate",
             "/v1/generate",
             json!({"inputs": "Profit rose .", "parameters": {"max_new_tokens": 3}}),
         ),
-    ] {
-        let (code, _) = s.post_raw(
-            path,
-            &body.to_string(),
-            &[("x-request-id", &format!("trace-{path}"))],
-        );
-        assert_eq!(code, 200);
+        (
+            "stream",
+            "/v1/generate",
+            json!({"inputs": "Profit rose .", "stream": true, "parameters": {"max_new_tokens": 3}}),
+        ),
+        (
+            "openai",
+            "/v1/completions",
+            json!({"model": "tests", "prompt": "Profit rose .", "max_tokens": 3}),
+        ),
+        (
+            "openai-stream",
+            "/v1/completions",
+            json!({"model": "tests", "prompt": "Profit rose .", "max_tokens": 3, "stream": true}),
+        ),
+    ];
+    for (name, path, body) in &requests {
+        let id = format!("trace-{name}");
+        let (code, text) = s.post_raw(path, &body.to_string(), &[("x-request-id", &id)]);
+        assert_eq!(code, 200, "{name}: {text}");
     }
     // SIGTERM flushes the batch exporter on the way out.
     assert!(s.terminate().success());
     let spans = spans.lock().unwrap();
-    for path in ["/v1/sentiment", "/v1/generate"] {
-        let id = format!("trace-{path}");
+    for (name, path, _) in &requests {
+        let id = format!("trace-{name}");
         let request = spans
             .iter()
             .find(|sp| sp.name == "request" && attribute(sp, "request_id").as_deref() == Some(&id))
@@ -110,8 +128,14 @@ fn a_request_arrives_as_a_span_tree_at_the_otlp_receiver() {
             .filter(|sp| sp.parent_span_id == request.span_id && sp.trace_id == request.trace_id)
             .map(|sp| sp.name.as_str())
             .collect();
-        for name in ["tokenize", "queue", "inference", "response"] {
-            assert!(children.contains(&name), "{path}: children {children:?}");
+        let built_in_handler = *path != "/v1/completions" && !name.contains("stream");
+        let expected: &[&str] = if built_in_handler {
+            &["tokenize", "queue", "inference", "response"]
+        } else {
+            &["tokenize", "queue", "inference"]
+        };
+        for want in expected {
+            assert!(children.contains(want), "{name}: children {children:?}");
         }
         let queue = spans
             .iter()

@@ -193,6 +193,9 @@ struct Run {
     prompt_tokens: usize,
     rx: UnboundedReceiver<GenerateEvent>,
     deadline: Instant,
+    /// The request's span and when the work was queued, for its queue and inference spans.
+    request: tracing::Span,
+    submitted: std::time::SystemTime,
 }
 
 fn now() -> u64 {
@@ -267,6 +270,7 @@ async fn start(
         .with_label_values(&[prefix])
         .observe(ids.len() as f64);
     let prompt_tokens = ids.len();
+    let submitted = std::time::SystemTime::now();
     let rx = engine.generate(ids, params)?;
     Ok(Run {
         id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
@@ -275,6 +279,8 @@ async fn start(
         prompt_tokens,
         rx,
         deadline: Instant::now() + state.limits.request_timeout,
+        request: tracing::Span::current(),
+        submitted,
     })
 }
 
@@ -346,6 +352,12 @@ pub async fn completions(
     }
     let (prompt_tokens, mut base) = (run.prompt_tokens, base);
     let out = collect(run.rx, run.deadline).await?;
+    crate::telemetry::record_engine_spans(
+        &run.request,
+        run.submitted,
+        out.timing.queue,
+        out.timing.inference,
+    );
     record_timing("completions", out.timing);
     let logprobs = with_logprobs.then(|| {
         let mut offset = 0;
@@ -431,6 +443,12 @@ pub async fn chat(
     }
     let (prompt_tokens, mut base) = (run.prompt_tokens, base);
     let out = collect(run.rx, run.deadline).await?;
+    crate::telemetry::record_engine_spans(
+        &run.request,
+        run.submitted,
+        out.timing.queue,
+        out.timing.inference,
+    );
     record_timing("chat", out.timing);
     let logprobs = with_logprobs.then(|| {
         json!({"content": out.tokens.iter().map(|t| json!({
@@ -465,9 +483,16 @@ fn sse(
         c["choices"] = choices(t, end);
         Event::default().data(c.to_string())
     };
-    let Run { rx, deadline, .. } = run;
+    let Run {
+        rx,
+        deadline,
+        request,
+        submitted,
+        ..
+    } = run;
     let stream = futures::stream::unfold((rx, false), move |(mut rx, done)| {
         let chunk = chunk.clone();
+        let request = request.clone();
         async move {
             if done {
                 return None;
@@ -480,6 +505,12 @@ fn sse(
                 }
                 Ok(Some(GenerateEvent::End(out))) => {
                     record_timing("openai", out.timing);
+                    crate::telemetry::record_engine_spans(
+                        &request,
+                        submitted,
+                        out.timing.queue,
+                        out.timing.inference,
+                    );
                     let mut v: Vec<Event> = out
                         .tokens
                         .last()

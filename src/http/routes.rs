@@ -302,7 +302,8 @@ pub async fn generate(
     let rx = engine.generate(ids, params)?;
     let deadline = Instant::now() + state.limits.request_timeout;
     if req.stream.unwrap_or(false) {
-        return Ok(stream_response(rx, deadline, prefix).into_response());
+        let trace = (request, submitted);
+        return Ok(stream_response(rx, deadline, prefix, trace).into_response());
     }
     let out = collect(rx, deadline).await?;
     record_timing("generate", out.timing);
@@ -349,18 +350,21 @@ fn stream_response(
     rx: UnboundedReceiver<GenerateEvent>,
     deadline: Instant,
     prefix: Option<String>,
+    (request, submitted): (tracing::Span, std::time::SystemTime),
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     struct S {
         rx: UnboundedReceiver<GenerateEvent>,
         index: u32,
         done: bool,
         prefix: Option<String>,
+        request: tracing::Span,
     }
     let init = S {
         rx,
         index: 0,
         done: false,
         prefix,
+        request,
     };
     let stream = futures::stream::unfold(init, move |mut s| async move {
         if s.done {
@@ -384,6 +388,12 @@ fn stream_response(
             Some(GenerateEvent::End(out)) => {
                 s.done = true;
                 record_timing("generate", out.timing);
+                crate::telemetry::record_engine_spans(
+                    &s.request,
+                    submitted,
+                    out.timing.queue,
+                    out.timing.inference,
+                );
                 match out.tokens.last() {
                     Some(last) => json_event(&StreamResponse {
                         index: s.index,
