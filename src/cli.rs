@@ -619,20 +619,14 @@ fn start_engine(
 }
 
 fn warm_up(engine: &Engine) -> anyhow::Result<()> {
-    let ids = engine.tokenize_sentiment(
-        "Operating profit rose .",
-        engine.template(),
-        Some(TruncationDirection::Right),
-    )?;
-    let scores = engine
-        .sentiment(ids.clone(), engine.labels().clone())?
-        .blocking_recv()??;
+    let text = "Operating profit rose .";
+    let scores = engine.sentiment_text(text)?.blocking_recv()??;
     tracing::info!(probs = ?scores.scores.probs, "warm-up sentiment done");
     let params = crate::engine::generate::GenerateParams {
         max_new_tokens: 2,
         ..Default::default()
     };
-    let mut rx = engine.generate(ids, params)?;
+    let mut rx = engine.generate(engine.tokenize(text, None)?, params)?;
     while let Some(event) = rx.blocking_recv() {
         match event {
             crate::engine::GenerateEvent::End(_) => break,

@@ -12,7 +12,6 @@ use anyhow::{Context, bail};
 use crate::calibration::{Calibration, quality};
 use crate::cli::{EvalArgs, Loaded, ModelArgs};
 use crate::engine::backend::T5Backend;
-use crate::engine::prompt::TruncationDirection;
 use crate::engine::{Engine, EngineConfig};
 
 /// Gold/predicted label indices over `n` classes, and the scores derived from them.
@@ -158,9 +157,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut receivers = Vec::with_capacity(rows.len());
     for (text, _) in &rows {
-        let ids =
-            engine.tokenize_sentiment(text, engine.template(), Some(TruncationDirection::Right))?;
-        receivers.push(engine.sentiment(ids, engine.labels().clone())?);
+        receivers.push(engine.sentiment_text(text)?);
     }
     let bar = indicatif::ProgressBar::new(rows.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(

@@ -12,38 +12,33 @@ use std::time::{Duration, Instant};
 use common::start;
 use serde_json::{Value, json};
 
-#[test]
-fn huggingface_hub_inference_client_works() {
-    let s = start(&[]);
+/// Runs `tests/clients/<script>` with `args` and fails with its output unless it succeeds.
+fn client(script: &str, args: &[&str]) {
     let out = Command::new(common::python())
-        .arg(common::repo().join("tests/clients/hf_client.py"))
-        .arg(&s.url)
-        // The client only talks to our loopback server; offline mode would refuse even that.
+        .arg(common::repo().join("tests/clients").join(script))
+        .args(args)
+        // The clients only talk to our loopback server; offline mode would refuse even that.
         .env_remove("HF_HUB_OFFLINE")
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "client failed:\n{}\n{}",
+        "{script} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
 #[test]
+fn huggingface_hub_inference_client_works() {
+    let s = start(&[]);
+    client("hf_client.py", &[&s.url]);
+}
+
+#[test]
 fn openai_client_works() {
     let s = start(&["--served-model-name", "fin-mt5"]);
-    let out = Command::new(common::python())
-        .arg(common::repo().join("tests/clients/openai_client.py"))
-        .args([&s.url, "fin-mt5"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "client failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    client("openai_client.py", &[&s.url, "fin-mt5"]);
 }
 
 /// The served document is the contract: schemathesis generates valid and invalid requests from

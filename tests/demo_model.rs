@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use finserve::engine::backend::T5Backend;
-use finserve::engine::prompt::TruncationDirection;
 use finserve::engine::sentiment::LabelSet;
 use finserve::engine::{Engine, EngineConfig};
 use finserve::hub::HubConfig;
@@ -87,19 +86,13 @@ const UNAMBIGUOUS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Queues `text` (truncated if need be) against the server's labels.
-fn queue(
-    e: &Engine,
-    text: &str,
-) -> tokio::sync::oneshot::Receiver<finserve::error::Result<finserve::engine::SentimentOutput>> {
-    let ids = e
-        .tokenize_sentiment(text, e.template(), Some(TruncationDirection::Right))
-        .unwrap();
-    e.sentiment(ids, e.labels().clone()).unwrap()
-}
-
 fn predict(e: &Engine, text: &str) -> String {
-    let out = queue(e, text).blocking_recv().unwrap().unwrap();
+    let out = e
+        .sentiment_text(text)
+        .unwrap()
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
     let p = &out.scores.probs;
     let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
     e.labels().names[best].clone()
@@ -160,7 +153,10 @@ fn score_test_set(e: &Engine) -> (Vec<Vec<f64>>, Vec<usize>) {
         .collect();
     let mut probs = Vec::new();
     for chunk in rows.chunks(32) {
-        let pending: Vec<_> = chunk.iter().map(|(text, _)| queue(e, text)).collect();
+        let pending: Vec<_> = chunk
+            .iter()
+            .map(|(text, _)| e.sentiment_text(text).unwrap())
+            .collect();
         for rx in pending {
             probs.push(rx.blocking_recv().unwrap().unwrap().scores.probs);
         }

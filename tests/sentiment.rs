@@ -7,25 +7,10 @@ mod common;
 
 use std::process::Command;
 
-use common::{metric_value, start};
+use common::{label_scores, metric_value, start};
 use serde_json::{Value, json};
 
 const TEXT: &str = "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn .";
-
-/// `(label, score)` pairs of one input, in response order.
-fn scores(entry: &Value) -> Vec<(String, f64)> {
-    entry
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["label"].as_str().unwrap().into(),
-                s["score"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
 
 fn by_label(mut s: Vec<(String, f64)>) -> Vec<(String, f64)> {
     s.sort_by(|a, b| a.0.cmp(&b.0));
@@ -59,7 +44,10 @@ fn request_labels_and_templates_score_exactly_like_server_ones() {
     assert_eq!(code, 200, "{got}");
     let (_, want) = configured.post("/v1/sentiment", &body(Value::Null));
     for i in 0..2 {
-        let (g, w) = (by_label(scores(&got[i])), by_label(scores(&want[i])));
+        let (g, w) = (
+            by_label(label_scores(&got[i])),
+            by_label(label_scores(&want[i])),
+        );
         assert_eq!(g.len(), 3);
         for ((gl, gs), (wl, ws)) in g.iter().zip(&w) {
             assert_eq!(gl, wl);
@@ -68,8 +56,12 @@ fn request_labels_and_templates_score_exactly_like_server_ones() {
     }
     // A request with its own labels does not change what others get.
     let (_, default) = custom.post("/v1/sentiment", &json!({"inputs": TEXT}));
-    assert_eq!(scores(&default[0]).len(), 3);
-    assert!(scores(&default[0]).iter().any(|(l, _)| l == "positive"));
+    assert_eq!(label_scores(&default[0]).len(), 3);
+    assert!(
+        label_scores(&default[0])
+            .iter()
+            .any(|(l, _)| l == "positive")
+    );
 
     // Limits and invalid sets: 422 naming the problem.
     let bad = [
@@ -102,14 +94,17 @@ fn function_to_apply_none_returns_log_likelihoods() {
         &json!({"inputs": TEXT, "parameters": {"function_to_apply": "none"}}),
     );
     assert_eq!(code, 200, "{ll}");
-    let (p, l) = (by_label(scores(&probs[0])), by_label(scores(&ll[0])));
+    let (p, l) = (
+        by_label(label_scores(&probs[0])),
+        by_label(label_scores(&ll[0])),
+    );
     assert!(l.iter().all(|(_, v)| *v < 0.0), "{l:?}");
     let lv: Vec<f64> = l.iter().map(|x| x.1).collect();
     for ((_, want), got) in p.iter().zip(softmax(&lv, 1.0)) {
         assert!((want - got).abs() < 1e-9);
     }
     // Sorted best first like probabilities.
-    let raw = scores(&ll[0]);
+    let raw = label_scores(&ll[0]);
     assert!(raw.windows(2).all(|w| w[0].1 >= w[1].1));
 }
 
@@ -182,12 +177,12 @@ fn a_long_document_scores_in_windows() {
         assert!(w[1]["start"].as_u64() <= w[0]["end"].as_u64(), "{w:?}");
     }
     // The input's scores are the token-weighted mean of its windows' scores.
-    let overall = by_label(scores(&first["scores"]));
+    let overall = by_label(label_scores(&first["scores"]));
     for (i, (label, score)) in overall.iter().enumerate() {
         let mean: f64 = chunks
             .iter()
             .map(|c| {
-                let s = by_label(scores(&c["scores"]));
+                let s = by_label(label_scores(&c["scores"]));
                 assert_eq!(&s[i].0, label);
                 s[i].1 * c["tokens"].as_f64().unwrap()
             })
@@ -285,7 +280,10 @@ fn calibration_is_fitted_by_eval_and_applied_by_serve() {
         "/v1/sentiment",
         &json!({"inputs": TEXT, "parameters": {"function_to_apply": "none"}}),
     );
-    let (p, l) = (by_label(scores(&probs[0])), by_label(scores(&ll[0])));
+    let (p, l) = (
+        by_label(label_scores(&probs[0])),
+        by_label(label_scores(&ll[0])),
+    );
     let lv: Vec<f64> = l.iter().map(|x| x.1).collect();
     for ((_, want), got) in p.iter().zip(softmax(&lv, t)) {
         assert!((want - got).abs() < 1e-9, "{p:?} vs T={t} softmax of {l:?}");

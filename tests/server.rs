@@ -8,26 +8,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{metric_value, start};
+use common::{label_scores, metric_value, start};
 use serde_json::{Value, json};
 
 const SHORT: &str = "Profit rose .";
 const LONG: &str = "The company said that its operating profit for the full year rose to EUR 13.1 mn from EUR 8.7 mn , \
                     while net sales increased by 12 % to EUR 120 mn , driven by strong demand in Finland and Sweden .";
-
-fn probs(entry: &Value) -> Vec<(String, f64)> {
-    entry
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["label"].as_str().unwrap().to_string(),
-                l["score"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn routes_statuses_headers_and_spec() {
@@ -68,7 +54,7 @@ fn routes_statuses_headers_and_spec() {
     assert_eq!(code, 200, "{body}");
     let entries = body.as_array().unwrap();
     assert_eq!(entries.len(), 1);
-    let p = probs(&entries[0]);
+    let p = label_scores(&entries[0]);
     assert_eq!(p.len(), 3);
     assert!(p.windows(2).all(|w| w[0].1 >= w[1].1));
     assert!((p.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-9);
@@ -754,7 +740,7 @@ fn concurrent_requests_batch_and_match_one_at_a_time() {
 /// Same labels in the same order, probabilities equal to 1e-6. Not bitwise: the CPU matmul
 /// kernels block differently for different batch shapes, which moves the last bits.
 fn assert_same_scores(batched: &Value, alone: &Value, i: usize) {
-    let (b, a) = (probs(&batched[0]), probs(&alone[0]));
+    let (b, a) = (label_scores(&batched[0]), label_scores(&alone[0]));
     assert_eq!(
         b.iter().map(|x| &x.0).collect::<Vec<_>>(),
         a.iter().map(|x| &x.0).collect::<Vec<_>>(),

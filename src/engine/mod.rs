@@ -407,6 +407,17 @@ impl Engine {
         }
     }
 
+    /// Queues `text` as the server scores it by default: in its template (cut from the right if
+    /// too long), against its labels.
+    pub fn sentiment_text(&self, text: &str) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
+        let ids = self.tokenize_sentiment(
+            text,
+            &self.template,
+            Some(prompt::TruncationDirection::Right),
+        )?;
+        self.sentiment(ids, self.labels.clone())
+    }
+
     /// Queues one input for scoring against `labels`; the receiver yields its scores.
     pub fn sentiment(
         &self,

@@ -180,6 +180,21 @@ pub fn metric_value(metrics: &str, name: &str, label: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// `(label, score)` pairs of one `/v1/sentiment` input, in response order.
+pub fn label_scores(entry: &serde_json::Value) -> Vec<(String, f64)> {
+    entry
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["label"].as_str().unwrap().into(),
+                s["score"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 pub fn python() -> PathBuf {
     let venv = repo().join(".ci/venv/bin/python");
     if let Ok(p) = std::env::var("FINSERVE_TEST_PYTHON") {
