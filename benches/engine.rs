@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::model::decode_batch::DecodeBatch;
+use finserve::model::linear::SharedLayers;
 use finserve::model::t5::{Config, T5Model};
 use finserve::model::weights::Weights;
 
@@ -70,7 +71,7 @@ fn mt0_small() -> T5Model {
         }
     }
     let mut w = Weights::from_tensors(t, "random", DType::F32, &dev);
-    T5Model::load(config, &mut w).expect("model")
+    T5Model::load(config, &mut w, &mut SharedLayers::default()).expect("model")
 }
 
 /// Encodes `inputs`, starts a decoder per input and feeds each `prefix` tokens.

@@ -13,8 +13,8 @@ use crate::calibration::{self, Calibration};
 use crate::engine::backend::T5Backend;
 use crate::engine::prompt::{Template, TruncationDirection};
 use crate::engine::sentiment::LabelSet;
-use crate::engine::{Engine, EngineConfig};
-use crate::http::types::{CalibrationInfo, InfoResponse, Limits};
+use crate::engine::{Engine, EngineConfig, Served};
+use crate::http::types::{CalibrationInfo, InfoResponse, Limits, VariantInfo};
 use crate::http::{ApiKey, AppState, HttpLimits, RequestLimits};
 use crate::hub::HubConfig;
 use crate::lora::AdapterSpec;
@@ -29,6 +29,8 @@ pub struct Loaded {
     /// The server's labels, with the calibration's temperature if one applies.
     pub labels: LabelSet,
     pub calibration: Option<(PathBuf, Calibration)>,
+    /// The labels and calibration of each `--variant`, in order.
+    pub variant_labels: Vec<(LabelSet, Option<(PathBuf, Calibration)>)>,
 }
 
 /// A secret given as a flag: parsed like a string, never shown by `Debug`.
@@ -148,6 +150,13 @@ pub struct ServeArgs {
     /// `finserve-demo` for the bundled demo.
     #[arg(long, env = "FINSERVE_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// A further merged variant of the base, `NAME=ADAPTER[:WEIGHT][+ADAPTER[:WEIGHT]...]`
+    /// (`NAME=` serves the base itself); requests pick it with `adapter_id` (or `model` on the
+    /// OpenAI routes). Repeat, or comma-separate in the env var. Layers its adapters leave alone
+    /// are shared with the default model, and a variant's calibration is `calibration.json`
+    /// beside its last adapter.
+    #[arg(long = "variant", env = "FINSERVE_VARIANTS", value_delimiter = ',')]
+    pub variants: Vec<model::VariantSpec>,
     /// Serve /metrics on this port only (not on --port), so it can stay internal while the API
     /// is public.
     #[arg(long, env = "FINSERVE_METRICS_PORT")]
@@ -223,6 +232,14 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The default model's name: --served-model-name, else --model, else the demo's name.
+    fn model_name(&self) -> String {
+        self.served_model_name
+            .clone()
+            .or_else(|| self.model.model.clone())
+            .unwrap_or_else(|| crate::http::openapi::DEMO_MODEL_NAME.into())
+    }
+
     /// The API key from --api-key or --api-key-file, if any.
     fn api_key(&self) -> anyhow::Result<Option<ApiKey>> {
         let key = match (&self.api_key, &self.api_key_file) {
@@ -356,6 +373,7 @@ impl ModelArgs {
             model,
             revision: self.revision.clone(),
             adapters,
+            variants: Vec::new(),
             dtype,
             device,
             quantize,
@@ -373,42 +391,61 @@ impl ModelArgs {
     }
 
     /// `calibration.json` in the last adapter's directory, when that is a local directory.
-    pub fn adapter_calibration_path(spec: &ModelSpec) -> Option<PathBuf> {
-        spec.adapters
+    pub fn adapter_calibration_path(adapters: &[AdapterSpec]) -> Option<PathBuf> {
+        adapters
             .last()
             .map(|a| PathBuf::from(&a.source))
             .filter(|dir| dir.is_dir())
             .map(|dir| dir.join(calibration::FILE_NAME))
     }
 
-    /// Loads the model and the label set, the latter calibrated when a calibration applies.
-    pub fn load(&self) -> anyhow::Result<Loaded> {
-        let spec = self.spec()?;
+    /// Loads the model with `variants` and the label sets, each calibrated when a calibration
+    /// applies.
+    pub fn load(&self, variants: Vec<model::VariantSpec>) -> anyhow::Result<Loaded> {
+        let mut spec = self.spec()?;
+        spec.variants = variants;
         Template::new(&self.prompt_template).context("--prompt-template")?;
         let loaded = model::load(&spec, &HubConfig::from_env())
             .with_context(|| format!("cannot load model `{}`", spec.model))?;
-        let mut labels = LabelSet::new(&self.labels, &loaded.tokenizer)?;
-        labels.check_distinct().context("--labels")?;
-        let path = self
-            .calibration
-            .clone()
-            .or_else(|| Self::adapter_calibration_path(&spec).filter(|p| p.is_file()));
-        let calibration = match path {
-            Some(path) => {
-                let c = Calibration::load(&path)?;
-                c.check_fits(&path, &self.labels, &self.prompt_template)?;
-                labels = labels.with_temperature(c.temperature)?;
-                tracing::info!(file = %path.display(), temperature = c.temperature, "sentiment scores calibrated");
-                Some((path, c))
-            }
-            None => None,
-        };
+        let (labels, calibration) =
+            self.labels(&loaded, self.calibration.clone(), &spec.adapters)?;
+        let variant_labels = spec
+            .variants
+            .iter()
+            .map(|v| {
+                self.labels(&loaded, None, &v.adapters)
+                    .with_context(|| format!("variant `{}`", v.name))
+            })
+            .collect::<anyhow::Result<_>>()?;
         Ok(Loaded {
             spec,
             model: loaded,
             labels,
             calibration,
+            variant_labels,
         })
+    }
+
+    /// `--labels`, calibrated by `explicit` or else by `calibration.json` beside the last of
+    /// `adapters`, if there is one.
+    fn labels(
+        &self,
+        loaded: &LoadedModel,
+        explicit: Option<PathBuf>,
+        adapters: &[AdapterSpec],
+    ) -> anyhow::Result<(LabelSet, Option<(PathBuf, Calibration)>)> {
+        let mut labels = LabelSet::new(&self.labels, &loaded.tokenizer)?;
+        labels.check_distinct().context("--labels")?;
+        let path =
+            explicit.or_else(|| Self::adapter_calibration_path(adapters).filter(|p| p.is_file()));
+        let Some(path) = path else {
+            return Ok((labels, None));
+        };
+        let c = Calibration::load(&path)?;
+        c.check_fits(&path, &self.labels, &self.prompt_template)?;
+        labels = labels.with_temperature(c.temperature)?;
+        tracing::info!(file = %path.display(), temperature = c.temperature, "sentiment scores calibrated");
+        Ok((labels, Some((path, c))))
     }
 }
 
@@ -470,11 +507,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         cors_allow_origin: args.cors_allow_origin.clone(),
         max_failed_batches: args.max_failed_batches.max(1),
         metrics_on_api: args.metrics_port.is_none(),
-        model_name: args
-            .served_model_name
-            .clone()
-            .or_else(|| args.model.model.clone())
-            .unwrap_or_else(|| crate::http::openapi::DEMO_MODEL_NAME.into()),
+        model_name: args.model_name(),
         request: args.request_limits()?,
     };
     let state = AppState::new(limits);
@@ -543,18 +576,28 @@ fn start_engine(
     max_failed_batches: usize,
 ) -> anyhow::Result<(Engine, InfoResponse)> {
     let m = &args.model;
+    let name = args.model_name();
+    if let Some(v) = args.variants.iter().find(|v| v.name == name) {
+        bail!(
+            "--variant {}: the default model is already served as `{name}` (see --served-model-name)",
+            v.name
+        );
+    }
     let Loaded {
         spec,
         model: loaded,
         labels,
         calibration,
-    } = m.load()?;
+        variant_labels,
+    } = m.load(args.variants.clone())?;
     METRICS.model_load_seconds.set(loaded.load_seconds);
     METRICS.merge_seconds.set(loaded.merge_seconds);
     tracing::info!(
         seconds = loaded.load_seconds,
         merge_seconds = loaded.merge_seconds,
         adapters = loaded.reports.len(),
+        variants = loaded.variants.len(),
+        weight_bytes = loaded.weight_bytes,
         quantize = spec.quantize.as_str(),
         "model loaded"
     );
@@ -563,6 +606,12 @@ fn start_engine(
         max_batch_wait: Duration::from_millis(args.max_batch_wait_ms),
         queue_capacity: args.max_concurrent_requests.max(1) * request.max_client_batch_size,
         ..m.engine_config()
+    };
+    let calibration_info = |c: &Option<(PathBuf, Calibration)>| {
+        c.as_ref().map(|(path, c)| CalibrationInfo {
+            temperature: c.temperature,
+            file: path.display().to_string(),
+        })
     };
     let info = InfoResponse {
         model_id: spec.model.clone(),
@@ -581,10 +630,21 @@ fn start_engine(
         labels: labels.names.clone(),
         prompt_template: m.prompt_template.clone(),
         vocab_size: loaded.tokenizer.get_vocab_size(true),
-        calibration: calibration.map(|(path, c)| CalibrationInfo {
-            temperature: c.temperature,
-            file: path.display().to_string(),
-        }),
+        calibration: calibration_info(&calibration),
+        name: name.clone(),
+        unshared_bytes: loaded.unshared_bytes,
+        variants: loaded
+            .variants
+            .iter()
+            .zip(&variant_labels)
+            .map(|(v, (_, c))| VariantInfo {
+                name: v.name.clone(),
+                adapters: v.reports.clone(),
+                unshared_bytes: v.unshared_bytes,
+                calibration: calibration_info(c),
+            })
+            .collect(),
+        weight_bytes: loaded.weight_bytes,
         limits: Limits {
             max_input_tokens: m.max_input_tokens,
             max_new_tokens: request.max_new_tokens,
@@ -608,25 +668,40 @@ fn start_engine(
         load_seconds: loaded.load_seconds,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let engine = Engine::start(
-        T5Backend::new(Arc::new(loaded.model)),
-        Arc::new(loaded.tokenizer),
+    let served = std::iter::once(Served {
+        name,
+        backend: T5Backend::new(loaded.model),
         labels,
-        config,
-    )?;
-    warm_up(&engine)?;
+    })
+    .chain(
+        loaded
+            .variants
+            .into_iter()
+            .zip(variant_labels)
+            .map(|(v, (labels, _))| Served {
+                name: v.name,
+                backend: T5Backend::new(v.model),
+                labels,
+            }),
+    )
+    .collect();
+    let engine = Engine::start(served, Arc::new(loaded.tokenizer), config)?;
+    for variant in 0..engine.variants().len() {
+        warm_up(&engine, variant)?;
+    }
     Ok((engine, info))
 }
 
-fn warm_up(engine: &Engine) -> anyhow::Result<()> {
+fn warm_up(engine: &Engine, variant: usize) -> anyhow::Result<()> {
     let text = "Operating profit rose .";
-    let scores = engine.sentiment_text(text)?.blocking_recv()??;
-    tracing::info!(probs = ?scores.scores.probs, "warm-up sentiment done");
+    let scores = engine.sentiment_text(text, variant)?.blocking_recv()??;
+    let name = &engine.variants()[variant].name;
+    tracing::info!(variant = %name, probs = ?scores.scores.probs, "warm-up sentiment done");
     let params = crate::engine::generate::GenerateParams {
         max_new_tokens: 2,
         ..Default::default()
     };
-    let mut rx = engine.generate(engine.tokenize(text, None)?, params)?;
+    let mut rx = engine.generate(engine.tokenize(text, None)?, params, variant)?;
     while let Some(event) = rx.blocking_recv() {
         match event {
             crate::engine::GenerateEvent::End(_) => break,

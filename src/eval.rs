@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use crate::calibration::{Calibration, quality};
 use crate::cli::{EvalArgs, Loaded, ModelArgs};
 use crate::engine::backend::T5Backend;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig, Served};
 
 /// Gold/predicted label indices over `n` classes, and the scores derived from them.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,10 +133,11 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         model: loaded,
         labels,
         calibration,
-    } = m.load()?;
+        ..
+    } = m.load(Vec::new())?;
     let calibration_out = match (&args.calibration_out, args.calibrate) {
         (Some(p), _) => Some(p.clone()),
-        (None, true) => Some(ModelArgs::adapter_calibration_path(&spec).with_context(|| {
+        (None, true) => Some(ModelArgs::adapter_calibration_path(&spec.adapters).with_context(|| {
             "--calibrate writes beside the last adapter, and there is no local adapter directory: \
              pass --calibration-out"
         })?),
@@ -144,10 +145,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     };
     let rows = read_rows(args, &labels.names)?;
     let names = labels.names.clone();
-    let engine = Engine::start(
-        T5Backend::new(Arc::new(loaded.model)),
-        Arc::new(loaded.tokenizer),
+    let served = Served {
+        name: spec.model.clone(),
+        backend: T5Backend::new(loaded.model),
         labels,
+    };
+    let engine = Engine::start(
+        vec![served],
+        Arc::new(loaded.tokenizer),
         EngineConfig {
             max_batch_tokens: m.max_batch_size * m.max_input_tokens,
             queue_capacity: rows.len(),
@@ -157,7 +162,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut receivers = Vec::with_capacity(rows.len());
     for (text, _) in &rows {
-        receivers.push(engine.sentiment_text(text)?);
+        receivers.push(engine.sentiment_text(text, 0)?);
     }
     let bar = indicatif::ProgressBar::new(rows.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(

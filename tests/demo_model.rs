@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use finserve::engine::backend::T5Backend;
 use finserve::engine::sentiment::LabelSet;
-use finserve::engine::{Engine, EngineConfig};
+use finserve::engine::{Engine, EngineConfig, Served};
 use finserve::hub::HubConfig;
 use finserve::lora::AdapterSpec;
 use finserve::model::linear::Quantization;
@@ -27,6 +27,7 @@ fn engine(adapter: bool, quantize: Quantization) -> Engine {
             })
             .into_iter()
             .collect(),
+        variants: Vec::new(),
         dtype: DType::F32,
         device: Device::Cpu,
         quantize,
@@ -43,10 +44,14 @@ fn engine(adapter: bool, quantize: Quantization) -> Engine {
     }
     let names: Vec<String> = ["negative", "neutral", "positive"].map(String::from).into();
     let labels = LabelSet::new(&names, &loaded.tokenizer).unwrap();
-    Engine::start(
-        T5Backend::new(Arc::new(loaded.model)),
-        Arc::new(loaded.tokenizer),
+    let served = Served {
+        name: "demo".into(),
+        backend: T5Backend::new(loaded.model),
         labels,
+    };
+    Engine::start(
+        vec![served],
+        Arc::new(loaded.tokenizer),
         EngineConfig {
             max_batch_size: 16,
             max_batch_tokens: 8192,
@@ -88,7 +93,7 @@ const UNAMBIGUOUS: &[(&str, &str)] = &[
 
 fn predict(e: &Engine, text: &str) -> String {
     let out = e
-        .sentiment_text(text)
+        .sentiment_text(text, 0)
         .unwrap()
         .blocking_recv()
         .unwrap()
@@ -155,7 +160,7 @@ fn score_test_set(e: &Engine) -> (Vec<Vec<f64>>, Vec<usize>) {
     for chunk in rows.chunks(32) {
         let pending: Vec<_> = chunk
             .iter()
-            .map(|(text, _)| e.sentiment_text(text).unwrap())
+            .map(|(text, _)| e.sentiment_text(text, 0).unwrap())
             .collect();
         for rx in pending {
             probs.push(rx.blocking_recv().unwrap().unwrap().scores.probs);

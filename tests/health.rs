@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::metric_value;
 use finserve::engine::backend::{Backend, Choice, StepRow};
 use finserve::engine::sentiment::{LabelScores, LabelSet};
-use finserve::engine::{Engine, EngineConfig};
+use finserve::engine::{Engine, EngineConfig, Served};
 use finserve::error::{Error, Result};
 use finserve::http::{AppState, HttpLimits, RequestLimits};
 use serde_json::{Value, json};
@@ -76,8 +76,12 @@ fn serve(model: Faulty, max_failed_batches: usize) -> String {
     let tokenizer = tokenizers::Tokenizer::from_file(common::fixtures().join("tokenizer.json"))
         .expect("tokenizer");
     let labels = LabelSet::new(&["up".to_string(), "down".to_string()], &tokenizer).unwrap();
-    let engine =
-        Engine::start(model, Arc::new(tokenizer), labels, EngineConfig::default()).unwrap();
+    let served = Served {
+        name: "faulty".into(),
+        backend: model,
+        labels,
+    };
+    let engine = Engine::start(vec![served], Arc::new(tokenizer), EngineConfig::default()).unwrap();
     let state = AppState::new(HttpLimits {
         api_key: None,
         max_body_bytes: 1 << 20,

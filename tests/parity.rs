@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use finserve::engine::backend::T5Backend;
 use finserve::engine::generate::GenerateParams;
 use finserve::engine::sentiment::{LabelSet, score};
-use finserve::engine::{Engine, EngineConfig, GenerateEvent};
+use finserve::engine::{Engine, EngineConfig, GenerateEvent, Served};
 use finserve::hub::HubConfig;
 use finserve::lora::AdapterSpec;
 use finserve::model::decode_batch::DecodeBatch;
@@ -75,6 +75,7 @@ fn spec(model: &Path, adapters: &[PathBuf]) -> ModelSpec {
                 weight: 1.0,
             })
             .collect(),
+        variants: Vec::new(),
         dtype: DType::F32,
         device: Device::Cpu,
         quantize: Quantization::None,
@@ -275,10 +276,14 @@ fn sequences_joining_and_leaving_a_running_batch_match_the_reference() {
 
 fn engine(m: LoadedModel, labels: &[String]) -> Engine {
     let labels = LabelSet::new(labels, &m.tokenizer).unwrap();
-    Engine::start(
-        T5Backend::new(Arc::new(m.model)),
-        Arc::new(m.tokenizer),
+    let served = Served {
+        name: "parity".into(),
+        backend: T5Backend::new(m.model),
         labels,
+    };
+    Engine::start(
+        vec![served],
+        Arc::new(m.tokenizer),
         EngineConfig {
             max_batch_size: 8,
             max_batch_tokens: 4096,
@@ -316,13 +321,13 @@ fn greedy_generation_is_token_identical_alone_and_batched() {
         let mut batched: Vec<_> = r
             .input_ids
             .iter()
-            .map(|ids| e.generate(ids.clone(), params.clone()).unwrap())
+            .map(|ids| e.generate(ids.clone(), params.clone(), 0).unwrap())
             .collect();
         for (i, rx) in batched.iter_mut().enumerate() {
             assert_eq!(generated_ids(rx), r.greedy[i], "{case} input {i} (batched)");
         }
         for (i, ids) in r.input_ids.iter().enumerate() {
-            let mut rx = e.generate(ids.clone(), params.clone()).unwrap();
+            let mut rx = e.generate(ids.clone(), params.clone(), 0).unwrap();
             assert_eq!(
                 generated_ids(&mut rx),
                 r.greedy[i],

@@ -3,14 +3,15 @@
 //! Scheduling policy:
 //! - Sentiment requests are batched dynamically: when the engine is free, everything waiting is
 //!   taken, capped by `max_batch_size` inputs and `max_batch_tokens` padded tokens (longest input
-//!   x batch size), so a lone request never waits; a batch holds inputs scored against the same
-//!   label set (that of the oldest waiting input), the others wait for a following batch; `max_batch_wait` can trade latency for fuller
-//!   batches when nothing else is running.
-//! - Generation is continuously batched: the running batch advances one decode step at a time;
-//!   between steps, waiting requests are encoded and join (same caps), finished or cancelled
-//!   sequences leave at once.
+//!   x batch size), so a lone request never waits; a batch holds inputs of one variant scored
+//!   against one label set (those of the oldest waiting input), the others wait for a following
+//!   batch; `max_batch_wait` can trade latency for fuller batches when nothing else is running.
+//! - Generation is continuously batched, one running batch per variant (a [`Lane`]): a decode
+//!   step advances one lane's batch by one token; between steps, waiting requests are encoded
+//!   and join (same caps), finished or cancelled sequences leave at once.
 //! - Fairness: when both kinds have work, the engine alternates one sentiment batch with one
-//!   decode step, so neither starves the other.
+//!   decode step, so neither starves the other; decode steps go round the lanes that have work,
+//!   so every variant's generations advance at the same pace however busy the others are.
 //!
 //! A panic while running a batch fails that batch's requests and the loop goes on.
 //!
@@ -49,17 +50,41 @@ struct Running {
     started: Instant,
 }
 
+/// One served variant: its model and its generations, waiting and running.
+pub(crate) struct Lane<B> {
+    /// The variant's name, the `variant` label of its metrics.
+    pub name: String,
+    pub backend: B,
+    waiting: VecDeque<GenerateJob>,
+    running: Vec<Running>,
+}
+
+impl<B> Lane<B> {
+    pub(crate) fn new(name: String, backend: B) -> Self {
+        Self {
+            name,
+            backend,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    fn generating(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+}
+
 pub(crate) struct Batcher<B> {
-    backend: B,
+    lanes: Vec<Lane<B>>,
     tokenizer: Arc<Tokenizer>,
     config: Arc<EngineConfig>,
     health: Arc<Health>,
     rx: Receiver<Job>,
     open: bool,
     sentiment: VecDeque<SentimentJob>,
-    waiting: VecDeque<GenerateJob>,
-    running: Vec<Running>,
     sentiment_turn: bool,
+    /// The lane whose turn it is to run a decode step, if it has work.
+    next_lane: usize,
 }
 
 /// How many of the queued lengths fit one batch under both caps (at least one).
@@ -103,36 +128,52 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 }
 
 impl<B: Backend> Batcher<B> {
+    /// `lanes` are the served variants, indexed by the jobs' `variant`.
     pub(crate) fn new(
-        backend: B,
+        lanes: Vec<Lane<B>>,
         tokenizer: Arc<Tokenizer>,
         config: Arc<EngineConfig>,
         health: Arc<Health>,
         rx: Receiver<Job>,
     ) -> Self {
         Self {
-            backend,
+            lanes,
             tokenizer,
             config,
             health,
             rx,
             open: true,
             sentiment: VecDeque::new(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
             sentiment_turn: true,
+            next_lane: 0,
         }
     }
 
+    fn generating(&self) -> bool {
+        self.lanes.iter().any(Lane::generating)
+    }
+
     fn idle(&self) -> bool {
-        self.sentiment.is_empty() && self.waiting.is_empty() && self.running.is_empty()
+        self.sentiment.is_empty() && !self.generating()
     }
 
     fn accept(&mut self, job: Job) {
         METRICS.queue_size.dec();
+        let variant = match &job {
+            Job::Sentiment(j) => j.variant,
+            Job::Generate(j) => j.variant,
+        };
+        if variant >= self.lanes.len() {
+            let e = || Error::Validation(format!("no variant number {variant}"));
+            match job {
+                Job::Sentiment(j) => drop(j.reply.send(Err(e()))),
+                Job::Generate(j) => drop(j.events.send(GenerateEvent::Error(e()))),
+            }
+            return;
+        }
         match job {
             Job::Sentiment(j) => self.sentiment.push_back(j),
-            Job::Generate(j) => self.waiting.push_back(j),
+            Job::Generate(j) => self.lanes[variant].waiting.push_back(j),
         }
     }
 
@@ -158,7 +199,8 @@ impl<B: Backend> Batcher<B> {
             }
         }
         let wait = self.config.max_batch_wait;
-        if wait > Duration::ZERO && self.running.is_empty() && !self.sentiment.is_empty() {
+        let running = self.lanes.iter().any(|l| !l.running.is_empty());
+        if wait > Duration::ZERO && !running && !self.sentiment.is_empty() {
             let deadline = Instant::now() + wait;
             while self.sentiment.len() < self.config.max_batch_size {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -185,8 +227,7 @@ impl<B: Backend> Batcher<B> {
         if self.idle() {
             return self.open;
         }
-        let generating = !self.running.is_empty() || !self.waiting.is_empty();
-        if !self.sentiment.is_empty() && (self.sentiment_turn || !generating) {
+        if !self.sentiment.is_empty() && (self.sentiment_turn || !self.generating()) {
             self.sentiment_batch();
             self.sentiment_turn = false;
         } else {
@@ -198,13 +239,18 @@ impl<B: Backend> Batcher<B> {
 
     fn sentiment_batch(&mut self) {
         drop_cancelled(&mut self.sentiment, |j| j.reply.is_closed(), "sentiment");
-        let Some(labels) = self.sentiment.front().map(|j| j.labels.clone()) else {
+        let Some((variant, labels)) = self
+            .sentiment
+            .front()
+            .map(|j| (j.variant, j.labels.clone()))
+        else {
             return;
         };
         let same: Vec<usize> = (0..self.sentiment.len())
             .filter(|&i| {
-                let other = &self.sentiment[i].labels;
-                Arc::ptr_eq(other, &labels) || **other == *labels
+                let job = &self.sentiment[i];
+                job.variant == variant
+                    && (Arc::ptr_eq(&job.labels, &labels) || *job.labels == *labels)
             })
             .collect();
         let cfg = &self.config;
@@ -225,15 +271,17 @@ impl<B: Backend> Batcher<B> {
         }
         let start = Instant::now();
         let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
+        let lane = &mut self.lanes[variant];
+        let metric = ["sentiment", lane.name.as_str()];
         METRICS
             .batch_size
-            .with_label_values(&["sentiment"])
+            .with_label_values(&metric)
             .observe(n as f64);
         METRICS
             .batch_tokens
-            .with_label_values(&["sentiment"])
+            .with_label_values(&metric)
             .observe((longest * n) as f64);
-        let backend = &mut self.backend;
+        let backend = &mut lane.backend;
         let result = catch_unwind(AssertUnwindSafe(|| -> Result<_> {
             let inputs: Vec<&[u32]> = jobs.iter().map(|j| j.ids.as_slice()).collect();
             backend.score(&inputs, &labels)
@@ -262,10 +310,40 @@ impl<B: Backend> Batcher<B> {
         }
     }
 
+    /// Runs one decode step of the next lane, in turn, that has generations.
+    fn generate_step(&mut self) {
+        let n = self.lanes.len();
+        let Some(i) = (0..n)
+            .map(|k| (self.next_lane + k) % n)
+            .find(|&i| self.lanes[i].generating())
+        else {
+            return;
+        };
+        self.next_lane = (i + 1) % n;
+        let lane = &mut self.lanes[i];
+        let (tokenizer, config) = (&self.tokenizer, &self.config);
+        let result = catch_unwind(AssertUnwindSafe(|| lane.step(tokenizer, config)));
+        let error = match result {
+            Ok(Ok(())) => return self.health.batch_done(true),
+            Ok(Err(e)) => e.to_string(),
+            Err(p) => panic_message(p),
+        };
+        tracing::error!(%error, variant = %lane.name, "generation step failed; failing the running batch");
+        self.health.batch_done(false);
+        lane.backend.reset();
+        for r in lane.running.drain(..) {
+            let _ = r
+                .job
+                .events
+                .send(GenerateEvent::Error(Error::Inference(error.clone())));
+        }
+    }
+}
+
+impl<B: Backend> Lane<B> {
     /// Encodes waiting requests that fit next to the running batch and adds them to it.
-    fn admit(&mut self) -> Result<()> {
+    fn admit(&mut self, cfg: &EngineConfig) -> Result<()> {
         drop_cancelled(&mut self.waiting, |j| j.events.is_closed(), "generate");
-        let cfg = &self.config;
         let n = fits(
             self.waiting.iter().map(|j| j.ids.len()),
             cfg.max_batch_size,
@@ -279,7 +357,7 @@ impl<B: Backend> Batcher<B> {
         let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
         METRICS
             .batch_tokens
-            .with_label_values(&["generate"])
+            .with_label_values(&["generate", &self.name])
             .observe((longest * n) as f64);
         let started = Instant::now();
         let inputs: Vec<&[u32]> = jobs.iter().map(|j| j.ids.as_slice()).collect();
@@ -300,76 +378,64 @@ impl<B: Backend> Batcher<B> {
         Ok(())
     }
 
-    fn generate_step(&mut self) {
-        let result = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
-            self.admit()?;
-            let mut cancelled = 0;
-            let backend = &mut self.backend;
-            self.running.retain(|r| {
-                let gone = r.job.events.is_closed();
-                if gone {
-                    backend.leave(r.slot);
-                    cancelled += 1;
-                }
-                !gone
-            });
-            METRICS
-                .cancelled
-                .with_label_values(&["generate"])
-                .inc_by(cancelled);
-            if self.running.is_empty() {
-                return Ok(());
+    /// Admits who fits, drops who left, and advances the running batch by one token.
+    fn step(&mut self, tokenizer: &Tokenizer, cfg: &EngineConfig) -> Result<()> {
+        self.admit(cfg)?;
+        let mut cancelled = 0;
+        let backend = &mut self.backend;
+        self.running.retain(|r| {
+            let gone = r.job.events.is_closed();
+            if gone {
+                backend.leave(r.slot);
+                cancelled += 1;
             }
-            METRICS
-                .batch_size
-                .with_label_values(&["generate"])
-                .observe(self.running.len() as f64);
-            let mut rows: Vec<StepRow<'_>> = self
-                .running
-                .iter_mut()
-                .map(|r| StepRow {
-                    slot: r.slot,
-                    context: &r.context,
-                    sampler: &mut r.sampler,
-                })
-                .collect();
-            let choices = self.backend.step(&mut rows)?;
-            drop(rows);
-            let mut finished = Vec::new();
-            let eos = self.backend.eos_ids();
-            for (i, (r, choice)) in self.running.iter_mut().zip(choices).enumerate() {
-                if let Some(end) = advance(&self.tokenizer, eos, r, choice)? {
-                    finished.push((i, end));
-                }
-            }
-            for (i, (reason, text)) in finished.into_iter().rev() {
-                let r = self.running.swap_remove(i);
-                self.backend.leave(r.slot);
-                finish(r, reason, text);
-            }
-            Ok(())
-        }));
-        let error = match result {
-            Ok(Ok(())) => return self.health.batch_done(true),
-            Ok(Err(e)) => e.to_string(),
-            Err(p) => panic_message(p),
-        };
-        tracing::error!(%error, "generation step failed; failing the running batch");
-        self.health.batch_done(false);
-        self.backend.reset();
-        for r in self.running.drain(..) {
-            let _ = r
-                .job
-                .events
-                .send(GenerateEvent::Error(Error::Inference(error.clone())));
+            !gone
+        });
+        METRICS
+            .cancelled
+            .with_label_values(&["generate"])
+            .inc_by(cancelled);
+        if self.running.is_empty() {
+            return Ok(());
         }
+        METRICS
+            .batch_size
+            .with_label_values(&["generate", &self.name])
+            .observe(self.running.len() as f64);
+        let mut rows: Vec<StepRow<'_>> = self
+            .running
+            .iter_mut()
+            .map(|r| StepRow {
+                slot: r.slot,
+                context: &r.context,
+                sampler: &mut r.sampler,
+            })
+            .collect();
+        let choices = self.backend.step(&mut rows)?;
+        drop(rows);
+        let mut finished = Vec::new();
+        let eos = self.backend.eos_ids();
+        for (i, (r, choice)) in self.running.iter_mut().zip(choices).enumerate() {
+            if let Some(end) = advance(tokenizer, eos, r, choice)? {
+                finished.push((i, end));
+            }
+        }
+        for (i, (reason, text)) in finished.into_iter().rev() {
+            let r = self.running.swap_remove(i);
+            self.backend.leave(r.slot);
+            finish(r, &self.name, reason, text);
+        }
+        Ok(())
     }
 }
 
-fn finish(r: Running, reason: FinishReason, generated_text: String) {
+fn finish(r: Running, variant: &str, reason: FinishReason, generated_text: String) {
     let inference = r.started.elapsed();
     let n = r.tokens.len();
-    METRICS.generated_tokens.inc_by(n as u64);
+    METRICS
+        .generated_tokens
+        .with_label_values(&[variant])
+        .inc_by(n as u64);
     METRICS
         .time_per_output_token
         .observe(inference.as_secs_f64() / n.max(1) as f64);
@@ -455,9 +521,12 @@ mod tests {
     }
 
     /// A model that records what the batcher asks of it: token `10 + position` every step,
-    /// uniform label scores, and a panic on demand.
+    /// uniform label scores, and a panic on demand. The fakes of one harness's lanes share
+    /// `by_lane`, the order of every lane's calls.
     #[derive(Clone, Default)]
     struct Fake {
+        lane: usize,
+        by_lane: Arc<Mutex<Vec<(usize, Call)>>>,
         calls: Arc<Mutex<Vec<Call>>>,
         slots: Arc<Mutex<Vec<bool>>>,
         panic: Arc<AtomicBool>,
@@ -465,6 +534,7 @@ mod tests {
 
     impl Fake {
         fn log(&self, c: Call) {
+            self.by_lane.lock().unwrap().push((self.lane, c.clone()));
             self.calls.lock().unwrap().push(c);
         }
         fn take_calls(&self) -> Vec<Call> {
@@ -542,6 +612,15 @@ mod tests {
     }
 
     fn harness(max_batch_size: usize, max_batch_wait: Duration) -> Harness {
+        harness_with_lanes(max_batch_size, max_batch_wait, 1)
+    }
+
+    /// A batcher over `lanes` variants; `fake` is the first lane's model.
+    fn harness_with_lanes(
+        max_batch_size: usize,
+        max_batch_wait: Duration,
+        lanes: usize,
+    ) -> Harness {
         let tokenizer = Tokenizer::from_file(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/parity/fixtures/tokenizer.json"
@@ -566,8 +645,21 @@ mod tests {
             alive: true.into(),
             failed_in_a_row: 0.into(),
         });
+        let lanes = (0..lanes)
+            .map(|lane| {
+                let model = Fake {
+                    lane,
+                    by_lane: fake.by_lane.clone(),
+                    ..Fake::default()
+                };
+                Lane::new(
+                    format!("v{lane}"),
+                    if lane == 0 { fake.clone() } else { model },
+                )
+            })
+            .collect();
         let batcher = Batcher::new(
-            fake.clone(),
+            lanes,
             Arc::new(tokenizer),
             Arc::new(config),
             health.clone(),
@@ -590,8 +682,16 @@ mod tests {
             &self,
             labels: Arc<LabelSet>,
         ) -> oneshot::Receiver<Result<SentimentOutput>> {
+            self.sentiment_on(0, labels)
+        }
+        fn sentiment_on(
+            &self,
+            variant: usize,
+            labels: Arc<LabelSet>,
+        ) -> oneshot::Receiver<Result<SentimentOutput>> {
             let (reply, rx) = oneshot::channel();
             let job = SentimentJob {
+                variant,
                 labels,
                 ids: vec![20, 21, 1],
                 reply,
@@ -601,8 +701,16 @@ mod tests {
             rx
         }
         fn generate(&self, max_new_tokens: usize) -> mpsc::UnboundedReceiver<GenerateEvent> {
+            self.generate_on(0, max_new_tokens)
+        }
+        fn generate_on(
+            &self,
+            variant: usize,
+            max_new_tokens: usize,
+        ) -> mpsc::UnboundedReceiver<GenerateEvent> {
             let (events, rx) = mpsc::unbounded_channel();
             let job = GenerateJob {
+                variant,
                 ids: vec![20, 21, 1],
                 params: GenerateParams {
                     max_new_tokens,
@@ -798,6 +906,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             let (reply, rx) = oneshot::channel();
             let job = SentimentJob {
+                variant: 0,
                 labels: labels.clone(),
                 ids: vec![20, 1],
                 reply,
@@ -818,5 +927,49 @@ mod tests {
         drop(h.tx);
         while h.batcher.tick() {}
         assert!(end(&mut g).is_ok());
+    }
+
+    #[test]
+    fn batches_never_mix_variants_and_decode_steps_go_round_the_lanes() {
+        let mut h = harness_with_lanes(8, Duration::ZERO, 3);
+        let sentiment = [0, 1, 0].map(|v| h.sentiment_on(v, h.labels.clone()));
+        // Lane 0 has three generations, lane 2 one, lane 1 none: each lane with work gets a
+        // step in turn, however many sequences it runs.
+        let long: Vec<_> = (0..3).map(|_| h.generate_on(0, 4)).collect();
+        let mut short = h.generate_on(2, 2);
+        let mut lanes = Vec::new();
+        h.ticks(8);
+        for (lane, call) in h.fake.by_lane.lock().unwrap().drain(..) {
+            match call {
+                Call::Score(n) => lanes.push(format!("score{lane}x{n}")),
+                Call::Step(slots) => lanes.push(format!("step{lane}x{}", slots.len())),
+                _ => {}
+            }
+        }
+        assert_eq!(
+            lanes,
+            [
+                "score0x2", "step0x3", "score1x1", "step2x1", "step0x3", "step2x1", "step0x3",
+                "step0x3"
+            ]
+        );
+        for rx in sentiment {
+            let scores = rx.blocking_recv().unwrap();
+            assert!(scores.is_ok());
+        }
+        assert_eq!(end(&mut short).unwrap().tokens.len(), 2);
+        for mut g in long {
+            assert_eq!(end(&mut g).unwrap().tokens.len(), 4);
+        }
+    }
+
+    #[test]
+    fn a_job_for_a_variant_that_does_not_exist_is_refused() {
+        let mut h = harness(2, Duration::ZERO);
+        let rx = h.sentiment_on(3, h.labels.clone());
+        let mut g = h.generate_on(1, 2);
+        assert_eq!(h.ticks(1), []);
+        assert!(rx.blocking_recv().unwrap().is_err());
+        assert!(end(&mut g).unwrap_err().contains("no variant"));
     }
 }

@@ -134,6 +134,7 @@ pub enum GenerateEvent {
 }
 
 pub(crate) struct SentimentJob {
+    pub variant: usize,
     pub ids: Vec<u32>,
     pub labels: Arc<LabelSet>,
     pub reply: oneshot::Sender<Result<SentimentOutput>>,
@@ -141,6 +142,7 @@ pub(crate) struct SentimentJob {
 }
 
 pub(crate) struct GenerateJob {
+    pub variant: usize,
     pub ids: Vec<u32>,
     pub params: GenerateParams,
     pub events: mpsc::UnboundedSender<GenerateEvent>,
@@ -160,12 +162,28 @@ pub fn is_blank(text: &str) -> bool {
         .all(|c| c.is_whitespace() || matches!(c, '\u{1c}'..='\u{1f}' | '\u{feff}'))
 }
 
+/// A model the engine serves, selected by its name: the default one first, then the merged
+/// variants of the same base.
+pub struct Served<B> {
+    pub name: String,
+    pub backend: B,
+    /// Its sentiment labels, calibrated for this model when a calibration applies.
+    pub labels: LabelSet,
+}
+
+/// What requests see of a served model.
+#[derive(Debug)]
+pub struct Variant {
+    pub name: String,
+    pub labels: Arc<LabelSet>,
+}
+
 /// A cheap, cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
     tx: SyncSender<Job>,
     tokenizer: Arc<Tokenizer>,
-    labels: Arc<LabelSet>,
+    variants: Arc<[Variant]>,
     template: Arc<Template>,
     config: Arc<EngineConfig>,
     health: Arc<Health>,
@@ -173,18 +191,45 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the engine thread, which owns `backend`. The thread ends when every handle is
-    /// dropped and the work already queued is done.
+    /// Starts the engine thread, which owns every served model (`served`, the default first).
+    /// The thread ends when every handle is dropped and the work already queued is done.
     pub fn start<B: Backend + Send + 'static>(
-        backend: B,
+        served: Vec<Served<B>>,
         tokenizer: Arc<Tokenizer>,
-        labels: LabelSet,
         config: EngineConfig,
     ) -> Result<Self> {
-        let eos = *backend
+        let first = served
+            .first()
+            .ok_or_else(|| Error::Config("the engine needs at least one model".into()))?;
+        let eos = *first
+            .backend
             .eos_ids()
             .first()
             .ok_or_else(|| Error::Config("the model has no EOS token id".into()))?;
+        if let Some(other) = served
+            .iter()
+            .find(|s| s.backend.eos_ids().first() != Some(&eos))
+        {
+            return Err(Error::Config(format!(
+                "variant `{}` has other EOS token ids than the default model",
+                other.name
+            )));
+        }
+        let mut variants = Vec::new();
+        let mut lanes = Vec::new();
+        for s in served {
+            if variants.iter().any(|v: &Variant| v.name == s.name) {
+                return Err(Error::Config(format!(
+                    "two variants are named `{}`",
+                    s.name
+                )));
+            }
+            variants.push(Variant {
+                name: s.name.clone(),
+                labels: Arc::new(s.labels),
+            });
+            lanes.push(batcher::Lane::new(s.name, s.backend));
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity.max(1));
         let health = Arc::new(Health {
             alive: AtomicBool::new(false),
@@ -192,16 +237,10 @@ impl Engine {
         });
         health.set_alive(true);
         health.batch_done(true);
-        let labels = Arc::new(labels);
         let template = Arc::new(Template::new(&config.prompt_template)?);
         let config = Arc::new(config);
-        let batcher = batcher::Batcher::new(
-            backend,
-            tokenizer.clone(),
-            config.clone(),
-            health.clone(),
-            rx,
-        );
+        let batcher =
+            batcher::Batcher::new(lanes, tokenizer.clone(), config.clone(), health.clone(), rx);
         let thread_health = health.clone();
         std::thread::Builder::new()
             .name("finserve-engine".into())
@@ -226,7 +265,7 @@ impl Engine {
         Ok(Self {
             tx,
             tokenizer,
-            labels,
+            variants: variants.into(),
             template,
             config,
             health,
@@ -243,9 +282,23 @@ impl Engine {
         self.health.failed_in_a_row.load(Ordering::SeqCst)
     }
 
-    /// The server's labels (`--labels`), with their calibration.
-    pub fn labels(&self) -> &Arc<LabelSet> {
-        &self.labels
+    /// The served models, the default first; a request names one by its index here.
+    pub fn variants(&self) -> &[Variant] {
+        &self.variants
+    }
+
+    /// The index of the variant called `name`; no name means the default model.
+    pub fn variant(&self, name: Option<&str>) -> Result<usize> {
+        let Some(name) = name else { return Ok(0) };
+        self.variants
+            .iter()
+            .position(|v| v.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.variants.iter().map(|v| v.name.as_str()).collect();
+                Error::Validation(format!(
+                    "`adapter_id`: no variant `{name}` is served here; the variants are {names:?}"
+                ))
+            })
     }
 
     /// The server's prompt template (`--prompt-template`).
@@ -407,25 +460,41 @@ impl Engine {
         }
     }
 
-    /// Queues `text` as the server scores it by default: in its template (cut from the right if
-    /// too long), against its labels.
-    pub fn sentiment_text(&self, text: &str) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
+    /// Queues `text` as `variant` scores it by default: in the server's template (cut from the
+    /// right if too long), against the variant's labels.
+    pub fn sentiment_text(
+        &self,
+        text: &str,
+        variant: usize,
+    ) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
         let ids = self.tokenize_sentiment(
             text,
             &self.template,
             Some(prompt::TruncationDirection::Right),
         )?;
-        self.sentiment(ids, self.labels.clone())
+        let labels = self
+            .variants
+            .get(variant)
+            .map(|v| v.labels.clone())
+            .ok_or_else(|| Error::Validation(format!("no variant number {variant}")))?;
+        self.sentiment(ids, labels, variant)
     }
 
-    /// Queues one input for scoring against `labels`; the receiver yields its scores.
+    /// The labels the default model scores against (`--labels`, with its calibration).
+    pub fn labels(&self) -> &Arc<LabelSet> {
+        &self.variants[0].labels
+    }
+
+    /// Queues one input for scoring by `variant` against `labels`; the receiver yields its scores.
     pub fn sentiment(
         &self,
         ids: Vec<u32>,
         labels: Arc<LabelSet>,
+        variant: usize,
     ) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Sentiment(SentimentJob {
+            variant,
             ids,
             labels,
             reply,
@@ -434,14 +503,16 @@ impl Engine {
         Ok(rx)
     }
 
-    /// Queues a generation; dropping the receiver cancels it at the next decode step.
+    /// Queues a generation by `variant`; dropping the receiver cancels it at the next decode step.
     pub fn generate(
         &self,
         ids: Vec<u32>,
         params: GenerateParams,
+        variant: usize,
     ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>> {
         let (events, rx) = mpsc::unbounded_channel();
         self.submit(Job::Generate(GenerateJob {
+            variant,
             ids,
             params,
             events,

@@ -211,9 +211,12 @@ fn finish(r: FinishReason) -> &'static str {
     }
 }
 
-/// The served model names (one today; one per variant once variants exist).
+/// The served model names: the default model's, then each variant's.
 pub(super) fn names(state: &AppState) -> Vec<String> {
-    vec![state.limits.model_name.clone()]
+    match state.engine.get() {
+        Some(engine) => engine.variants().iter().map(|v| v.name.clone()).collect(),
+        None => vec![state.limits.model_name.clone()],
+    }
 }
 
 /// Checks the model name and sampling fields, tokenizes and queues the generation.
@@ -227,13 +230,13 @@ async fn start(
 ) -> Result<Run, ApiError> {
     let engine = engine(state)?;
     let served = names(state);
-    if !served.contains(&model) {
+    let Some(variant) = served.iter().position(|n| *n == model) else {
         return Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
             "model_not_found",
             format!("model `{model}` is not served here; the models are {served:?}"),
         ));
-    }
+    };
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::validation("`n` must be 1"));
     }
@@ -271,7 +274,7 @@ async fn start(
         .observe(ids.len() as f64);
     let prompt_tokens = ids.len();
     let submitted = std::time::SystemTime::now();
-    let rx = engine.generate(ids, params)?;
+    let rx = engine.generate(ids, params, variant)?;
     Ok(Run {
         id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
         created: now(),

@@ -139,6 +139,16 @@ pub fn document(
         let path = format!("{schemas}/{request}/properties/model");
         set(&mut value, &path, "enum", json!(models))?;
     }
+    // null means unset here as everywhere, so it stays a valid `adapter_id`.
+    let adapter_ids: Vec<Value> = models
+        .iter()
+        .map(|m| json!(m))
+        .chain([Value::Null])
+        .collect();
+    for params in ["SentimentParameters", "GenerateParameters"] {
+        let path = format!("{schemas}/{params}/properties/adapter_id");
+        set(&mut value, &path, "enum", json!(adapter_ids))?;
+    }
     if let Some(vocab) = vocab_size {
         let max = json!(vocab.saturating_sub(1));
         set(&mut value, &format!("{schemas}/TokenId"), "maximum", max)?;

@@ -127,12 +127,14 @@ pub async fn sentiment(
         limits.chunk_overlap,
         limits.max_chunks_per_input,
     );
+    let variant = engine.variant(params.adapter_id.as_deref())?;
+    let variant_name = engine.variants()[variant].name.clone();
     let tokenizer_engine = engine.clone();
     let (labels, windows) = off_runtime("sentiment", move || {
         let e = tokenizer_engine;
         let labels = match candidates {
             Some(names) => e.label_set(&names)?,
-            None => e.labels().clone(),
+            None => e.variants()[variant].labels.clone(),
         };
         let windows = texts
             .iter()
@@ -163,7 +165,7 @@ pub async fn sentiment(
                 .input_tokens
                 .with_label_values(&["sentiment"])
                 .observe(w.ids.len() as f64);
-            receivers.push(engine.sentiment(w.ids.clone(), labels.clone())?);
+            receivers.push(engine.sentiment(w.ids.clone(), labels.clone(), variant)?);
         }
     }
     let results = tokio::time::timeout(
@@ -207,14 +209,12 @@ pub async fn sentiment(
         }
         let scores = ranked(&labels.names, &total, top_k);
         if let Some(best) = scores.first() {
-            METRICS
-                .predictions
-                .with_label_values(&[best.label.as_str()])
-                .inc();
+            let metric = [variant_name.as_str(), best.label.as_str()];
+            METRICS.predictions.with_label_values(&metric).inc();
             if function == FunctionToApply::Softmax {
                 METRICS
                     .top_score
-                    .with_label_values(&[best.label.as_str()])
+                    .with_label_values(&metric)
                     .observe(best.score);
             }
         }
@@ -270,6 +270,7 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
     let p = req.parameters.unwrap_or_default();
+    let variant = engine.variant(p.adapter_id.as_deref())?;
     let truncate = validation::generate_truncate(p.truncate)?;
     let text = req.inputs.0;
     let prefix = p.return_full_text.unwrap_or(false).then(|| text.clone());
@@ -299,7 +300,7 @@ pub async fn generate(
         Vec::new()
     };
     let (request, submitted) = (tracing::Span::current(), std::time::SystemTime::now());
-    let rx = engine.generate(ids, params)?;
+    let rx = engine.generate(ids, params, variant)?;
     let deadline = Instant::now() + state.limits.request_timeout;
     if req.stream.unwrap_or(false) {
         let trace = (request, submitted);

@@ -152,6 +152,8 @@ pub struct SentimentParameters {
     pub long_input: Option<LongInput>,
     /// Also return each window's character span and scores.
     pub return_chunks: Option<bool>,
+    /// The merged variant to score with (see `/info`); default: the default model.
+    pub adapter_id: Option<String>,
 }
 
 /// Unknown fields are refused (422) unless their value is null; null means "unset" everywhere.
@@ -204,8 +206,8 @@ pub enum InputScores {
 }
 
 /// TGI's generation parameters. Those TGI has and finserve does not (`best_of`, `typical_p`,
-/// `watermark`, `top_n_tokens`, `frequency_penalty`, `grammar`, `adapter_id`) are unknown fields:
-/// refused unless null.
+/// `watermark`, `top_n_tokens`, `frequency_penalty`, `grammar`) are unknown fields: refused
+/// unless null.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
@@ -243,6 +245,8 @@ pub struct GenerateParameters {
     pub truncate: Option<i64>,
     /// Prefix `generated_text` with the input text.
     pub return_full_text: Option<bool>,
+    /// The merged variant to generate with (see `/info`); default: the default model.
+    pub adapter_id: Option<String>,
 }
 
 /// Unknown fields are refused (422) unless their value is null; null means "unset" everywhere.
@@ -417,6 +421,17 @@ pub struct CalibrationInfo {
     pub file: String,
 }
 
+/// A merged variant of the base, served next to the default model.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VariantInfo {
+    /// What `adapter_id` (and the OpenAI routes' `model`) selects it by.
+    pub name: String,
+    pub adapters: Vec<MergeReport>,
+    /// Weight bytes no other served model shares (the layers its adapters changed).
+    pub unshared_bytes: usize,
+    pub calibration: Option<CalibrationInfo>,
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct InfoResponse {
     pub model_id: String,
@@ -435,6 +450,14 @@ pub struct InfoResponse {
     /// The softmax temperature fitted by `finserve eval --calibrate` for the server's labels, if
     /// a calibration file was loaded.
     pub calibration: Option<CalibrationInfo>,
+    /// The default model's name (the OpenAI routes' `model`).
+    pub name: String,
+    /// Weight bytes of the default model that no variant shares.
+    pub unshared_bytes: usize,
+    /// Further merged variants of the same base, chosen per request with `adapter_id`.
+    pub variants: Vec<VariantInfo>,
+    /// Weight bytes of every served model together, shared tensors counted once.
+    pub weight_bytes: usize,
     pub limits: Limits,
     pub load_seconds: f64,
     pub version: String,

@@ -8,11 +8,19 @@
 //! than f32, so their weights and inputs are padded with zero columns to the next multiple (which
 //! changes no product) when that adds at most half the width. Narrower layers keep the per-block
 //! path: padding 128 to 256 would double their work.
+//!
+//! [`SharedLayers`] builds the layers of every merged variant of one base: a layer whose
+//! checkpoint tensors no adapter of the variant changed is the base's own, built (and quantized)
+//! once and shared by reference.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Module, Tensor, TensorId};
 
 use crate::error::{Error, Result};
+use crate::model::weights::Weights;
 
 /// How the linear layers store their weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,7 +58,7 @@ const FEW_ROWS: usize = 64;
 /// Input widths candle's fast Q8_0 kernel works in.
 const Q8_BLOCK: usize = 256;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Linear {
     Dense(Tensor),
     /// Weight `(out, padded_in)`, zero beyond the real input width.
@@ -99,6 +107,20 @@ impl Linear {
         Ok(())
     }
 
+    /// Which allocation holds the weight and its size in bytes; clones of a layer share both.
+    pub fn storage(&self) -> (Storage, usize) {
+        match self {
+            Self::Dense(w) => Storage::of(w),
+            Self::Q8 { weight, .. } => match weight {
+                QMatMul::QTensor(q) => (
+                    Storage::Quantized(Arc::as_ptr(q) as usize),
+                    q.storage_size_in_bytes(),
+                ),
+                QMatMul::Tensor(w) | QMatMul::TensorF16(w) => Storage::of(w),
+            },
+        }
+    }
+
     /// `x·Wᵀ` over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -140,4 +162,82 @@ fn pad_last(x: &Tensor, width: usize) -> candle_core::Result<Tensor> {
     let rank = dims.len();
     dims[rank - 1] = width - last;
     Tensor::cat(&[x, &Tensor::zeros(dims, x.dtype(), x.device())?], rank - 1)
+}
+
+/// The identity of a weight allocation, to count memory shared between models once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Storage {
+    Dense(TensorId),
+    Quantized(usize),
+}
+
+impl Storage {
+    pub fn of(t: &Tensor) -> (Self, usize) {
+        (
+            Self::Dense(t.id()),
+            t.elem_count() * t.dtype().size_in_bytes(),
+        )
+    }
+}
+
+/// The linear layers of one base checkpoint, built once and reused by every model built from
+/// it whose tensors for that layer are unmodified (see [`Weights::is_modified`]).
+#[derive(Debug, Default)]
+pub struct SharedLayers {
+    quantization: Quantization,
+    built: HashMap<String, Linear>,
+}
+
+impl SharedLayers {
+    pub fn new(quantization: Quantization) -> Self {
+        Self {
+            quantization,
+            built: HashMap::new(),
+        }
+    }
+
+    /// The layer `key` made of the checkpoint tensors `sources` (stacked along the output
+    /// dimension), each `(out_dim, in_dim)`.
+    pub fn linear(
+        &mut self,
+        w: &mut Weights,
+        key: &str,
+        sources: &[String],
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Result<Linear> {
+        let base = sources.iter().all(|s| !w.is_modified(s));
+        let parts = sources
+            .iter()
+            .map(|s| w.take(s, &[out_dim, in_dim]))
+            .collect::<Result<Vec<_>>>()?;
+        self.layer(key, base, || match parts.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Ok(Tensor::cat(&parts, 0)?),
+        })
+    }
+
+    /// The layer `key` with the weight `weight` builds; `base` says whether that weight is the
+    /// base checkpoint's, in which case a layer built earlier is reused. With q8 the first
+    /// encoder block stays dense: it reads the raw embeddings, whose outliers make it the most
+    /// sensitive to rounding (on the demo model, quantizing it too moves label probabilities by
+    /// up to 0.055 against 0.015 without it, at equal accuracy).
+    pub fn layer(
+        &mut self,
+        key: &str,
+        base: bool,
+        weight: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Linear> {
+        if base && let Some(layer) = self.built.get(key) {
+            return Ok(layer.clone());
+        }
+        let mut layer = Linear::new(weight()?);
+        if self.quantization == Quantization::Q8 && !key.starts_with("encoder.block.0.") {
+            layer.quantize(key)?;
+        }
+        if base {
+            self.built.insert(key.to_string(), layer.clone());
+        }
+        Ok(layer)
+    }
 }

@@ -1,6 +1,7 @@
 //! Loading a servable model: resolve `--model` (directory or Hub id), read its config, tokenizer
 //! and weights, merge the `--adapter`s, build the [`t5::T5Model`] and, with `--quantize q8`,
-//! quantize its linear layers.
+//! quantize its linear layers. Each `--variant` is merged from the same base weights and shares
+//! with the others every tensor its adapters leave alone.
 
 pub mod decode_batch;
 pub mod linear;
@@ -8,7 +9,9 @@ pub mod ops;
 pub mod t5;
 pub mod weights;
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -17,7 +20,7 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::hub::{HubConfig, RepoKind};
 use crate::lora::{self, Adapter, AdapterSpec, MergeReport};
-use linear::Quantization;
+use linear::{Quantization, SharedLayers, Storage};
 use t5::{Config, T5Model};
 use weights::{WeightFiles, Weights};
 
@@ -26,10 +29,53 @@ use weights::{WeightFiles, Weights};
 pub struct ModelSpec {
     pub model: String,
     pub revision: Option<String>,
+    /// Merged into the default model.
     pub adapters: Vec<AdapterSpec>,
+    /// Further merged variants of the same base, served next to the default one.
+    pub variants: Vec<VariantSpec>,
     pub dtype: DType,
     pub device: Device,
     pub quantize: Quantization,
+}
+
+/// `--variant NAME=ADAPTER[:WEIGHT][+ADAPTER[:WEIGHT]...]`: a named merge of the base; no
+/// adapter (`NAME=`) serves the base itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantSpec {
+    pub name: String,
+    pub adapters: Vec<AdapterSpec>,
+}
+
+impl std::str::FromStr for VariantSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (name, adapters) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}` is not NAME=ADAPTER[:WEIGHT][+ADAPTER[:WEIGHT]...]"))?;
+        if !valid_variant_name(name) {
+            return Err(format!(
+                "variant name `{name}` must be 1-64 characters of letters, digits, `.`, `_`, `-` or `/`"
+            ));
+        }
+        let adapters = adapters
+            .split('+')
+            .filter(|a| !a.is_empty())
+            .map(str::parse)
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Self {
+            name: name.to_string(),
+            adapters,
+        })
+    }
+}
+
+/// Names a client can type in `adapter_id` or `model` without escaping.
+pub fn valid_variant_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'))
 }
 
 /// The merged checkpoint before it becomes a model: what `finserve merge` exports.
@@ -40,12 +86,28 @@ pub struct MergedCheckpoint {
     pub reports: Vec<MergeReport>,
 }
 
+/// A named variant, built from the same base as the default model.
+pub struct Variant {
+    pub name: String,
+    pub model: Arc<T5Model>,
+    pub reports: Vec<MergeReport>,
+    /// Weight bytes this variant holds that no other served model shares.
+    pub unshared_bytes: usize,
+}
+
 /// A model ready to serve.
 pub struct LoadedModel {
-    pub model: T5Model,
+    /// The default model: the base with `--adapter`s merged.
+    pub model: Arc<T5Model>,
+    pub reports: Vec<MergeReport>,
+    /// Weight bytes of the default model that no variant shares.
+    pub unshared_bytes: usize,
+    pub variants: Vec<Variant>,
+    /// Weight bytes held by the default model and every variant together, each shared tensor
+    /// counted once.
+    pub weight_bytes: usize,
     pub tokenizer: Tokenizer,
     pub dir: PathBuf,
-    pub reports: Vec<MergeReport>,
     pub load_seconds: f64,
     pub merge_seconds: f64,
 }
@@ -99,20 +161,8 @@ pub fn read_config(dir: &Path) -> Result<Config> {
 
 /// Resolves, loads and merges, without building the model.
 pub fn load_merged(spec: &ModelSpec, hub: &HubConfig) -> Result<MergedCheckpoint> {
-    let dir = hub.resolve(&spec.model, spec.revision.as_deref(), RepoKind::Model)?;
-    let config = read_config(&dir)?;
-    let files = WeightFiles::discover(&dir)?;
-    tracing::info!(model = %spec.model, dir = %dir.display(), files = ?files.paths(), "loading weights");
-    let mut weights = Weights::load(&files, spec.dtype, &spec.device)?;
-    let adapters = spec
-        .adapters
-        .iter()
-        .map(|a| {
-            let adir = hub.resolve(&a.source, None, RepoKind::Adapter)?;
-            Ok((Adapter::load(&adir)?, a.weight))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let reports = lora::merge_all(&mut weights, &adapters, &spec.model)?;
+    let (dir, config, mut weights) = load_base(spec, hub)?;
+    let reports = merge(&mut weights, &spec.adapters, spec, hub)?;
     Ok(MergedCheckpoint {
         dir,
         config,
@@ -121,15 +171,36 @@ pub fn load_merged(spec: &ModelSpec, hub: &HubConfig) -> Result<MergedCheckpoint
     })
 }
 
-/// Everything `serve` and `eval` need: merged weights, model and tokenizer.
+fn load_base(spec: &ModelSpec, hub: &HubConfig) -> Result<(PathBuf, Config, Weights)> {
+    let dir = hub.resolve(&spec.model, spec.revision.as_deref(), RepoKind::Model)?;
+    let config = read_config(&dir)?;
+    let files = WeightFiles::discover(&dir)?;
+    tracing::info!(model = %spec.model, dir = %dir.display(), files = ?files.paths(), "loading weights");
+    let weights = Weights::load(&files, spec.dtype, &spec.device)?;
+    Ok((dir, config, weights))
+}
+
+fn merge(
+    weights: &mut Weights,
+    adapters: &[AdapterSpec],
+    spec: &ModelSpec,
+    hub: &HubConfig,
+) -> Result<Vec<MergeReport>> {
+    let adapters = adapters
+        .iter()
+        .map(|a| {
+            let adir = hub.resolve(&a.source, None, RepoKind::Adapter)?;
+            Ok((Adapter::load(&adir)?, a.weight))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    lora::merge_all(weights, &adapters, &spec.model)
+}
+
+/// Everything `serve` and `eval` need: the default model and every variant, merged and built
+/// from one copy of the base (each shares every layer its adapters leave alone), and the tokenizer.
 pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
     let start = Instant::now();
-    let MergedCheckpoint {
-        dir,
-        config,
-        mut weights,
-        reports,
-    } = load_merged(spec, hub)?;
+    let (dir, config, base) = load_base(spec, hub)?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
@@ -141,22 +212,78 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
             config.vocab_size
         )));
     }
-    let mut model = T5Model::load(config, &mut weights)?;
+    let mut layers = SharedLayers::new(spec.quantize);
+    let mut build = |adapters: &[AdapterSpec]| -> Result<(Arc<T5Model>, Vec<MergeReport>)> {
+        let mut weights = base.clone();
+        let reports = merge(&mut weights, adapters, spec, hub)?;
+        let model = T5Model::load(config.clone(), &mut weights, &mut layers)?;
+        let leftover = weights.leftover();
+        if !leftover.is_empty() {
+            tracing::warn!(source = weights.source(), tensors = ?leftover, "checkpoint tensors not used by the model");
+        }
+        Ok((Arc::new(model), reports))
+    };
+    let (model, reports) = build(&spec.adapters)?;
+    let mut variants = Vec::new();
+    for v in &spec.variants {
+        let (model, reports) = build(&v.adapters)?;
+        variants.push(Variant {
+            name: v.name.clone(),
+            model,
+            reports,
+            unshared_bytes: 0,
+        });
+    }
+    drop(base);
     if spec.quantize == Quantization::Q8 {
-        model.quantize_q8()?;
         tracing::info!("linear layers and lm_head quantized to q8 (Q8_0)");
     }
-    let leftover = weights.leftover();
-    if !leftover.is_empty() {
-        tracing::warn!(source = weights.source(), tensors = ?leftover, "checkpoint tensors not used by the model");
+    let (weight_bytes, unshared) = {
+        let models: Vec<&T5Model> = std::iter::once(&*model)
+            .chain(variants.iter().map(|v| &*v.model))
+            .collect();
+        count_bytes(&models)
+    };
+    for (v, bytes) in variants.iter_mut().zip(&unshared[1..]) {
+        v.unshared_bytes = *bytes;
+        tracing::info!(variant = %v.name, adapters = v.reports.len(), unshared_bytes = bytes, "variant merged");
     }
-    let merge_seconds = reports.iter().map(|r| r.seconds).sum();
+    let merge_seconds = std::iter::once(&reports)
+        .chain(variants.iter().map(|v| &v.reports))
+        .flatten()
+        .map(|r| r.seconds)
+        .sum();
     Ok(LoadedModel {
         model,
+        reports,
+        unshared_bytes: unshared[0],
+        variants,
+        weight_bytes,
         tokenizer,
         dir,
-        reports,
         load_seconds: start.elapsed().as_secs_f64(),
         merge_seconds,
     })
+}
+
+/// The bytes of every distinct weight allocation of `models`, and per model those no other
+/// model holds.
+fn count_bytes(models: &[&T5Model]) -> (usize, Vec<usize>) {
+    let mut holders: HashMap<Storage, (usize, BTreeSet<usize>)> = HashMap::new();
+    for (i, m) in models.iter().enumerate() {
+        for (storage, bytes) in m.storages() {
+            holders
+                .entry(storage)
+                .or_insert((bytes, BTreeSet::new()))
+                .1
+                .insert(i);
+        }
+    }
+    let mut unshared = vec![0; models.len()];
+    for (bytes, who) in holders.values() {
+        if let [only] = who.iter().collect::<Vec<_>>()[..] {
+            unshared[*only] += bytes;
+        }
+    }
+    (holders.values().map(|(b, _)| b).sum(), unshared)
 }

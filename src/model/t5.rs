@@ -21,7 +21,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::decode_batch::{CacheShape, DecodeBatch};
-use crate::model::linear::Linear;
+use crate::model::linear::{Linear, SharedLayers, Storage};
 use crate::model::weights::Weights;
 
 /// `config.json` of a T5-family checkpoint. Unknown fields are ignored.
@@ -261,22 +261,6 @@ impl LayerNorm {
     }
 }
 
-fn linear(w: &mut Weights, name: &str, out_dim: usize, in_dim: usize) -> Result<Linear> {
-    Ok(Linear::new(
-        w.take(&format!("{name}.weight"), &[out_dim, in_dim])?,
-    ))
-}
-
-/// Several checkpoint projections of the same input as one linear layer (their weights stacked),
-/// so the input is read, and with `--quantize q8` quantized, once.
-fn stacked(w: &mut Weights, names: &[String], out_dim: usize, in_dim: usize) -> Result<Linear> {
-    let parts = names
-        .iter()
-        .map(|n| w.take(&format!("{n}.weight"), &[out_dim, in_dim]))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Linear::new(Tensor::cat(&parts, 0)?))
-}
-
 #[derive(Debug)]
 struct Attention {
     q: Linear,
@@ -288,17 +272,20 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &mut Weights, name: &str, cfg: &Config) -> Result<Self> {
+    fn load(w: &mut Weights, l: &mut SharedLayers, name: &str, cfg: &Config) -> Result<Self> {
         let inner = cfg.inner_dim();
+        let weight = |p: &str| format!("{name}.{p}.weight");
         Ok(Self {
-            q: linear(w, &format!("{name}.q"), inner, cfg.d_model)?,
-            kv: stacked(
+            q: l.linear(w, &format!("{name}.q"), &[weight("q")], inner, cfg.d_model)?,
+            // k and v read the same input: one stacked layer reads (and with q8 quantizes) it once.
+            kv: l.linear(
                 w,
-                &[format!("{name}.k"), format!("{name}.v")],
+                &format!("{name}.kv"),
+                &[weight("k"), weight("v")],
                 inner,
                 cfg.d_model,
             )?,
-            o: linear(w, &format!("{name}.o"), cfg.d_model, inner)?,
+            o: l.linear(w, &format!("{name}.o"), &[weight("o")], cfg.d_model, inner)?,
             num_heads: cfg.num_heads,
             d_kv: cfg.d_kv,
         })
@@ -353,22 +340,24 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(w: &mut Weights, name: &str, cfg: &Config) -> Result<Self> {
+    fn load(w: &mut Weights, l: &mut SharedLayers, name: &str, cfg: &Config) -> Result<Self> {
         let (act, gated) = Activation::parse(cfg.feed_forward_proj())?;
+        let weight = |p: &str| format!("{name}.{p}.weight");
         let wi = if gated {
-            stacked(
-                w,
-                &[format!("{name}.wi_0"), format!("{name}.wi_1")],
-                cfg.d_ff,
-                cfg.d_model,
-            )?
+            vec![weight("wi_0"), weight("wi_1")]
         } else {
-            linear(w, &format!("{name}.wi"), cfg.d_ff, cfg.d_model)?
+            vec![weight("wi")]
         };
         Ok(Self {
-            wi,
+            wi: l.linear(w, &format!("{name}.wi"), &wi, cfg.d_ff, cfg.d_model)?,
             gated,
-            wo: linear(w, &format!("{name}.wo"), cfg.d_model, cfg.d_ff)?,
+            wo: l.linear(
+                w,
+                &format!("{name}.wo"),
+                &[weight("wo")],
+                cfg.d_model,
+                cfg.d_ff,
+            )?,
             act,
         })
     }
@@ -435,8 +424,9 @@ pub struct Encoded {
 }
 
 impl T5Model {
-    /// Builds the model from a weight map, taking every tensor it uses out of `w`.
-    pub fn load(config: Config, w: &mut Weights) -> Result<Self> {
+    /// Builds the model from a weight map, taking every tensor it uses out of `w`; linear layers
+    /// come from `layers`, shared with every other model it built from the same base.
+    pub fn load(config: Config, w: &mut Weights, layers: &mut SharedLayers) -> Result<Self> {
         config.validate()?;
         let cfg = &config;
         let device = w.device().clone();
@@ -450,12 +440,15 @@ impl T5Model {
         };
         let encoder_embed = embed("encoder.embed_tokens.weight")?;
         let decoder_embed = embed("decoder.embed_tokens.weight")?;
-        let lm_head = Linear::new(if cfg.tie_word_embeddings() {
+        let lm_head = if cfg.tie_word_embeddings() {
             w.discard("lm_head.weight");
-            shared.clone()
+            layers.layer("lm_head", !w.is_modified("shared.weight"), || {
+                Ok(shared.clone())
+            })?
         } else {
-            w.take("lm_head.weight", &[cfg.vocab_size, cfg.d_model])?
-        });
+            let shape = (cfg.vocab_size, cfg.d_model);
+            layers.linear(w, "lm_head", &["lm_head.weight".into()], shape.0, shape.1)?
+        };
         let bias_shape = [cfg.relative_attention_num_buckets, cfg.num_heads];
         let encoder_bias = w.take(
             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
@@ -469,9 +462,9 @@ impl T5Model {
             .map(|i| {
                 let p = format!("encoder.block.{i}.layer");
                 Ok(EncoderBlock {
-                    self_attn: Attention::load(w, &format!("{p}.0.SelfAttention"), cfg)?,
+                    self_attn: Attention::load(w, layers, &format!("{p}.0.SelfAttention"), cfg)?,
                     attn_norm: LayerNorm::load(w, &format!("{p}.0.layer_norm"), cfg)?,
-                    ff: FeedForward::load(w, &format!("{p}.1.DenseReluDense"), cfg)?,
+                    ff: FeedForward::load(w, layers, &format!("{p}.1.DenseReluDense"), cfg)?,
                     ff_norm: LayerNorm::load(w, &format!("{p}.1.layer_norm"), cfg)?,
                 })
             })
@@ -480,11 +473,11 @@ impl T5Model {
             .map(|i| {
                 let p = format!("decoder.block.{i}.layer");
                 Ok(DecoderBlock {
-                    self_attn: Attention::load(w, &format!("{p}.0.SelfAttention"), cfg)?,
+                    self_attn: Attention::load(w, layers, &format!("{p}.0.SelfAttention"), cfg)?,
                     self_attn_norm: LayerNorm::load(w, &format!("{p}.0.layer_norm"), cfg)?,
-                    cross_attn: Attention::load(w, &format!("{p}.1.EncDecAttention"), cfg)?,
+                    cross_attn: Attention::load(w, layers, &format!("{p}.1.EncDecAttention"), cfg)?,
                     cross_attn_norm: LayerNorm::load(w, &format!("{p}.1.layer_norm"), cfg)?,
-                    ff: FeedForward::load(w, &format!("{p}.2.DenseReluDense"), cfg)?,
+                    ff: FeedForward::load(w, layers, &format!("{p}.2.DenseReluDense"), cfg)?,
                     ff_norm: LayerNorm::load(w, &format!("{p}.2.layer_norm"), cfg)?,
                 })
             })
@@ -516,48 +509,33 @@ impl T5Model {
         self.decoder_embed.embeddings().dtype()
     }
 
-    /// Quantizes the linear layers and `lm_head` to Q8_0; embeddings, norms and position biases
-    /// stay as they are, and so does the first encoder block: it reads the raw embeddings, whose
-    /// outliers make it the most sensitive to rounding (on the demo model, quantizing it too moves
-    /// label probabilities by up to 0.055 against 0.015 without it, at equal accuracy).
-    pub fn quantize_q8(&mut self) -> Result<()> {
-        let mut layers: Vec<(String, &mut Linear)> = Vec::new();
-        fn attn(p: String, a: &mut Attention) -> Vec<(String, &mut Linear)> {
-            vec![
-                (format!("{p}.q"), &mut a.q),
-                (format!("{p}.kv"), &mut a.kv),
-                (format!("{p}.o"), &mut a.o),
-            ]
+    /// Every weight allocation the model holds, with its size in bytes: to count what models
+    /// built from one base share, and what each adds.
+    pub fn storages(&self) -> Vec<(Storage, usize)> {
+        let attn = |a: &Attention| [a.q.storage(), a.kv.storage(), a.o.storage()];
+        let ff = |f: &FeedForward| [f.wi.storage(), f.wo.storage()];
+        let mut all = vec![
+            Storage::of(self.encoder_embed.embeddings()),
+            Storage::of(self.decoder_embed.embeddings()),
+            Storage::of(&self.encoder_bias),
+            Storage::of(&self.decoder_bias),
+            Storage::of(&self.encoder_norm.weight),
+            Storage::of(&self.decoder_norm.weight),
+            self.lm_head.storage(),
+        ];
+        for b in &self.encoder_blocks {
+            all.extend(attn(&b.self_attn));
+            all.extend(ff(&b.ff));
+            all.extend([&b.attn_norm, &b.ff_norm].map(|n| Storage::of(&n.weight)));
         }
-        fn ff(p: String, f: &mut FeedForward) -> Vec<(String, &mut Linear)> {
-            vec![
-                (format!("{p}.wi"), &mut f.wi),
-                (format!("{p}.wo"), &mut f.wo),
-            ]
+        for b in &self.decoder_blocks {
+            all.extend(attn(&b.self_attn));
+            all.extend(attn(&b.cross_attn));
+            all.extend(ff(&b.ff));
+            let norms = [&b.self_attn_norm, &b.cross_attn_norm, &b.ff_norm];
+            all.extend(norms.map(|n| Storage::of(&n.weight)));
         }
-        for (i, b) in self.encoder_blocks.iter_mut().enumerate().skip(1) {
-            layers.extend(attn(
-                format!("encoder.block.{i}.self_attn"),
-                &mut b.self_attn,
-            ));
-            layers.extend(ff(format!("encoder.block.{i}.ff"), &mut b.ff));
-        }
-        for (i, b) in self.decoder_blocks.iter_mut().enumerate() {
-            layers.extend(attn(
-                format!("decoder.block.{i}.self_attn"),
-                &mut b.self_attn,
-            ));
-            layers.extend(attn(
-                format!("decoder.block.{i}.cross_attn"),
-                &mut b.cross_attn,
-            ));
-            layers.extend(ff(format!("decoder.block.{i}.ff"), &mut b.ff));
-        }
-        layers.push(("lm_head".into(), &mut self.lm_head));
-        for (name, layer) in layers {
-            layer.quantize(&name)?;
-        }
-        Ok(())
+        all
     }
 
     /// Runs the encoder over `inputs` in one batch. The linear layers and norms see only real

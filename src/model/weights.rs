@@ -4,7 +4,7 @@
 //! The model takes each tensor it needs out of a [`Weights`] (checking its shape), so whatever is
 //! left afterwards was not used; the LoRA merge rewrites entries in place before that.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -132,10 +132,14 @@ fn read_safetensors(path: &Path, f: &mut impl FnMut(String, Tensor) -> Result<()
     Ok(())
 }
 
-/// Named tensors, all on one device in one dtype, handed out once each.
-#[derive(Debug)]
+/// Named tensors, all on one device in one dtype, handed out once each. A clone shares every
+/// tensor with the original (candle tensors are reference-counted), so each merged variant of
+/// a base starts from a clone and replaces only what its adapters change.
+#[derive(Debug, Clone)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
+    /// Names whose tensor [`Weights::replace`] changed since loading.
+    modified: HashSet<String>,
     source: String,
     device: Device,
     dtype: DType,
@@ -157,6 +161,7 @@ impl Weights {
         })?;
         Ok(Self {
             tensors,
+            modified: HashSet::new(),
             source,
             device: device.clone(),
             dtype,
@@ -172,6 +177,7 @@ impl Weights {
     ) -> Self {
         Self {
             tensors,
+            modified: HashSet::new(),
             source: source.to_string(),
             device: device.clone(),
             dtype,
@@ -200,6 +206,12 @@ impl Weights {
 
     pub fn replace(&mut self, name: &str, tensor: Tensor) {
         self.tensors.insert(name.to_string(), tensor);
+        self.modified.insert(name.to_string());
+    }
+
+    /// Whether `name` was replaced (by a LoRA merge) since the checkpoint was read.
+    pub fn is_modified(&self, name: &str) -> bool {
+        self.modified.contains(name)
     }
 
     /// Removes and returns `name`, which must exist with exactly `shape`.
