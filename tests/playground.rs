@@ -31,10 +31,12 @@ fn open(url: &str, screenshot: Option<&std::path::Path>) -> Value {
 
 #[test]
 fn the_playground_scores_and_streams_in_a_browser() {
-    let s = start(&[]);
+    let s = start(&["--served-model-name", "prod", "--variant", "base="]);
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("playground.png");
-    let page = open(&format!("{}/?run=1", s.url), Some(&png));
+    let page = open(&format!("{}/?run=1&variant=base", s.url), Some(&png));
+    assert_eq!(page["variants"], json!(["prod", "base"]), "{page}");
+    assert_eq!(page["variant"], "base", "{page}");
     assert!(
         page["model"].as_str().unwrap().contains("mt5_base"),
         "{page}"
@@ -42,7 +44,8 @@ fn the_playground_scores_and_streams_in_a_browser() {
     assert_eq!(page["errors"], json!([]), "{page}");
     let (_, scored) = s.post(
         "/v1/sentiment",
-        &json!({"inputs": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 ."}),
+        &json!({"inputs": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 .",
+                "parameters": {"adapter_id": "base"}}),
     );
     let bars = page["bars"].as_array().unwrap();
     assert_eq!(bars.len(), 3, "{page}");
@@ -65,7 +68,7 @@ fn the_playground_scores_and_streams_in_a_browser() {
     let (_, plain) = s.post(
         "/v1/generate",
         &json!({"inputs": "Net sales decreased by 5 % in the third quarter .",
-                "parameters": {"max_new_tokens": 32}}),
+                "parameters": {"max_new_tokens": 32, "adapter_id": "base"}}),
     );
     assert_eq!(page["generated"], plain["generated_text"], "{page}");
     let bytes = std::fs::read(&png).unwrap();

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{label_scores, metric_value, start};
+use common::{assert_same_scores, label_scores, metric_value, start};
 use serde_json::{Value, json};
 
 const SHORT: &str = "Profit rose .";
@@ -721,8 +721,10 @@ fn concurrent_requests_batch_and_match_one_at_a_time() {
         }
     }
     let m = s.metrics();
+    let info: Value = serde_json::from_str(&s.get("/info").1).unwrap();
+    let name = info["name"].as_str().unwrap();
     for kind in ["sentiment", "generate"] {
-        let label = format!("kind=\"{kind}\"");
+        let label = format!("kind=\"{kind}\",variant=\"{name}\"");
         let count = metric_value(&m, "finserve_batch_size_count", &label).unwrap();
         let singles = metric_value(
             &m,
@@ -734,20 +736,6 @@ fn concurrent_requests_batch_and_match_one_at_a_time() {
             count > singles,
             "{kind}: no batch larger than one ({singles} of {count} were single)"
         );
-    }
-}
-
-/// Same labels in the same order, probabilities equal to 1e-6. Not bitwise: the CPU matmul
-/// kernels block differently for different batch shapes, which moves the last bits.
-fn assert_same_scores(batched: &Value, alone: &Value, i: usize) {
-    let (b, a) = (label_scores(&batched[0]), label_scores(&alone[0]));
-    assert_eq!(
-        b.iter().map(|x| &x.0).collect::<Vec<_>>(),
-        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
-        "input {i}"
-    );
-    for ((_, x), (_, y)) in b.iter().zip(&a) {
-        assert!((x - y).abs() < 1e-6, "input {i}: batched {x} vs alone {y}");
     }
 }
 

@@ -1,5 +1,9 @@
 //! Merged variants: each variant of one loaded base computes exactly what the base with that
-//! variant's adapters alone computes, while sharing every tensor its adapters leave alone.
+//! variant's adapters alone computes, while sharing every tensor its adapters leave alone; over
+//! HTTP, `adapter_id` and the OpenAI `model` pick one, and concurrent requests to different
+//! variants get what each gets alone.
+
+mod common;
 
 use std::path::PathBuf;
 
@@ -10,6 +14,7 @@ use finserve::lora::AdapterSpec;
 use finserve::model::linear::Quantization;
 use finserve::model::t5::T5Model;
 use finserve::model::{self, LoadedModel, ModelSpec, VariantSpec};
+use serde_json::{Value, json};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -162,4 +167,229 @@ fn variant_flags_parse() {
     assert!("no-equals".parse::<VariantSpec>().is_err());
     assert!("bad name=a".parse::<VariantSpec>().is_err());
     assert!("=a".parse::<VariantSpec>().is_err());
+}
+
+/// A server with the fixture base, its `qv` adapter as the default and two variants: the
+/// `all_patterns` adapter and the bare base.
+fn server_with_variants() -> common::Server {
+    let f = common::fixtures();
+    let all = f.join("adapters/all_patterns").display().to_string();
+    common::start(&[
+        "--served-model-name",
+        "prod",
+        "--variant",
+        &format!("candidate={all}"),
+        "--variant",
+        "base=",
+    ])
+}
+
+fn serve_alone(adapter: Option<&str>) -> common::Server {
+    let f = common::fixtures();
+    let mut args: Vec<String> = ["serve", "--host", "127.0.0.1", "--port", "0", "--model"]
+        .map(String::from)
+        .into();
+    args.push(f.join("mt5_base").display().to_string());
+    match adapter {
+        Some(a) => args.extend(["--adapter".into(), f.join(a).display().to_string()]),
+        None => args.push("--no-adapter".into()),
+    }
+    common::start_with(&args, &[])
+}
+
+const HTTP_TEXTS: [&str; 3] = [
+    "Profit rose .",
+    "Net sales fell 10 % .",
+    "The board met on Tuesday .",
+];
+
+fn sentiment(variant: Option<&str>, text: &str) -> Value {
+    json!({"inputs": text, "parameters": {"adapter_id": variant}})
+}
+
+fn generate(variant: Option<&str>, text: &str) -> Value {
+    json!({"inputs": text, "parameters": {"adapter_id": variant, "max_new_tokens": 8, "details": true}})
+}
+
+/// The same tokens and text; log-probabilities equal to 1e-5 (the CPU kernels block differently
+/// for different batch shapes, which moves the last bits).
+fn assert_same_generation(got: &Value, want: &Value, variant: &str) {
+    assert_eq!(got["generated_text"], want["generated_text"], "{variant}");
+    let tokens = |v: &Value| v["details"]["tokens"].as_array().unwrap().clone();
+    let (g, w) = (tokens(got), tokens(want));
+    assert_eq!(g.len(), w.len(), "{variant}");
+    for (a, b) in g.iter().zip(&w) {
+        assert_eq!(a["id"], b["id"], "{variant}");
+        let (x, y) = (
+            a["logprob"].as_f64().unwrap(),
+            b["logprob"].as_f64().unwrap(),
+        );
+        assert!((x - y).abs() < 1e-5, "{variant}: {x} vs {y}");
+    }
+}
+
+#[test]
+fn requests_pick_their_variant_and_get_what_it_serves_alone() {
+    let s = server_with_variants();
+    let alone = [
+        (Some("prod"), serve_alone(Some("adapters/qv"))),
+        (
+            Some("candidate"),
+            serve_alone(Some("adapters/all_patterns")),
+        ),
+        (Some("base"), serve_alone(None)),
+    ];
+    // Every variant's requests at once, mixed: batches never mix variants, so each answer is
+    // what the variant's model gives alone.
+    let url = s.url.clone();
+    let handles: Vec<_> = alone
+        .iter()
+        .flat_map(|(v, _)| HTTP_TEXTS.iter().map(move |t| (*v, *t)))
+        .flat_map(|(v, t)| [("sentiment", sentiment(v, t)), ("generate", generate(v, t))])
+        .map(|(route, body)| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let v: Value = ureq::post(&format!("{url}/v1/{route}"))
+                    .send_json(body.clone())
+                    .unwrap()
+                    .into_json()
+                    .unwrap();
+                (route, body, v)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (route, mut body, got) = h.join().unwrap();
+        let variant = body["parameters"]["adapter_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let (_, single) = alone
+            .iter()
+            .find(|(v, _)| *v == Some(variant.as_str()))
+            .unwrap();
+        body["parameters"]["adapter_id"] = Value::Null;
+        let (code, want) = single.post(&format!("/v1/{route}"), &body);
+        assert_eq!(code, 200);
+        if route == "sentiment" {
+            common::assert_same_scores(&got, &want, 0);
+        } else {
+            assert_same_generation(&got, &want, &variant);
+        }
+    }
+    // No adapter_id is the default model; the variants really differ.
+    let plain = s.post("/v1/sentiment", &json!({"inputs": HTTP_TEXTS[0]})).1;
+    assert_eq!(
+        plain,
+        s.post("/v1/sentiment", &sentiment(Some("prod"), HTTP_TEXTS[0]))
+            .1
+    );
+    assert_ne!(
+        plain,
+        s.post("/v1/sentiment", &sentiment(Some("base"), HTTP_TEXTS[0]))
+            .1
+    );
+
+    let (code, err) = s.post("/v1/generate", &generate(Some("nope"), "Profit rose ."));
+    assert_eq!(code, 422, "{err}");
+    let message = err["error"].as_str().unwrap();
+    for name in ["nope", "prod", "candidate", "base"] {
+        assert!(message.contains(name), "{message}");
+    }
+    assert_eq!(
+        s.post("/v1/sentiment", &sentiment(Some("nope"), "x")).0,
+        422
+    );
+
+    // The OpenAI routes: one model per variant, `model` selects it.
+    let models: Value = serde_json::from_str(&s.get("/v1/models").1).unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["prod", "candidate", "base"]);
+    let completion = |model: &str| {
+        let body =
+            json!({"model": model, "prompt": HTTP_TEXTS[1], "max_tokens": 8, "temperature": 0});
+        let (code, v) = s.post("/v1/completions", &body);
+        assert_eq!(code, 200, "{v}");
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let generated = |variant: &str| {
+        let v = s
+            .post("/v1/generate", &generate(Some(variant), HTTP_TEXTS[1]))
+            .1;
+        v["generated_text"].as_str().unwrap().to_string()
+    };
+    for v in ["prod", "candidate", "base"] {
+        assert_eq!(completion(v), generated(v), "{v}");
+    }
+
+    // /info reports each variant's merge and the bytes it adds; metrics carry its name.
+    let info: Value = serde_json::from_str(&s.get("/info").1).unwrap();
+    assert_eq!(info["name"], "prod");
+    let variants = info["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 2);
+    assert_eq!(variants[0]["name"], "candidate");
+    assert!(
+        variants[0]["adapters"][0]["modules_merged"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(variants[1]["adapters"].as_array().unwrap().len(), 0);
+    let total = info["weight_bytes"].as_u64().unwrap();
+    let unshared: u64 = variants
+        .iter()
+        .map(|v| v["unshared_bytes"].as_u64().unwrap())
+        .sum();
+    assert!(unshared > 0 && total > unshared + info["unshared_bytes"].as_u64().unwrap());
+    let m = s.metrics();
+    for v in ["prod", "candidate", "base"] {
+        let label = format!("kind=\"generate\",variant=\"{v}\"");
+        assert!(
+            common::metric_value(&m, "finserve_batch_size_count", &label).unwrap() > 0.0,
+            "{v}"
+        );
+        let label = format!("variant=\"{v}\"");
+        assert!(
+            common::metric_value(&m, "finserve_sentiment_predictions_total", &label).is_some(),
+            "{v}"
+        );
+        assert!(
+            common::metric_value(&m, "finserve_generated_tokens_total", &label).unwrap() > 0.0,
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn bad_variant_flags_stop_the_server_with_a_precise_message() {
+    let f = common::fixtures();
+    let base = f.join("mt5_base").display().to_string();
+    let run = |variant: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+            .args([
+                "serve",
+                "--port",
+                "0",
+                "--model",
+                &base,
+                "--no-adapter",
+                "--variant",
+                variant,
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(run("bad name=x").contains("variant name `bad name`"));
+    let missing = run("v=/nonexistent/adapter");
+    assert!(missing.contains("/nonexistent/adapter"), "{missing}");
+    let taken = run(&format!("{base}="));
+    assert!(taken.contains("already served"), "{taken}");
 }

@@ -195,6 +195,20 @@ pub fn label_scores(entry: &serde_json::Value) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Same labels in the same order, probabilities equal to 1e-6. Not bitwise: the CPU matmul
+/// kernels block differently for different batch shapes, which moves the last bits.
+pub fn assert_same_scores(batched: &serde_json::Value, alone: &serde_json::Value, i: usize) {
+    let (b, a) = (label_scores(&batched[0]), label_scores(&alone[0]));
+    assert_eq!(
+        b.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        "input {i}"
+    );
+    for ((_, x), (_, y)) in b.iter().zip(&a) {
+        assert!((x - y).abs() < 1e-6, "input {i}: batched {x} vs alone {y}");
+    }
+}
+
 pub fn python() -> PathBuf {
     let venv = repo().join(".ci/venv/bin/python");
     if let Ok(p) = std::env::var("FINSERVE_TEST_PYTHON") {

@@ -22,6 +22,8 @@ import websocket
 STATE = """JSON.stringify({
   busy: document.querySelectorAll('[aria-busy="true"]').length,
   model: document.getElementById("model").textContent,
+  variants: [...document.querySelectorAll("#variant option")].map((o) => o.value),
+  variant: document.getElementById("variant").value,
   bars: [...document.querySelectorAll(".bar")].map((b) => ({
     label: b.dataset.label, width: b.querySelector(".fill").style.width,
     score: b.querySelector(".score").textContent })),
