@@ -4,6 +4,7 @@
 //! applies (the served calibration, or the one `--calibrate` fits and writes).
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -92,36 +93,42 @@ impl Report {
     }
 }
 
-fn read_rows(args: &EvalArgs, labels: &[String]) -> anyhow::Result<Vec<(String, usize)>> {
-    let mut reader = csv::Reader::from_path(&args.data)
-        .with_context(|| format!("cannot open {}", args.data.display()))?;
+/// The `(text, label index)` rows of a labelled CSV file with a header row.
+pub fn read_rows(
+    data: &Path,
+    text_column: &str,
+    label_column: &str,
+    labels: &[String],
+) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut reader =
+        csv::Reader::from_path(data).with_context(|| format!("cannot open {}", data.display()))?;
     let headers = reader.headers()?.clone();
     let column = |name: &str| {
         headers.iter().position(|h| h == name).with_context(|| {
             format!(
                 "{} has no column `{name}` (columns: {headers:?})",
-                args.data.display()
+                data.display()
             )
         })
     };
-    let (text_col, label_col) = (column(&args.text_column)?, column(&args.label_column)?);
+    let (text_col, label_col) = (column(text_column)?, column(label_column)?);
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
-        let record = record.with_context(|| format!("{}: row {}", args.data.display(), i + 2))?;
-        let short = || format!("{}: row {} has too few columns", args.data.display(), i + 2);
+        let record = record.with_context(|| format!("{}: row {}", data.display(), i + 2))?;
+        let short = || format!("{}: row {} has too few columns", data.display(), i + 2);
         let text = record.get(text_col).with_context(short)?.to_string();
         let gold = record.get(label_col).with_context(short)?;
         let Some(idx) = labels.iter().position(|l| l == gold) else {
             bail!(
                 "{}: row {} has label `{gold}`, not one of {labels:?}",
-                args.data.display(),
+                data.display(),
                 i + 2
             );
         };
         rows.push((text, idx));
     }
     if rows.is_empty() {
-        bail!("{} has no rows", args.data.display());
+        bail!("{} has no rows", data.display());
     }
     Ok(rows)
 }
@@ -143,7 +150,12 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         })?),
         (None, false) => None,
     };
-    let rows = read_rows(args, &labels.names)?;
+    let rows = read_rows(
+        &args.data,
+        &args.text_column,
+        &args.label_column,
+        &labels.names,
+    )?;
     let names = labels.names.clone();
     let served = Served {
         name: spec.model.clone(),

@@ -55,6 +55,80 @@ pub struct AdapterConfig {
     pub base_model_name_or_path: Option<String>,
 }
 
+impl AdapterConfig {
+    /// Does PEFT apply LoRA to the module called `key` (e.g. `encoder.block.0.layer.0.SelfAttention.q`)?
+    /// `cfg_file` names this config in errors.
+    pub fn targets(&self, key: &str, cfg_file: &Path) -> Result<bool> {
+        let c = self;
+        let listed = |list: &[String]| {
+            list.iter()
+                .any(|t| key == t || key.ends_with(&format!(".{t}")))
+        };
+        match &c.exclude_modules {
+            Some(Targets::Regex(r)) if anchored(r, cfg_file)?.is_match(key) => return Ok(false),
+            Some(Targets::List(l)) if listed(l) => return Ok(false),
+            _ => {}
+        }
+        if self.is_saved_module(key, cfg_file)? {
+            return Ok(false);
+        }
+        let list = match &c.target_modules {
+            Some(Targets::Regex(r)) if r == "all-linear" => return Ok(key != "lm_head"),
+            Some(Targets::Regex(r)) => return Ok(anchored(r, cfg_file)?.is_match(key)),
+            Some(Targets::List(l)) => l.clone(),
+            None => DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+        };
+        if list.iter().any(|t| t == key) {
+            return Ok(true);
+        }
+        if !listed(&list) {
+            return Ok(false);
+        }
+        let Some(layers) = c.layers_to_transform.as_ref().filter(|l| !l.is_empty()) else {
+            return Ok(true);
+        };
+        // PEFT takes the first numbered segment (`block.N`), or the one after `layers_pattern`.
+        let patterns: Vec<String> = match &c.layers_pattern {
+            None => vec![],
+            Some(Targets::Regex(p)) if p.is_empty() => vec![],
+            Some(Targets::Regex(p)) => vec![p.clone()],
+            Some(Targets::List(l)) => l.clone(),
+        };
+        let index = if patterns.is_empty() {
+            Regex::new(r"^.*?\.[^.]*\.(\d+)\.")
+                .ok()
+                .and_then(|re| re.captures(key).map(|c| c[1].to_string()))
+        } else {
+            let mut found = None;
+            for p in &patterns {
+                let re = Regex::new(&format!(r"^(?:|.*?\.){p}\.(\d+)\.")).map_err(|e| {
+                    Error::adapter(cfg_file.display(), format!("layers_pattern `{p}`: {e}"))
+                })?;
+                if let Some(c) = re.captures(key) {
+                    found = Some(c[1].to_string());
+                    break;
+                }
+            }
+            found
+        };
+        Ok(index
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| layers.contains(i)))
+    }
+
+    fn is_saved_module(&self, key: &str, cfg_file: &Path) -> Result<bool> {
+        for m in self.modules_to_save.iter().flatten() {
+            let re = Regex::new(&format!(r"^(?:|.*\.){m}(?:$|\..*)")).map_err(|e| {
+                Error::adapter(cfg_file.display(), format!("modules_to_save `{m}`: {e}"))
+            })?;
+            if re.is_match(key) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
 fn default_r() -> usize {
     8
 }
@@ -213,77 +287,10 @@ impl Adapter {
         Error::adapter(self.weights_file.display(), message)
     }
 
-    /// Does PEFT apply LoRA to the module called `key` (e.g. `encoder.block.0.layer.0.SelfAttention.q`)?
+    /// Does PEFT apply LoRA to the module called `key`?
     fn targets(&self, key: &str) -> Result<bool> {
-        let c = &self.config;
-        let cfg_file = self.dir.join("adapter_config.json");
-        let listed = |list: &[String]| {
-            list.iter()
-                .any(|t| key == t || key.ends_with(&format!(".{t}")))
-        };
-        match &c.exclude_modules {
-            Some(Targets::Regex(r)) if anchored(r, &cfg_file)?.is_match(key) => return Ok(false),
-            Some(Targets::List(l)) if listed(l) => return Ok(false),
-            _ => {}
-        }
-        if self.is_saved_module(key)? {
-            return Ok(false);
-        }
-        let list = match &c.target_modules {
-            Some(Targets::Regex(r)) if r == "all-linear" => return Ok(key != "lm_head"),
-            Some(Targets::Regex(r)) => return Ok(anchored(r, &cfg_file)?.is_match(key)),
-            Some(Targets::List(l)) => l.clone(),
-            None => DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
-        };
-        if list.iter().any(|t| t == key) {
-            return Ok(true);
-        }
-        if !listed(&list) {
-            return Ok(false);
-        }
-        let Some(layers) = c.layers_to_transform.as_ref().filter(|l| !l.is_empty()) else {
-            return Ok(true);
-        };
-        // PEFT takes the first numbered segment (`block.N`), or the one after `layers_pattern`.
-        let patterns: Vec<String> = match &c.layers_pattern {
-            None => vec![],
-            Some(Targets::Regex(p)) if p.is_empty() => vec![],
-            Some(Targets::Regex(p)) => vec![p.clone()],
-            Some(Targets::List(l)) => l.clone(),
-        };
-        let index = if patterns.is_empty() {
-            Regex::new(r"^.*?\.[^.]*\.(\d+)\.")
-                .ok()
-                .and_then(|re| re.captures(key).map(|c| c[1].to_string()))
-        } else {
-            let mut found = None;
-            for p in &patterns {
-                let re = Regex::new(&format!(r"^(?:|.*?\.){p}\.(\d+)\.")).map_err(|e| {
-                    Error::adapter(cfg_file.display(), format!("layers_pattern `{p}`: {e}"))
-                })?;
-                if let Some(c) = re.captures(key) {
-                    found = Some(c[1].to_string());
-                    break;
-                }
-            }
-            found
-        };
-        Ok(index
-            .and_then(|i| i.parse::<usize>().ok())
-            .is_some_and(|i| layers.contains(i)))
-    }
-
-    fn is_saved_module(&self, key: &str) -> Result<bool> {
-        let cfg_file = self.dir.join("adapter_config.json");
-        for m in self.config.modules_to_save.iter().flatten() {
-            let re = Regex::new(&format!(r"^(?:|.*\.){m}(?:$|\..*)")).map_err(|e| {
-                Error::adapter(cfg_file.display(), format!("modules_to_save `{m}`: {e}"))
-            })?;
-            if re.is_match(key) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        self.config
+            .targets(key, &self.dir.join("adapter_config.json"))
     }
 
     /// PEFT's `get_pattern_key`: the first pattern that matches the end of `key` at a dot boundary.

@@ -15,18 +15,22 @@ fn exported_metric_names() -> BTreeSet<String> {
         .inc();
     m.errors.with_label_values(&["validation"]).inc();
     m.cancelled.with_label_values(&["generate"]).inc();
-    m.predictions.with_label_values(&["neutral"]).inc();
-    m.top_score.with_label_values(&["neutral"]).observe(0.9);
+    m.predictions.with_label_values(&["v", "neutral"]).inc();
+    m.top_score
+        .with_label_values(&["v", "neutral"])
+        .observe(0.9);
+    m.generated_tokens.with_label_values(&["v"]).inc();
     for h in [
         &m.request_duration,
         &m.tokenization_duration,
         &m.queue_duration,
         &m.inference_duration,
         &m.input_tokens,
-        &m.batch_size,
-        &m.batch_tokens,
     ] {
         h.with_label_values(&["x"]).observe(1.0);
+    }
+    for h in [&m.batch_size, &m.batch_tokens] {
+        h.with_label_values(&["x", "v"]).observe(1.0);
     }
     let text = finserve::metrics::render().expect("metrics render");
     let mut names = BTreeSet::new();

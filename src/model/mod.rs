@@ -171,6 +171,36 @@ pub fn load_merged(spec: &ModelSpec, hub: &HubConfig) -> Result<MergedCheckpoint
     })
 }
 
+/// A base checkpoint as read from disk: what every merge starts from, and what training freezes.
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Config,
+    pub weights: Weights,
+    pub tokenizer: Tokenizer,
+}
+
+/// Resolves and reads `spec.model` with its tokenizer, merging nothing.
+pub fn load_checkpoint(spec: &ModelSpec, hub: &HubConfig) -> Result<Checkpoint> {
+    let (dir, config, weights) = load_base(spec, hub)?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
+    let vocab = tokenizer.get_vocab_size(true);
+    if vocab > config.vocab_size {
+        return Err(Error::Tokenizer(format!(
+            "{} has {vocab} tokens but the model's vocab_size is {}",
+            tokenizer_path.display(),
+            config.vocab_size
+        )));
+    }
+    Ok(Checkpoint {
+        dir,
+        config,
+        weights,
+        tokenizer,
+    })
+}
+
 fn load_base(spec: &ModelSpec, hub: &HubConfig) -> Result<(PathBuf, Config, Weights)> {
     let dir = hub.resolve(&spec.model, spec.revision.as_deref(), RepoKind::Model)?;
     let config = read_config(&dir)?;
@@ -200,18 +230,12 @@ fn merge(
 /// from one copy of the base (each shares every layer its adapters leave alone), and the tokenizer.
 pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
     let start = Instant::now();
-    let (dir, config, base) = load_base(spec, hub)?;
-    let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
-    let vocab = tokenizer.get_vocab_size(true);
-    if vocab > config.vocab_size {
-        return Err(Error::Tokenizer(format!(
-            "{} has {vocab} tokens but the model's vocab_size is {}",
-            tokenizer_path.display(),
-            config.vocab_size
-        )));
-    }
+    let Checkpoint {
+        dir,
+        config,
+        weights: base,
+        tokenizer,
+    } = load_checkpoint(spec, hub)?;
     let mut layers = SharedLayers::new(spec.quantize);
     let mut build = |adapters: &[AdapterSpec]| -> Result<(Arc<T5Model>, Vec<MergeReport>)> {
         let mut weights = base.clone();

@@ -47,12 +47,19 @@ pub struct Config {
     pub feed_forward_proj: Option<String>,
     #[serde(default)]
     pub tie_word_embeddings: Option<bool>,
+    /// Dropout of transformers' training mode (used by `finserve train` only).
+    #[serde(default = "default_dropout")]
+    pub dropout_rate: f64,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
     #[serde(default, deserialize_with = "one_or_many")]
     pub eos_token_id: Option<Vec<u32>>,
     #[serde(default)]
     pub decoder_start_token_id: Option<u32>,
+}
+
+fn default_dropout() -> f64 {
+    0.1
 }
 
 fn default_num_buckets() -> usize {
@@ -170,7 +177,7 @@ impl Config {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Activation {
+pub enum Activation {
     Relu,
     /// Exact (erf) GELU, what a non-gated `gelu` maps to.
     Gelu,
@@ -181,7 +188,7 @@ enum Activation {
 
 impl Activation {
     /// Parses `feed_forward_proj` (`relu`, `gated-gelu`, ...) into (activation, gated).
-    fn parse(proj: &str) -> Result<(Self, bool)> {
+    pub fn parse(proj: &str) -> Result<(Self, bool)> {
         let (gated, name) = match proj.strip_prefix("gated-") {
             Some(rest) => (true, rest),
             None => (false, proj),
@@ -206,6 +213,14 @@ impl Activation {
             Self::Gelu => x.gelu_erf(),
             Self::GeluNew => crate::model::ops::gelu_tanh(x),
             Self::Silu => x.silu(),
+        }
+    }
+
+    /// The same function through ops candle can differentiate (training).
+    pub fn apply_differentiable(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::GeluNew => x.gelu(),
+            other => other.apply(x),
         }
     }
 }
