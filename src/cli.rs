@@ -85,6 +85,8 @@ pub enum Command {
     Merge(MergeArgs),
     /// Score a labelled CSV file and print accuracy, macro-F1 and the confusion matrix.
     Eval(EvalArgs),
+    /// Fine-tune a LoRA adapter on a labelled CSV file and write it in PEFT's format.
+    Train(TrainArgs),
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -315,6 +317,153 @@ pub struct EvalArgs {
     pub calibration_out: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Base model to train on: a local directory or a Hugging Face Hub id (default: the bundled
+    /// demo base).
+    #[arg(long, env = "FINSERVE_MODEL")]
+    pub model: Option<String>,
+    /// Hub revision (branch, tag or commit) of --model.
+    #[arg(long, env = "FINSERVE_REVISION")]
+    pub revision: Option<String>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, env = "FINSERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Training CSV file with a header row.
+    #[arg(long, env = "FINSERVE_TRAIN_DATA")]
+    pub data: PathBuf,
+    /// CSV scored after each epoch (accuracy, macro-F1); the best epoch's adapter is kept.
+    #[arg(long, env = "FINSERVE_TRAIN_EVAL_DATA")]
+    pub eval_data: Option<PathBuf>,
+    /// Adapter directory to write (adapter_config.json, adapter_model.safetensors).
+    #[arg(long, env = "FINSERVE_TRAIN_OUT")]
+    pub out: PathBuf,
+    #[arg(long, env = "FINSERVE_TRAIN_TEXT_COLUMN", default_value = "sentence")]
+    pub text_column: String,
+    #[arg(long, env = "FINSERVE_TRAIN_LABEL_COLUMN", default_value = "label")]
+    pub label_column: String,
+    /// Labels, comma-separated: the texts the model learns to generate.
+    #[arg(
+        long,
+        env = "FINSERVE_LABELS",
+        value_delimiter = ',',
+        default_value = "negative,neutral,positive"
+    )]
+    pub labels: Vec<String>,
+    /// Prompt template; `{text}` (exactly once) is replaced by the input. Serve with the same.
+    #[arg(long, env = "FINSERVE_PROMPT_TEMPLATE", default_value = "{text}")]
+    pub prompt_template: String,
+    /// LoRA rank.
+    #[arg(long = "r", env = "FINSERVE_LORA_R", default_value_t = 8)]
+    pub r: usize,
+    #[arg(long, env = "FINSERVE_LORA_ALPHA", default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA path's input (the model's own `dropout_rate` applies too).
+    #[arg(long, env = "FINSERVE_LORA_DROPOUT", default_value_t = 0.1)]
+    pub lora_dropout: f64,
+    /// Modules to adapt, as PEFT: name suffixes (comma-separated), or one regex matching the
+    /// whole module name, or `all-linear`.
+    #[arg(
+        long,
+        env = "FINSERVE_TARGET_MODULES",
+        value_delimiter = ',',
+        default_value = "q,v"
+    )]
+    pub target_modules: Vec<String>,
+    /// Scale updates by alpha/sqrt(r) instead of alpha/r.
+    #[arg(long, env = "FINSERVE_USE_RSLORA")]
+    pub use_rslora: bool,
+    #[arg(long, env = "FINSERVE_EPOCHS", default_value_t = 3)]
+    pub epochs: usize,
+    /// Peak learning rate of AdamW.
+    #[arg(long, env = "FINSERVE_LR", default_value_t = 1e-3)]
+    pub lr: f64,
+    /// AdamW's decoupled weight decay (torch's default).
+    #[arg(long, env = "FINSERVE_WEIGHT_DECAY", default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Steps of linear warm-up before the linear decay to zero.
+    #[arg(long, env = "FINSERVE_WARMUP_STEPS", default_value_t = 0)]
+    pub warmup_steps: usize,
+    #[arg(long, env = "FINSERVE_BATCH_SIZE", default_value_t = 8)]
+    pub batch_size: usize,
+    /// Longest input in tokens (EOS included); longer inputs are cut from the right.
+    #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", default_value_t = 256)]
+    pub max_input_tokens: usize,
+    /// Seed of initialisation, shuffling and dropout: the same seed gives the same adapter on
+    /// the same machine.
+    #[arg(long, env = "FINSERVE_SEED", default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl TrainArgs {
+    fn run(&self) -> anyhow::Result<()> {
+        let device = model::parse_device(&self.device)?;
+        let name = match &self.model {
+            Some(m) => m.clone(),
+            None => find_demo(DEMO_BASE)
+                .with_context(|| {
+                    format!("no --model given and the demo base ({DEMO_BASE}) is not here")
+                })?
+                .display()
+                .to_string(),
+        };
+        let spec = ModelSpec {
+            model: name.clone(),
+            revision: self.revision.clone(),
+            adapters: Vec::new(),
+            variants: Vec::new(),
+            dtype: candle_core::DType::F32,
+            device,
+            quantize: Quantization::None,
+        };
+        let ckpt = model::load_checkpoint(&spec, &HubConfig::from_env())
+            .with_context(|| format!("cannot load model `{name}`"))?;
+        let labels = LabelSet::new(&self.labels, &ckpt.tokenizer)?;
+        labels.check_distinct().context("--labels")?;
+        let template = Template::new(&self.prompt_template).context("--prompt-template")?;
+        let columns = (self.text_column.as_str(), self.label_column.as_str());
+        let read = |path: &PathBuf| {
+            crate::train::read(
+                path,
+                columns,
+                &self.labels,
+                &ckpt.tokenizer,
+                &template,
+                self.max_input_tokens,
+            )
+        };
+        let train = read(&self.data)?;
+        let eval = self.eval_data.as_ref().map(read).transpose()?;
+        let recipe = crate::train::Recipe {
+            lora: crate::train::peft::LoraSettings {
+                r: self.r,
+                lora_alpha: self.lora_alpha,
+                lora_dropout: self.lora_dropout,
+                target_modules: crate::train::target_modules(&self.target_modules),
+                use_rslora: self.use_rslora,
+                base_model_name_or_path: name,
+            },
+            epochs: self.epochs,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps,
+            batch_size: self.batch_size,
+            max_input_tokens: self.max_input_tokens,
+            seed: self.seed,
+        };
+        let job = crate::train::Job {
+            config: ckpt.config,
+            base: ckpt.weights,
+            tokenizer: &ckpt.tokenizer,
+            labels,
+            train,
+            eval,
+            out: self.out.clone(),
+        };
+        crate::train::run(job, &recipe)
+    }
+}
+
 /// Finds `rel` under the working directory or `FINSERVE_HOME`.
 fn find_demo(rel: &str) -> Option<PathBuf> {
     let mut roots = vec![PathBuf::from(".")];
@@ -457,6 +606,7 @@ pub fn run() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Merge(args)) => crate::export::run(&args),
         Some(Command::Eval(args)) => crate::eval::run(&args),
+        Some(Command::Train(args)) => args.run(),
         Some(Command::Openapi) => {
             let doc = crate::http::openapi::default_json().map_err(anyhow::Error::msg)?;
             println!("{doc}");

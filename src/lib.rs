@@ -4,7 +4,7 @@
 //! The layers, from the outside in: [`http`] (axum routes, errors to statuses, metrics endpoint)
 //! -> [`engine`] (queue, batching, decoding, label scoring on one model thread) -> [`model`]
 //! (loading, [`lora`] merging, the T5 forward pass). [`cli`] wires them together for the
-//! `serve`, `merge` ([`export`]) and `eval` ([`eval`]) commands.
+//! `serve`, `merge` ([`export`]), `eval` ([`eval`]) and `train` ([`train`]) commands.
 
 pub mod calibration;
 pub mod cli;
@@ -18,3 +18,4 @@ pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod telemetry;
+pub mod train;

@@ -29,6 +29,9 @@ pub struct AdapterConfig {
     pub r: usize,
     #[serde(default = "default_alpha")]
     pub lora_alpha: f64,
+    /// Used by training only; merging ignores it.
+    #[serde(default)]
+    pub lora_dropout: f64,
     #[serde(default)]
     pub target_modules: Option<Targets>,
     #[serde(default)]

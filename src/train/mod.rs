@@ -1,0 +1,319 @@
+//! `finserve train`: LoRA fine-tuning of a T5-family model on a labelled CSV, with PEFT's recipe
+//! (frozen base, LoRA on the targeted linear layers, teacher-forced cross-entropy of the label
+//! words and EOS, AdamW with linear warm-up and decay) and PEFT's file format, so the adapter it
+//! writes is served by finserve and loaded by `PeftModel.from_pretrained` alike.
+//!
+//! [`lora_t5`] is the differentiable model; [`peft`] writes the files. Each epoch's adapter is
+//! scored on `--eval-data` by merging it into the serving model (exactly how `serve` would score
+//! it), and the best one is kept.
+
+pub mod lora_t5;
+pub mod peft;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use tokenizers::Tokenizer;
+
+use crate::engine::prompt::{Prompt, Template, TruncationDirection};
+use crate::engine::sentiment::{LabelSet, score};
+use crate::eval::Report;
+use crate::lora::{AdapterConfig, merge_weight};
+use crate::model::linear::SharedLayers;
+use crate::model::t5::{Config, T5Model};
+use crate::model::weights::Weights;
+use lora_t5::{Batch, Dropout, LoraPair, LoraT5};
+
+/// What one training run does.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    pub lora: peft::LoraSettings,
+    pub epochs: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Optimizer steps over which the learning rate rises linearly from 0.
+    pub warmup_steps: usize,
+    pub batch_size: usize,
+    pub max_input_tokens: usize,
+    pub seed: u64,
+}
+
+impl Recipe {
+    /// PEFT's `LoraConfig` fields this recipe stands for (what targeting and scaling read).
+    fn adapter_config(&self) -> anyhow::Result<AdapterConfig> {
+        let l = &self.lora;
+        let json = serde_json::json!({
+            "peft_type": "LORA",
+            "r": l.r,
+            "lora_alpha": l.lora_alpha,
+            "lora_dropout": l.lora_dropout,
+            "target_modules": l.target_modules,
+            "use_rslora": l.use_rslora,
+        });
+        Ok(serde_json::from_value(json)?)
+    }
+
+    /// transformers' `get_linear_schedule_with_warmup`: the factor of `lr` at `step`.
+    pub fn lr_at(&self, step: usize, total: usize) -> f64 {
+        let warm = self.warmup_steps;
+        let factor = if step < warm {
+            step as f64 / warm.max(1) as f64
+        } else {
+            (total.saturating_sub(step)) as f64 / total.saturating_sub(warm).max(1) as f64
+        };
+        self.lr * factor.max(0.0)
+    }
+}
+
+/// `target_modules` as given on the command line: several names are a list of suffixes; one
+/// name with regex syntax (or `all-linear`) is PEFT's single-string form.
+pub fn target_modules(names: &[String]) -> serde_json::Value {
+    let regex = |s: &str| s.chars().any(|c| "\\.*+?()[]{}|^$".contains(c));
+    match names {
+        [one] if regex(one) || one == "all-linear" => serde_json::json!(one),
+        many => {
+            let mut sorted = many.to_vec();
+            sorted.sort();
+            sorted.dedup();
+            serde_json::json!(sorted)
+        }
+    }
+}
+
+/// Tokenized examples: the prompt of each text (cut from the right to `max_input_tokens`) and
+/// its label index.
+pub fn examples(
+    rows: &[(String, usize)],
+    tokenizer: &Tokenizer,
+    template: &Template,
+    max_input_tokens: usize,
+) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, (text, label))| {
+            let prompt = Prompt::new(tokenizer, template, text)?;
+            let ids = prompt
+                .fit(max_input_tokens, Some(TruncationDirection::Right))?
+                .with_context(|| {
+                    format!(
+                        "row {}: the prompt template alone is longer than --max-input-tokens",
+                        i + 2
+                    )
+                })?;
+            Ok((ids, *label))
+        })
+        .collect()
+}
+
+/// One optimizer step on `batch`; returns the batch's loss.
+pub fn step(
+    model: &LoraT5,
+    opt: &mut AdamW,
+    batch: &Batch,
+    rng: Option<&mut ChaCha8Rng>,
+) -> anyhow::Result<f32> {
+    let loss = model.loss(batch, &mut Dropout { rng })?;
+    let grads = loss.backward()?;
+    opt.step(&grads)?;
+    Ok(loss.to_scalar::<f32>()?)
+}
+
+/// The optimizer of a recipe over the model's LoRA factors.
+pub fn optimizer(model: &LoraT5, recipe: &Recipe) -> anyhow::Result<AdamW> {
+    Ok(AdamW::new(
+        model.vars(),
+        ParamsAdamW {
+            lr: recipe.lr,
+            weight_decay: recipe.weight_decay,
+            ..ParamsAdamW::default()
+        },
+    )?)
+}
+
+/// `base` with `loras` merged in and built as the serving model.
+pub fn merged_model(
+    config: &Config,
+    base: &Weights,
+    loras: &[&LoraPair],
+) -> anyhow::Result<T5Model> {
+    let mut w = base.clone();
+    for l in loras {
+        let name = format!("{}.weight", l.module);
+        let weight = w
+            .get(&name)
+            .with_context(|| format!("the base has no `{name}`"))?;
+        let merged = merge_weight(weight, l.a.as_tensor(), l.b.as_tensor(), l.scale)?;
+        w.replace(&name, merged);
+    }
+    Ok(T5Model::load(
+        config.clone(),
+        &mut w,
+        &mut SharedLayers::default(),
+    )?)
+}
+
+/// Accuracy and macro-F1 of `model` on `data`, scored as `serve` scores.
+pub fn evaluate(
+    model: &T5Model,
+    labels: &LabelSet,
+    data: &[(Vec<u32>, usize)],
+) -> anyhow::Result<Report> {
+    let mut pairs = Vec::with_capacity(data.len());
+    for chunk in data.chunks(32) {
+        let inputs: Vec<&[u32]> = chunk.iter().map(|(ids, _)| ids.as_slice()).collect();
+        for (s, (_, gold)) in score(model, &inputs, labels)?.iter().zip(chunk) {
+            let best = (0..s.probs.len())
+                .max_by(|&a, &b| s.probs[a].total_cmp(&s.probs[b]))
+                .context("no label scores")?;
+            pairs.push((*gold, best));
+        }
+    }
+    Ok(Report::new(labels.names.clone(), &pairs))
+}
+
+/// Sets the returned flag on Ctrl-C, so training stops after the running step and saves.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = flag.clone();
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                set.store(true, Ordering::SeqCst);
+            }
+        });
+    });
+    flag
+}
+
+/// Where a run reads and writes.
+pub struct Job<'a> {
+    pub config: Config,
+    pub base: Weights,
+    pub tokenizer: &'a Tokenizer,
+    pub labels: LabelSet,
+    pub train: Vec<(Vec<u32>, usize)>,
+    pub eval: Option<Vec<(Vec<u32>, usize)>>,
+    pub out: PathBuf,
+}
+
+/// Trains, evaluates each epoch and keeps the best adapter (the last one without eval data) in
+/// `job.out`.
+pub fn run(job: Job<'_>, recipe: &Recipe) -> anyhow::Result<()> {
+    if recipe.batch_size == 0 || recipe.epochs == 0 {
+        bail!("--batch-size and --epochs must be at least 1");
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(recipe.seed);
+    let adapter = recipe.adapter_config()?;
+    let mut frozen = job.base.clone();
+    let model = LoraT5::new(job.config.clone(), &mut frozen, &adapter, &mut rng)?;
+    let mut opt = optimizer(&model, recipe)?;
+    let trainable: usize = model.vars().iter().map(|v| v.elem_count()).sum();
+    tracing::info!(
+        modules = model.loras().len(),
+        trainable_parameters = trainable,
+        examples = job.train.len(),
+        "training LoRA"
+    );
+    let steps_per_epoch = job.train.len().div_ceil(recipe.batch_size);
+    let total = steps_per_epoch * recipe.epochs;
+    let interrupted = interrupt_flag();
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let targets = &job.labels.targets;
+    let mut best: Option<(f64, f64)> = None;
+    let mut done = 0;
+    let save = |why: &str| -> anyhow::Result<()> {
+        peft::save(&job.out, &recipe.lora, &model.loras())?;
+        tracing::info!(out = %job.out.display(), why, "adapter saved");
+        Ok(())
+    };
+    let mut order: Vec<usize> = (0..job.train.len()).collect();
+    'epochs: for epoch in 1..=recipe.epochs {
+        order.shuffle(&mut rng);
+        let (mut loss_sum, mut tokens, start) = (0.0, 0usize, Instant::now());
+        for (i, chunk) in order.chunks(recipe.batch_size).enumerate() {
+            let inputs: Vec<&[u32]> = chunk.iter().map(|&k| job.train[k].0.as_slice()).collect();
+            let labels: Vec<&[u32]> = chunk
+                .iter()
+                .map(|&k| targets[job.train[k].1].as_slice())
+                .collect();
+            let batch = Batch::new(&inputs, &labels, &job.config, model.device())?;
+            opt.set_learning_rate(recipe.lr_at(done, total));
+            let loss = step(&model, &mut opt, &batch, Some(&mut rng))?;
+            if !loss.is_finite() {
+                bail!(
+                    "the loss became {loss} at epoch {epoch}, step {}; lower --lr",
+                    i + 1
+                );
+            }
+            done += 1;
+            loss_sum += f64::from(loss);
+            tokens += inputs.iter().map(|x| x.len()).sum::<usize>() + batch.label_tokens;
+            bar.inc(1);
+            bar.set_message(format!(
+                "epoch {epoch}/{}  loss {:.4}  {:.0} tokens/s",
+                recipe.epochs,
+                loss_sum / (i + 1) as f64,
+                tokens as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            ));
+            if interrupted.load(Ordering::SeqCst) {
+                bar.abandon();
+                if best.is_none() {
+                    save("interrupted: the state after the last completed step")?;
+                } else {
+                    tracing::info!(out = %job.out.display(), "interrupted: keeping the best epoch's adapter");
+                }
+                break 'epochs;
+            }
+        }
+        let mean_loss = loss_sum / steps_per_epoch as f64;
+        let Some(eval) = &job.eval else {
+            bar.println(format!("epoch {epoch}: loss {mean_loss:.4}"));
+            save("last epoch")?;
+            continue;
+        };
+        let merged = merged_model(&job.config, &job.base, &model.loras())?;
+        let report = evaluate(&merged, &job.labels, eval)?;
+        let (f1, acc) = (report.macro_f1(), report.accuracy());
+        bar.println(format!(
+            "epoch {epoch}: loss {mean_loss:.4}  eval accuracy {acc:.4}  macro-F1 {f1:.4}"
+        ));
+        if best.is_none_or(|b| (f1, acc) > b) {
+            best = Some((f1, acc));
+            save("best eval macro-F1 so far")?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// The examples of a labelled CSV file.
+pub fn read(
+    path: &Path,
+    columns: (&str, &str),
+    labels: &[String],
+    tokenizer: &Tokenizer,
+    template: &Template,
+    max_input_tokens: usize,
+) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+    let rows = crate::eval::read_rows(path, columns.0, columns.1, labels)?;
+    examples(&rows, tokenizer, template, max_input_tokens)
+        .with_context(|| format!("{}", path.display()))
+}
