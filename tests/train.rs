@@ -169,3 +169,137 @@ fn loss_gradients_and_adamw_step_equal_torch_peft_for_q_v() {
 fn loss_gradients_and_adamw_step_equal_torch_peft_for_all_linear_modules() {
     check_case("all_linear");
 }
+
+fn train(out: &Path, seed: u64) {
+    let f = common::repo().join("tests/train/fixtures");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .current_dir(common::repo())
+        .args([
+            "train",
+            "--model",
+            "tests/parity/fixtures/mt5_base",
+            "--data",
+        ])
+        .arg(f.join("tiny.csv"))
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--target-modules",
+            "q,k,v,o",
+        ])
+        .args(["--lr", "5e-3", "--seed", &seed.to_string()])
+        .env("FINSERVE_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn the_same_seed_trains_the_same_adapter_in_peft_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    train(&a, 7);
+    train(&b, 7);
+    train(&c, 8);
+    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert_eq!(
+            read(&a, file),
+            read(&b, file),
+            "{file} differs for the same seed"
+        );
+    }
+    assert_ne!(
+        read(&a, "adapter_model.safetensors"),
+        read(&c, "adapter_model.safetensors")
+    );
+    // The files PEFT loaded (tests/train/check_peft.py) have this exact layout.
+    let fixture = common::repo().join("tests/train/fixtures/trained");
+    assert_eq!(
+        read(&a, "adapter_config.json"),
+        read(&fixture, "adapter_config.json")
+    );
+    let names = |d: &Path| {
+        let t = candle_core::safetensors::load(d.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+        let mut n: Vec<(String, Vec<usize>)> =
+            t.into_iter().map(|(k, v)| (k, v.dims().to_vec())).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&a), names(&fixture));
+}
+
+#[test]
+fn a_trained_adapter_is_served_as_peft_computes_it() {
+    let f = common::repo().join("tests/train/fixtures");
+    let spec = ModelSpec {
+        model: common::fixtures().join("mt5_base").display().to_string(),
+        revision: None,
+        adapters: vec![finserve::lora::AdapterSpec {
+            source: f.join("trained").display().to_string(),
+            weight: 1.0,
+        }],
+        variants: Vec::new(),
+        dtype: candle_core::DType::F32,
+        device: Device::Cpu,
+        quantize: Quantization::None,
+    };
+    let hub = HubConfig {
+        cache_dir: std::env::temp_dir().join("finserve-test-no-cache"),
+        endpoint: None,
+        token: None,
+        offline: true,
+    };
+    let loaded = model::load(&spec, &hub).unwrap();
+    assert_eq!(loaded.reports[0].modules_merged, 32);
+    let m = &loaded.model;
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("peft_logits.json")).unwrap())
+            .unwrap();
+    let peft: HashMap<String, Tensor> =
+        candle_core::safetensors::load(f.join("peft_logits.safetensors"), &Device::Cpu).unwrap();
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for (i, (input, dec)) in meta["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(meta["decoder_inputs"].as_array().unwrap())
+        .enumerate()
+    {
+        let (input, dec) = (ids(input), ids(dec));
+        let mut batch = m.new_batch();
+        let encoded = m.encode(&[&input]).unwrap();
+        let slot = m.join(&mut batch, &encoded, &[0]).unwrap()[0];
+        let mut rows = Vec::new();
+        for &t in &dec {
+            let hidden = m
+                .decode(&mut batch, &[(slot, vec![t])])
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+            rows.push(m.logits(&hidden).unwrap());
+        }
+        let ours = Tensor::cat(&rows, 0).unwrap();
+        assert_close(
+            &ours,
+            &peft[&format!("logits.{i}")],
+            1e-4,
+            &format!("input {i}"),
+        );
+    }
+}

@@ -285,16 +285,20 @@ pub fn run(job: Job<'_>, recipe: &Recipe) -> anyhow::Result<()> {
         }
         let mean_loss = loss_sum / steps_per_epoch as f64;
         let Some(eval) = &job.eval else {
-            bar.println(format!("epoch {epoch}: loss {mean_loss:.4}"));
+            tracing::info!(epoch, loss = mean_loss, "epoch done");
             save("last epoch")?;
             continue;
         };
         let merged = merged_model(&job.config, &job.base, &model.loras())?;
         let report = evaluate(&merged, &job.labels, eval)?;
         let (f1, acc) = (report.macro_f1(), report.accuracy());
-        bar.println(format!(
-            "epoch {epoch}: loss {mean_loss:.4}  eval accuracy {acc:.4}  macro-F1 {f1:.4}"
-        ));
+        tracing::info!(
+            epoch,
+            loss = mean_loss,
+            eval_accuracy = acc,
+            eval_macro_f1 = f1,
+            "epoch done"
+        );
         if best.is_none_or(|b| (f1, acc) > b) {
             best = Some((f1, acc));
             save("best eval macro-F1 so far")?;
