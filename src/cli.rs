@@ -386,6 +386,9 @@ pub struct TrainArgs {
     pub warmup_steps: usize,
     #[arg(long, env = "FINSERVE_BATCH_SIZE", default_value_t = 8)]
     pub batch_size: usize,
+    /// Clip gradients to this global L2 norm, as transformers' Trainer does by default (0: off).
+    #[arg(long, env = "FINSERVE_MAX_GRAD_NORM", default_value_t = 1.0)]
+    pub max_grad_norm: f64,
     /// Longest input in tokens (EOS included); longer inputs are cut from the right.
     #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", default_value_t = 256)]
     pub max_input_tokens: usize,
@@ -449,6 +452,7 @@ impl TrainArgs {
             warmup_steps: self.warmup_steps,
             batch_size: self.batch_size,
             max_input_tokens: self.max_input_tokens,
+            max_grad_norm: self.max_grad_norm,
             seed: self.seed,
         };
         let job = crate::train::Job {

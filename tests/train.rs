@@ -143,6 +143,7 @@ fn check_case(case: &str) {
         warmup_steps: 0,
         batch_size: 3,
         max_input_tokens: 64,
+        max_grad_norm: 0.0,
         seed: 0,
     };
     let mut opt = optimizer(&model, &recipe).unwrap();

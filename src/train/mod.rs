@@ -42,6 +42,8 @@ pub struct Recipe {
     pub warmup_steps: usize,
     pub batch_size: usize,
     pub max_input_tokens: usize,
+    /// Gradients are scaled down to this global L2 norm (transformers' `max_grad_norm`); 0 = off.
+    pub max_grad_norm: f64,
     pub seed: u64,
 }
 
@@ -112,17 +114,50 @@ pub fn examples(
         .collect()
 }
 
-/// One optimizer step on `batch`; returns the batch's loss.
+/// One optimizer step on `batch` (gradients clipped to `max_grad_norm` as torch's
+/// `clip_grad_norm_` does); returns the batch's loss.
 pub fn step(
     model: &LoraT5,
     opt: &mut AdamW,
     batch: &Batch,
+    max_grad_norm: f64,
     rng: Option<&mut ChaCha8Rng>,
 ) -> anyhow::Result<f32> {
     let loss = model.loss(batch, &mut Dropout { rng })?;
-    let grads = loss.backward()?;
+    let mut grads = loss.backward()?;
+    if max_grad_norm > 0.0 {
+        let vars = model.vars();
+        let mut squares = 0.0;
+        for v in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                squares += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            }
+        }
+        let coef = max_grad_norm / (squares.sqrt() + 1e-6);
+        if coef < 1.0 {
+            for v in &vars {
+                if let Some(g) = grads.remove(v.as_tensor()) {
+                    grads.insert(v.as_tensor(), (g * coef)?);
+                }
+            }
+        }
+    }
     opt.step(&grads)?;
     Ok(loss.to_scalar::<f32>()?)
+}
+
+/// The batches of one epoch, as index lists: shuffled, then sorted by length within windows of
+/// 50 batches so a batch pads little, then the batches shuffled.
+fn epoch_batches(lengths: &[usize], batch_size: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(rng);
+    let mut batches = Vec::new();
+    for window in order.chunks_mut(batch_size * 50) {
+        window.sort_by_key(|&i| lengths[i]);
+        batches.extend(window.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(rng);
+    batches
 }
 
 /// The optimizer of a recipe over the model's LoRA factors.
@@ -244,11 +279,13 @@ pub fn run(job: Job<'_>, recipe: &Recipe) -> anyhow::Result<()> {
         tracing::info!(out = %job.out.display(), why, "adapter saved");
         Ok(())
     };
-    let mut order: Vec<usize> = (0..job.train.len()).collect();
+    let lengths: Vec<usize> = job.train.iter().map(|(ids, _)| ids.len()).collect();
     'epochs: for epoch in 1..=recipe.epochs {
-        order.shuffle(&mut rng);
         let (mut loss_sum, mut tokens, start) = (0.0, 0usize, Instant::now());
-        for (i, chunk) in order.chunks(recipe.batch_size).enumerate() {
+        for (i, chunk) in epoch_batches(&lengths, recipe.batch_size, &mut rng)
+            .iter()
+            .enumerate()
+        {
             let inputs: Vec<&[u32]> = chunk.iter().map(|&k| job.train[k].0.as_slice()).collect();
             let labels: Vec<&[u32]> = chunk
                 .iter()
@@ -256,7 +293,13 @@ pub fn run(job: Job<'_>, recipe: &Recipe) -> anyhow::Result<()> {
                 .collect();
             let batch = Batch::new(&inputs, &labels, &job.config, model.device())?;
             opt.set_learning_rate(recipe.lr_at(done, total));
-            let loss = step(&model, &mut opt, &batch, Some(&mut rng))?;
+            let loss = step(
+                &model,
+                &mut opt,
+                &batch,
+                recipe.max_grad_norm,
+                Some(&mut rng),
+            )?;
             if !loss.is_finite() {
                 bail!(
                     "the loss became {loss} at epoch {epoch}, step {}; lower --lr",
