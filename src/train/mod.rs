@@ -327,8 +327,9 @@ pub fn run(job: Job<'_>, recipe: &Recipe) -> anyhow::Result<()> {
             }
         }
         let mean_loss = loss_sum / steps_per_epoch as f64;
+        let tokens_per_second = tokens as f64 / start.elapsed().as_secs_f64().max(1e-9);
         let Some(eval) = &job.eval else {
-            tracing::info!(epoch, loss = mean_loss, "epoch done");
+            tracing::info!(epoch, loss = mean_loss, tokens_per_second, "epoch done");
             save("last epoch")?;
             continue;
         };
