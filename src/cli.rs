@@ -451,14 +451,12 @@ impl TrainArgs {
             weight_decay: self.weight_decay,
             warmup_steps: self.warmup_steps,
             batch_size: self.batch_size,
-            max_input_tokens: self.max_input_tokens,
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
         };
         let job = crate::train::Job {
             config: ckpt.config,
             base: ckpt.weights,
-            tokenizer: &ckpt.tokenizer,
             labels,
             train,
             eval,

@@ -10,7 +10,6 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use candle_nn::optim::Optimizer;
-use finserve::hub::HubConfig;
 use finserve::lora::AdapterConfig;
 use finserve::model::linear::Quantization;
 use finserve::model::{self, Checkpoint, ModelSpec};
@@ -30,12 +29,7 @@ fn checkpoint(dir: &Path) -> Checkpoint {
         device: Device::Cpu,
         quantize: Quantization::None,
     };
-    let hub = HubConfig {
-        cache_dir: std::env::temp_dir().join("finserve-test-no-cache"),
-        endpoint: None,
-        token: None,
-        offline: true,
-    };
+    let hub = common::offline_hub();
     model::load_checkpoint(&spec, &hub).unwrap()
 }
 
@@ -142,7 +136,6 @@ fn check_case(case: &str) {
         weight_decay: meta["weight_decay"].as_f64().unwrap(),
         warmup_steps: 0,
         batch_size: 3,
-        max_input_tokens: 64,
         max_grad_norm: 0.0,
         seed: 0,
     };
@@ -254,12 +247,7 @@ fn a_trained_adapter_is_served_as_peft_computes_it() {
         device: Device::Cpu,
         quantize: Quantization::None,
     };
-    let hub = HubConfig {
-        cache_dir: std::env::temp_dir().join("finserve-test-no-cache"),
-        endpoint: None,
-        token: None,
-        offline: true,
-    };
+    let hub = common::offline_hub();
     let loaded = model::load(&spec, &hub).unwrap();
     assert_eq!(loaded.reports[0].modules_merged, 32);
     let m = &loaded.model;

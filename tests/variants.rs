@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use finserve::engine::sentiment::{LabelSet, score};
-use finserve::hub::HubConfig;
 use finserve::lora::AdapterSpec;
 use finserve::model::linear::Quantization;
 use finserve::model::t5::T5Model;
@@ -37,12 +36,7 @@ fn load(adapters: Vec<AdapterSpec>, variants: Vec<VariantSpec>, q: Quantization)
         device: Device::Cpu,
         quantize: q,
     };
-    let hub = HubConfig {
-        cache_dir: std::env::temp_dir().join("finserve-test-no-cache"),
-        endpoint: None,
-        token: None,
-        offline: true,
-    };
+    let hub = common::offline_hub();
     model::load(&spec, &hub).unwrap()
 }
 

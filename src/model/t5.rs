@@ -91,6 +91,24 @@ impl Config {
     }
 
     /// transformers' `MT5Config` defaults to gated-gelu and untied embeddings; `T5Config` to relu and tied.
+    /// The relative-attention bucket of each relative position (key minus query).
+    pub fn position_buckets(
+        &self,
+        relative: impl Iterator<Item = i64>,
+        bidirectional: bool,
+    ) -> Vec<u32> {
+        relative
+            .map(|rel| {
+                relative_position_bucket(
+                    rel,
+                    bidirectional,
+                    self.relative_attention_num_buckets,
+                    self.relative_attention_max_distance,
+                )
+            })
+            .collect()
+    }
+
     pub fn feed_forward_proj(&self) -> &str {
         match &self.feed_forward_proj {
             Some(p) => p,
@@ -669,16 +687,7 @@ impl T5Model {
         bidirectional: bool,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
-        let ids: Vec<u32> = relative
-            .map(|rel| {
-                relative_position_bucket(
-                    rel,
-                    bidirectional,
-                    cfg.relative_attention_num_buckets,
-                    cfg.relative_attention_max_distance,
-                )
-            })
-            .collect();
+        let ids = cfg.position_buckets(relative, bidirectional);
         let ids = Tensor::from_vec(ids, q_len * k_len, &self.device)?;
         table
             .index_select(&ids, 0)?

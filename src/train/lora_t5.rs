@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 use crate::lora::AdapterConfig;
-use crate::model::t5::{Activation, Config, relative_position_bucket};
+use crate::model::t5::{Activation, Config};
 use crate::model::weights::Weights;
 
 /// The LoRA factors of one linear module: `y = x·Wᵀ + scale · (dropout(x)·Aᵀ)·Bᵀ`.
@@ -366,17 +366,8 @@ impl LoraT5 {
         bidirectional: bool,
     ) -> Result<Tensor> {
         let cfg = &self.config;
-        let ids: Vec<u32> = (0..q)
-            .flat_map(|i| (0..k).map(move |j| j as i64 - i as i64))
-            .map(|rel| {
-                relative_position_bucket(
-                    rel,
-                    bidirectional,
-                    cfg.relative_attention_num_buckets,
-                    cfg.relative_attention_max_distance,
-                )
-            })
-            .collect();
+        let relative = (0..q).flat_map(|i| (0..k).map(move |j| j as i64 - i as i64));
+        let ids = cfg.position_buckets(relative, bidirectional);
         let ids = Tensor::from_vec(ids, q * k, &self.device)?;
         Ok(table
             .index_select(&ids, 0)?

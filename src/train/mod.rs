@@ -41,7 +41,6 @@ pub struct Recipe {
     /// Optimizer steps over which the learning rate rises linearly from 0.
     pub warmup_steps: usize,
     pub batch_size: usize,
-    pub max_input_tokens: usize,
     /// Gradients are scaled down to this global L2 norm (transformers' `max_grad_norm`); 0 = off.
     pub max_grad_norm: f64,
     pub seed: u64,
@@ -233,11 +232,10 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-/// Where a run reads and writes.
-pub struct Job<'a> {
+/// What a run trains on and where it writes.
+pub struct Job {
     pub config: Config,
     pub base: Weights,
-    pub tokenizer: &'a Tokenizer,
     pub labels: LabelSet,
     pub train: Vec<(Vec<u32>, usize)>,
     pub eval: Option<Vec<(Vec<u32>, usize)>>,
@@ -246,7 +244,7 @@ pub struct Job<'a> {
 
 /// Trains, evaluates each epoch and keeps the best adapter (the last one without eval data) in
 /// `job.out`.
-pub fn run(job: Job<'_>, recipe: &Recipe) -> anyhow::Result<()> {
+pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
     if recipe.batch_size == 0 || recipe.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }

@@ -13,6 +13,16 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Hub settings that never reach the network and find nothing in a cache.
+pub fn offline_hub() -> finserve::hub::HubConfig {
+    finserve::hub::HubConfig {
+        cache_dir: std::env::temp_dir().join("finserve-test-no-cache"),
+        endpoint: None,
+        token: None,
+        offline: true,
+    }
+}
+
 pub fn fixtures() -> PathBuf {
     repo().join("tests/parity/fixtures")
 }
