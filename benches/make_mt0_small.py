@@ -2,6 +2,7 @@
 measuring load/merge time and peak memory at a realistic size without downloading mt0-small.
 
     python benches/make_mt0_small.py OUT_DIR [TOKENIZER_JSON]
+    MT0_SHAPE=large python benches/make_mt0_small.py OUT_DIR [TOKENIZER_JSON]   (mt0-large: 1024/2816/16x64, 24+24)
 
 OUT_DIR/base: config.json (mt5, 512/1024/6x64, 8+8 layers, vocab 250112, untied lm_head),
 model.safetensors (shared.weight + lm_head.weight, no embed_tokens copies, like mt0) and the
@@ -9,6 +10,7 @@ given tokenizer.json; OUT_DIR/adapter: r=8, alpha=32, q and v, non-zero B.
 """
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,8 +24,12 @@ from transformers import MT5Config, MT5ForConditionalGeneration
 def main() -> None:
     out = Path(sys.argv[1])
     torch.manual_seed(0)
-    cfg = MT5Config(vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8,
-                    num_decoder_layers=8, num_heads=6, feed_forward_proj="gated-gelu")
+    shapes = {
+        "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
+        "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
+    }
+    shape = shapes[os.environ.get("MT0_SHAPE", "small")]
+    cfg = MT5Config(vocab_size=250112, feed_forward_proj="gated-gelu", **shape)
     cfg.tie_word_embeddings = False
     model = MT5ForConditionalGeneration(cfg).eval()
     base = out / "base"
