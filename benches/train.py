@@ -102,7 +102,7 @@ def finserve_tokens_per_second(data, epochs, batch_size, seed):
             w.writerow(["sentence", "label"])
             w.writerows(data)
         out = subprocess.run(
-            [str(BINARY), "--json-logs", "train",
+            [str(BINARY), "train", "--json-logs",
              "--model", str(BASE), "--data", str(path), "--out", str(Path(tmp) / "adapter"),
              "--target-modules", ",".join(TARGETS), "--r", "8", "--lora-alpha", "32",
              "--lora-dropout", "0.1", "--epochs", str(epochs), "--batch-size", str(batch_size),

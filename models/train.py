@@ -1,21 +1,18 @@
 #!/usr/bin/env python3
 """Train the embedded demo model: a small mT5 (mt0-like layout) + a PEFT LoRA sentiment adapter.
 
-    python3 models/split.py && python3 models/split_tweets.py
-    HF_HUB_OFFLINE=1 nice -n 10 /work/venv/bin/python models/train.py
-    models/train_adapter.sh        # the demo adapter, trained by `finserve train`
+    python3 models/split.py
+    HF_HUB_OFFLINE=1 nice -n 10 /work/venv/bin/python models/train.py --epochs1 6 --epochs2 10 --lr1 1e-3 --lr2 3e-3
     HF_HUB_OFFLINE=1 /work/venv/bin/python models/eval_reference.py
 
-CPU only, fixed seeds, no network. Reads models/data/train_pool.csv and models/data/tweets_train_pool.csv
-(written by split.py and split_tweets.py; never contain a held-out text) and writes models/demo/base/ and,
-as a cross-check of `finserve train`, a Python-trained adapter to --adapter-out. See models/README.md.
+CPU only, fixed seeds, no network. Reads models/data/train_pool.csv (written by split.py; never contains a
+test sentence) and writes models/demo/base/ and models/demo/adapter/. See models/README.md.
 
 Recipe
-  tokenizer : SentencePiece unigram (vocab 6000, nmt_nfkc) trained on the training-pool sentences and tweets
-              only, converted to a mT5-style tokenizer.json. Model vocab = 6000 + 100 sentinel ids (used only for
-              denoising).
+  tokenizer : SentencePiece unigram (vocab 4000, nmt_nfkc) trained on the training-pool sentences only, converted
+              to a mT5-style tokenizer.json. Model vocab = 4000 + 100 sentinel ids (used only for denoising).
   stage 1   : base model from scratch. Multitask: T5 span corruption on a random sample of training-pool
-              sentences and tweets (their text only) per epoch, plus supervised sentiment (sentence -> "negative"/"neutral"/"positive" + </s>)
+              sentences per epoch, plus supervised sentiment (sentence -> "negative"/"neutral"/"positive" + </s>)
               on the low-agreement part of the pool only (highest agreement level 50% or 66%). Two embedding
               dims are initialised with naive-Bayes log-count ratios from that same low-agreement part.
   stage 2   : LoRA (r=8, alpha=32, dropout 0.1, targets q,k,v,o,wi_0,wi_1,wo) on the high-agreement part
@@ -50,7 +47,7 @@ import eval_reference as ev  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
 SEED = 1234
-TOK_VOCAB = 6000
+TOK_VOCAB = 4000
 N_SENTINELS = 100
 MAX_LEN = 64
 
@@ -107,11 +104,6 @@ def build_tokenizer(sentences, out_dir):
 
 
 # ------------------------------------------------------------------------------------------------ data
-
-def read_tweets():
-    with open(HERE / "data" / "tweets_train_pool.csv", newline="", encoding="utf-8") as f:
-        return [(r["sentence"], r["label"]) for r in csv.DictReader(f)]
-
 
 def read_pool():
     with open(HERE / "data" / "train_pool.csv", newline="", encoding="utf-8") as f:
@@ -204,8 +196,6 @@ def run_epochs(model, params, make_examples, epochs, lr, batch_size, rng, tag, w
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(HERE / "demo"))
-    ap.add_argument("--adapter-out", default="/tmp/finserve-python-adapter",
-                    help="where the Python (PEFT) cross-check adapter goes; the demo's comes from finserve train")
     ap.add_argument("--epochs1", type=int, default=6)
     ap.add_argument("--epochs2", type=int, default=20)
     ap.add_argument("--d-model", type=int, default=128)
@@ -213,10 +203,8 @@ def main():
     ap.add_argument("--dec-layers", type=int, default=1)
     ap.add_argument("--d-ff", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--denoise-per-epoch", type=int, default=1500)
+    ap.add_argument("--denoise-per-epoch", type=int, default=600)
     ap.add_argument("--nb-init", type=float, default=3.0)
-    ap.add_argument("--tweet-labels-in-base", type=float, default=0.0,
-                    help="fraction of the tweets' training pool whose labels stage 1 also learns")
     ap.add_argument("--lr1", type=float, default=1e-3)
     ap.add_argument("--lr2", type=float, default=1.5e-3)
     ap.add_argument("--bench", action="store_true", help="time a few steps and exit")
@@ -225,7 +213,7 @@ def main():
     seed_all(SEED)
     t_start = time.time()
     out = Path(args.out)
-    base_dir, adapter_dir = out / "base", Path(args.adapter_out)
+    base_dir, adapter_dir = out / "base", out / "adapter"
     if not args.bench:
         for d in (base_dir, adapter_dir):
             if d.exists():
@@ -244,12 +232,9 @@ def main():
         f"dev {len(dev)}")
 
     tok_dir = base_dir if not args.bench else Path("/tmp/finserve_bench_tok")
-    tweets = read_tweets()
-    base_tweets = random.Random(SEED + 3).sample(tweets, int(len(tweets) * args.tweet_labels_in_base))
-    texts = [r[0] for r in pool] + [t for t, _ in tweets]
-    tok = build_tokenizer(texts, tok_dir)
+    tok = build_tokenizer([r[0] for r in pool], tok_dir)
     V = tok.get_vocab_size() + N_SENTINELS
-    enc = {t: tok.encode(t).ids[:-1][:MAX_LEN] for t in texts}  # without </s>
+    enc = {r[0]: tok.encode(r[0]).ids[:-1] for r in pool}  # without </s>
     lab_ids = {l: tok.encode(l).ids for l in LABELS}
 
     cfg = MT5Config(
@@ -290,10 +275,9 @@ def main():
     drng = random.Random(SEED + 1)
 
     def stage1_examples(ep):
-        part = drng.sample(texts, min(args.denoise_per_epoch, len(texts)))
-        ex = [span_corrupt(enc[t], drng, V) for t in part]
+        part = drng.sample(pool, min(args.denoise_per_epoch, len(pool)))
+        ex = [span_corrupt(enc[r[0]], drng, V) for r in part]
         ex += [(enc[s] + [1], lab_ids[l]) for s, l, _ in low]
-        ex += [(enc[t] + [1], lab_ids[l]) for t, l in base_tweets]
         return ex
 
     if args.bench:
