@@ -17,6 +17,12 @@ case "${1:-}" in
     ;;
   run)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    # The binary links CUDA 13's cuBLAS/cuRAND/cudart; on a machine without a CUDA toolkit they come
+    # from PyTorch's `nvidia` wheels.
+    if nvidia_dir=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null); then
+      export LD_LIBRARY_PATH="$nvidia_dir/cu13/lib:${LD_LIBRARY_PATH:-}"
+    fi
+    ldd target-cuda/release/finserve | grep 'not found' && exit 1
     python3 benches/gpu.py "${@:2}"
     ;;
   *)
