@@ -355,13 +355,7 @@ pub async fn completions(
     }
     let (prompt_tokens, mut base) = (run.prompt_tokens, base);
     let out = collect(run.rx, run.deadline).await?;
-    crate::telemetry::record_engine_spans(
-        &run.request,
-        run.submitted,
-        out.timing.queue,
-        out.timing.inference,
-    );
-    record_timing("completions", out.timing);
+    record_timing("completions", out.timing, &run.request, run.submitted);
     let logprobs = with_logprobs.then(|| {
         let mut offset = 0;
         let offsets: Vec<usize> = out
@@ -446,13 +440,7 @@ pub async fn chat(
     }
     let (prompt_tokens, mut base) = (run.prompt_tokens, base);
     let out = collect(run.rx, run.deadline).await?;
-    crate::telemetry::record_engine_spans(
-        &run.request,
-        run.submitted,
-        out.timing.queue,
-        out.timing.inference,
-    );
-    record_timing("chat", out.timing);
+    record_timing("chat", out.timing, &run.request, run.submitted);
     let logprobs = with_logprobs.then(|| {
         json!({"content": out.tokens.iter().map(|t| json!({
             "token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(), "top_logprobs": []
@@ -507,13 +495,7 @@ fn sse(
                     return Some((vec![chunk(Some(&t), None)], (rx, false)));
                 }
                 Ok(Some(GenerateEvent::End(out))) => {
-                    record_timing("openai", out.timing);
-                    crate::telemetry::record_engine_spans(
-                        &request,
-                        submitted,
-                        out.timing.queue,
-                        out.timing.inference,
-                    );
+                    record_timing("openai", out.timing, &request, submitted);
                     let mut v: Vec<Event> = out
                         .tokens
                         .last()

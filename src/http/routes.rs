@@ -43,7 +43,15 @@ fn timing_headers(t: Timing) -> HeaderMap {
     h
 }
 
-pub(super) fn record_timing(route: &str, t: Timing) {
+/// Records a request's engine time: the queue and inference metrics of `route`, and the `queue`
+/// and `inference` trace spans under `request`, which was submitted at `submitted`.
+pub(super) fn record_timing(
+    route: &str,
+    t: Timing,
+    request: &tracing::Span,
+    submitted: std::time::SystemTime,
+) {
+    crate::telemetry::record_engine_spans(request, submitted, t.queue, t.inference);
     METRICS
         .queue_duration
         .with_label_values(&[route])
@@ -224,8 +232,7 @@ pub async fn sentiment(
             InputScores::Labels(scores)
         });
     }
-    record_timing("sentiment", timing);
-    crate::telemetry::record_engine_spans(&request, submitted, timing.queue, timing.inference);
+    record_timing("sentiment", timing, &request, submitted);
     Ok((timing_headers(timing), Json(body)).into_response())
 }
 
@@ -307,13 +314,7 @@ pub async fn generate(
         return Ok(stream_response(rx, deadline, prefix, trace).into_response());
     }
     let out = collect(rx, deadline).await?;
-    record_timing("generate", out.timing);
-    crate::telemetry::record_engine_spans(
-        &request,
-        submitted,
-        out.timing.queue,
-        out.timing.inference,
-    );
+    record_timing("generate", out.timing, &request, submitted);
     let _response = tracing::info_span!("response").entered();
     let details = details.then(|| Details {
         finish_reason: out.finish_reason,
@@ -388,13 +389,7 @@ fn stream_response(
             }),
             Some(GenerateEvent::End(out)) => {
                 s.done = true;
-                record_timing("generate", out.timing);
-                crate::telemetry::record_engine_spans(
-                    &s.request,
-                    submitted,
-                    out.timing.queue,
-                    out.timing.inference,
-                );
+                record_timing("generate", out.timing, &s.request, submitted);
                 match out.tokens.last() {
                     Some(last) => json_event(&StreamResponse {
                         index: s.index,

@@ -211,6 +211,7 @@ pub struct LoraT5 {
     encoder_norm: Tensor,
     decoder: Vec<Block>,
     decoder_norm: Tensor,
+    act: Activation,
     gated: bool,
     /// PEFT's `lora_dropout`.
     lora_dropout: f64,
@@ -292,7 +293,7 @@ impl LoraT5 {
     ) -> Result<Self> {
         config.validate()?;
         let cfg = &config;
-        let (_, gated) = Activation::parse(cfg.feed_forward_proj())?;
+        let (act, gated) = Activation::parse(cfg.feed_forward_proj())?;
         let mut b = Builder {
             w,
             adapter,
@@ -336,6 +337,7 @@ impl LoraT5 {
             encoder_norm: w.take("encoder.final_layer_norm.weight", &[d])?,
             decoder,
             decoder_norm: w.take("decoder.final_layer_norm.weight", &[d])?,
+            act,
             gated,
             lora_dropout: adapter.lora_dropout,
             dropout: cfg.dropout_rate,
@@ -430,8 +432,9 @@ impl LoraT5 {
 
     fn feed_forward(&self, f: &FeedForward, x: &Tensor, drop: &mut Dropout) -> Result<Tensor> {
         let p = self.lora_dropout;
-        let (act, _) = Activation::parse(self.config.feed_forward_proj())?;
-        let h = act.apply_differentiable(&f.wi[0].forward(x, drop, p)?)?;
+        let h = self
+            .act
+            .apply_differentiable(&f.wi[0].forward(x, drop, p)?)?;
         let h = if self.gated {
             (h * f.wi[1].forward(x, drop, p)?)?
         } else {
