@@ -401,6 +401,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     fn run(&self) -> anyhow::Result<()> {
         let device = model::parse_device(&self.device)?;
+        let pieces = crate::train::parallel_pieces(&device);
         let name = match &self.model {
             Some(m) => m.clone(),
             None => find_demo(DEMO_BASE)
@@ -461,6 +462,7 @@ impl TrainArgs {
             train,
             eval,
             out: self.out.clone(),
+            pieces,
         };
         crate::train::run(job, &recipe)
     }

@@ -13,8 +13,8 @@ use candle_nn::optim::Optimizer;
 use finserve::lora::AdapterConfig;
 use finserve::model::linear::Quantization;
 use finserve::model::{self, Checkpoint, ModelSpec};
-use finserve::train::lora_t5::{Batch, Dropout, LoraT5};
-use finserve::train::{Recipe, optimizer, peft};
+use finserve::train::lora_t5::LoraT5;
+use finserve::train::{Recipe, gradients, optimizer, peft};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -98,30 +98,32 @@ fn check_case(case: &str) {
     let (inputs, targets) = (ids("inputs"), ids("targets"));
     let inputs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
     let targets: Vec<&[u32]> = targets.iter().map(Vec::as_slice).collect();
-    let batch = Batch::new(&inputs, &targets, &ckpt.config, &Device::Cpu).unwrap();
-    let loss = model.loss(&batch, &mut Dropout { rng: None }).unwrap();
-    let (got, expect) = (
-        loss.to_scalar::<f32>().unwrap() as f64,
-        meta["loss"].as_f64().unwrap(),
-    );
-    assert!(
-        (got - expect).abs() <= 1e-5 * expect.abs(),
-        "{case}: loss {got} vs torch {expect}"
-    );
-    let mut grads = loss.backward().unwrap();
-    for l in &loras {
-        for (ab, var) in [("A", &l.a), ("B", &l.b)] {
-            let key = format!("{}.lora_{ab}.weight", l.module);
-            let g = grads.get(var.as_tensor()).unwrap();
-            let torch = &want[&format!("grad.{key}")];
-            assert_close(g, torch, 1e-4, &format!("{case}: grad {key}"));
-            // The optimizer is checked on torch's own gradients: AdamW's first step moves each
-            // weight by about lr·g/(|g| + eps), which for gradients near eps magnifies any
-            // last-bit difference of g, so comparing steps from our gradients would test that
-            // conditioning rather than the optimizer.
-            grads.insert(var.as_tensor(), torch.clone());
+    // The whole batch at once, and split in two pieces trained on two threads (what
+    // `finserve train` does on a CPU): both are the same loss and gradients.
+    let mut grads = None;
+    for pieces in [1, 2] {
+        let (got, mut g) = gradients(&model, &inputs, &targets, pieces, None).unwrap();
+        let expect = meta["loss"].as_f64().unwrap();
+        assert!(
+            (f64::from(got) - expect).abs() <= 1e-5 * expect.abs(),
+            "{case}, {pieces} pieces: loss {got} vs torch {expect}"
+        );
+        for l in &loras {
+            for (ab, var) in [("A", &l.a), ("B", &l.b)] {
+                let key = format!("{}.lora_{ab}.weight", l.module);
+                let torch = &want[&format!("grad.{key}")];
+                let what = format!("{case}, {pieces} pieces: grad {key}");
+                assert_close(g.get(var.as_tensor()).unwrap(), torch, 1e-4, &what);
+                // The optimizer is checked on torch's own gradients: AdamW's first step moves
+                // each weight by about lr·g/(|g| + eps), which for gradients near eps magnifies
+                // any last-bit difference of g, so comparing steps from our gradients would
+                // test that conditioning rather than the optimizer.
+                g.insert(var.as_tensor(), torch.clone());
+            }
         }
+        grads = Some(g);
     }
+    let grads = grads.unwrap();
     let recipe = Recipe {
         lora: peft::LoraSettings {
             r: 4,

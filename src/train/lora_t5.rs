@@ -504,6 +504,18 @@ impl LoraT5 {
 
     /// transformers' seq2seq loss: the mean cross-entropy of every label token (padding ignored).
     pub fn loss(&self, batch: &Batch, drop: &mut Dropout) -> Result<Tensor> {
+        self.loss_over(batch, drop, batch.label_tokens)
+    }
+
+    /// The summed cross-entropy of `batch`'s label tokens divided by `label_tokens`, the count
+    /// of the whole batch `batch` is a shard of, so that the shards' gradients add up to the
+    /// whole batch's.
+    pub fn loss_over(
+        &self,
+        batch: &Batch,
+        drop: &mut Dropout,
+        label_tokens: usize,
+    ) -> Result<Tensor> {
         let logits = self.forward(batch, drop)?;
         let (b, u, v) = logits.dims3()?;
         let logp = candle_nn::ops::log_softmax(&logits.reshape((b * u, v))?, D::Minus1)?;
@@ -517,6 +529,6 @@ impl LoraT5 {
             .gather(&Tensor::from_vec(rows, (b * u, 1), &self.device)?, 1)?
             .squeeze(1)?;
         let weights = Tensor::from_vec(weights, b * u, &self.device)?;
-        Ok(((picked * weights)?.sum_all()? * (-1.0 / batch.label_tokens.max(1) as f64))?)
+        Ok(((picked * weights)?.sum_all()? * (-1.0 / label_tokens.max(1) as f64))?)
     }
 }

@@ -16,9 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use candle_core::Device;
+use candle_core::backprop::GradStore;
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
@@ -113,17 +115,74 @@ pub fn examples(
         .collect()
 }
 
-/// One optimizer step on `batch` (gradients clipped to `max_grad_norm` as torch's
-/// `clip_grad_norm_` does); returns the batch's loss.
+/// Inputs, targets and dropout seed of one piece of a batch.
+type Piece<'a> = (&'a [&'a [u32]], &'a [&'a [u32]], Option<u64>);
+
+/// The mean loss of the examples `(inputs, targets)` and its gradients, computed as up to
+/// `shards` contiguous pieces of the batch on as many threads and summed: each piece divides its
+/// summed cross-entropy by the whole batch's label-token count, so the sum is the whole batch's
+/// loss and gradient. Each piece draws its dropout masks from its own generator, seeded from
+/// `rng` in piece order, so a seed still fixes the result.
+pub fn gradients(
+    model: &LoraT5,
+    inputs: &[&[u32]],
+    targets: &[&[u32]],
+    shards: usize,
+    mut rng: Option<&mut ChaCha8Rng>,
+) -> anyhow::Result<(f32, GradStore)> {
+    let label_tokens: usize = targets.iter().map(|t| t.len()).sum();
+    let per = inputs.len().div_ceil(shards.max(1)).max(1);
+    let pieces: Vec<Piece> = inputs
+        .chunks(per)
+        .zip(targets.chunks(per))
+        .map(|(i, t)| (i, t, rng.as_deref_mut().map(Rng::next_u64)))
+        .collect();
+    let run = |(inputs, targets, seed): Piece| {
+        let batch = Batch::new(inputs, targets, model.config(), model.device())?;
+        let mut rng = seed.map(ChaCha8Rng::seed_from_u64);
+        let loss = model.loss_over(&batch, &mut Dropout { rng: rng.as_mut() }, label_tokens)?;
+        Ok::<_, crate::error::Error>((loss.to_scalar::<f32>()?, loss.backward()?))
+    };
+    let results: Vec<_> = if pieces.len() == 1 {
+        pieces.into_iter().map(run).collect()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pieces
+                .into_iter()
+                .map(|piece| s.spawn(move || run(piece)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    };
+    let mut results = results.into_iter();
+    let (mut loss, mut grads) = results.next().context("an empty batch")??;
+    for piece in results {
+        let (l, g) = piece?;
+        loss += l;
+        for v in model.vars() {
+            let t = v.as_tensor();
+            let sum = match (grads.remove(t), g.get(t)) {
+                (Some(a), Some(b)) => (a + b)?,
+                (a, b) => a
+                    .or_else(|| b.cloned())
+                    .context("a LoRA factor without a gradient")?,
+            };
+            grads.insert(t, sum);
+        }
+    }
+    Ok((loss, grads))
+}
+
+/// One optimizer step on `grads` (clipped to `max_grad_norm` as torch's `clip_grad_norm_` does).
 pub fn step(
     model: &LoraT5,
     opt: &mut AdamW,
-    batch: &Batch,
+    mut grads: GradStore,
     max_grad_norm: f64,
-    rng: Option<&mut ChaCha8Rng>,
-) -> anyhow::Result<f32> {
-    let loss = model.loss(batch, &mut Dropout { rng })?;
-    let mut grads = loss.backward()?;
+) -> anyhow::Result<()> {
     if max_grad_norm > 0.0 {
         let vars = model.vars();
         let mut squares = 0.0;
@@ -142,7 +201,26 @@ pub fn step(
         }
     }
     opt.step(&grads)?;
-    Ok(loss.to_scalar::<f32>()?)
+    Ok(())
+}
+
+/// How many pieces each training batch is split into, set up before the first candle op. On a
+/// CPU, one piece per core, each run with single-threaded candle ops: a small model's
+/// elementwise ops are too short to split across cores (candle's pool spent about 60 % of a
+/// training step waiting at its barrier), whole pieces of a batch are not. candle reads its
+/// thread counts from the environment, the pool's once, on first use.
+pub fn parallel_pieces(device: &Device) -> usize {
+    if !device.is_cpu() {
+        return 1;
+    }
+    let cores = candle_core::utils::get_num_threads();
+    // SAFETY: called by `finserve train` before it loads anything, so no candle thread exists
+    // yet and no other thread of this process reads the environment.
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    cores
 }
 
 /// The batches of one epoch, as index lists: shuffled, then sorted by length within windows of
@@ -240,6 +318,8 @@ pub struct Job {
     pub train: Vec<(Vec<u32>, usize)>,
     pub eval: Option<Vec<(Vec<u32>, usize)>>,
     pub out: PathBuf,
+    /// Pieces each batch is split into, trained in parallel (see [`parallel_pieces`]).
+    pub pieces: usize,
 }
 
 /// Trains, evaluates each epoch and keeps the best adapter (the last one without eval data) in
@@ -289,15 +369,9 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
                 .iter()
                 .map(|&k| targets[job.train[k].1].as_slice())
                 .collect();
-            let batch = Batch::new(&inputs, &labels, &job.config, model.device())?;
             opt.set_learning_rate(recipe.lr_at(done, total));
-            let loss = step(
-                &model,
-                &mut opt,
-                &batch,
-                recipe.max_grad_norm,
-                Some(&mut rng),
-            )?;
+            let (loss, grads) = gradients(&model, &inputs, &labels, job.pieces, Some(&mut rng))?;
+            step(&model, &mut opt, grads, recipe.max_grad_norm)?;
             if !loss.is_finite() {
                 bail!(
                     "the loss became {loss} at epoch {epoch}, step {}; lower --lr",
@@ -306,7 +380,7 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
             }
             done += 1;
             loss_sum += f64::from(loss);
-            tokens += inputs.iter().map(|x| x.len()).sum::<usize>() + batch.label_tokens;
+            tokens += inputs.iter().chain(&labels).map(|x| x.len()).sum::<usize>();
             bar.inc(1);
             bar.set_message(format!(
                 "epoch {epoch}/{}  loss {:.4}  {:.0} tokens/s",
