@@ -1,5 +1,6 @@
 //! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
-//! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112), f32 on the CPU.
+//! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32 and
+//! with `--quantize q8`.
 //! These are the engine's own numbers; `benches/compare.py` compares the whole server with
 //! transformers and CTranslate2.
 
@@ -9,11 +10,11 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::model::decode_batch::DecodeBatch;
-use finserve::model::linear::SharedLayers;
+use finserve::model::linear::{Quantization, SharedLayers};
 use finserve::model::t5::{Config, T5Model};
 use finserve::model::weights::Weights;
 
-fn mt0_small() -> T5Model {
+fn mt0_small(quantization: Quantization) -> T5Model {
     let config: Config = serde_json::from_value(serde_json::json!({
         "model_type": "mt5", "vocab_size": 250112, "d_model": 512, "d_kv": 64, "d_ff": 1024,
         "num_layers": 8, "num_decoder_layers": 8, "num_heads": 6,
@@ -71,7 +72,7 @@ fn mt0_small() -> T5Model {
         }
     }
     let mut w = Weights::from_tensors(t, "random", DType::F32, &dev);
-    T5Model::load(config, &mut w, &mut SharedLayers::default()).expect("model")
+    T5Model::load(config, &mut w, &mut SharedLayers::new(quantization)).expect("model")
 }
 
 /// Encodes `inputs`, starts a decoder per input and feeds each `prefix` tokens.
@@ -89,16 +90,22 @@ fn started(model: &T5Model, inputs: &[&[u32]], prefix: usize) -> (DecodeBatch, V
 }
 
 fn bench(c: &mut Criterion) {
-    let model = mt0_small();
+    for q in [Quantization::None, Quantization::Q8] {
+        bench_model(c, q);
+    }
+}
+
+fn bench_model(c: &mut Criterion, quantization: Quantization) {
+    let model = mt0_small(quantization);
     // Three single-token labels plus EOS, like negative / neutral / positive.
     let labels = LabelSet::from_targets(
         ["negative", "neutral", "positive"].map(String::from).into(),
         vec![vec![4, 1], vec![5, 1], vec![6, 1]],
     )
     .expect("labels");
-    let mut group = c.benchmark_group("mt0-small");
+    let mut group = c.benchmark_group(format!("mt0-small-{}", quantization.as_str()));
     group.sample_size(10);
-    for (batch, len) in [(1, 32), (8, 64)] {
+    for (batch, len) in [(1, 32), (16, 40)] {
         let ids: Vec<Vec<u32>> = (0..batch)
             .map(|b| (0..len).map(|i| (100 + b * 7 + i) as u32).collect())
             .collect();

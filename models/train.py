@@ -1,22 +1,30 @@
 #!/usr/bin/env python3
-"""Train the embedded demo model: a small mT5 (mt0-like layout) + a PEFT LoRA sentiment adapter.
+"""Train the embedded demo model's base: a small mT5 (mt0-like layout) that reads PhraseBank sentences and
+finance tweets; its LoRA sentiment adapter is then trained by `finserve train` (see models/README.md).
 
-    python3 models/split.py
-    HF_HUB_OFFLINE=1 nice -n 10 /work/venv/bin/python models/train.py --epochs1 6 --epochs2 10 --lr1 1e-3 --lr2 3e-3
-    HF_HUB_OFFLINE=1 /work/venv/bin/python models/eval_reference.py
+    python3 models/split.py && python3 models/split_tweets.py
+    HF_HUB_OFFLINE=1 /path/to/venv/bin/python models/train.py
+    finserve train --model models/demo/base --data models/work/adapter_train.csv \
+        --eval-data models/work/dev.csv --out models/demo/adapter --target-modules all-linear \
+        --lr 1e-3 --epochs 15 --batch-size 32 --seed 1
 
-CPU only, fixed seeds, no network. Reads models/data/train_pool.csv (written by split.py; never contains a
-test sentence) and writes models/demo/base/ and models/demo/adapter/. See models/README.md.
+CPU only, fixed seeds, no network. Reads models/data/train_pool.csv and models/data/tweets_train_pool.csv
+(written by the split scripts; neither contains a test sentence or tweet), writes models/demo/base/ and, under
+--work (git-ignored), the adapter's training and dev CSVs. With --stage2 it also trains the same adapter with
+torch + peft into --work/python-adapter, as a cross-check of `finserve train`.
 
 Recipe
-  tokenizer : SentencePiece unigram (vocab 4000, nmt_nfkc) trained on the training-pool sentences only, converted
-              to a mT5-style tokenizer.json. Model vocab = 4000 + 100 sentinel ids (used only for denoising).
-  stage 1   : base model from scratch. Multitask: T5 span corruption on a random sample of training-pool
-              sentences per epoch, plus supervised sentiment (sentence -> "negative"/"neutral"/"positive" + </s>)
-              on the low-agreement part of the pool only (highest agreement level 50% or 66%). Two embedding
-              dims are initialised with naive-Bayes log-count ratios from that same low-agreement part.
-  stage 2   : LoRA (r=8, alpha=32, dropout 0.1, targets q,k,v,o,wi_0,wi_1,wo) on the high-agreement part
-              (AllAgree + 75Agree sentences of the pool, minus a small dev set), base frozen.
+  tokenizer : SentencePiece unigram (6000 pieces, nmt_nfkc) trained on the texts of both training pools, converted
+              to a mT5-style tokenizer.json whose first normalizer maps every link to "http" (tweets end in
+              t.co links: random characters). Model vocab = 6000 + 100 sentinel ids (used only for denoising).
+  stage 1   : base model from scratch. Multitask: T5 span corruption on 2000 random training texts per epoch,
+              plus supervised sentiment (text -> "negative"/"neutral"/"positive" + </s>) on the low-agreement
+              PhraseBank sentences (agreement 50% or 66%) and half of the training tweets. Embedding dims 0-1
+              start as naive-Bayes log-count ratios of those supervised texts, the other dims as PPMI-SVD word
+              vectors of all training texts.
+  adapter   : LoRA (r=8, alpha=32, dropout 0.1, all linear modules) on the high-agreement PhraseBank sentences
+              (AllAgree + 75Agree, minus a 150-sentence dev set) and every training tweet but a 400-tweet dev set,
+              base frozen.
 """
 import argparse
 import csv
@@ -25,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -47,7 +56,6 @@ import eval_reference as ev  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
 SEED = 1234
-TOK_VOCAB = 4000
 N_SENTINELS = 100
 MAX_LEN = 64
 
@@ -64,10 +72,19 @@ def log(*a):
 
 # ------------------------------------------------------------------------------------------------ tokenizer
 
-def build_tokenizer(sentences, out_dir):
+URL = r"https?://\S+"  # tweets end in t.co links: random characters that carry no sentiment
+
+
+def normalize(s):
+    """What the tokenizer's first normalizer does, applied to SentencePiece's training text."""
+    return re.sub(URL, "http", s)
+
+
+def build_tokenizer(sentences, out_dir, vocab_size):
+    sentences = [normalize(s) for s in sentences]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buf, model_type="unigram", vocab_size=TOK_VOCAB,
+        sentence_iterator=iter(sentences), model_writer=buf, model_type="unigram", vocab_size=vocab_size,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
         character_coverage=1.0, normalization_rule_name="nmt_nfkc", num_threads=1, shuffle_input_sentence=False,
         input_sentence_size=0, minloglevel=2)
@@ -77,7 +94,8 @@ def build_tokenizer(sentences, out_dir):
     vocab = [(p.piece, float(p.score)) for p in proto.pieces]
     assert [v[0] for v in vocab[:3]] == ["<pad>", "</s>", "<unk>"]
     tok = Tokenizer(models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=False))
-    tok.normalizer = normalizers.Sequence([normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(URL), "http"),
+                                           normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
                                            normalizers.Replace(Regex(" {2,}"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
@@ -108,6 +126,41 @@ def build_tokenizer(sentences, out_dir):
 def read_pool():
     with open(HERE / "data" / "train_pool.csv", newline="", encoding="utf-8") as f:
         return [(r["sentence"], r["label"], int(r["agree"])) for r in csv.DictReader(f)]
+
+
+def read_tweets():
+    with open(HERE / "data" / "tweets_train_pool.csv", newline="", encoding="utf-8") as f:
+        return [(r["sentence"], r["label"]) for r in csv.DictReader(f)]
+
+
+def write_rows(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "label"])
+        w.writerows(rows)
+
+
+def ppmi_svd(seqs, vocab, dims, window=4):
+    """Word vectors from co-occurrence statistics: truncated SVD of the positive PMI matrix of token ids
+    that occur within `window` positions of each other. Gives the from-scratch model's embeddings a head start
+    on which pieces mean similar things, from text alone."""
+    co = np.zeros((vocab, vocab), dtype=np.float64)
+    for ids in seqs:
+        a = np.asarray(ids)
+        for d in range(1, window + 1):
+            if len(a) > d:
+                np.add.at(co, (a[:-d], a[d:]), 1.0 / d)
+    co += co.T
+    row = co.sum(1, keepdims=True)
+    col = row.T ** 0.75
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pmi = np.log(co * (col.sum()) / (row * col))
+    pmi[~np.isfinite(pmi)] = 0.0
+    pmi = np.maximum(pmi, 0.0)
+    u, sv, _ = np.linalg.svd(pmi.astype(np.float32), full_matrices=False)
+    e = u[:, :dims] * np.sqrt(sv[:dims])
+    return e / (e.std() + 1e-12)
 
 
 def span_corrupt(ids, rng, vocab_size, density=0.15, mean_span=3.0):
@@ -196,45 +249,64 @@ def run_epochs(model, params, make_examples, epochs, lr, batch_size, rng, tag, w
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(HERE / "demo"))
-    ap.add_argument("--epochs1", type=int, default=6)
-    ap.add_argument("--epochs2", type=int, default=20)
+    ap.add_argument("--work", default=str(HERE / "work"),
+                    help="where the adapter's training and dev CSVs go (git-ignored)")
+    ap.add_argument("--epochs1", type=int, default=10)
+    ap.add_argument("--epochs2", type=int, default=15)
+    ap.add_argument("--vocab", type=int, default=6000)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dec-layers", type=int, default=1)
     ap.add_argument("--d-ff", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--denoise-per-epoch", type=int, default=600)
+    ap.add_argument("--denoise-per-epoch", type=int, default=2000)
+    ap.add_argument("--tweets-in-base", type=float, default=0.5,
+                    help="fraction of the tweets pool whose labels stage 1 also learns")
     ap.add_argument("--nb-init", type=float, default=3.0)
+    ap.add_argument("--svd-init", action=argparse.BooleanOptionalAction, default=True,
+                    help="PPMI-SVD word vectors in the other embedding dims")
     ap.add_argument("--lr1", type=float, default=1e-3)
-    ap.add_argument("--lr2", type=float, default=1.5e-3)
-    ap.add_argument("--bench", action="store_true", help="time a few steps and exit")
+    ap.add_argument("--lr2", type=float, default=1e-3)
+    ap.add_argument("--stage2", action="store_true",
+                    help="also train the adapter with torch + peft into --work/python-adapter (a cross-check)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seed_all(SEED)
     t_start = time.time()
-    out = Path(args.out)
-    base_dir, adapter_dir = out / "base", out / "adapter"
-    if not args.bench:
-        for d in (base_dir, adapter_dir):
-            if d.exists():
-                shutil.rmtree(d)
+    out, work = Path(args.out), Path(args.work)
+    base_dir, adapter_dir = out / "base", work / "python-adapter"
+    for d in (base_dir, adapter_dir):
+        if d.exists():
+            shutil.rmtree(d)
 
     pool = read_pool()
+    tweets = read_tweets()
     rng = random.Random(SEED)
     high = [r for r in pool if r[2] >= 75]
-    low = [r for r in pool if r[2] < 75]
+    low = [(s, l) for s, l, a in pool if a < 75]
     high_sorted = sorted(high)
     rng.shuffle(high_sorted)
     dev = sorted([r for r in high_sorted if r[2] == 100][:150])  # dev: 150 AllAgree sentences of the pool
     dev_set = {r[0] for r in dev}
-    adapter_train = [r for r in high if r[0] not in dev_set]
-    log(f"pool {len(pool)}: base-supervised (agree<75) {len(low)}, adapter-train (agree>=75) {len(adapter_train)}, "
-        f"dev {len(dev)}")
+    adapter_pb = [(s, l) for s, l, _ in high if s not in dev_set]
+    dev = [(s, l) for s, l, _ in dev]
+    tw = sorted(tweets)
+    rng.shuffle(tw)
+    tweets_dev, tw = sorted(tw[:400]), tw[400:]
+    tweets_base = tw[:int(len(tw) * args.tweets_in_base)]
+    adapter_rows = adapter_pb + tw
+    rng.shuffle(adapter_rows)
+    write_rows(work / "adapter_train.csv", adapter_rows)
+    write_rows(work / "dev.csv", dev + tweets_dev)
+    log(f"PhraseBank pool {len(pool)}: base-supervised (agree<75) {len(low)}, adapter (agree>=75) {len(adapter_pb)}, "
+        f"dev {len(dev)}; tweets pool {len(tweets)}: base-supervised {len(tweets_base)}, adapter {len(tw)}, "
+        f"dev {len(tweets_dev)}")
+    base_sup = low + tweets_base
 
-    tok_dir = base_dir if not args.bench else Path("/tmp/finserve_bench_tok")
-    tok = build_tokenizer([r[0] for r in pool], tok_dir)
+    texts = [r[0] for r in pool] + [s for s, _ in tweets]
+    tok = build_tokenizer(texts, base_dir, args.vocab)
     V = tok.get_vocab_size() + N_SENTINELS
-    enc = {r[0]: tok.encode(r[0]).ids[:-1] for r in pool}  # without </s>
+    enc = {s: tok.encode(s).ids[:-1] for s in texts}  # without </s>
     lab_ids = {l: tok.encode(l).ids for l in LABELS}
 
     cfg = MT5Config(
@@ -249,12 +321,18 @@ def main():
     model.decoder.embed_tokens.weight = model.shared.weight
     with torch.no_grad():  # HF's default untied lm_head init (std 1) gives huge initial logits (loss ~14)
         model.lm_head.weight.mul_(args.d_model ** -0.5)
+    if args.svd_init:
+        t0 = time.time()
+        vecs = ppmi_svd([enc[s] for s in texts], V, args.d_model - 2)
+        with torch.no_grad():
+            model.shared.weight[:, 2:] = torch.from_numpy(vecs).float()
+        log(f"PPMI-SVD init of {args.d_model - 2} embedding dims in {time.time() - t0:.0f}s")
     if args.nb_init:
         # Data-informed init: embedding dims 0 and 1 = naive-Bayes log-count ratios (positive vs rest, negative
         # vs rest) of each token, computed on the stage-1 supervised sentences only. Without it the tiny
         # from-scratch model stays at the majority class for far longer than the CPU budget allows.
         cnt = {l: torch.ones(V) for l in LABELS}
-        for s, l, _ in low:
+        for s, l in base_sup:
             for t in enc[s]:
                 cnt[l][t] += 1
         with torch.no_grad():
@@ -267,34 +345,20 @@ def main():
 
     def dev_eval(m):
         def f():
-            met, _ = ev.evaluate(m, tok, [(s, l) for s, l, _ in dev])
-            return f"dev acc {met['accuracy']:.3f} F1 {met['macro_f1']:.3f}"
+            a, _ = ev.evaluate(m, tok, dev)
+            b, _ = ev.evaluate(m, tok, tweets_dev)
+            return (f"dev PhraseBank acc {a['accuracy']:.3f} F1 {a['macro_f1']:.3f}, "
+                    f"tweets acc {b['accuracy']:.3f} F1 {b['macro_f1']:.3f}")
         return f
 
     # ---------------- stage 1
     drng = random.Random(SEED + 1)
 
     def stage1_examples(ep):
-        part = drng.sample(pool, min(args.denoise_per_epoch, len(pool)))
-        ex = [span_corrupt(enc[r[0]], drng, V) for r in part]
-        ex += [(enc[s] + [1], lab_ids[l]) for s, l, _ in low]
+        part = drng.sample(texts, min(args.denoise_per_epoch, len(texts)))
+        ex = [span_corrupt(enc[s], drng, V) for s in part]
+        ex += [(enc[s] + [1], lab_ids[l]) for s, l in base_sup]
         return ex
-
-    if args.bench:
-        ex = stage1_examples(0)
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        t0 = time.time()
-        for k, (ids, att, lab) in enumerate(batches(ex, 32, rng)):
-            loss = model(input_ids=ids, attention_mask=att, labels=lab, use_cache=False).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if k == 19:
-                break
-        dt = (time.time() - t0) / 20
-        log(f"bench: {dt:.3f}s/step of 32; epoch of {len(ex)} examples ~ {dt * len(ex) / 32:.0f}s")
-        return 0
 
     run_epochs(model, list(model.parameters()), stage1_examples, args.epochs1, args.lr1, 32, rng, "stage1",
                warmup=100, eval_fn=dev_eval(model))
@@ -309,35 +373,38 @@ def main():
     keys = set(load_file(str(base_dir / "model.safetensors")).keys())
     assert "shared.weight" in keys and "lm_head.weight" in keys and not any("embed_tokens" in k for k in keys)
     log(f"stage 1 done at {time.time() - t_start:.0f}s")
+    log_info = {
+        "epochs1": args.epochs1, "lr1": args.lr1, "denoise_per_epoch": args.denoise_per_epoch,
+        "nb_init": args.nb_init, "svd_init": args.svd_init, "params": n_params, "vocab_size": V,
+        "d_model": args.d_model, "layers": args.layers, "dec_layers": args.dec_layers, "d_ff": args.d_ff,
+        "base_supervised_phrasebank": len(low), "base_supervised_tweets": len(tweets_base),
+        "adapter_train": len(adapter_rows), "dev": len(dev) + len(tweets_dev), "torch_threads": args.threads}
 
-    # ---------------- stage 2 (LoRA)
-    from peft import LoraConfig, TaskType, get_peft_model
-    seed_all(SEED + 2)
-    base = ev.load_base(base_dir)
-    lcfg = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=8, lora_alpha=32, lora_dropout=0.1,
-                      target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"])
-    pm = get_peft_model(base, lcfg)
-    pm.print_trainable_parameters()
-    sup = [(enc[s] + [1], lab_ids[l]) for s, l, _ in adapter_train]
-    trainable = [p for p in pm.parameters() if p.requires_grad]
-    run_epochs(pm, trainable, lambda ep: sup, args.epochs2, args.lr2, 32, rng, "stage2", warmup=50,
-               eval_fn=dev_eval(pm))
-    pm.eval()
-    pm.save_pretrained(str(adapter_dir))
-    (adapter_dir / "README.md").unlink(missing_ok=True)
-    p = adapter_dir / "adapter_config.json"
-    j = json.loads(p.read_text())
-    j["base_model_name_or_path"] = "models/demo/base"
-    j["target_modules"] = sorted(j["target_modules"])
-    p.write_text(json.dumps(j, indent=2, sort_keys=True) + "\n")
+    if args.stage2:
+        # ---------------- stage 2 (LoRA), the Python cross-check of `finserve train`
+        from peft import LoraConfig, TaskType, get_peft_model
+        seed_all(SEED + 2)
+        base = ev.load_base(base_dir)
+        lcfg = LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=8, lora_alpha=32, lora_dropout=0.1,
+                          target_modules=["q", "k", "v", "o", "wi_0", "wi_1", "wo"])
+        pm = get_peft_model(base, lcfg)
+        pm.print_trainable_parameters()
+        sup = [(enc[s] + [1], lab_ids[l]) for s, l in adapter_rows]
+        trainable = [p for p in pm.parameters() if p.requires_grad]
+        run_epochs(pm, trainable, lambda ep: sup, args.epochs2, args.lr2, 32, rng, "stage2", warmup=50,
+                   eval_fn=dev_eval(pm))
+        pm.eval()
+        pm.save_pretrained(str(adapter_dir))
+        (adapter_dir / "README.md").unlink(missing_ok=True)
+        p = adapter_dir / "adapter_config.json"
+        j = json.loads(p.read_text())
+        j["base_model_name_or_path"] = "models/demo/base"
+        j["target_modules"] = sorted(j["target_modules"])
+        p.write_text(json.dumps(j, indent=2, sort_keys=True) + "\n")
+        log_info.update(epochs2=args.epochs2, lr2=args.lr2)
     elapsed = time.time() - t_start
     log(f"training done in {elapsed:.0f}s")
-    (out / "training_log.json").write_text(json.dumps({
-        "seconds": round(elapsed), "epochs1": args.epochs1, "epochs2": args.epochs2, "lr1": args.lr1, "lr2": args.lr2,
-        "denoise_per_epoch": args.denoise_per_epoch, "nb_init": args.nb_init, "params": n_params,
-        "vocab_size": V, "d_model": args.d_model, "layers": args.layers, "dec_layers": args.dec_layers, "d_ff": args.d_ff,
-        "base_supervised": len(low), "adapter_train": len(adapter_train), "dev": len(dev),
-        "torch_threads": args.threads}, indent=2) + "\n")
+    (out / "training_log.json").write_text(json.dumps({"seconds": round(elapsed), **log_info}, indent=2) + "\n")
     return 0
 
 
