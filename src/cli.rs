@@ -399,9 +399,9 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn run(&self) -> anyhow::Result<()> {
+    /// Trains with each batch split into `pieces` (see [`crate::train::parallel_pieces`]).
+    fn run(&self, pieces: usize) -> anyhow::Result<()> {
         let device = model::parse_device(&self.device)?;
-        let pieces = crate::train::parallel_pieces(&device);
         let name = match &self.model {
             Some(m) => m.clone(),
             None => find_demo(DEMO_BASE)
@@ -604,13 +604,17 @@ impl ModelArgs {
 
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let pieces = match &cli.command {
+        Some(Command::Train(args)) => crate::train::parallel_pieces(&args.device),
+        _ => 1,
+    };
     let _telemetry = crate::telemetry::init(cli.json_logs, cli.otlp_endpoint.as_deref())?;
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Merge(args)) => crate::export::run(&args),
         Some(Command::Eval(args)) => crate::eval::run(&args),
-        Some(Command::Train(args)) => args.run(),
+        Some(Command::Train(args)) => args.run(pieces),
         Some(Command::Openapi) => {
             let doc = crate::http::openapi::default_json().map_err(anyhow::Error::msg)?;
             println!("{doc}");

@@ -3,9 +3,10 @@
 //! words and EOS, AdamW with linear warm-up and decay) and PEFT's file format, so the adapter it
 //! writes is served by finserve and loaded by `PeftModel.from_pretrained` alike.
 //!
-//! [`lora_t5`] is the differentiable model; [`peft`] writes the files. Each epoch's adapter is
-//! scored on `--eval-data` by merging it into the serving model (exactly how `serve` would score
-//! it), and the best one is kept.
+//! [`lora_t5`] is the differentiable model; [`peft`] writes the files. On a CPU each batch is
+//! split into one piece per core whose gradients are computed on parallel threads and summed
+//! ([`gradients`]). Each epoch's adapter is scored on `--eval-data` by merging it into the serving
+//! model (exactly how `serve` would score it), and the best one is kept.
 
 pub mod lora_t5;
 pub mod peft;
@@ -16,7 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use candle_core::backprop::GradStore;
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
@@ -204,18 +204,19 @@ pub fn step(
     Ok(())
 }
 
-/// How many pieces each training batch is split into, set up before the first candle op. On a
+/// How many pieces each training batch is split into on `device` (as given to `--device`). On a
 /// CPU, one piece per core, each run with single-threaded candle ops: a small model's
 /// elementwise ops are too short to split across cores (candle's pool spent about 60 % of a
 /// training step waiting at its barrier), whole pieces of a batch are not. candle reads its
-/// thread counts from the environment, the pool's once, on first use.
-pub fn parallel_pieces(device: &Device) -> usize {
-    if !device.is_cpu() {
+/// thread counts from the environment (the pool's once, on first use), so this sets them, and
+/// must run before the process starts any other thread.
+pub fn parallel_pieces(device: &str) -> usize {
+    if device != "cpu" {
         return 1;
     }
     let cores = candle_core::utils::get_num_threads();
-    // SAFETY: called by `finserve train` before it loads anything, so no candle thread exists
-    // yet and no other thread of this process reads the environment.
+    // SAFETY: `cli::run` calls this right after parsing the command line, before telemetry, the
+    // runtime or candle start a thread, so nothing can read the environment concurrently.
     unsafe {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
         std::env::set_var("RAYON_NUM_THREADS", "1");
