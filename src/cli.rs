@@ -91,14 +91,47 @@ pub enum Command {
     Openapi,
 }
 
+/// Which base checkpoint to load and on which device: shared by the model options of
+/// `serve`/`eval`/`merge` ([`ModelArgs`]) and by `train`.
 #[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
+pub struct BaseArgs {
     /// Base model: a local directory or a Hugging Face Hub id (default: the bundled demo model).
     #[arg(long, env = "FINSERVE_MODEL")]
     pub model: Option<String>,
     /// Hub revision (branch, tag or commit) of --model.
     #[arg(long, env = "FINSERVE_REVISION")]
     pub revision: Option<String>,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, env = "FINSERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+/// A base model as the command line names it.
+enum Base {
+    Given(String),
+    /// No --model: the bundled demo base, found here.
+    Demo(PathBuf),
+}
+
+impl BaseArgs {
+    fn resolve(&self) -> anyhow::Result<Base> {
+        if let Some(m) = &self.model {
+            return Ok(Base::Given(m.clone()));
+        }
+        find_demo(DEMO_BASE).map(Base::Demo).with_context(|| {
+            format!(
+                "no --model given and the demo model ({DEMO_BASE}) is not under the working \
+                 directory or $FINSERVE_HOME; pass --model DIR_OR_HUB_ID (or set FINSERVE_MODEL), \
+                 or run from the repository root"
+            )
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub base: BaseArgs,
     /// LoRA adapter directory or Hub id, optionally `:WEIGHT`; repeat (or comma-separate) to
     /// merge several in order. Default: the demo adapter when --model is not given.
     #[arg(long = "adapter", env = "FINSERVE_ADAPTER", value_delimiter = ',')]
@@ -106,9 +139,6 @@ pub struct ModelArgs {
     /// Merge no adapter at all (serve the base model as is).
     #[arg(long, env = "FINSERVE_NO_ADAPTER")]
     pub no_adapter: bool,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, env = "FINSERVE_DEVICE", default_value = "cpu")]
-    pub device: String,
     /// Serving dtype: f32, or bf16 on GPU.
     #[arg(long, env = "FINSERVE_DTYPE", default_value = "f32")]
     pub dtype: String,
@@ -238,7 +268,7 @@ impl ServeArgs {
     fn model_name(&self) -> String {
         self.served_model_name
             .clone()
-            .or_else(|| self.model.model.clone())
+            .or_else(|| self.model.base.model.clone())
             .unwrap_or_else(|| crate::http::openapi::DEMO_MODEL_NAME.into())
     }
 
@@ -319,16 +349,9 @@ pub struct EvalArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// Base model to train on: a local directory or a Hugging Face Hub id (default: the bundled
-    /// demo base).
-    #[arg(long, env = "FINSERVE_MODEL")]
-    pub model: Option<String>,
-    /// Hub revision (branch, tag or commit) of --model.
-    #[arg(long, env = "FINSERVE_REVISION")]
-    pub revision: Option<String>,
-    /// Device: cpu, cuda or cuda:N.
-    #[arg(long, env = "FINSERVE_DEVICE", default_value = "cpu")]
-    pub device: String,
+    /// The base to train on.
+    #[command(flatten)]
+    pub base: BaseArgs,
     /// Training CSV file with a header row.
     #[arg(long, env = "FINSERVE_TRAIN_DATA")]
     pub data: PathBuf,
@@ -401,19 +424,14 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// Trains with each batch split into `pieces` (see [`crate::train::parallel_pieces`]).
     fn run(&self, pieces: usize) -> anyhow::Result<()> {
-        let device = model::parse_device(&self.device)?;
-        let name = match &self.model {
-            Some(m) => m.clone(),
-            None => find_demo(DEMO_BASE)
-                .with_context(|| {
-                    format!("no --model given and the demo base ({DEMO_BASE}) is not here")
-                })?
-                .display()
-                .to_string(),
+        let device = model::parse_device(&self.base.device)?;
+        let name = match self.base.resolve()? {
+            Base::Given(m) => m,
+            Base::Demo(dir) => dir.display().to_string(),
         };
         let spec = ModelSpec {
             model: name.clone(),
-            revision: self.revision.clone(),
+            revision: self.base.revision.clone(),
             adapters: Vec::new(),
             variants: Vec::new(),
             dtype: candle_core::DType::F32,
@@ -480,22 +498,15 @@ fn find_demo(rel: &str) -> Option<PathBuf> {
 impl ModelArgs {
     /// Resolves defaults: no --model means the bundled demo base plus its adapter.
     pub fn spec(&self) -> anyhow::Result<ModelSpec> {
-        let device = model::parse_device(&self.device)?;
+        let device = model::parse_device(&self.base.device)?;
         let dtype = model::parse_dtype(&self.dtype, &device)?;
         let quantize = Quantization::parse(&self.quantize)?;
         if quantize == Quantization::Q8 && !device.is_cpu() {
             bail!("--quantize q8 runs on the CPU only; on a GPU serve --dtype bf16 instead");
         }
-        let (model, mut adapters) = match &self.model {
-            Some(m) => (m.clone(), self.adapters.clone()),
-            None => {
-                let base = find_demo(DEMO_BASE).with_context(|| {
-                    format!(
-                        "no --model given and the demo model ({DEMO_BASE}) is not under the working \
-                         directory or $FINSERVE_HOME; pass --model DIR_OR_HUB_ID (or set FINSERVE_MODEL), \
-                         or run from the repository root"
-                    )
-                })?;
+        let (model, mut adapters) = match self.base.resolve()? {
+            Base::Given(m) => (m, self.adapters.clone()),
+            Base::Demo(base) => {
                 let mut adapters = self.adapters.clone();
                 if adapters.is_empty() && !self.no_adapter {
                     let a = base
@@ -524,7 +535,7 @@ impl ModelArgs {
         }
         Ok(ModelSpec {
             model,
-            revision: self.revision.clone(),
+            revision: self.base.revision.clone(),
             adapters,
             variants: Vec::new(),
             dtype,
@@ -605,7 +616,7 @@ impl ModelArgs {
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let pieces = match &cli.command {
-        Some(Command::Train(args)) => crate::train::parallel_pieces(&args.device),
+        Some(Command::Train(args)) => crate::train::parallel_pieces(&args.base.device),
         _ => 1,
     };
     let _telemetry = crate::telemetry::init(cli.json_logs, cli.otlp_endpoint.as_deref())?;
@@ -784,7 +795,7 @@ fn start_engine(
         adapters: loaded.reports.clone(),
         dtype: format!("{:?}", spec.dtype).to_lowercase(),
         quantize: spec.quantize.as_str().to_string(),
-        device: m.device.clone(),
+        device: m.base.device.clone(),
         labels: labels.names.clone(),
         prompt_template: m.prompt_template.clone(),
         vocab_size: loaded.tokenizer.get_vocab_size(true),
