@@ -508,7 +508,7 @@ impl LoraT5 {
     }
 
     /// The summed cross-entropy of `batch`'s label tokens divided by `label_tokens`, the count
-    /// of the whole batch `batch` is a shard of, so that the shards' gradients add up to the
+    /// of the whole batch `batch` is a piece of, so that the pieces' gradients add up to the
     /// whole batch's.
     pub fn loss_over(
         &self,

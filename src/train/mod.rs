@@ -119,7 +119,7 @@ pub fn examples(
 type Piece<'a> = (&'a [&'a [u32]], &'a [&'a [u32]], Option<u64>);
 
 /// The mean loss of the examples `(inputs, targets)` and its gradients, computed as up to
-/// `shards` contiguous pieces of the batch on as many threads and summed: each piece divides its
+/// `pieces` contiguous pieces of the batch on as many threads and summed: each piece divides its
 /// summed cross-entropy by the whole batch's label-token count, so the sum is the whole batch's
 /// loss and gradient. Each piece draws its dropout masks from its own generator, seeded from
 /// `rng` in piece order, so a seed still fixes the result.
@@ -127,12 +127,12 @@ pub fn gradients(
     model: &LoraT5,
     inputs: &[&[u32]],
     targets: &[&[u32]],
-    shards: usize,
+    pieces: usize,
     mut rng: Option<&mut ChaCha8Rng>,
 ) -> anyhow::Result<(f32, GradStore)> {
     let label_tokens: usize = targets.iter().map(|t| t.len()).sum();
-    let per = inputs.len().div_ceil(shards.max(1)).max(1);
-    let pieces: Vec<Piece> = inputs
+    let per = inputs.len().div_ceil(pieces.max(1)).max(1);
+    let work: Vec<Piece> = inputs
         .chunks(per)
         .zip(targets.chunks(per))
         .map(|(i, t)| (i, t, rng.as_deref_mut().map(Rng::next_u64)))
@@ -143,11 +143,11 @@ pub fn gradients(
         let loss = model.loss_over(&batch, &mut Dropout { rng: rng.as_mut() }, label_tokens)?;
         Ok::<_, crate::error::Error>((loss.to_scalar::<f32>()?, loss.backward()?))
     };
-    let results: Vec<_> = if pieces.len() == 1 {
-        pieces.into_iter().map(run).collect()
+    let results: Vec<_> = if work.len() == 1 {
+        work.into_iter().map(run).collect()
     } else {
         std::thread::scope(|s| {
-            let handles: Vec<_> = pieces
+            let handles: Vec<_> = work
                 .into_iter()
                 .map(|piece| s.spawn(move || run(piece)))
                 .collect();
