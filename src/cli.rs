@@ -106,6 +106,38 @@ pub struct BaseArgs {
     pub device: String,
 }
 
+/// What a sentiment input is wrapped in and which texts answer it: `train` and the serving model
+/// options read the same flags, so an adapter is served as it was trained.
+#[derive(Debug, Clone, Args)]
+pub struct PromptArgs {
+    /// Sentiment labels, comma-separated: the texts the model generates (scored when serving,
+    /// learned when training).
+    #[arg(
+        long,
+        env = "FINSERVE_LABELS",
+        value_delimiter = ',',
+        default_value = "negative,neutral,positive"
+    )]
+    pub labels: Vec<String>,
+    /// Prompt template for sentiment; `{text}` (exactly once) is replaced by the input. Serve
+    /// with the template the adapter was trained with.
+    #[arg(long, env = "FINSERVE_PROMPT_TEMPLATE", default_value = "{text}")]
+    pub prompt_template: String,
+}
+
+impl PromptArgs {
+    /// `--labels` tokenized by `tokenizer`; two labels with the same tokens are refused.
+    fn label_set(&self, tokenizer: &tokenizers::Tokenizer) -> anyhow::Result<LabelSet> {
+        let labels = LabelSet::new(&self.labels, tokenizer)?;
+        labels.check_distinct().context("--labels")?;
+        Ok(labels)
+    }
+
+    fn template(&self) -> anyhow::Result<Template> {
+        Template::new(&self.prompt_template).context("--prompt-template")
+    }
+}
+
 /// A base model as the command line names it.
 enum Base {
     Given(String),
@@ -145,17 +177,8 @@ pub struct ModelArgs {
     /// Quantize the linear layers and lm_head after the merge: `none`, or `q8` (int8 blocks, CPU).
     #[arg(long, env = "FINSERVE_QUANTIZE", default_value = "none")]
     pub quantize: String,
-    /// Sentiment labels, comma-separated, scored as the text the model generates.
-    #[arg(
-        long,
-        env = "FINSERVE_LABELS",
-        value_delimiter = ',',
-        default_value = "negative,neutral,positive"
-    )]
-    pub labels: Vec<String>,
-    /// Prompt template for sentiment; `{text}` (exactly once) is replaced by the input.
-    #[arg(long, env = "FINSERVE_PROMPT_TEMPLATE", default_value = "{text}")]
-    pub prompt_template: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
     /// Calibration file (from `finserve eval --calibrate`) applied to the sentiment scores.
     /// Default: `calibration.json` in the last adapter's directory, if there is one.
     #[arg(long, env = "FINSERVE_CALIBRATION")]
@@ -365,17 +388,8 @@ pub struct TrainArgs {
     pub text_column: String,
     #[arg(long, env = "FINSERVE_TRAIN_LABEL_COLUMN", default_value = "label")]
     pub label_column: String,
-    /// Labels, comma-separated: the texts the model learns to generate.
-    #[arg(
-        long,
-        env = "FINSERVE_LABELS",
-        value_delimiter = ',',
-        default_value = "negative,neutral,positive"
-    )]
-    pub labels: Vec<String>,
-    /// Prompt template; `{text}` (exactly once) is replaced by the input. Serve with the same.
-    #[arg(long, env = "FINSERVE_PROMPT_TEMPLATE", default_value = "{text}")]
-    pub prompt_template: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
     /// LoRA rank.
     #[arg(long = "r", env = "FINSERVE_LORA_R", default_value_t = 8)]
     pub r: usize,
@@ -440,15 +454,14 @@ impl TrainArgs {
         };
         let ckpt = model::load_checkpoint(&spec, &HubConfig::from_env())
             .with_context(|| format!("cannot load model `{name}`"))?;
-        let labels = LabelSet::new(&self.labels, &ckpt.tokenizer)?;
-        labels.check_distinct().context("--labels")?;
-        let template = Template::new(&self.prompt_template).context("--prompt-template")?;
+        let labels = self.prompt.label_set(&ckpt.tokenizer)?;
+        let template = self.prompt.template()?;
         let columns = (self.text_column.as_str(), self.label_column.as_str());
         let read = |path: &PathBuf| {
             crate::train::read(
                 path,
                 columns,
-                &self.labels,
+                &self.prompt.labels,
                 &ckpt.tokenizer,
                 &template,
                 self.max_input_tokens,
@@ -549,7 +562,7 @@ impl ModelArgs {
         EngineConfig {
             max_batch_size: self.max_batch_size,
             max_input_tokens: self.max_input_tokens,
-            prompt_template: self.prompt_template.clone(),
+            prompt_template: self.prompt.prompt_template.clone(),
             ..EngineConfig::default()
         }
     }
@@ -568,7 +581,7 @@ impl ModelArgs {
     pub fn load(&self, variants: Vec<model::VariantSpec>) -> anyhow::Result<Loaded> {
         let mut spec = self.spec()?;
         spec.variants = variants;
-        Template::new(&self.prompt_template).context("--prompt-template")?;
+        self.prompt.template()?;
         let loaded = model::load(&spec, &HubConfig::from_env())
             .with_context(|| format!("cannot load model `{}`", spec.model))?;
         let (labels, calibration) =
@@ -598,15 +611,14 @@ impl ModelArgs {
         explicit: Option<PathBuf>,
         adapters: &[AdapterSpec],
     ) -> anyhow::Result<(LabelSet, Option<(PathBuf, Calibration)>)> {
-        let mut labels = LabelSet::new(&self.labels, &loaded.tokenizer)?;
-        labels.check_distinct().context("--labels")?;
+        let mut labels = self.prompt.label_set(&loaded.tokenizer)?;
         let path =
             explicit.or_else(|| Self::adapter_calibration_path(adapters).filter(|p| p.is_file()));
         let Some(path) = path else {
             return Ok((labels, None));
         };
         let c = Calibration::load(&path)?;
-        c.check_fits(&path, &self.labels, &self.prompt_template)?;
+        c.check_fits(&path, &self.prompt.labels, &self.prompt.prompt_template)?;
         labels = labels.with_temperature(c.temperature)?;
         tracing::info!(file = %path.display(), temperature = c.temperature, "sentiment scores calibrated");
         Ok((labels, Some((path, c))))
@@ -797,7 +809,7 @@ fn start_engine(
         quantize: spec.quantize.as_str().to_string(),
         device: m.base.device.clone(),
         labels: labels.names.clone(),
-        prompt_template: m.prompt_template.clone(),
+        prompt_template: m.prompt.prompt_template.clone(),
         vocab_size: loaded.tokenizer.get_vocab_size(true),
         calibration: calibration_info(&calibration),
         name: name.clone(),

@@ -225,7 +225,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             &log_likelihoods,
             &gold,
             names.clone(),
-            m.prompt_template.clone(),
+            m.prompt.prompt_template.clone(),
             args.data.display().to_string(),
         )
     });
