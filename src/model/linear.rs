@@ -1,13 +1,8 @@
 //! A bias-free projection `y = x·Wᵀ` whose weight is either dense (f32, or bf16 on GPU) or
-//! quantized to int8 blocks (`--quantize q8`, GGML's Q8_0: 32 weights share one f16 scale).
+//! int8 (`--quantize q8`, see [`super::int8`]).
 //!
 //! Quantization happens after the LoRA merge, on the merged f32 weight, so an adapter is never
-//! applied to rounded weights. candle's fast CPU kernel for Q8_0 (AVX-512 VNNI or AVX-VNNI, chosen
-//! at run time) needs the input dimension to be a multiple of 256; other layers (mt0-small's
-//! attention output, 384 wide) would fall back to a per-block dot product several times slower
-//! than f32, so their weights and inputs are padded with zero columns to the next multiple (which
-//! changes no product) when that adds at most half the width. Narrower layers keep the per-block
-//! path: padding 128 to 256 would double their work.
+//! applied to rounded weights.
 //!
 //! [`SharedLayers`] builds the layers of every merged variant of one base: a layer whose
 //! checkpoint tensors no adapter of the variant changed is the base's own, built (and quantized)
@@ -16,10 +11,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor, TensorId};
 
 use crate::error::{Error, Result};
+use crate::model::int8::Int8Linear;
 use crate::model::weights::Weights;
 
 /// How the linear layers store their weights.
@@ -28,7 +23,7 @@ pub enum Quantization {
     /// Weights as loaded (`--dtype`).
     #[default]
     None,
-    /// int8 blocks of 32 with an f16 scale each (CPU).
+    /// int8 with one scale per output channel and block of 128 inputs (CPU).
     Q8,
 }
 
@@ -36,7 +31,7 @@ impl Quantization {
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "none" | "off" => Ok(Self::None),
-            "q8" | "q8_0" => Ok(Self::Q8),
+            "q8" => Ok(Self::Q8),
             other => Err(Error::Config(format!(
                 "unknown quantization `{other}` (none or q8)"
             ))),
@@ -55,17 +50,10 @@ impl Quantization {
 /// steps, whose few rows would otherwise pay for repacking the whole weight on every call.
 const FEW_ROWS: usize = 64;
 
-/// Input widths candle's fast Q8_0 kernel works in.
-const Q8_BLOCK: usize = 256;
-
 #[derive(Debug, Clone)]
 pub enum Linear {
     Dense(Tensor),
-    /// Weight `(out, padded_in)`, zero beyond the real input width.
-    Q8 {
-        weight: QMatMul,
-        padded_in: usize,
-    },
+    Q8(Arc<Int8Linear>),
 }
 
 impl Linear {
@@ -73,37 +61,21 @@ impl Linear {
         Self::Dense(weight)
     }
 
-    /// Replaces a dense f32 weight by its Q8_0 blocks. `name` is for the error message.
+    /// Replaces a dense f32 weight by its int8 form. `name` is for the error message.
     pub fn quantize(&mut self, name: &str) -> Result<()> {
         let Self::Dense(w) = self else {
             return Ok(());
         };
         if w.dtype() != DType::F32 || !w.device().is_cpu() {
-            return Err(Error::Config(
-                "--quantize q8 needs f32 weights on the CPU (candle has no Q8_0 matmul for this device here)"
-                    .into(),
-            ));
+            return Err(Error::Config(format!(
+                "--quantize q8 needs f32 weights on the CPU (`{name}` is {:?} on {:?}; there is no int8 kernel for other devices)",
+                w.dtype(),
+                w.device().location()
+            )));
         }
         let (out, input) = w.dims2()?;
-        let fast = input.div_ceil(Q8_BLOCK) * Q8_BLOCK;
-        let padded_in = if 2 * fast <= 3 * input { fast } else { input };
-        let w = if padded_in > input {
-            Tensor::cat(
-                &[
-                    w,
-                    &Tensor::zeros((out, padded_in - input), DType::F32, w.device())?,
-                ],
-                1,
-            )?
-        } else {
-            w.clone()
-        };
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0)
-            .map_err(|e| Error::Config(format!("cannot quantize `{name}` to q8: {e}")))?;
-        *self = Self::Q8 {
-            weight: QMatMul::from_qtensor(q)?,
-            padded_in,
-        };
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        *self = Self::Q8(Arc::new(Int8Linear::quantize(&values, out, input)));
         Ok(())
     }
 
@@ -111,13 +83,10 @@ impl Linear {
     pub fn storage(&self) -> (Storage, usize) {
         match self {
             Self::Dense(w) => Storage::of(w),
-            Self::Q8 { weight, .. } => match weight {
-                QMatMul::QTensor(q) => (
-                    Storage::Quantized(Arc::as_ptr(q) as usize),
-                    q.storage_size_in_bytes(),
-                ),
-                QMatMul::Tensor(w) | QMatMul::TensorF16(w) => Storage::of(w),
-            },
+            Self::Q8(weight) => (
+                Storage::Quantized(Arc::as_ptr(weight) as usize),
+                weight.size_in_bytes(),
+            ),
         }
     }
 
@@ -137,7 +106,7 @@ impl Linear {
                 let y = self.forward_wide(&x.reshape((rows, width))?)?;
                 y.contiguous()?.reshape(dims)
             }
-            Self::Q8 { weight, padded_in } => weight.forward(&pad_last(x, *padded_in)?),
+            Self::Q8(weight) => x.contiguous()?.apply_op1_no_bwd(weight.as_ref()),
         }
     }
 
@@ -147,21 +116,9 @@ impl Linear {
     pub fn forward_wide(&self, rows: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => w.matmul(&rows.t()?)?.t(),
-            Self::Q8 { weight, padded_in } => weight.forward(&pad_last(rows, *padded_in)?),
+            Self::Q8(_) => self.forward(rows),
         }
     }
-}
-
-/// `x` contiguous, with zero columns appended to its last dimension up to `width`.
-fn pad_last(x: &Tensor, width: usize) -> candle_core::Result<Tensor> {
-    let last = x.dim(candle_core::D::Minus1)?;
-    if last == width {
-        return x.contiguous();
-    }
-    let mut dims = x.dims().to_vec();
-    let rank = dims.len();
-    dims[rank - 1] = width - last;
-    Tensor::cat(&[x, &Tensor::zeros(dims, x.dtype(), x.device())?], rank - 1)
 }
 
 /// The identity of a weight allocation, to count memory shared between models once.

@@ -4,6 +4,7 @@
 //! with the others every tensor its adapters leave alone.
 
 pub mod decode_batch;
+pub mod int8;
 pub mod linear;
 pub mod ops;
 pub mod t5;
@@ -260,7 +261,7 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
     }
     drop(base);
     if spec.quantize == Quantization::Q8 {
-        tracing::info!("linear layers and lm_head quantized to q8 (Q8_0)");
+        tracing::info!("linear layers and lm_head quantized to q8 (int8 per block of 128 inputs)");
     }
     let (weight_bytes, unshared) = {
         let models: Vec<&T5Model> = std::iter::once(&*model)

@@ -1,0 +1,489 @@
+//! The int8 matrix product behind `--quantize q8` on the CPU: `y = x·Wᵀ` with `W` rounded to
+//! int8 once at load time and `x` rounded at every call, products summed exactly in i32.
+//!
+//! Both sides are scaled per block of [`K_BLOCK`] inputs: each weight row (output channel) and
+//! each activation row gets its own scale per block, so an outlier only coarsens its own block.
+//! The i32 sum of a block is turned into f32 with the two scales and added to the output.
+//!
+//! The hot loop is AVX-512 VNNI's `vpdpbusd` (unsigned 8-bit × signed 8-bit, four pairs summed
+//! into each i32 lane): activations are stored as `q + 128` so they fit u8, and the `128·Σw`
+//! that adds is subtracted per block from a sum precomputed with the weights. Weights are
+//! packed so that one 64-byte load feeds 16 output channels with 4 inputs each. Without VNNI a
+//! portable kernel walks the same layout with the same integer sums and the same float steps
+//! (no fused multiply-add), so both give bit-identical outputs; a unit test holds them to it.
+//! Work is split across rayon's pool by tiles of [`TILE`] output channels, so each weight byte
+//! is read once per call however many rows there are (decode steps read `lm_head` once).
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use rayon::prelude::*;
+
+/// Inputs sharing one scale per row.
+pub const K_BLOCK: usize = 128;
+/// Output channels per `vpdpbusd` register.
+const LANES: usize = 16;
+/// Registers of output channels per tile.
+const PANELS: usize = 4;
+/// Output channels one kernel call produces (and one rayon task owns).
+const TILE: usize = LANES * PANELS;
+/// Inputs each i32 lane sums per instruction.
+const GROUP: usize = 4;
+/// Bytes of packed weights per group of [`GROUP`] inputs in a tile.
+const GROUP_BYTES: usize = TILE * GROUP;
+/// Activation rows per kernel call.
+const ROWS: usize = 4;
+/// The u8 offset that makes a signed activation code unsigned.
+const OFFSET: i32 = 128;
+
+/// A weight `(out, in)` rounded to int8 per output channel and block of [`K_BLOCK`] inputs.
+#[derive(Debug)]
+pub struct Int8Linear {
+    out: usize,
+    input: usize,
+    /// Inputs rounded up to whole blocks (zeros beyond `input`).
+    k_pad: usize,
+    block: usize,
+    /// `[tile][group][panel][lane][4]`: one 64-byte panel is 16 channels × 4 inputs.
+    packed: Vec<i8>,
+    /// `[tile][block][channel in tile]`: the f32 value of one int8 step.
+    scales: Vec<f32>,
+    /// `[tile][block][channel in tile]`: `128 · Σ q` over the block.
+    offsets: Vec<i32>,
+}
+
+impl Int8Linear {
+    /// Rounds the row-major f32 weight `w` of shape `(out, input)`.
+    pub fn quantize(w: &[f32], out: usize, input: usize) -> Self {
+        let block = K_BLOCK.min(input.div_ceil(GROUP) * GROUP);
+        let k_pad = input.div_ceil(block) * block;
+        let blocks = k_pad / block;
+        let tiles = out.div_ceil(TILE);
+        let groups = k_pad / GROUP;
+        let mut packed = vec![0i8; tiles * groups * GROUP_BYTES];
+        let mut scales = vec![0f32; tiles * blocks * TILE];
+        let mut offsets = vec![0i32; tiles * blocks * TILE];
+        let mut codes = vec![0i8; k_pad];
+        for o in 0..out {
+            let (tile, c) = (o / TILE, o % TILE);
+            let (panel, lane) = (c / LANES, c % LANES);
+            let row = &w[o * input..(o + 1) * input];
+            for b in 0..blocks {
+                let (lo, hi) = (b * block, ((b + 1) * block).min(input));
+                let scale = if lo < hi {
+                    round_block(&row[lo..hi], |i, q| codes[lo + i] = q)
+                } else {
+                    0.0
+                };
+                let at = (tile * blocks + b) * TILE + c;
+                scales[at] = scale;
+                offsets[at] = OFFSET
+                    * codes[lo..lo + block]
+                        .iter()
+                        .map(|&q| i32::from(q))
+                        .sum::<i32>();
+            }
+            for (k, &q) in codes.iter().enumerate() {
+                let (g, i) = (k / GROUP, k % GROUP);
+                packed[((tile * groups + g) * PANELS + panel) * LANES * GROUP + lane * GROUP + i] =
+                    q;
+            }
+            codes.fill(0);
+        }
+        Self {
+            out,
+            input,
+            k_pad,
+            block,
+            packed,
+            scales,
+            offsets,
+        }
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.packed.len() + 4 * (self.scales.len() + self.offsets.len())
+    }
+
+    /// `x·Wᵀ` for the row-major `x` of shape `(rows, input)`, row-major `(rows, out)`.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_with(x, rows, Kernel::detect())
+    }
+
+    fn matmul_with(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
+        let acts = Activations::quantize(x, rows, self.input, self.k_pad, self.block);
+        let tiles = self.out.div_ceil(TILE);
+        let width = tiles * TILE;
+        let mut y = vec![0f32; rows * width];
+        let out = SharedOut(y.as_mut_ptr());
+        (0..tiles).into_par_iter().for_each(|tile| {
+            for r0 in (0..rows).step_by(ROWS) {
+                // SAFETY: `tile` writes only columns `tile*TILE..(tile+1)*TILE` of rows
+                // `r0..r0+ROWS` (clipped to `rows`) of `y`, which is `rows × width`; no other
+                // task writes them and `y` outlives the parallel loop.
+                unsafe {
+                    self.tile(
+                        tile,
+                        r0,
+                        (rows - r0).min(ROWS),
+                        &acts,
+                        out.at(r0 * width + tile * TILE),
+                        width,
+                        kernel,
+                    )
+                };
+            }
+        });
+        if width != self.out {
+            for r in 1..rows {
+                y.copy_within(r * width..r * width + self.out, r * self.out);
+            }
+            y.truncate(rows * self.out);
+        }
+        y
+    }
+
+    /// Adds rows `r0..r0+n` times tile `tile` into `out` (row stride `stride`).
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `n` rows of [`TILE`] floats at stride `stride`, and
+    /// `kernel` must be supported by this CPU.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        tile: usize,
+        r0: usize,
+        n: usize,
+        acts: &Activations,
+        out: *mut f32,
+        stride: usize,
+        kernel: Kernel,
+    ) {
+        let groups = self.k_pad / GROUP;
+        let blocks = self.k_pad / self.block;
+        let job = TileJob {
+            weights: &self.packed[tile * groups * GROUP_BYTES..(tile + 1) * groups * GROUP_BYTES],
+            scales: &self.scales[tile * blocks * TILE..(tile + 1) * blocks * TILE],
+            offsets: &self.offsets[tile * blocks * TILE..(tile + 1) * blocks * TILE],
+            codes: &acts.codes[r0 * self.k_pad..(r0 + n) * self.k_pad],
+            row_scales: &acts.scales[r0 * blocks..(r0 + n) * blocks],
+            k_pad: self.k_pad,
+            groups_per_block: self.block / GROUP,
+            blocks,
+            out,
+            stride,
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match (kernel, n) {
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Vnni, 1) => vnni::tile::<1>(&job),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Vnni, 2) => vnni::tile::<2>(&job),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Vnni, 3) => vnni::tile::<3>(&job),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Vnni, _) => vnni::tile::<4>(&job),
+                (Kernel::Portable, 1) => portable_tile::<1>(&job),
+                (Kernel::Portable, 2) => portable_tile::<2>(&job),
+                (Kernel::Portable, 3) => portable_tile::<3>(&job),
+                (Kernel::Portable, _) => portable_tile::<4>(&job),
+            }
+        }
+    }
+}
+
+/// Rounds `xs` symmetrically to codes in -127..=127, handing each to `put`; returns the scale.
+fn round_block(xs: &[f32], mut put: impl FnMut(usize, i8)) -> f32 {
+    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 {
+        return 0.0;
+    }
+    let inv = 127.0 / amax;
+    for (i, v) in xs.iter().enumerate() {
+        put(i, (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8);
+    }
+    amax / 127.0
+}
+
+/// Activation rows rounded per block: `codes` are `q + 128`, `(rows, k_pad)`; `scales` are
+/// `(rows, blocks)`.
+struct Activations {
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl Activations {
+    fn quantize(x: &[f32], rows: usize, input: usize, k_pad: usize, block: usize) -> Self {
+        let blocks = k_pad / block;
+        let mut codes = vec![OFFSET as u8; rows * k_pad];
+        let mut scales = vec![0f32; rows * blocks];
+        for r in 0..rows {
+            let row = &x[r * input..(r + 1) * input];
+            let dst = &mut codes[r * k_pad..(r + 1) * k_pad];
+            for b in 0..blocks {
+                let (lo, hi) = (b * block, ((b + 1) * block).min(input));
+                if lo < hi {
+                    scales[r * blocks + b] = round_block(&row[lo..hi], |i, q| {
+                        dst[lo + i] = (i32::from(q) + OFFSET) as u8
+                    });
+                }
+            }
+        }
+        Self { codes, scales }
+    }
+}
+
+/// What one kernel call reads and where it adds its results.
+struct TileJob<'a> {
+    /// This tile's packed weights, all groups.
+    weights: &'a [i8],
+    /// This tile's `[block][channel]` scales and offsets.
+    scales: &'a [f32],
+    offsets: &'a [i32],
+    /// The call's activation rows, `k_pad` codes each, and their `[row][block]` scales.
+    codes: &'a [u8],
+    row_scales: &'a [f32],
+    k_pad: usize,
+    groups_per_block: usize,
+    blocks: usize,
+    out: *mut f32,
+    stride: usize,
+}
+
+/// Which implementation of the tile kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+    Portable,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+            return Self::Vnni;
+        }
+        Self::Portable
+    }
+}
+
+/// The output pointer shared by the rayon tasks, each of which writes its own columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `Int8Linear::matmul_with`).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// The scalar kernel: same packed layout, same sums, same float steps as [`vnni::tile`].
+///
+/// # Safety
+/// `job.out` must be valid for writes of `R` rows of [`TILE`] floats at `job.stride`.
+unsafe fn portable_tile<const R: usize>(job: &TileJob) {
+    for b in 0..job.blocks {
+        let mut acc = [[0i32; TILE]; R];
+        for g in b * job.groups_per_block..(b + 1) * job.groups_per_block {
+            let w = &job.weights[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a = &job.codes[r * job.k_pad + g * GROUP..r * job.k_pad + (g + 1) * GROUP];
+                for (c, sum) in acc.iter_mut().enumerate() {
+                    let lane = &w[(c / LANES) * LANES * GROUP + (c % LANES) * GROUP..][..GROUP];
+                    *sum += a
+                        .iter()
+                        .zip(lane)
+                        .map(|(&a, &w)| i32::from(a) * i32::from(w))
+                        .sum::<i32>();
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let row_scale = job.row_scales[r * job.blocks + b];
+            for (c, &sum) in acc.iter().enumerate() {
+                let at = b * TILE + c;
+                let value = (sum - job.offsets[at]) as f32 * (job.scales[at] * row_scale);
+                // SAFETY: row `r < R`, column `c < TILE`, as the caller guarantees.
+                unsafe { *job.out.add(r * job.stride + c) += value };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::{GROUP, GROUP_BYTES, LANES, PANELS, TILE, TileJob};
+
+    /// `R` rows × one tile with `vpdpbusd`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512 VNNI, and `job.out` must be valid for writes of
+    /// `R` rows of [`TILE`] floats at `job.stride`.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn tile<const R: usize>(job: &TileJob) {
+        let codes = job.codes.as_ptr();
+        for b in 0..job.blocks {
+            let mut acc = [[_mm512_setzero_si512(); PANELS]; R];
+            for g in b * job.groups_per_block..(b + 1) * job.groups_per_block {
+                let w = &job.weights[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
+                // SAFETY: `w` holds PANELS × 64 bytes; each load reads one 64-byte panel.
+                let panels: [__m512i; PANELS] = std::array::from_fn(|p| unsafe {
+                    _mm512_loadu_si512(w.as_ptr().add(p * LANES * GROUP).cast())
+                });
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: row `r < R` of `codes` has `k_pad` bytes and `g * GROUP + 4 <= k_pad`.
+                    let a = unsafe {
+                        std::ptr::read_unaligned(codes.add(r * job.k_pad + g * GROUP).cast::<i32>())
+                    };
+                    let a = _mm512_set1_epi32(a);
+                    for (acc, w) in acc.iter_mut().zip(&panels) {
+                        *acc = _mm512_dpbusd_epi32(*acc, a, *w);
+                    }
+                }
+            }
+            for p in 0..PANELS {
+                let at = b * TILE + p * LANES;
+                let offsets = &job.offsets[at..at + LANES];
+                let scales = &job.scales[at..at + LANES];
+                // SAFETY: both slices hold 16 elements.
+                let (offsets, scales) = unsafe {
+                    (
+                        _mm512_loadu_si512(offsets.as_ptr().cast()),
+                        _mm512_loadu_ps(scales.as_ptr()),
+                    )
+                };
+                for (r, acc) in acc.iter().enumerate() {
+                    let row_scale = _mm512_set1_ps(job.row_scales[r * job.blocks + b]);
+                    let value = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p], offsets)),
+                        _mm512_mul_ps(scales, row_scale),
+                    );
+                    // SAFETY: row `r < R`, columns `p*16..p*16+16 <= TILE`, as the caller guarantees.
+                    unsafe {
+                        let out = job.out.add(r * job.stride + p * LANES);
+                        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), value));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `x·Wᵀ` over the last dimension of a contiguous f32 CPU tensor, as a candle op.
+impl CustomOp1 for Int8Linear {
+    fn name(&self) -> &'static str {
+        "int8-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("int8-linear needs a contiguous input".into())
+        })?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let mut dims = layout.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == self.input => *last = self.out,
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "int8-linear expects {} inputs, got shape {:?}",
+                    self.input,
+                    layout.dims()
+                )));
+            }
+        }
+        let rows = x.len() / self.input.max(1);
+        Ok((CpuStorage::F32(self.matmul(x, rows)), Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn reference(x: &[f32], w: &[f32], rows: usize, out: usize, input: usize) -> Vec<f32> {
+        let mut y = vec![0f32; rows * out];
+        for r in 0..rows {
+            for o in 0..out {
+                y[r * out + o] = (0..input)
+                    .map(|k| x[r * input + k] * w[o * input + k])
+                    .sum();
+            }
+        }
+        y
+    }
+
+    /// Shapes that exercise partial tiles, partial row groups, partial blocks and padding.
+    const SHAPES: [(usize, usize, usize); 5] = [
+        (1, 64, 128),
+        (3, 70, 384),
+        (5, 130, 100),
+        (16, 200, 1024),
+        (7, 1, 6),
+    ];
+
+    #[test]
+    fn int8_product_is_close_to_f32() {
+        for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
+            let (x, w) = (
+                random(rows * input, i as u64),
+                random(out * input, 100 + i as u64),
+            );
+            let q = Int8Linear::quantize(&w, out, input);
+            let (y, exact) = (
+                q.matmul_with(&x, rows, Kernel::Portable),
+                reference(&x, &w, rows, out, input),
+            );
+            assert_eq!(y.len(), exact.len());
+            // Two roundings of ±1/254 of each block's largest value, over `input` products.
+            let bound = 2.0 * (input as f32).sqrt() / 127.0;
+            for (a, b) in y.iter().zip(&exact) {
+                assert!((a - b).abs() <= bound, "{rows}x{out}x{input}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn vnni_kernel_equals_the_portable_one_bit_for_bit() {
+        let kernel = Kernel::detect();
+        if kernel == Kernel::Portable {
+            eprintln!("no AVX-512 VNNI on this CPU: only the portable kernel runs here");
+            return;
+        }
+        for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
+            let (x, w) = (
+                random(rows * input, i as u64),
+                random(out * input, 100 + i as u64),
+            );
+            let q = Int8Linear::quantize(&w, out, input);
+            assert_eq!(
+                q.matmul_with(&x, rows, kernel),
+                q.matmul_with(&x, rows, Kernel::Portable)
+            );
+        }
+    }
+
+    #[test]
+    fn zero_rows_and_blocks_give_zero() {
+        let q = Int8Linear::quantize(&[0.0; 6 * 8], 6, 8);
+        assert_eq!(q.matmul(&random(2 * 8, 7), 2), vec![0.0; 12]);
+        let q = Int8Linear::quantize(&random(6 * 8, 8), 6, 8);
+        assert_eq!(q.matmul(&[0.0; 8], 1), vec![0.0; 6]);
+    }
+}
