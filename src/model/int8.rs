@@ -38,10 +38,7 @@ const OFFSET: i32 = 128;
 #[derive(Debug)]
 pub struct Int8Linear {
     out: usize,
-    input: usize,
-    /// Inputs rounded up to whole blocks (zeros beyond `input`).
-    k_pad: usize,
-    block: usize,
+    dims: Dims,
     /// `[tile][group][panel][lane][4]`: one 64-byte panel is 16 channels × 4 inputs.
     packed: Vec<i8>,
     /// `[tile][block][channel in tile]`: the f32 value of one int8 step.
@@ -53,9 +50,8 @@ pub struct Int8Linear {
 impl Int8Linear {
     /// Rounds the row-major f32 weight `w` of shape `(out, input)`.
     pub fn quantize(w: &[f32], out: usize, input: usize) -> Self {
-        let block = K_BLOCK.min(input.div_ceil(GROUP) * GROUP);
-        let k_pad = input.div_ceil(block) * block;
-        let blocks = k_pad / block;
+        let dims = Dims::new(input);
+        let (k_pad, block, blocks) = (dims.k_pad, dims.block, dims.blocks());
         let tiles = out.div_ceil(TILE);
         let groups = k_pad / GROUP;
         let mut packed = vec![0i8; tiles * groups * GROUP_BYTES];
@@ -66,20 +62,14 @@ impl Int8Linear {
             let (tile, c) = (o / TILE, o % TILE);
             let (panel, lane) = (c / LANES, c % LANES);
             let row = &w[o * input..(o + 1) * input];
-            for b in 0..blocks {
-                let (lo, hi) = (b * block, ((b + 1) * block).min(input));
-                let scale = if lo < hi {
-                    round_block(&row[lo..hi], |i, q| codes[lo + i] = q)
-                } else {
-                    0.0
-                };
+            for (b, (xs, codes)) in row
+                .chunks(block)
+                .zip(codes.chunks_exact_mut(block))
+                .enumerate()
+            {
                 let at = (tile * blocks + b) * TILE + c;
-                scales[at] = scale;
-                offsets[at] = OFFSET
-                    * codes[lo..lo + block]
-                        .iter()
-                        .map(|&q| i32::from(q))
-                        .sum::<i32>();
+                scales[at] = round_weights(xs, codes);
+                offsets[at] = OFFSET * codes.iter().map(|&q| i32::from(q)).sum::<i32>();
             }
             for (k, &q) in codes.iter().enumerate() {
                 let (g, i) = (k / GROUP, k % GROUP);
@@ -90,9 +80,7 @@ impl Int8Linear {
         }
         Self {
             out,
-            input,
-            k_pad,
-            block,
+            dims,
             packed,
             scales,
             offsets,
@@ -109,7 +97,7 @@ impl Int8Linear {
     }
 
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
-        let acts = Activations::quantize(x, rows, self.input, self.k_pad, self.block);
+        let acts = Activations::quantize(x, rows, self.dims, kernel);
         let tiles = self.out.div_ceil(TILE);
         let width = tiles * TILE;
         let mut y = vec![0f32; rows * width];
@@ -157,16 +145,16 @@ impl Int8Linear {
         stride: usize,
         kernel: Kernel,
     ) {
-        let groups = self.k_pad / GROUP;
-        let blocks = self.k_pad / self.block;
+        let Dims { k_pad, block, .. } = self.dims;
+        let (groups, blocks) = (k_pad / GROUP, self.dims.blocks());
         let job = TileJob {
             weights: &self.packed[tile * groups * GROUP_BYTES..(tile + 1) * groups * GROUP_BYTES],
             scales: &self.scales[tile * blocks * TILE..(tile + 1) * blocks * TILE],
             offsets: &self.offsets[tile * blocks * TILE..(tile + 1) * blocks * TILE],
-            codes: &acts.codes[r0 * self.k_pad..(r0 + n) * self.k_pad],
+            codes: &acts.codes[r0 * k_pad..(r0 + n) * k_pad],
             row_scales: &acts.scales[r0 * blocks..(r0 + n) * blocks],
-            k_pad: self.k_pad,
-            groups_per_block: self.block / GROUP,
+            k_pad,
+            groups_per_block: block / GROUP,
             blocks,
             out,
             stride,
@@ -191,17 +179,66 @@ impl Int8Linear {
     }
 }
 
-/// Rounds `xs` symmetrically to codes in -127..=127, handing each to `put`; returns the scale.
-fn round_block(xs: &[f32], mut put: impl FnMut(usize, i8)) -> f32 {
-    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// The input side of a weight: its width, the block that shares a scale, and the width rounded
+/// up to whole blocks (zeros beyond `input`).
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    input: usize,
+    block: usize,
+    k_pad: usize,
+}
+
+impl Dims {
+    fn new(input: usize) -> Self {
+        let block = K_BLOCK.min(input.div_ceil(GROUP) * GROUP);
+        Self {
+            input,
+            block,
+            k_pad: input.div_ceil(block) * block,
+        }
+    }
+
+    fn blocks(self) -> usize {
+        self.k_pad / self.block
+    }
+}
+
+/// 1.5·2²³: a float in `ROUND ± 2²²` has a unit step, so adding it to a clamped code rounds to
+/// nearest even and leaves the integer in the low bits of the sum's bit pattern. Both steps
+/// vectorize on any x86-64, where `round_ties_even` is a libm call without SSE4.1 and the
+/// saturating `as i32` is scalarized.
+const ROUND: f32 = 12_582_912.0;
+
+/// A block's scale (the value of one int8 step) and its inverse; both 0 for an all-zero block.
+/// The largest |x| is found on the bit patterns, which order like the values and vectorize.
+#[inline(always)]
+fn block_scale(xs: &[f32]) -> (f32, f32) {
+    let amax = f32::from_bits(
+        xs.iter()
+            .map(|v| v.to_bits() & 0x7fff_ffff)
+            .max()
+            .unwrap_or(0),
+    );
     if amax == 0.0 {
-        return 0.0;
+        (0.0, 0.0)
+    } else {
+        (amax / 127.0, 127.0 / amax)
     }
-    let inv = 127.0 / amax;
-    for (i, v) in xs.iter().enumerate() {
-        put(i, (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8);
+}
+
+/// `v` rounded to an int8 step of a block whose inverse scale is `inv`, in -127..=127.
+#[inline(always)]
+fn code(v: f32, inv: f32) -> i32 {
+    ((v * inv).clamp(-127.0, 127.0) + ROUND).to_bits() as i32 - ROUND.to_bits() as i32
+}
+
+/// Rounds a weight block into `dst`, returning its scale.
+fn round_weights(xs: &[f32], dst: &mut [i8]) -> f32 {
+    let (scale, inv) = block_scale(xs);
+    for (d, &v) in dst.iter_mut().zip(xs) {
+        *d = code(v, inv) as i8;
     }
-    amax / 127.0
+    scale
 }
 
 /// Activation rows rounded per block: `codes` are `q + 128`, `(rows, k_pad)`; `scales` are
@@ -211,24 +248,45 @@ struct Activations {
     scales: Vec<f32>,
 }
 
+/// Activation rows per rayon task when rounding.
+const ROUND_ROWS: usize = 32;
+
 impl Activations {
-    fn quantize(x: &[f32], rows: usize, input: usize, k_pad: usize, block: usize) -> Self {
-        let blocks = k_pad / block;
-        let mut codes = vec![OFFSET as u8; rows * k_pad];
-        let mut scales = vec![0f32; rows * blocks];
-        for r in 0..rows {
-            let row = &x[r * input..(r + 1) * input];
-            let dst = &mut codes[r * k_pad..(r + 1) * k_pad];
-            for b in 0..blocks {
-                let (lo, hi) = (b * block, ((b + 1) * block).min(input));
-                if lo < hi {
-                    scales[r * blocks + b] = round_block(&row[lo..hi], |i, q| {
-                        dst[lo + i] = (i32::from(q) + OFFSET) as u8
-                    });
-                }
+    fn quantize(x: &[f32], rows: usize, dims: Dims, kernel: Kernel) -> Self {
+        let mut codes = vec![OFFSET as u8; rows * dims.k_pad];
+        let mut scales = vec![0f32; rows * dims.blocks()];
+        codes
+            .par_chunks_mut(ROUND_ROWS * dims.k_pad)
+            .zip(scales.par_chunks_mut(ROUND_ROWS * dims.blocks()))
+            .zip(x.par_chunks(ROUND_ROWS * dims.input))
+            .for_each(|((codes, scales), x)| match kernel {
+                // SAFETY: `Kernel::Vnni` is only detected on CPUs with AVX-512.
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Vnni => unsafe { vnni::round_rows(x, codes, scales, dims) },
+                Kernel::Portable => round_rows(x, codes, scales, dims),
+            });
+        Self { codes, scales }
+    }
+}
+
+/// Rounds the rows of `x` into `codes` (`k_pad` each) and `scales` (`blocks` each).
+#[inline(always)]
+fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims) {
+    let rows = x
+        .chunks_exact(dims.input)
+        .zip(codes.chunks_exact_mut(dims.k_pad));
+    for ((row, codes), scales) in rows.zip(scales.chunks_exact_mut(dims.blocks())) {
+        for ((xs, codes), scale) in row
+            .chunks(dims.block)
+            .zip(codes.chunks_exact_mut(dims.block))
+            .zip(scales)
+        {
+            let inv;
+            (*scale, inv) = block_scale(xs);
+            for (c, &v) in codes.iter_mut().zip(xs) {
+                *c = (code(v, inv) + OFFSET) as u8;
             }
         }
-        Self { codes, scales }
     }
 }
 
@@ -260,7 +318,10 @@ enum Kernel {
 impl Kernel {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+        {
             return Self::Vnni;
         }
         Self::Portable
@@ -319,7 +380,16 @@ unsafe fn portable_tile<const R: usize>(job: &TileJob) {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, GROUP_BYTES, LANES, PANELS, TILE, TileJob};
+    use super::{Dims, GROUP, GROUP_BYTES, LANES, PANELS, TILE, TileJob};
+
+    /// [`super::round_rows`] compiled for AVX-512, where its loops vectorize 16 wide.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F and AVX-512BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims) {
+        super::round_rows(x, codes, scales, dims);
+    }
 
     /// `R` rows × one tile with `vpdpbusd`.
     ///
@@ -393,16 +463,16 @@ impl CustomOp1 for Int8Linear {
         let x = &storage.as_slice::<f32>()?[start..end];
         let mut dims = layout.dims().to_vec();
         match dims.last_mut() {
-            Some(last) if *last == self.input => *last = self.out,
+            Some(last) if *last == self.dims.input => *last = self.out,
             _ => {
                 return Err(candle_core::Error::Msg(format!(
                     "int8-linear expects {} inputs, got shape {:?}",
-                    self.input,
+                    self.dims.input,
                     layout.dims()
                 )));
             }
         }
-        let rows = x.len() / self.input.max(1);
+        let rows = x.len() / self.dims.input.max(1);
         Ok((CpuStorage::F32(self.matmul(x, rows)), Shape::from(dims)))
     }
 }
