@@ -631,6 +631,12 @@ pub fn run() -> anyhow::Result<()> {
         Some(Command::Train(args)) => crate::train::parallel_pieces(&args.base.device),
         _ => 1,
     };
+    // Named so that profiles and `top -H` tell the compute pool (matmuls, vocabulary-wide work)
+    // from tokio's workers; it reads `RAYON_NUM_THREADS`, so it comes after `parallel_pieces`.
+    rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("finserve-pool-{i}"))
+        .build_global()
+        .context("cannot start the compute thread pool")?;
     let _telemetry = crate::telemetry::init(cli.json_logs, cli.otlp_endpoint.as_deref())?;
     match cli.command {
         None => serve(cli.serve),

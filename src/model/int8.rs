@@ -17,8 +17,6 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
 
-/// Inputs sharing one scale per row.
-pub const K_BLOCK: usize = 128;
 /// Output channels per `vpdpbusd` register.
 const LANES: usize = 16;
 /// Registers of output channels per tile.
@@ -33,6 +31,9 @@ const GROUP_BYTES: usize = TILE * GROUP;
 const ROWS: usize = 4;
 /// The u8 offset that makes a signed activation code unsigned.
 const OFFSET: i32 = 128;
+
+/// Inputs sharing one scale per row.
+pub const K_BLOCK: usize = 128;
 
 /// A weight `(out, in)` rounded to int8 per output channel and block of [`K_BLOCK`] inputs.
 #[derive(Debug)]
@@ -100,13 +101,13 @@ impl Int8Linear {
         let acts = Activations::quantize(x, rows, self.dims, kernel);
         let tiles = self.out.div_ceil(TILE);
         let width = tiles * TILE;
-        let mut y = vec![0f32; rows * width];
+        let mut y = Vec::with_capacity(rows * width);
         let out = SharedOut(y.as_mut_ptr());
         (0..tiles).into_par_iter().for_each(|tile| {
             for r0 in (0..rows).step_by(ROWS) {
                 // SAFETY: `tile` writes only columns `tile*TILE..(tile+1)*TILE` of rows
-                // `r0..r0+ROWS` (clipped to `rows`) of `y`, which is `rows × width`; no other
-                // task writes them and `y` outlives the parallel loop.
+                // `r0..r0+ROWS` (clipped to `rows`) of `y`, which has capacity `rows × width`;
+                // no other task writes them and `y` outlives the parallel loop.
                 unsafe {
                     self.tile(
                         tile,
@@ -120,6 +121,9 @@ impl Int8Linear {
                 };
             }
         });
+        // SAFETY: the tiles cover all `width` columns of all rows, and each wrote every element
+        // of its part (its first block stores, see `tile`).
+        unsafe { y.set_len(rows * width) };
         if width != self.out {
             for r in 1..rows {
                 y.copy_within(r * width..r * width + self.out, r * self.out);
@@ -129,7 +133,8 @@ impl Int8Linear {
         y
     }
 
-    /// Adds rows `r0..r0+n` times tile `tile` into `out` (row stride `stride`).
+    /// Writes rows `r0..r0+n` times tile `tile` to `out` (row stride `stride`): the first
+    /// block's products are stored, later blocks' added, so `out` may start uninitialized.
     ///
     /// # Safety
     /// `out` must be valid for writes of `n` rows of [`TILE`] floats at stride `stride`, and
@@ -190,7 +195,7 @@ struct Dims {
 
 impl Dims {
     fn new(input: usize) -> Self {
-        let block = K_BLOCK.min(input.div_ceil(GROUP) * GROUP);
+        let block = K_BLOCK.min(input.div_ceil(GROUP).max(1) * GROUP);
         Self {
             input,
             block,
@@ -370,7 +375,10 @@ unsafe fn portable_tile<const R: usize>(job: &TileJob) {
                 let at = b * TILE + c;
                 let value = (sum - job.offsets[at]) as f32 * (job.scales[at] * row_scale);
                 // SAFETY: row `r < R`, column `c < TILE`, as the caller guarantees.
-                unsafe { *job.out.add(r * job.stride + c) += value };
+                unsafe {
+                    let out = job.out.add(r * job.stride + c);
+                    *out = if b == 0 { value } else { *out + value };
+                }
             }
         }
     }
@@ -438,7 +446,12 @@ mod vnni {
                     // SAFETY: row `r < R`, columns `p*16..p*16+16 <= TILE`, as the caller guarantees.
                     unsafe {
                         let out = job.out.add(r * job.stride + p * LANES);
-                        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), value));
+                        let sum = if b == 0 {
+                            value
+                        } else {
+                            _mm512_add_ps(_mm512_loadu_ps(out), value)
+                        };
+                        _mm512_storeu_ps(out, sum);
                     }
                 }
             }
