@@ -8,9 +8,10 @@
 //! The hot loop is AVX-512 VNNI's `vpdpbusd` (unsigned 8-bit × signed 8-bit, four pairs summed
 //! into each i32 lane): activations are stored as `q + 128` so they fit u8, and the `128·Σw`
 //! that adds is subtracted per block from a sum precomputed with the weights. Weights are
-//! packed so that one 64-byte load feeds 16 output channels with 4 inputs each. Without VNNI a
-//! portable kernel walks the same layout with the same integer sums and the same float steps
-//! (no fused multiply-add), so both give bit-identical outputs; a unit test holds them to it.
+//! packed so that one 64-byte load feeds 16 output channels with 4 inputs each. An AVX2 kernel
+//! (for CPUs without VNNI) and a portable one walk the same layout with the same integer sums
+//! and the same float steps (no fused multiply-add), so all give bit-identical outputs; a unit
+//! test holds them to it.
 //! Work is split across rayon's pool by tiles of [`TILE`] output channels, so each weight byte
 //! is read once per call however many rows there are (decode steps read `lm_head` once).
 
@@ -166,19 +167,11 @@ impl Int8Linear {
         };
         // SAFETY: forwarded from the caller.
         unsafe {
-            match (kernel, n) {
-                #[cfg(target_arch = "x86_64")]
-                (Kernel::Vnni, 1) => vnni::tile::<1>(&job),
-                #[cfg(target_arch = "x86_64")]
-                (Kernel::Vnni, 2) => vnni::tile::<2>(&job),
-                #[cfg(target_arch = "x86_64")]
-                (Kernel::Vnni, 3) => vnni::tile::<3>(&job),
-                #[cfg(target_arch = "x86_64")]
-                (Kernel::Vnni, _) => vnni::tile::<4>(&job),
-                (Kernel::Portable, 1) => portable_tile::<1>(&job),
-                (Kernel::Portable, 2) => portable_tile::<2>(&job),
-                (Kernel::Portable, 3) => portable_tile::<3>(&job),
-                (Kernel::Portable, _) => portable_tile::<4>(&job),
+            match n {
+                1 => run_tile::<1>(kernel, &job),
+                2 => run_tile::<2>(kernel, &job),
+                3 => run_tile::<3>(kernel, &job),
+                _ => run_tile::<4>(kernel, &job),
             }
         }
     }
@@ -268,6 +261,9 @@ impl Activations {
                 // SAFETY: `Kernel::Vnni` is only detected on CPUs with AVX-512.
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Vnni => unsafe { vnni::round_rows(x, codes, scales, dims) },
+                // SAFETY: `Kernel::Avx2` is only detected on CPUs with AVX2.
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe { avx2::round_rows(x, codes, scales, dims) },
                 Kernel::Portable => round_rows(x, codes, scales, dims),
             });
         Self { codes, scales }
@@ -317,6 +313,9 @@ struct TileJob<'a> {
 enum Kernel {
     #[cfg(target_arch = "x86_64")]
     Vnni,
+    /// For x86-64 CPUs with AVX2 but without AVX-512 VNNI.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     Portable,
 }
 
@@ -329,7 +328,28 @@ impl Kernel {
         {
             return Self::Vnni;
         }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            return Self::Avx2;
+        }
         Self::Portable
+    }
+}
+
+/// One tile of `R` rows with `kernel`.
+///
+/// # Safety
+/// As [`Int8Linear::tile`].
+unsafe fn run_tile<const R: usize>(kernel: Kernel, job: &TileJob) {
+    // SAFETY: forwarded from the caller, who also guarantees `kernel` runs on this CPU.
+    unsafe {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => vnni::tile::<R>(job),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => avx2::tile::<R>(job),
+            Kernel::Portable => portable_tile::<R>(job),
+        }
     }
 }
 
@@ -359,8 +379,8 @@ unsafe fn portable_tile<const R: usize>(job: &TileJob) {
             let w = &job.weights[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = &job.codes[r * job.k_pad + g * GROUP..r * job.k_pad + (g + 1) * GROUP];
-                for (c, sum) in acc.iter_mut().enumerate() {
-                    let lane = &w[(c / LANES) * LANES * GROUP + (c % LANES) * GROUP..][..GROUP];
+                // Channel `c` of the tile is lane `c % 16` of panel `c / 16`: bytes `4c..4c+4`.
+                for (sum, lane) in acc.iter_mut().zip(w.chunks_exact(GROUP)) {
                     *sum += a
                         .iter()
                         .zip(lane)
@@ -381,6 +401,77 @@ unsafe fn portable_tile<const R: usize>(job: &TileJob) {
                 }
             }
         }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Dims, GROUP, GROUP_BYTES, TILE, TileJob};
+
+    /// `R` rows × one tile without VNNI. `vpmaddubsw` multiplies unsigned by signed bytes and
+    /// saturates pairs to i16, so it is fed `|w|` and the activation code carrying `w`'s sign
+    /// (`vpsignb`): both at most 127 in magnitude, a pair at most 32258, never saturated. The
+    /// codes are read as signed (`q + 128` with its top bit flipped is `q`), so no offset is
+    /// added and none is subtracted: the i32 sums equal the other kernels' after their offset.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, and `job.out` must be valid for writes of `R` rows of [`TILE`]
+    /// floats at `job.stride`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn tile<const R: usize>(job: &TileJob) {
+        const HALF: usize = TILE / 2;
+        let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(i8::MIN);
+        for r in 0..R {
+            for half in 0..2 {
+                for b in 0..job.blocks {
+                    let mut acc = [_mm256_setzero_si256(); 4];
+                    for g in b * job.groups_per_block..(b + 1) * job.groups_per_block {
+                        let w = &job.weights[g * GROUP_BYTES + half * 4 * 32..][..4 * 32];
+                        let code = &job.codes[r * job.k_pad + g * GROUP..][..GROUP];
+                        // SAFETY: `code` holds 4 bytes.
+                        let a = unsafe { std::ptr::read_unaligned(code.as_ptr().cast::<i32>()) };
+                        let a = _mm256_xor_si256(_mm256_set1_epi32(a), flip);
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            // SAFETY: `w` holds 4 × 32 bytes; each load reads 32 of them.
+                            let w = unsafe { _mm256_loadu_si256(w.as_ptr().add(32 * i).cast()) };
+                            let pairs =
+                                _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w));
+                            *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                    let row_scale = _mm256_set1_ps(job.row_scales[r * job.blocks + b]);
+                    for (i, acc) in acc.iter().enumerate() {
+                        let at = b * TILE + half * HALF + 8 * i;
+                        let scales = &job.scales[at..at + 8];
+                        // SAFETY: `scales` holds 8 floats; row `r < R` and columns
+                        // `half*32 + 8i .. +8 <= TILE` of `out`, as the caller guarantees.
+                        unsafe {
+                            let scale = _mm256_mul_ps(_mm256_loadu_ps(scales.as_ptr()), row_scale);
+                            let value = _mm256_mul_ps(_mm256_cvtepi32_ps(*acc), scale);
+                            let out = job.out.add(r * job.stride + half * HALF + 8 * i);
+                            let sum = if b == 0 {
+                                value
+                            } else {
+                                _mm256_add_ps(_mm256_loadu_ps(out), value)
+                            };
+                            _mm256_storeu_ps(out, sum);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::round_rows`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims) {
+        super::round_rows(x, codes, scales, dims);
     }
 }
 
@@ -543,22 +634,27 @@ mod tests {
     }
 
     #[test]
-    fn vnni_kernel_equals_the_portable_one_bit_for_bit() {
-        let kernel = Kernel::detect();
-        if kernel == Kernel::Portable {
-            eprintln!("no AVX-512 VNNI on this CPU: only the portable kernel runs here");
-            return;
+    fn every_kernel_this_cpu_has_equals_the_portable_one_bit_for_bit() {
+        let mut kernels = vec![Kernel::detect()];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            kernels.push(Kernel::Avx2);
         }
-        for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
-            let (x, w) = (
-                random(rows * input, i as u64),
-                random(out * input, 100 + i as u64),
-            );
-            let q = Int8Linear::quantize(&w, out, input);
-            assert_eq!(
-                q.matmul_with(&x, rows, kernel),
-                q.matmul_with(&x, rows, Kernel::Portable)
-            );
+        kernels.retain(|&k| k != Kernel::Portable);
+        eprintln!("comparing {kernels:?} with the portable kernel");
+        for kernel in kernels {
+            for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
+                let (x, w) = (
+                    random(rows * input, i as u64),
+                    random(out * input, 100 + i as u64),
+                );
+                let q = Int8Linear::quantize(&w, out, input);
+                assert_eq!(
+                    q.matmul_with(&x, rows, kernel),
+                    q.matmul_with(&x, rows, Kernel::Portable),
+                    "{kernel:?} on {rows}x{out}x{input}"
+                );
+            }
         }
     }
 

@@ -74,8 +74,20 @@ impl Linear {
             )));
         }
         let (out, input) = w.dims2()?;
-        let values = w.flatten_all()?.to_vec1::<f32>()?;
-        *self = Self::Q8(Arc::new(Int8Linear::quantize(&values, out, input)));
+        let w = w.contiguous()?;
+        let q = {
+            // Read in place: a copy of `lm_head` alone is 0.5 GB of peak memory for mt0-small.
+            let (storage, layout) = w.storage_and_layout();
+            let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            else {
+                return Err(Error::Config(format!(
+                    "`{name}` is not a contiguous CPU tensor"
+                )));
+            };
+            Int8Linear::quantize(&cpu.as_slice::<f32>()?[start..end], out, input)
+        };
+        *self = Self::Q8(Arc::new(q));
         Ok(())
     }
 
