@@ -508,6 +508,44 @@ fn find_demo(rel: &str) -> Option<PathBuf> {
     roots.into_iter().map(|r| r.join(rel)).find(|p| p.is_dir())
 }
 
+impl EvalArgs {
+    /// Loads the model and resolves where a fitted calibration goes.
+    fn job(self) -> anyhow::Result<crate::eval::EvalJob> {
+        let m = &self.model;
+        let Loaded {
+            spec,
+            model,
+            labels,
+            calibration,
+            ..
+        } = m.load(Vec::new())?;
+        let calibration_out = match (self.calibration_out, self.calibrate) {
+            (Some(p), _) => Some(p),
+            (None, true) => Some(ModelArgs::adapter_calibration_path(&spec.adapters).context(
+                "--calibrate writes beside the last adapter, and there is no local adapter directory: \
+                 pass --calibration-out",
+            )?),
+            (None, false) => None,
+        };
+        Ok(crate::eval::EvalJob {
+            name: spec.model,
+            model,
+            labels,
+            calibration,
+            prompt_template: m.prompt.prompt_template.clone(),
+            engine: EngineConfig {
+                max_batch_tokens: m.max_batch_size * m.max_input_tokens,
+                ..m.engine_config()
+            },
+            data: self.data,
+            text_column: self.text_column,
+            label_column: self.label_column,
+            out: self.out,
+            calibration_out,
+        })
+    }
+}
+
 impl ModelArgs {
     /// Resolves defaults: no --model means the bundled demo base plus its adapter.
     pub fn spec(&self) -> anyhow::Result<ModelSpec> {
@@ -641,8 +679,8 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         None => serve(cli.serve),
         Some(Command::Serve(args)) => serve(args),
-        Some(Command::Merge(args)) => crate::export::run(&args),
-        Some(Command::Eval(args)) => crate::eval::run(&args),
+        Some(Command::Merge(args)) => crate::export::run(args.model.spec()?, &args.out),
+        Some(Command::Eval(args)) => crate::eval::run(args.job()?),
         Some(Command::Train(args)) => args.run(pieces),
         Some(Command::Openapi) => {
             let doc = crate::http::openapi::default_json().map_err(anyhow::Error::msg)?;

@@ -4,16 +4,17 @@
 //! applies (the served calibration, or the one `--calibrate` fits and writes).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 
 use crate::calibration::{Calibration, quality};
-use crate::cli::{EvalArgs, Loaded, ModelArgs};
 use crate::engine::backend::T5Backend;
+use crate::engine::sentiment::LabelSet;
 use crate::engine::{Engine, EngineConfig, Served};
+use crate::model::LoadedModel;
 
 /// Gold/predicted label indices over `n` classes, and the scores derived from them.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,32 +134,44 @@ pub fn read_rows(
     Ok(rows)
 }
 
-pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
-    let m = &args.model;
-    let Loaded {
-        spec,
+/// One `finserve eval` run, as the command line resolved it.
+pub struct EvalJob {
+    /// The model's name in reports (its `--model`).
+    pub name: String,
+    pub model: LoadedModel,
+    /// The labels, with the served calibration's temperature if one applies.
+    pub labels: LabelSet,
+    pub calibration: Option<(PathBuf, Calibration)>,
+    pub prompt_template: String,
+    /// The batching the server would use; the queue is sized here to hold the whole file.
+    pub engine: EngineConfig,
+    pub data: PathBuf,
+    pub text_column: String,
+    pub label_column: String,
+    /// Where one JSON line per sentence goes, if anywhere.
+    pub out: Option<PathBuf>,
+    /// Where a temperature fitted on this data is written, if anywhere.
+    pub calibration_out: Option<PathBuf>,
+}
+
+pub fn run(job: EvalJob) -> anyhow::Result<()> {
+    let EvalJob {
+        name,
         model: loaded,
         labels,
         calibration,
-        ..
-    } = m.load(Vec::new())?;
-    let calibration_out = match (&args.calibration_out, args.calibrate) {
-        (Some(p), _) => Some(p.clone()),
-        (None, true) => Some(ModelArgs::adapter_calibration_path(&spec.adapters).with_context(|| {
-            "--calibrate writes beside the last adapter, and there is no local adapter directory: \
-             pass --calibration-out"
-        })?),
-        (None, false) => None,
-    };
-    let rows = read_rows(
-        &args.data,
-        &args.text_column,
-        &args.label_column,
-        &labels.names,
-    )?;
+        prompt_template,
+        engine: config,
+        data,
+        text_column,
+        label_column,
+        out,
+        calibration_out,
+    } = job;
+    let rows = read_rows(&data, &text_column, &label_column, &labels.names)?;
     let names = labels.names.clone();
     let served = Served {
-        name: spec.model.clone(),
+        name,
         backend: T5Backend::new(loaded.model),
         labels,
     };
@@ -166,9 +179,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         vec![served],
         Arc::new(loaded.tokenizer),
         EngineConfig {
-            max_batch_tokens: m.max_batch_size * m.max_input_tokens,
             queue_capacity: rows.len(),
-            ..m.engine_config()
+            ..config
         },
     )?;
     let start = Instant::now();
@@ -182,7 +194,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let mut out = match &args.out {
+    let mut out = match &out {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
         )),
@@ -215,7 +227,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     println!(
         "{} sentences from {} in {elapsed:.1} s ({:.1} sentences/s)\n",
         rows.len(),
-        args.data.display(),
+        data.display(),
         rows.len() as f64 / elapsed
     );
     print!("{}", report.render());
@@ -225,8 +237,8 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
             &log_likelihoods,
             &gold,
             names.clone(),
-            m.prompt.prompt_template.clone(),
-            args.data.display().to_string(),
+            prompt_template,
+            data.display().to_string(),
         )
     });
     let temperature = match (&fitted, &calibration) {

@@ -2,13 +2,13 @@
 //! `model.safetensors`, tokenizer files), loadable by `AutoModelForSeq2SeqLM.from_pretrained`.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 
-use crate::cli::MergeArgs;
 use crate::hub::HubConfig;
-use crate::model;
+use crate::model::{self, ModelSpec};
 
 /// Files copied unchanged from the base model when present.
 const COPIED: &[&str] = &[
@@ -20,14 +20,13 @@ const COPIED: &[&str] = &[
     "spiece.model",
 ];
 
-pub fn run(args: &MergeArgs) -> anyhow::Result<()> {
-    let mut spec = args.model.spec()?;
+/// Merges `spec`'s adapters into its base and writes the result to `out`.
+pub fn run(mut spec: ModelSpec, out: &Path) -> anyhow::Result<()> {
     // Export always merges on the CPU in f32, whatever the serving settings are.
     spec.dtype = DType::F32;
     spec.device = Device::Cpu;
     let merged = model::load_merged(&spec, &HubConfig::from_env())
         .with_context(|| format!("cannot load and merge `{}`", spec.model))?;
-    let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     for name in COPIED {
         let src = merged.dir.join(name);
