@@ -34,7 +34,7 @@ const ROWS: usize = 4;
 const OFFSET: i32 = 128;
 
 /// Inputs sharing one scale per row.
-pub const K_BLOCK: usize = 128;
+const K_BLOCK: usize = 128;
 
 /// A weight `(out, in)` rounded to int8 per output channel and block of [`K_BLOCK`] inputs.
 #[derive(Debug)]
@@ -62,7 +62,6 @@ impl Int8Linear {
         let mut codes = vec![0i8; k_pad];
         for o in 0..out {
             let (tile, c) = (o / TILE, o % TILE);
-            let (panel, lane) = (c / LANES, c % LANES);
             let row = &w[o * input..(o + 1) * input];
             for (b, (xs, codes)) in row
                 .chunks(block)
@@ -73,10 +72,10 @@ impl Int8Linear {
                 scales[at] = round_weights(xs, codes);
                 offsets[at] = OFFSET * codes.iter().map(|&q| i32::from(q)).sum::<i32>();
             }
-            for (k, &q) in codes.iter().enumerate() {
-                let (g, i) = (k / GROUP, k % GROUP);
-                packed[((tile * groups + g) * PANELS + panel) * LANES * GROUP + lane * GROUP + i] =
-                    q;
+            // Channel `c` is lane `c % 16` of panel `c / 16`, i.e. bytes `4c..4c+4` of a group.
+            for (g, quad) in codes.chunks_exact(GROUP).enumerate() {
+                let at = (tile * groups + g) * GROUP_BYTES + c * GROUP;
+                packed[at..at + GROUP].copy_from_slice(quad);
             }
             codes.fill(0);
         }
