@@ -7,6 +7,7 @@ pub mod decode_batch;
 pub mod int8;
 pub mod linear;
 pub mod ops;
+pub mod packed_attention;
 pub mod t5;
 pub mod weights;
 

@@ -22,6 +22,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::error::{Error, Result};
 use crate::model::decode_batch::{CacheShape, DecodeBatch};
 use crate::model::linear::{Linear, SharedLayers, Storage};
+use crate::model::packed_attention;
 use crate::model::weights::Weights;
 
 /// `config.json` of a T5-family checkpoint. Unknown fields are ignored.
@@ -428,6 +429,59 @@ struct DecoderBlock {
     ff_norm: LayerNorm,
 }
 
+/// How the encoder runs self-attention over its packed rows.
+enum EncoderAttention<'a> {
+    /// On the CPU in f32: straight from the packed rows ([`packed_attention`]).
+    Packed {
+        lengths: &'a [usize],
+        bias: Vec<f32>,
+    },
+    /// Elsewhere: candle's ops on the right-padded layout.
+    Padded(PaddedLayout),
+}
+
+/// The right-padded layout of an encoder batch, for [`Attention::attend`].
+struct PaddedLayout {
+    /// Position bias plus padding mask, `(batch, heads, longest, longest)`.
+    bias: Tensor,
+    /// Packed row of every padded position (see [`Encoded::unpack`]).
+    unpack: Tensor,
+    /// Padded position of every packed row.
+    repack: Tensor,
+    batch: usize,
+    longest: usize,
+}
+
+impl EncoderAttention<'_> {
+    /// Self-attention of the normed packed rows `h` `(tokens, d_model)`, before `a.o`.
+    fn forward(&self, a: &Attention, h: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Packed { lengths, bias } => packed_attention::self_attention(
+                &a.q.forward(h)?,
+                &a.kv.forward(h)?,
+                lengths,
+                packed_attention::Heads {
+                    heads: a.num_heads,
+                    d_kv: a.d_kv,
+                },
+                bias,
+            ),
+            Self::Padded(p) => {
+                let padded = |proj: &Linear| -> candle_core::Result<Tensor> {
+                    proj.forward(h)?
+                        .index_select(&p.unpack, 0)?
+                        .reshape((p.batch, p.longest, ()))
+                };
+                let (k, v) = a.split_kv(&padded(&a.kv)?)?;
+                let out = Attention::attend(&a.split_heads(&padded(&a.q)?)?, &k, &v, &p.bias)?;
+                a.merge_heads(&out)?
+                    .reshape((p.batch * p.longest, ()))?
+                    .index_select(&p.repack, 0)
+            }
+        }
+    }
+}
+
 /// A whole T5 checkpoint, read-only once loaded.
 #[derive(Debug)]
 pub struct T5Model {
@@ -572,8 +626,14 @@ impl T5Model {
     }
 
     /// Runs the encoder over `inputs` in one batch. The linear layers and norms see only real
-    /// tokens (packed); attention runs on the right-padded layout with a padding mask.
+    /// tokens (packed); attention reads them packed too on the CPU in f32, and elsewhere runs on
+    /// the right-padded layout with a padding mask.
     pub fn encode(&self, inputs: &[&[u32]]) -> candle_core::Result<Encoded> {
+        self.encode_with(inputs, self.device.is_cpu() && self.dtype() == DType::F32)
+    }
+
+    /// [`Self::encode`], with attention from [`packed_attention`] (CPU f32 only) or not.
+    fn encode_with(&self, inputs: &[&[u32]], attend_packed: bool) -> candle_core::Result<Encoded> {
         let t = inputs.iter().map(|i| i.len()).max().unwrap_or(0);
         if t == 0 {
             candle_core::bail!("encode needs at least one non-empty input");
@@ -583,13 +643,60 @@ impl T5Model {
         let packed: Vec<u32> = inputs.iter().flat_map(|i| i.iter().copied()).collect();
         let total = packed.len();
         let mut unpack = Vec::with_capacity(b * t);
-        let mut repack = Vec::with_capacity(total);
         let mut offset = 0;
-        for (row, &len) in lengths.iter().enumerate() {
+        for &len in &lengths {
             unpack.extend((0..t).map(|i| if i < len { (offset + i) as u32 } else { 0 }));
-            repack.extend((0..len).map(|i| (row * t + i) as u32));
             offset += len;
         }
+        let attention = if attend_packed {
+            EncoderAttention::Packed {
+                lengths: &lengths,
+                bias: self.packed_encoder_bias(t)?,
+            }
+        } else {
+            EncoderAttention::Padded(self.padded_layout(&lengths, &unpack, t)?)
+        };
+        let mut x = self
+            .encoder_embed
+            .forward(&Tensor::from_vec(packed, total, &self.device)?)?;
+        for block in &self.encoder_blocks {
+            let a = &block.self_attn;
+            let out = attention.forward(a, &block.attn_norm.forward(&x)?)?;
+            x = (x + a.o.forward(&out)?)?;
+            x = (&x + block.ff.forward(&block.ff_norm.forward(&x)?)?)?;
+        }
+        Ok(Encoded {
+            hidden: self.encoder_norm.forward(&x)?,
+            lengths,
+            unpack,
+            longest: t,
+        })
+    }
+
+    /// The encoder's position bias per head over relative positions `-(t - 1)..=t - 1`, for
+    /// [`packed_attention::self_attention`].
+    fn packed_encoder_bias(&self, t: usize) -> candle_core::Result<Vec<f32>> {
+        let table: Vec<Vec<f32>> = self.encoder_bias.to_dtype(DType::F32)?.to_vec2()?;
+        let span = t as i64 - 1;
+        let ids = self.config.position_buckets(-span..=span, true);
+        Ok((0..self.config.num_heads)
+            .flat_map(|h| {
+                ids.iter()
+                    .map(|&id| table[id as usize][h])
+                    .collect::<Vec<_>>()
+            })
+            .collect())
+    }
+
+    /// What the padded encoder attention needs for inputs of `lengths` packed per `unpack`
+    /// (see [`Encoded::unpack`]), `t` the longest.
+    fn padded_layout(
+        &self,
+        lengths: &[usize],
+        unpack: &[u32],
+        t: usize,
+    ) -> candle_core::Result<PaddedLayout> {
+        let b = lengths.len();
         let mask: Vec<f32> = lengths
             .iter()
             .flat_map(|&len| (0..t).map(move |i| if i < len { 0.0 } else { f32::MIN }))
@@ -603,32 +710,17 @@ impl T5Model {
                 true,
             )?
             .broadcast_add(&mask)?;
-        let unpack_t = Tensor::from_vec(unpack.clone(), b * t, &self.device)?;
-        let repack = Tensor::from_vec(repack, total, &self.device)?;
-        let mut x = self
-            .encoder_embed
-            .forward(&Tensor::from_vec(packed, total, &self.device)?)?;
-        for block in &self.encoder_blocks {
-            let h = block.attn_norm.forward(&x)?;
-            let a = &block.self_attn;
-            let padded = |p: &Linear| -> candle_core::Result<Tensor> {
-                p.forward(&h)?
-                    .index_select(&unpack_t, 0)?
-                    .reshape((b, t, ()))
-            };
-            let (k, v) = a.split_kv(&padded(&a.kv)?)?;
-            let out = Attention::attend(&a.split_heads(&padded(&a.q)?)?, &k, &v, &bias)?;
-            let out = a
-                .merge_heads(&out)?
-                .reshape((b * t, ()))?
-                .index_select(&repack, 0)?;
-            x = (x + a.o.forward(&out)?)?;
-            x = (&x + block.ff.forward(&block.ff_norm.forward(&x)?)?)?;
-        }
-        Ok(Encoded {
-            hidden: self.encoder_norm.forward(&x)?,
-            lengths,
-            unpack,
+        let repack: Vec<u32> = lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(row, &len)| (0..len).map(move |i| (row * t + i) as u32))
+            .collect();
+        let total = repack.len();
+        Ok(PaddedLayout {
+            bias,
+            unpack: Tensor::from_vec(unpack.to_vec(), b * t, &self.device)?,
+            repack: Tensor::from_vec(repack, total, &self.device)?,
+            batch: b,
             longest: t,
         })
     }
@@ -845,6 +937,79 @@ impl T5Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-layer random mT5 with 2 heads, f32 on the CPU.
+    fn tiny_model() -> T5Model {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "model_type": "mt5", "vocab_size": 64, "d_model": 16, "d_kv": 8, "d_ff": 32,
+            "num_layers": 2, "num_decoder_layers": 1, "num_heads": 2,
+            "feed_forward_proj": "gated-gelu", "tie_word_embeddings": false
+        }))
+        .unwrap();
+        let dev = Device::Cpu;
+        let mut t = std::collections::HashMap::new();
+        let mut add = |name: String, shape: &[usize]| {
+            t.insert(name, Tensor::randn(0f32, 0.5, shape, &dev).unwrap());
+        };
+        add("shared.weight".into(), &[64, 16]);
+        add("lm_head.weight".into(), &[64, 16]);
+        for stack in ["encoder", "decoder"] {
+            let p = format!("{stack}.block.0.layer.0.SelfAttention");
+            add(format!("{p}.relative_attention_bias.weight"), &[32, 2]);
+            add(format!("{stack}.final_layer_norm.weight"), &[16]);
+            let blocks = if stack == "encoder" { 2 } else { 1 };
+            for i in 0..blocks {
+                let attn: &[&str] = if stack == "encoder" {
+                    &["0.SelfAttention"]
+                } else {
+                    &["0.SelfAttention", "1.EncDecAttention"]
+                };
+                for a in attn {
+                    for w in ["q", "k", "v"] {
+                        add(format!("{stack}.block.{i}.layer.{a}.{w}.weight"), &[16, 16]);
+                    }
+                    add(format!("{stack}.block.{i}.layer.{a}.o.weight"), &[16, 16]);
+                }
+                let ff = attn.len();
+                for l in 0..=ff {
+                    add(
+                        format!("{stack}.block.{i}.layer.{l}.layer_norm.weight"),
+                        &[16],
+                    );
+                }
+                let dense = format!("{stack}.block.{i}.layer.{ff}.DenseReluDense");
+                add(format!("{dense}.wi_0.weight"), &[32, 16]);
+                add(format!("{dense}.wi_1.weight"), &[32, 16]);
+                add(format!("{dense}.wo.weight"), &[16, 32]);
+            }
+        }
+        let mut w = Weights::from_tensors(t, "random", DType::F32, &dev);
+        T5Model::load(config, &mut w, &mut SharedLayers::default()).unwrap()
+    }
+
+    #[test]
+    fn packed_encoder_attention_equals_the_padded_one() {
+        let model = tiny_model();
+        // Lengths past 8 reach the logarithmic position buckets; one input of a single token.
+        let ids: Vec<Vec<u32>> = [5, 1, 40, 17]
+            .iter()
+            .enumerate()
+            .map(|(b, &n)| (0..n).map(|i| ((b * 13 + i * 7) % 64) as u32).collect())
+            .collect();
+        let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let packed = model.encode_with(&inputs, true).unwrap();
+        let padded = model.encode_with(&inputs, false).unwrap();
+        assert_eq!(packed.hidden.dims(), [63, 16]);
+        let diff: f32 = (&packed.hidden - &padded.hidden)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "packed and padded encoders differ by {diff}");
+    }
 
     #[test]
     fn buckets_match_transformers_formula() {

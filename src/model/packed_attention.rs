@@ -1,0 +1,172 @@
+//! The encoder's self-attention on the CPU, straight from the packed projections: every input's
+//! tokens in order with no padding, one rayon task per (input, head).
+//!
+//! candle's path (`t5::Attention::attend`, still used on other devices) needs the right-padded
+//! `(batch, heads, longest, d_kv)` layout: gathering and transposing the projections into it,
+//! many tiny batched matrix products, a position bias and mask as large as the padded scores,
+//! and gathering the result back. Here each task reads its input's rows where the projections
+//! put them, scores only real keys (so there is no mask: a masked key's weight is exactly 0
+//! there too), looks the position bias up by relative position, and writes its head's columns.
+//! The arithmetic is the same as candle's: the dot product, then the bias, then a softmax with
+//! the maximum subtracted, then the probability-weighted sum of values.
+
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::model::ops::exp;
+
+/// Shapes of one packed attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub heads: usize,
+    pub d_kv: usize,
+}
+
+/// Self-attention of packed sequences on the CPU, in f32.
+/// - `q`: `(tokens, heads · d_kv)`; `kv`: `(tokens, 2 · heads · d_kv)`, keys then values;
+/// - `lengths`: each input's token count, in packing order (they sum to `tokens`);
+/// - `bias`: per head, the position bias of relative positions `-(longest - 1)..=longest - 1`
+///   (key minus query), `heads · (2 · longest - 1)` values, `longest` the largest length.
+///
+/// Returns the attention output `(tokens, heads · d_kv)`, heads side by side as
+/// `t5::Attention::o` expects them.
+pub fn self_attention(
+    q: &Tensor,
+    kv: &Tensor,
+    lengths: &[usize],
+    shape: Heads,
+    bias: &[f32],
+) -> candle_core::Result<Tensor> {
+    let Heads { heads, d_kv } = shape;
+    let inner = heads * d_kv;
+    let tokens: usize = lengths.iter().sum();
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    let span = (2 * longest).saturating_sub(1);
+    if q.dims() != [tokens, inner] || kv.dims() != [tokens, 2 * inner] {
+        candle_core::bail!(
+            "packed attention: q {:?} and kv {:?} do not fit {tokens} tokens of {heads} heads x {d_kv}",
+            q.dims(),
+            kv.dims()
+        );
+    }
+    if bias.len() != heads * span {
+        candle_core::bail!(
+            "packed attention: {} bias values for {heads} heads and {span} relative positions",
+            bias.len()
+        );
+    }
+    let q = q.contiguous()?;
+    let kv = kv.contiguous()?;
+    let offsets: Vec<usize> = lengths
+        .iter()
+        .scan(0, |at, &n| {
+            let start = *at;
+            *at += n;
+            Some(start)
+        })
+        .collect();
+    let outputs: Vec<Vec<f32>> = with_f32(&q, |q| {
+        with_f32(&kv, |kv| {
+            (0..lengths.len() * heads)
+                .into_par_iter()
+                .map(|task| {
+                    let (input, head) = (task / heads, task % heads);
+                    let n = lengths[input];
+                    let at = |width: usize, column: usize| Rows {
+                        start: offsets[input] * width + column,
+                        width,
+                        n,
+                        d: d_kv,
+                    };
+                    let column = head * d_kv;
+                    one_head(
+                        at(inner, column).of(q),
+                        at(2 * inner, column).of(kv),
+                        at(2 * inner, inner + column).of(kv),
+                        n,
+                        d_kv,
+                        &bias[head * span..][..span],
+                    )
+                })
+                .collect()
+        })
+    })??;
+    let mut out = vec![0f32; tokens * inner];
+    for (task, values) in outputs.iter().enumerate() {
+        let (input, head) = (task / heads, task % heads);
+        for (i, row) in values.chunks_exact(d_kv).enumerate() {
+            let at = (offsets[input] + i) * inner + head * d_kv;
+            out[at..at + d_kv].copy_from_slice(row);
+        }
+    }
+    Tensor::from_vec(out, (tokens, inner), &Device::Cpu)
+}
+
+/// One head of one input: `n` query, key and value rows of `d` values each. `bias` is the
+/// head's position bias over relative positions `-(longest - 1)..=longest - 1`.
+fn one_head<'a>(
+    q: impl Iterator<Item = &'a [f32]>,
+    k: impl Iterator<Item = &'a [f32]>,
+    v: impl Iterator<Item = &'a [f32]>,
+    n: usize,
+    d: usize,
+    bias: &[f32],
+) -> Vec<f32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let zero = bias.len() / 2;
+    // Keys transposed, `(d, n)`: a query's scores are then `d` multiply-adds over contiguous
+    // rows, which vectorize across keys.
+    let mut kt = vec![0f32; d * n];
+    for (j, key) in k.enumerate() {
+        for (c, &x) in key.iter().enumerate() {
+            kt[c * n + j] = x;
+        }
+    }
+    let values: Vec<&[f32]> = v.collect();
+    let mut out = vec![0f32; n * d];
+    let mut scores = vec![0f32; n];
+    for (i, query) in q.enumerate() {
+        scores.fill(0.0);
+        for (&a, keys) in query.iter().zip(kt.chunks_exact(n)) {
+            scores.iter_mut().zip(keys).for_each(|(s, &k)| *s += a * k);
+        }
+        scores
+            .iter_mut()
+            .zip(&bias[zero - i..][..n])
+            .for_each(|(s, &b)| *s += b);
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        scores.iter_mut().for_each(|s| *s = exp(*s - max));
+        let sum: f32 = scores.iter().sum();
+        let row = &mut out[i * d..(i + 1) * d];
+        for (&e, value) in scores.iter().zip(&values) {
+            let p = e / sum;
+            row.iter_mut().zip(*value).for_each(|(o, &x)| *o += p * x);
+        }
+    }
+    out
+}
+
+/// `n` rows of `d` values, `width` apart from `start`: one head's slice of an input's rows.
+struct Rows {
+    start: usize,
+    width: usize,
+    n: usize,
+    d: usize,
+}
+
+impl Rows {
+    fn of(self, data: &[f32]) -> impl Iterator<Item = &[f32]> {
+        (0..self.n).map(move |i| &data[self.start + i * self.width..][..self.d])
+    }
+}
+
+/// Runs `f` on the f32 buffer of a contiguous CPU tensor.
+fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> candle_core::Result<T> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => Ok(f(&data[start..end])),
+        _ => candle_core::bail!("packed attention needs contiguous f32 CPU tensors"),
+    }
+}
