@@ -158,22 +158,23 @@ impl<B: Backend> Batcher<B> {
     }
 
     fn accept(&mut self, job: Job) {
-        METRICS.queue_size.dec();
-        let variant = match &job {
-            Job::Sentiment(j) => j.variant,
-            Job::Generate(j) => j.variant,
-        };
-        if variant >= self.lanes.len() {
-            let e = || Error::Validation(format!("no variant number {variant}"));
-            match job {
-                Job::Sentiment(j) => drop(j.reply.send(Err(e()))),
-                Job::Generate(j) => drop(j.events.send(GenerateEvent::Error(e()))),
-            }
-            return;
-        }
+        METRICS.queue_size.sub(job.inputs() as i64);
+        let lanes = self.lanes.len();
+        let unknown = |variant: usize| Error::Validation(format!("no variant number {variant}"));
         match job {
-            Job::Sentiment(j) => self.sentiment.push_back(j),
-            Job::Generate(j) => self.lanes[variant].waiting.push_back(j),
+            Job::Sentiment(jobs) => {
+                for j in jobs {
+                    if j.variant < lanes {
+                        self.sentiment.push_back(j);
+                    } else {
+                        drop(j.reply.send(Err(unknown(j.variant))));
+                    }
+                }
+            }
+            Job::Generate(j) if j.variant >= lanes => {
+                drop(j.events.send(GenerateEvent::Error(unknown(j.variant))));
+            }
+            Job::Generate(j) => self.lanes[j.variant].waiting.push_back(j),
         }
     }
 
@@ -697,7 +698,7 @@ mod tests {
                 reply,
                 enqueued: Instant::now(),
             };
-            self.tx.send(Job::Sentiment(job)).unwrap();
+            self.tx.send(Job::Sentiment(vec![job])).unwrap();
             rx
         }
         fn generate(&self, max_new_tokens: usize) -> mpsc::UnboundedReceiver<GenerateEvent> {
@@ -754,6 +755,34 @@ mod tests {
         // Next to 3 running sequences only one more fits a batch of 4.
         assert_eq!(fits([1, 1].into_iter(), 4, 100, 3), 1);
         assert_eq!(fits([1].into_iter(), 4, 100, 4), 0);
+    }
+
+    #[test]
+    fn one_requests_inputs_join_one_batch_and_an_unknown_variant_is_refused() {
+        let mut h = harness(8, Duration::ZERO);
+        let (jobs, mut rx): (Vec<_>, Vec<_>) = [0, 0, 7]
+            .into_iter()
+            .map(|variant| {
+                let (reply, rx) = oneshot::channel();
+                let job = SentimentJob {
+                    variant,
+                    labels: h.labels.clone(),
+                    ids: vec![20, 1],
+                    reply,
+                    enqueued: Instant::now(),
+                };
+                (job, rx)
+            })
+            .unzip();
+        h.tx.send(Job::Sentiment(jobs)).unwrap();
+        assert_eq!(h.ticks(1), [Call::Score(2)]);
+        assert!(rx[0].try_recv().unwrap().is_ok());
+        assert!(rx[1].try_recv().unwrap().is_ok());
+        let refused = rx[2].try_recv().unwrap().unwrap_err();
+        assert!(
+            refused.to_string().contains("no variant number 7"),
+            "{refused}"
+        );
     }
 
     #[test]
@@ -912,7 +941,7 @@ mod tests {
                 reply,
                 enqueued: Instant::now(),
             };
-            tx.send(Job::Sentiment(job)).unwrap();
+            tx.send(Job::Sentiment(vec![job])).unwrap();
             rx
         });
         // The batch closes as soon as it is full, long before the 30 s wait.

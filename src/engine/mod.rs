@@ -150,8 +150,20 @@ pub(crate) struct GenerateJob {
 }
 
 pub(crate) enum Job {
-    Sentiment(SentimentJob),
+    /// One request's inputs, queued in one message so that the engine never starts a batch
+    /// with only the first few of them (it wakes as soon as anything arrives).
+    Sentiment(Vec<SentimentJob>),
     Generate(GenerateJob),
+}
+
+impl Job {
+    /// Inputs this job queues.
+    fn inputs(&self) -> usize {
+        match self {
+            Self::Sentiment(jobs) => jobs.len(),
+            Self::Generate(_) => 1,
+        }
+    }
 }
 
 /// Whether `text` has no character other than whitespace, by the union of Unicode's, Python's
@@ -450,9 +462,10 @@ impl Engine {
         if !self.is_alive() {
             return Err(Error::EngineDown);
         }
+        let inputs = job.inputs() as i64;
         match self.tx.try_send(job) {
             Ok(()) => {
-                METRICS.queue_size.inc();
+                METRICS.queue_size.add(inputs);
                 Ok(())
             }
             Err(TrySendError::Full(_)) => Err(Error::Overloaded),
@@ -492,15 +505,36 @@ impl Engine {
         labels: Arc<LabelSet>,
         variant: usize,
     ) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
-        let (reply, rx) = oneshot::channel();
-        self.submit(Job::Sentiment(SentimentJob {
-            variant,
-            ids,
-            labels,
-            reply,
-            enqueued: Instant::now(),
-        }))?;
-        Ok(rx)
+        let mut rx = self.sentiment_all(vec![ids], labels, variant)?;
+        rx.pop()
+            .ok_or_else(|| Error::Inference("no receiver for a queued input".into()))
+    }
+
+    /// Queues several inputs together (one request's), so that they are scored in the same
+    /// batch when it has room; one receiver per input, in order.
+    pub fn sentiment_all(
+        &self,
+        inputs: Vec<Vec<u32>>,
+        labels: Arc<LabelSet>,
+        variant: usize,
+    ) -> Result<Vec<oneshot::Receiver<Result<SentimentOutput>>>> {
+        let enqueued = Instant::now();
+        let (jobs, receivers) = inputs
+            .into_iter()
+            .map(|ids| {
+                let (reply, rx) = oneshot::channel();
+                let job = SentimentJob {
+                    variant,
+                    ids,
+                    labels: labels.clone(),
+                    reply,
+                    enqueued,
+                };
+                (job, rx)
+            })
+            .unzip();
+        self.submit(Job::Sentiment(jobs))?;
+        Ok(receivers)
     }
 
     /// Queues a generation by `variant`; dropping the receiver cancels it at the next decode step.

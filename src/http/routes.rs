@@ -166,16 +166,17 @@ pub async fn sentiment(
     })
     .await?;
     let (request, submitted) = (tracing::Span::current(), std::time::SystemTime::now());
-    let mut receivers = Vec::new();
-    for (_, ws) in &windows {
-        for w in ws {
-            METRICS
-                .input_tokens
-                .with_label_values(&["sentiment"])
-                .observe(w.ids.len() as f64);
-            receivers.push(engine.sentiment(w.ids.clone(), labels.clone(), variant)?);
-        }
+    let inputs: Vec<Vec<u32>> = windows
+        .iter()
+        .flat_map(|(_, ws)| ws.iter().map(|w| w.ids.clone()))
+        .collect();
+    for ids in &inputs {
+        METRICS
+            .input_tokens
+            .with_label_values(&["sentiment"])
+            .observe(ids.len() as f64);
     }
+    let receivers = engine.sentiment_all(inputs, labels.clone(), variant)?;
     let results = tokio::time::timeout(
         state.limits.request_timeout,
         futures::future::join_all(receivers),
