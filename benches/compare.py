@@ -4,7 +4,7 @@
     cargo build --release
     .bench-venv/bin/python benches/compare.py [--rounds 3] [--out bench-results.md]
 
-Builds (once, cached under target/compare) a random mt0-small-shaped model (d_model 512, 8+8
+Builds (once per tokenizer, cached under target/compare) a random mt0-small-shaped model (d_model 512, 8+8
 layers, 6x64 heads, d_ff 1024, vocab 250112) with a random q,v LoRA adapter, converts it to
 CTranslate2, and measures on the same 64 Financial PhraseBank sentences (models/data/test.csv),
 tokenized by the same tokenizer.json for every engine, in sentences per second:
@@ -27,6 +27,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -56,9 +57,15 @@ def cpu_flags() -> str:
 
 def build_model(work: Path) -> tuple[Path, Path, Path]:
     base, adapter, ct2 = work / "base", work / "adapter", work / "ct2"
+    tokenizer = ROOT / "models/demo/base/tokenizer.json"
+    # The cache is only valid for the tokenizer it was built with: finserve reads the copy in
+    # `base`, CTranslate2 its converted vocabulary, the peers' inputs come from `tokenizer`.
+    cached = base / "tokenizer.json"
+    if not (cached.exists() and cached.read_bytes() == tokenizer.read_bytes()):
+        shutil.rmtree(work, ignore_errors=True)
     if not (base / "model.safetensors").exists():
         subprocess.run([sys.executable, str(ROOT / "benches/make_mt0_small.py"), str(work),
-                        str(ROOT / "models/demo/base/tokenizer.json")], check=True)
+                        str(tokenizer)], check=True)
     if not (ct2 / "model.bin").exists():
         import ctranslate2.converters
         ctranslate2.converters.TransformersConverter(str(base)).convert(str(ct2), force=True)
