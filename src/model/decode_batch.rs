@@ -353,6 +353,14 @@ impl DecodeBatch {
             cross_mask: &t.cross_mask,
         })
     }
+
+    /// Each slot's real source length; 0 for a free slot.
+    pub fn source_lengths(&self) -> Vec<usize> {
+        self.slots
+            .iter()
+            .map(|s| s.map_or(0, |s| s.src_len))
+            .collect()
+    }
 }
 
 /// One layer's view of the batch caches.

@@ -1,12 +1,14 @@
-//! The encoder's self-attention on the CPU, straight from the packed projections: every input's
-//! tokens in order with no padding, one rayon task per (input, head).
+//! Attention on the CPU that reads only real keys, one rayon task per (sequence, head):
+//! - the encoder's self-attention, straight from the packed projections (every input's tokens in
+//!   order, no padding);
+//! - the decoder's cross-attention, over each slot's own source length in the padded cache.
 //!
-//! candle's path (`t5::Attention::attend`, still used on other devices) needs the right-padded
-//! `(batch, heads, longest, d_kv)` layout: gathering and transposing the projections into it,
-//! many tiny batched matrix products, a position bias and mask as large as the padded scores,
-//! and gathering the result back. Here each task reads its input's rows where the projections
-//! put them, scores only real keys (so there is no mask: a masked key's weight is exactly 0
-//! there too), looks the position bias up by relative position, and writes its head's columns.
+//! candle's path (`t5::Attention::attend`, still used on other devices) needs right-padded
+//! layouts: gathering and transposing the projections into them, many tiny batched matrix
+//! products, position biases and masks as large as the padded scores, and gathering the result
+//! back. Masked keys get weight exactly 0 there, but the padding still changes how candle's
+//! vectorized softmax groups its sums, so a sequence's scores moved in the last bits with the
+//! longest source in its batch. Here a sequence's result depends on nothing but its own rows.
 //! The arithmetic is the same as candle's: the dot product, then the bias, then a softmax with
 //! the maximum subtracted, then the probability-weighted sum of values.
 
@@ -85,7 +87,7 @@ pub fn self_attention(
                         at(2 * inner, inner + column).of(kv),
                         n,
                         d_kv,
-                        &bias[head * span..][..span],
+                        Some(&bias[head * span..][..span]),
                     )
                 })
                 .collect()
@@ -102,20 +104,17 @@ pub fn self_attention(
     Tensor::from_vec(out, (tokens, inner), &Device::Cpu)
 }
 
-/// One head of one input: `n` query, key and value rows of `d` values each. `bias` is the
-/// head's position bias over relative positions `-(longest - 1)..=longest - 1`.
+/// One head of one sequence: query rows against `n` key and value rows of `d` values each, the
+/// output `(queries, d)`. `bias`, for self-attention, is the head's position bias over relative
+/// positions `-(longest - 1)..=longest - 1` (query `i` and key `j` read `j - i`).
 fn one_head<'a>(
     q: impl Iterator<Item = &'a [f32]>,
     k: impl Iterator<Item = &'a [f32]>,
     v: impl Iterator<Item = &'a [f32]>,
     n: usize,
     d: usize,
-    bias: &[f32],
+    bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    if n == 0 {
-        return Vec::new();
-    }
-    let zero = bias.len() / 2;
     // Keys transposed, `(d, n)`: a query's scores are then `d` multiply-adds over contiguous
     // rows, which vectorize across keys.
     let mut kt = vec![0f32; d * n];
@@ -125,30 +124,97 @@ fn one_head<'a>(
         }
     }
     let values: Vec<&[f32]> = v.collect();
-    let mut out = vec![0f32; n * d];
+    let mut out = Vec::new();
     let mut scores = vec![0f32; n];
     for (i, query) in q.enumerate() {
-        scores.fill(0.0);
-        for (&a, keys) in query.iter().zip(kt.chunks_exact(n)) {
-            scores.iter_mut().zip(keys).for_each(|(s, &k)| *s += a * k);
+        let mut row = vec![0f32; d];
+        if n > 0 {
+            scores.fill(0.0);
+            for (&a, keys) in query.iter().zip(kt.chunks_exact(n)) {
+                scores.iter_mut().zip(keys).for_each(|(s, &k)| *s += a * k);
+            }
+            if let Some(bias) = bias {
+                let zero = bias.len() / 2;
+                scores
+                    .iter_mut()
+                    .zip(&bias[zero - i..][..n])
+                    .for_each(|(s, &b)| *s += b);
+            }
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            scores.iter_mut().for_each(|s| *s = exp(*s - max));
+            let sum: f32 = scores.iter().sum();
+            for (&e, value) in scores.iter().zip(&values) {
+                let p = e / sum;
+                row.iter_mut().zip(*value).for_each(|(o, &x)| *o += p * x);
+            }
         }
-        scores
-            .iter_mut()
-            .zip(&bias[zero - i..][..n])
-            .for_each(|(s, &b)| *s += b);
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        scores.iter_mut().for_each(|s| *s = exp(*s - max));
-        let sum: f32 = scores.iter().sum();
-        let row = &mut out[i * d..(i + 1) * d];
-        for (&e, value) in scores.iter().zip(&values) {
-            let p = e / sum;
-            row.iter_mut().zip(*value).for_each(|(o, &x)| *o += p * x);
-        }
+        out.extend(row);
     }
     out
 }
 
+/// Cross-attention of decoder queries `q` `(slots, heads, n, d_kv)` over the padded source keys
+/// and values `k`, `v` `(slots, heads, capacity, d_kv)`, each slot reading only its first
+/// `lengths[slot]` (a free slot, length 0, gets zeros). Returns `(slots, heads, n, d_kv)`.
+pub fn cross_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lengths: &[usize],
+) -> candle_core::Result<Tensor> {
+    let (slots, heads, n, d) = q.dims4()?;
+    let (_, _, capacity, _) = k.dims4()?;
+    if k.dims() != [slots, heads, capacity, d]
+        || v.dims() != k.dims()
+        || lengths.len() != slots
+        || lengths.iter().any(|&l| l > capacity)
+    {
+        candle_core::bail!(
+            "cross attention: q {:?}, k {:?}, v {:?} and {} source lengths do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            lengths.len()
+        );
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let mut out = vec![0f32; slots * heads * n * d];
+    with_f32(&q, |q| {
+        with_f32(&k, |k| {
+            with_f32(&v, |v| {
+                out.par_chunks_mut(n * d)
+                    .enumerate()
+                    .for_each(|(task, out)| {
+                        let len = lengths[task / heads];
+                        let keys = Rows {
+                            start: task * capacity * d,
+                            width: d,
+                            n: len,
+                            d,
+                        };
+                        let queries = Rows {
+                            start: task * n * d,
+                            width: d,
+                            n,
+                            d,
+                        };
+                        out.copy_from_slice(&one_head(
+                            queries.of(q),
+                            keys.of(k),
+                            keys.of(v),
+                            len,
+                            d,
+                            None,
+                        ));
+                    })
+            })
+        })
+    })???;
+    Tensor::from_vec(out, (slots, heads, n, d), &Device::Cpu)
+}
+
 /// `n` rows of `d` values, `width` apart from `start`: one head's slice of an input's rows.
+#[derive(Clone, Copy)]
 struct Rows {
     start: usize,
     width: usize,

@@ -629,7 +629,12 @@ impl T5Model {
     /// tokens (packed); attention reads them packed too on the CPU in f32, and elsewhere runs on
     /// the right-padded layout with a padding mask.
     pub fn encode(&self, inputs: &[&[u32]]) -> candle_core::Result<Encoded> {
-        self.encode_with(inputs, self.device.is_cpu() && self.dtype() == DType::F32)
+        self.encode_with(inputs, self.attends_packed())
+    }
+
+    /// Whether attention runs from [`packed_attention`] (CPU, f32) rather than candle's ops.
+    fn attends_packed(&self) -> bool {
+        self.device.is_cpu() && self.dtype() == DType::F32
     }
 
     /// [`Self::encode`], with attention from [`packed_attention`] (CPU f32 only) or not.
@@ -889,6 +894,9 @@ impl T5Model {
     ) -> candle_core::Result<Tensor> {
         let (slots, n) = ids.dims2()?;
         let width = start + n;
+        // On the CPU in f32, cross-attention reads each slot's real source only (see
+        // `packed_attention`); elsewhere candle's ops run over the padding with a mask.
+        let source_lengths = self.attends_packed().then(|| batch.source_lengths());
         let mut x = self.decoder_embed.forward(&ids)?;
         for (layer, block) in self.decoder_blocks.iter().enumerate() {
             let cache = batch.layer(layer)?;
@@ -907,7 +915,10 @@ impl T5Model {
             let h = block.cross_attn_norm.forward(&x)?;
             let q = a.split_heads(&a.q.forward(&h)?)?;
             let (xk, xv) = cache.cross_kv;
-            let out = Attention::attend(&q, xk, xv, cache.cross_mask)?;
+            let out = match &source_lengths {
+                Some(lengths) => packed_attention::cross_attention(&q, xk, xv, lengths)?,
+                None => Attention::attend(&q, xk, xv, cache.cross_mask)?,
+            };
             x = (x + a.o.forward(&a.merge_heads(&out)?)?)?;
 
             x = (&x + block.ff.forward(&block.ff_norm.forward(&x)?)?)?;
@@ -1009,6 +1020,32 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!(diff < 1e-5, "packed and padded encoders differ by {diff}");
+    }
+
+    #[test]
+    fn cross_attention_over_real_sources_equals_the_masked_one() {
+        let dev = Device::Cpu;
+        let (slots, heads, n, cap, d) = (3, 2, 4, 6, 8);
+        let q = Tensor::randn(0f32, 1.0, (slots, heads, n, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (slots, heads, cap, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (slots, heads, cap, d), &dev).unwrap();
+        let lengths = [6, 2, 1];
+        let mask: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&len| (0..cap).map(move |c| if c < len { 0.0 } else { f32::MIN }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (slots, 1, 1, cap), &dev).unwrap();
+        let packed = packed_attention::cross_attention(&q, &k, &v, &lengths).unwrap();
+        let masked = Attention::attend(&q, &k, &v, &mask).unwrap();
+        let diff: f32 = (&packed - &masked)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "cross attentions differ by {diff}");
     }
 
     #[test]
