@@ -51,10 +51,6 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Where the demo model lives, relative to the working directory or `FINSERVE_HOME`.
-const DEMO_BASE: &str = "models/demo/base";
-const DEMO_ADAPTER: &str = "models/demo/adapter";
-
 #[derive(Debug, Parser)]
 #[command(
     name = "finserve",
@@ -135,28 +131,6 @@ impl PromptArgs {
 
     fn template(&self) -> anyhow::Result<Template> {
         Template::new(&self.prompt_template).context("--prompt-template")
-    }
-}
-
-/// A base model as the command line names it.
-enum Base {
-    Given(String),
-    /// No --model: the bundled demo base, found here.
-    Demo(PathBuf),
-}
-
-impl BaseArgs {
-    fn resolve(&self) -> anyhow::Result<Base> {
-        if let Some(m) = &self.model {
-            return Ok(Base::Given(m.clone()));
-        }
-        find_demo(DEMO_BASE).map(Base::Demo).with_context(|| {
-            format!(
-                "no --model given and the demo model ({DEMO_BASE}) is not under the working \
-                 directory or $FINSERVE_HOME; pass --model DIR_OR_HUB_ID (or set FINSERVE_MODEL), \
-                 or run from the repository root"
-            )
-        })
     }
 }
 
@@ -439,10 +413,7 @@ impl TrainArgs {
     /// Trains with each batch split into `pieces` (see [`crate::train::parallel_pieces`]).
     fn run(&self, pieces: usize) -> anyhow::Result<()> {
         let device = model::parse_device(&self.base.device)?;
-        let name = match self.base.resolve()? {
-            Base::Given(m) => m,
-            Base::Demo(dir) => dir.display().to_string(),
-        };
+        let name = model::resolve::base(self.base.model.as_deref())?.name();
         let spec = ModelSpec {
             model: name.clone(),
             revision: self.base.revision.clone(),
@@ -499,15 +470,6 @@ impl TrainArgs {
     }
 }
 
-/// Finds `rel` under the working directory or `FINSERVE_HOME`.
-fn find_demo(rel: &str) -> Option<PathBuf> {
-    let mut roots = vec![PathBuf::from(".")];
-    if let Ok(home) = std::env::var("FINSERVE_HOME") {
-        roots.insert(0, PathBuf::from(home));
-    }
-    roots.into_iter().map(|r| r.join(rel)).find(|p| p.is_dir())
-}
-
 impl EvalArgs {
     /// Loads the model and resolves where a fitted calibration goes.
     fn job(self) -> anyhow::Result<crate::eval::EvalJob> {
@@ -547,52 +509,21 @@ impl EvalArgs {
 }
 
 impl ModelArgs {
-    /// Resolves defaults: no --model means the bundled demo base plus its adapter.
+    /// The model these options name (see [`model::resolve`]).
     pub fn spec(&self) -> anyhow::Result<ModelSpec> {
-        let device = model::parse_device(&self.base.device)?;
-        let dtype = model::parse_dtype(&self.dtype, &device)?;
-        let quantize = Quantization::parse(&self.quantize)?;
-        if quantize == Quantization::Q8 && !device.is_cpu() {
-            bail!("--quantize q8 runs on the CPU only; on a GPU serve --dtype bf16 instead");
-        }
-        let (model, mut adapters) = match self.base.resolve()? {
-            Base::Given(m) => (m, self.adapters.clone()),
-            Base::Demo(base) => {
-                let mut adapters = self.adapters.clone();
-                if adapters.is_empty() && !self.no_adapter {
-                    let a = base
-                        .parent()
-                        .map(|demo| demo.join("adapter"))
-                        .filter(|a| a.is_dir())
-                        .with_context(|| {
-                            format!(
-                                "the demo adapter ({DEMO_ADAPTER}) is missing next to {}",
-                                base.display()
-                            )
-                        })?;
-                    adapters.push(AdapterSpec {
-                        source: a.display().to_string(),
-                        weight: 1.0,
-                    });
-                }
-                (base.display().to_string(), adapters)
-            }
-        };
-        if self.no_adapter {
-            adapters.clear();
-        }
         if self.max_input_tokens < 2 || self.max_batch_size == 0 {
             bail!("--max-input-tokens must be >= 2 and --max-batch-size >= 1");
         }
-        Ok(ModelSpec {
-            model,
+        let choice = model::resolve::ModelChoice {
+            model: self.base.model.clone(),
             revision: self.base.revision.clone(),
-            adapters,
-            variants: Vec::new(),
-            dtype,
-            device,
-            quantize,
-        })
+            adapters: self.adapters.clone(),
+            no_adapter: self.no_adapter,
+            device: self.base.device.clone(),
+            dtype: self.dtype.clone(),
+            quantize: self.quantize.clone(),
+        };
+        Ok(choice.resolve()?)
     }
 
     /// The engine settings these options fix; the batching knobs of `serve` stay at their defaults.

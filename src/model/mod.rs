@@ -8,6 +8,7 @@ pub mod int8;
 pub mod linear;
 pub mod ops;
 pub mod packed_attention;
+pub mod resolve;
 pub mod t5;
 pub mod weights;
 
