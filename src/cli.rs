@@ -19,7 +19,6 @@ use crate::http::{ApiKey, AppState, HttpLimits, RequestLimits};
 use crate::hub::HubConfig;
 use crate::lora::AdapterSpec;
 use crate::metrics::METRICS;
-use crate::model::linear::Quantization;
 use crate::model::{self, LoadedModel, ModelSpec};
 
 /// What `ModelArgs::load` gives `serve` and `eval`.
@@ -412,17 +411,18 @@ pub struct TrainArgs {
 impl TrainArgs {
     /// Trains with each batch split into `pieces` (see [`crate::train::parallel_pieces`]).
     fn run(&self, pieces: usize) -> anyhow::Result<()> {
-        let device = model::parse_device(&self.base.device)?;
-        let name = model::resolve::base(self.base.model.as_deref())?.name();
-        let spec = ModelSpec {
-            model: name.clone(),
+        // The base alone, in f32: the adapter is what training makes.
+        let spec = model::resolve::ModelChoice {
+            model: self.base.model.clone(),
             revision: self.base.revision.clone(),
             adapters: Vec::new(),
-            variants: Vec::new(),
-            dtype: candle_core::DType::F32,
-            device,
-            quantize: Quantization::None,
-        };
+            no_adapter: true,
+            device: self.base.device.clone(),
+            dtype: "f32".into(),
+            quantize: "none".into(),
+        }
+        .resolve()?;
+        let name = spec.model.clone();
         let ckpt = model::load_checkpoint(&spec, &HubConfig::from_env())
             .with_context(|| format!("cannot load model `{name}`"))?;
         let labels = self.prompt.label_set(&ckpt.tokenizer)?;

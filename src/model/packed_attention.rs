@@ -127,7 +127,9 @@ fn one_head<'a>(
     let mut out = Vec::new();
     let mut scores = vec![0f32; n];
     for (i, query) in q.enumerate() {
-        let mut row = vec![0f32; d];
+        let at = out.len();
+        out.resize(at + d, 0.0);
+        let row = &mut out[at..];
         if n > 0 {
             scores.fill(0.0);
             for (&a, keys) in query.iter().zip(kt.chunks_exact(n)) {
@@ -148,7 +150,6 @@ fn one_head<'a>(
                 row.iter_mut().zip(*value).for_each(|(o, &x)| *o += p * x);
             }
         }
-        out.extend(row);
     }
     out
 }

@@ -69,25 +69,14 @@ impl ModelChoice {
 }
 
 /// A base model as named.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Base {
+enum Base {
     Given(String),
     /// No model named: the bundled demo base, found here.
     Demo(PathBuf),
 }
 
-impl Base {
-    /// What the loader is given: the name, or the demo's directory.
-    pub fn name(&self) -> String {
-        match self {
-            Self::Given(m) => m.clone(),
-            Self::Demo(dir) => dir.display().to_string(),
-        }
-    }
-}
-
 /// `model`, or the demo base when it is `None`.
-pub fn base(model: Option<&str>) -> Result<Base> {
+fn base(model: Option<&str>) -> Result<Base> {
     if let Some(m) = model {
         return Ok(Base::Given(m.to_string()));
     }
