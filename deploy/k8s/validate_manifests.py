@@ -1,24 +1,38 @@
 #!/usr/bin/env python3
-"""Validate rendered Kubernetes manifests (multi-document YAML files) — run by deploy/validate.sh.
+"""Validate one rendered kustomization (a multi-document YAML file) — run by deploy/validate.sh.
 
+Schemas (nothing is skipped; a kind with no schema here fails):
 * Built-in kinds: JSON schema validation with `kubernetes-validate` (the Kubernetes OpenAPI
-  schemas it bundles), strict mode (unknown fields are errors), for every version in
-  --k8s-version (repeatable).
-* Prometheus Operator kinds (PodMonitor, ServiceMonitor, PrometheusRule): validated with the
-  pydantic models of `cloudcoil-models-prometheus-operator`, which are generated from the
-  operator's CRD OpenAPI schemas (types, enums, patterns such as the duration format); unknown
-  fields, which those models would silently drop, are reported as errors too.
-* Any other kind fails: there is no schema for it here.
-* finserve-specific checks: probes on /health and /ready, non-root + read-only root filesystem
-  with a writable /tmp, resources, the model-cache volume, Service/PodMonitor selectors matching
-  the pod labels, the HPA targeting the Deployment and scaling on finserve_queue_size, and (with
-  --expect-gpu) an nvidia.com/gpu limit.
+  schemas it bundles), strict mode (unknown fields are errors), for every --k8s-version.
+* Prometheus Operator kinds (monitoring.coreos.com/v1): the pydantic models of
+  `cloudcoil-models-prometheus-operator`, generated from the operator's CRD OpenAPI schemas.
+* KEDA kinds (keda.sh/v1alpha1, e.g. ScaledObject): the pydantic models of
+  `cloudcoil-models-keda`, generated from KEDA's CRD OpenAPI schemas. The HPA that KEDA would
+  create from a ScaledObject (its behaviour, bounds and external metrics) is also validated
+  against the Kubernetes schemas.
+  For both CRD model sets, fields the models do not know (which pydantic would silently drop)
+  are reported as errors too.
+
+finserve checks, driven by what the combination contains (--components, --gpu, --image):
+* exactly the expected kinds, one object each; no CRD kind unless a component brings one;
+* the Deployment: no `replicas` (the autoscaler owns it), probes on /health and /ready,
+  non-root + read-only root filesystem with a writable /tmp, resources, the model cache, the
+  expected image; with --gpu one nvidia.com/gpu, its toleration, no node selector;
+* PodDisruptionBudget maxUnavailable: 1 (never minAvailable); selectors select the pods;
+* exactly one autoscaler on the Deployment: the base HPA on CPU only, the prometheus-adapter
+  HPA on the queue Pods metrics only (never mixed with CPU: an unreadable metric stops all
+  scale-in), or a KEDA ScaledObject with Prometheus triggers on the queue gauges
+  (AverageValue = per-replica thresholds, empty results are errors, fallback, scale-down
+  stabilisation);
+* the adapter rules (--adapter-values) publish every metric the HPA asks for;
+* NetworkPolicy / PodMonitor when their components are in.
 
 Exit 0 when everything passes, else 1.
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import yaml
@@ -26,6 +40,11 @@ import yaml
 import kubernetes_validate
 
 PROM_OPERATOR_GROUP = "monitoring.coreos.com"
+KEDA_GROUP = "keda.sh"
+CRD_GROUPS = {PROM_OPERATOR_GROUP, KEDA_GROUP}
+COMPONENTS = {"podmonitor", "keda", "prometheus-adapter", "networkpolicy"}
+QUEUE_METRIC = "finserve_queue_size"
+QUEUE_METRICS = {"finserve_queue_size", "finserve_queue_oldest_seconds"}
 
 
 def load_docs(path):
@@ -35,6 +54,11 @@ def load_docs(path):
 
 def name_of(doc):
     return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def group_of(doc):
+    api = doc.get("apiVersion", "")
+    return api.split("/")[0] if "/" in api else ""
 
 
 def dropped_keys(given, kept, prefix=""):
@@ -52,17 +76,14 @@ def dropped_keys(given, kept, prefix=""):
     return out
 
 
-def validate_prometheus_operator(doc):
-    try:
-        from cloudcoil.models.prometheus_operator import v1 as pov1
-    except ImportError as e:  # pragma: no cover
-        return [f"cannot import cloudcoil.models.prometheus_operator: {e}"]
+def validate_crd_model(doc, module, version):
+    """Validate `doc` with the cloudcoil pydantic model of its kind in `module` (one API version)."""
     api_version = doc.get("apiVersion", "")
-    if api_version != f"{PROM_OPERATOR_GROUP}/v1":
-        return [f"unsupported apiVersion {api_version} (have schemas for {PROM_OPERATOR_GROUP}/v1)"]
-    model = getattr(pov1, doc.get("kind", ""), None)
-    if model is None:
-        return [f"no schema for kind {doc.get('kind')} in {PROM_OPERATOR_GROUP}/v1"]
+    if api_version.split("/")[-1] != version:
+        return [f"unsupported apiVersion {api_version} (have schemas for {version} only)"]
+    model = getattr(module, doc.get("kind", ""), None)
+    if model is None or not isinstance(model, type):
+        return [f"no schema for kind {doc.get('kind')} in {api_version}"]
     try:
         obj = model.model_validate(doc)
     except Exception as e:  # pydantic.ValidationError
@@ -71,19 +92,61 @@ def validate_prometheus_operator(doc):
     return [f"unknown field {k}" for k in dropped_keys(doc, kept)]
 
 
-def container_checks(doc, expect_gpu):
+def validate_builtin(doc, versions):
     problems = []
-    spec = doc["spec"]["template"]["spec"]
-    pod_labels = doc["spec"]["template"]["metadata"].get("labels", {})
-    sel = doc["spec"]["selector"].get("matchLabels", {})
+    kind, api = doc.get("kind"), doc.get("apiVersion", "")
+    for v in versions:
+        try:
+            kubernetes_validate.validate(doc, v, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            problems.append(f"{name_of(doc)}: no schema for {api} {kind} in Kubernetes {v}")
+        except kubernetes_validate.ValidationError as e:
+            loc = "/".join(str(x) for x in e.path)
+            problems.append(f"{name_of(doc)} [k8s {v}]: {loc}: {e.message}")
+    return problems
+
+
+def schema_problems(doc, versions):
+    """(problems, which validator) for one object."""
+    group = group_of(doc)
+    if group == PROM_OPERATOR_GROUP:
+        from cloudcoil.models.prometheus_operator import v1 as pov1
+        errs = validate_crd_model(doc, pov1, "v1")
+        return [f"{name_of(doc)} [{doc['apiVersion']} CRD schema]: {e}" for e in errs], "crd"
+    if group == KEDA_GROUP:
+        from cloudcoil.models.keda import v1alpha1 as kedav1alpha1
+        errs = validate_crd_model(doc, kedav1alpha1, "v1alpha1")
+        return [f"{name_of(doc)} [{doc['apiVersion']} CRD schema]: {e}" for e in errs], "crd"
+    # everything else must be a built-in kind: any other CRD fails here with "no schema"
+    return validate_builtin(doc, versions), "k8s"
+
+
+# ------------------------------------------------------------------------------ finserve checks
+
+def container_checks(dep, gpu, image):
+    problems = []
+    spec = dep["spec"]["template"]["spec"]
+    pod_labels = dep["spec"]["template"]["metadata"].get("labels", {})
+    sel = dep["spec"]["selector"].get("matchLabels", {})
+    if "replicas" in dep["spec"]:
+        problems.append(f"spec.replicas is set ({dep['spec']['replicas']}): it resets the "
+                        "autoscaler's count on every apply; leave it to the HPA/KEDA")
     if any(pod_labels.get(k) != v for k, v in sel.items()):
         problems.append("selector does not match the pod template labels")
     psc = spec.get("securityContext", {})
     if not psc.get("runAsNonRoot"):
         problems.append("pod securityContext.runAsNonRoot is not true")
     vols = {v["name"]: v for v in spec.get("volumes", [])}
+    if gpu:
+        if spec.get("nodeSelector"):
+            problems.append(f"GPU pod has a nodeSelector {spec['nodeSelector']} (the device "
+                            "plugin's nvidia.com/gpu request is enough; GFD labels may not exist)")
+        if not any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])):
+            problems.append("GPU pod does not tolerate the nvidia.com/gpu taint")
     for c in spec["containers"]:
         where = f"container {c['name']}"
+        if image and c.get("image") != image:
+            problems.append(f"{where}: image {c.get('image')!r}, expected {image!r}")
         sc = c.get("securityContext", {})
         if not sc.get("readOnlyRootFilesystem"):
             problems.append(f"{where}: readOnlyRootFilesystem is not true")
@@ -120,91 +183,287 @@ def container_checks(doc, expect_gpu):
         for m in c.get("volumeMounts", []):
             if m["name"] not in vols:
                 problems.append(f"{where}: volumeMount {m['name']} has no volume")
+            if m.get("subPath") and vols.get(m["name"], {}).get("secret"):
+                problems.append(f"{where}: secret volume {m['name']} mounted with subPath "
+                                "(never updated: key rotation would need a restart)")
         if not any(p.get("containerPort") == 8080 for p in c.get("ports", [])):
             problems.append(f"{where}: no containerPort 8080")
-        gpu = res.get("limits", {}).get("nvidia.com/gpu")
-        if expect_gpu and str(gpu) != "1":
-            problems.append(f"{where}: expected limits nvidia.com/gpu: 1, got {gpu}")
-        if not expect_gpu and gpu is not None:
-            problems.append(f"{where}: unexpected nvidia.com/gpu limit in a CPU manifest")
+        for k in ("limits", "requests"):
+            g = res.get(k, {}).get("nvidia.com/gpu")
+            if gpu and str(g) != "1":
+                problems.append(f"{where}: expected {k} nvidia.com/gpu: 1, got {g}")
+            if not gpu and g is not None:
+                problems.append(f"{where}: unexpected nvidia.com/gpu {k} in a CPU manifest")
     return problems, pod_labels
 
 
-def cross_checks(docs, expect_gpu):
+def behavior_checks(where, behavior):
     problems = []
+    down = (behavior or {}).get("scaleDown", {})
+    if down.get("stabilizationWindowSeconds", 0) < 60:
+        problems.append(f"{where}: scaleDown.stabilizationWindowSeconds < 60 (replicas take "
+                        "minutes to load the model; they must not flap)")
+    return problems
+
+
+def hpa_checks(hpa, dep, mode, adapter_rules):
+    where = name_of(hpa)
+    problems = []
+    spec = hpa["spec"]
+    ref = spec["scaleTargetRef"]
+    if ref.get("kind") != "Deployment" or ref.get("name") != dep["metadata"]["name"]:
+        problems.append(f"{where}: scaleTargetRef {ref} is not the Deployment")
+    if not 1 <= spec.get("minReplicas", 1) <= spec["maxReplicas"]:
+        problems.append(f"{where}: bad bounds {spec.get('minReplicas')}..{spec['maxReplicas']}")
+    metrics = spec.get("metrics", [])
+    types = {m["type"] for m in metrics}
+    if mode == "cpu":
+        if [(m["type"], m.get("resource", {}).get("name")) for m in metrics] != [("Resource", "cpu")]:
+            problems.append(f"{where}: the base HPA must scale on CPU only (a metric a plain "
+                            f"cluster cannot serve stops every scale-in), got {metrics}")
+    elif mode == "adapter":
+        if types != {"Pods"}:
+            problems.append(f"{where}: the prometheus-adapter HPA must use Pods metrics only "
+                            f"(no CPU beside them: an unreadable metric stops every scale-in), got {types}")
+        names = [m.get("pods", {}).get("metric", {}).get("name") for m in metrics]
+        if QUEUE_METRIC not in names:
+            problems.append(f"{where}: does not scale on the {QUEUE_METRIC} pods metric")
+        for m in metrics:
+            t = m.get("pods", {}).get("target", {})
+            if t.get("type") != "AverageValue":
+                problems.append(f"{where}: {m} target is not AverageValue (per replica)")
+        if adapter_rules is not None:
+            published = {r.get("name", {}).get("as") for r in adapter_rules.get("rules", {}).get("custom", [])}
+            for n in names:
+                if n not in published:
+                    problems.append(f"{where}: metric {n} is not published by the prometheus-adapter rules")
+    problems += behavior_checks(where, spec.get("behavior"))
+    return problems
+
+
+def keda_hpa(so):
+    """The HPA KEDA would create for this ScaledObject (enough to schema-check behaviour/bounds)."""
+    spec = so["spec"]
+    ref = spec["scaleTargetRef"]
+    hpa_cfg = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
+    metrics = []
+    for i, t in enumerate(spec["triggers"]):
+        metrics.append({
+            "type": "External",
+            "external": {
+                "metric": {"name": f"s{i}-{t['type']}",
+                           "selector": {"matchLabels": {"scaledobject.keda.sh/name": so["metadata"]["name"]}}},
+                "target": {"type": t.get("metricType", "AverageValue"),
+                           ("averageValue" if t.get("metricType", "AverageValue") == "AverageValue" else "value"):
+                               str(t["metadata"]["threshold"])},
+            },
+        })
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": hpa_cfg.get("name", f"keda-hpa-{so['metadata']['name']}")},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": ref.get("apiVersion", "apps/v1"),
+                               "kind": ref.get("kind", "Deployment"), "name": ref["name"]},
+            "minReplicas": spec.get("minReplicaCount", 0) or 1,
+            "maxReplicas": spec.get("maxReplicaCount", 100),
+            "metrics": metrics,
+        },
+    }
+    if "behavior" in hpa_cfg:
+        hpa["spec"]["behavior"] = hpa_cfg["behavior"]
+    return hpa
+
+
+def scaledobject_checks(so, dep, versions):
+    where = name_of(so)
+    problems = []
+    spec = so["spec"]
+    ref = spec["scaleTargetRef"]
+    if ref.get("kind", "Deployment") != "Deployment" or ref.get("name") != dep["metadata"]["name"]:
+        problems.append(f"{where}: scaleTargetRef {ref} is not the Deployment")
+    lo, hi = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    if not 1 <= lo <= hi:
+        problems.append(f"{where}: replica bounds {lo}..{hi} (never 0: a cold replica needs minutes)")
+    fb = spec.get("fallback")
+    if not fb:
+        problems.append(f"{where}: no fallback (what happens when Prometheus is unreachable?)")
+    elif not lo <= fb.get("replicas", -1) <= hi:
+        problems.append(f"{where}: fallback.replicas {fb.get('replicas')} outside {lo}..{hi}")
+    behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+    problems += behavior_checks(where, behavior)
+    queries = []
+    for t in spec["triggers"]:
+        tw = f"{where} trigger {t.get('name', t['type'])}"
+        md = t.get("metadata", {})
+        if t["type"] != "prometheus":
+            problems.append(f"{tw}: type {t['type']} (expected prometheus)")
+            continue
+        if t.get("metricType") != "AverageValue":
+            problems.append(f"{tw}: metricType {t.get('metricType')} (AverageValue: threshold per replica)")
+        for k in ("serverAddress", "query", "threshold"):
+            if not md.get(k):
+                problems.append(f"{tw}: no metadata.{k}")
+        try:
+            if float(md.get("threshold", "x")) <= 0:
+                problems.append(f"{tw}: threshold must be > 0")
+        except ValueError:
+            problems.append(f"{tw}: threshold {md.get('threshold')!r} is not a number")
+        if md.get("ignoreNullValues") != "false":
+            problems.append(f"{tw}: ignoreNullValues must be \"false\" (an empty result is a broken "
+                            "scrape or selector, not an empty queue)")
+        q = md.get("query", "")
+        if not q.replace(" ", "").startswith("sum("):
+            problems.append(f"{tw}: query {q!r} must sum over the replicas (AverageValue divides by them)")
+        queries.append(q)
+    if not any(QUEUE_METRIC + "{" in q for q in queries):
+        problems.append(f"{where}: no trigger on {QUEUE_METRIC}")
+    for q in queries:
+        if not any(m + "{" in q for m in QUEUE_METRICS):
+            problems.append(f"{where}: query {q!r} reads none of {sorted(QUEUE_METRICS)}")
+    problems += [f"{where} (as KEDA's HPA) {p}" for p in validate_builtin(keda_hpa(so), versions)]
+    return problems
+
+
+def networkpolicy_checks(np, selects):
+    where = name_of(np)
+    problems = []
+    spec = np["spec"]
+    if not selects(spec.get("podSelector", {}).get("matchLabels", {})):
+        problems.append(f"{where}: podSelector does not select the finserve pods")
+    if set(spec.get("policyTypes", [])) != {"Ingress", "Egress"}:
+        problems.append(f"{where}: policyTypes {spec.get('policyTypes')} (expected Ingress and Egress)")
+    in_ports = {p.get("port") for r in spec.get("ingress", []) for p in r.get("ports", [])}
+    if not in_ports & {"http", 8080}:
+        problems.append(f"{where}: no ingress rule for the API port (http/8080)")
+    out = {(p.get("port"), p.get("protocol", "TCP")) for r in spec.get("egress", []) for p in r.get("ports", [])}
+    for need in ((53, "UDP"), (53, "TCP"), (443, "TCP")):
+        if need not in out:
+            problems.append(f"{where}: no egress for {need[1]} {need[0]}")
+    return problems
+
+
+def cross_checks(docs, components, gpu, image, versions, adapter_rules):
+    problems = []
+    kinds = [d.get("kind") for d in docs]
+    expected = {"ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget"}
+    expected.add("ScaledObject" if "keda" in components else "HorizontalPodAutoscaler")
+    if "podmonitor" in components:
+        expected.add("PodMonitor")
+    if "networkpolicy" in components:
+        expected.add("NetworkPolicy")
+    if sorted(kinds) != sorted(expected):
+        problems.append(f"kinds {sorted(kinds)}, expected exactly one each of {sorted(expected)}")
+    crd = [name_of(d) for d in docs if group_of(d) in CRD_GROUPS]
+    if not components & {"podmonitor", "keda"} and crd:
+        problems.append(f"CRD kinds {crd} in a combination that must apply on a plain cluster")
     deployments = [d for d in docs if d.get("kind") == "Deployment"]
     if len(deployments) != 1:
-        return [f"expected exactly one Deployment, found {len(deployments)}"]
+        return problems + [f"expected exactly one Deployment, found {len(deployments)}"]
     dep = deployments[0]
-    p, pod_labels = container_checks(dep, expect_gpu)
+    p, pod_labels = container_checks(dep, gpu, image)
     problems += [f"{name_of(dep)}: {x}" for x in p]
 
     def selects(match):
         return bool(match) and all(pod_labels.get(k) == v for k, v in match.items())
 
-    kinds = {d.get("kind") for d in docs}
-    for need in ("Service", "HorizontalPodAutoscaler"):
-        if need not in kinds:
-            problems.append(f"no {need}")
-    if not kinds & {"PodMonitor", "ServiceMonitor"}:
-        problems.append("no PodMonitor or ServiceMonitor")
+    autoscalers = [d for d in docs if d.get("kind") in ("HorizontalPodAutoscaler", "ScaledObject")]
+    if len(autoscalers) != 1:
+        problems.append(f"expected exactly one autoscaler, found {[name_of(a) for a in autoscalers]}")
+    mode = "keda" if "keda" in components else "adapter" if "prometheus-adapter" in components else "cpu"
     for d in docs:
         kind = d.get("kind")
         if kind == "Service" and not selects(d["spec"].get("selector", {})):
             problems.append(f"{name_of(d)}: selector does not select the finserve pods")
-        if kind == "PodMonitor" and not selects(d["spec"]["selector"].get("matchLabels", {})):
-            problems.append(f"{name_of(d)}: selector does not select the finserve pods")
+        if kind == "PodMonitor":
+            if not selects(d["spec"]["selector"].get("matchLabels", {})):
+                problems.append(f"{name_of(d)}: selector does not select the finserve pods")
+            relabel = [r for e in d["spec"]["podMetricsEndpoints"] for r in e.get("relabelings", [])]
+            if not any(r.get("targetLabel") == "job" and r.get("replacement") == "finserve" for r in relabel):
+                problems.append(f"{name_of(d)}: does not set job=\"finserve\" (dashboard and KEDA queries need it)")
         if kind == "HorizontalPodAutoscaler":
-            ref = d["spec"]["scaleTargetRef"]
-            if ref.get("kind") != "Deployment" or ref.get("name") != dep["metadata"]["name"]:
-                problems.append(f"{name_of(d)}: scaleTargetRef {ref} is not the Deployment")
-            names = [m.get("pods", {}).get("metric", {}).get("name") for m in d["spec"].get("metrics", [])]
-            if "finserve_queue_size" not in names:
-                problems.append(f"{name_of(d)}: does not scale on the finserve_queue_size pods metric")
-        if kind == "PodDisruptionBudget" and not selects(d["spec"]["selector"].get("matchLabels", {})):
-            problems.append(f"{name_of(d)}: selector does not select the finserve pods")
+            problems += hpa_checks(d, dep, mode, adapter_rules)
+        if kind == "ScaledObject":
+            problems += scaledobject_checks(d, dep, versions)
+        if kind == "PodDisruptionBudget":
+            if not selects(d["spec"]["selector"].get("matchLabels", {})):
+                problems.append(f"{name_of(d)}: selector does not select the finserve pods")
+            if "minAvailable" in d["spec"] or d["spec"].get("maxUnavailable") != 1:
+                problems.append(f"{name_of(d)}: use maxUnavailable: 1 (minAvailable blocks every "
+                                f"drain of a single replica), got {d['spec']}")
+        if kind == "NetworkPolicy":
+            problems += networkpolicy_checks(d, selects)
+        if kind == "ConfigMap" and d["metadata"]["name"].startswith("finserve-config"):
+            dev = d.get("data", {}).get("FINSERVE_DEVICE")
+            if dev != ("cuda" if gpu else "cpu"):
+                problems.append(f"{name_of(d)}: FINSERVE_DEVICE={dev}")
     return problems
 
 
-def main(argv=None):
+def parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("files", nargs="+")
+    ap.add_argument("file", nargs="?")
     ap.add_argument("--k8s-version", action="append", default=None,
                     help="Kubernetes version(s) to validate against (default: 1.29.0 and the newest bundled)")
-    ap.add_argument("--expect-gpu", action="store_true")
+    ap.add_argument("--components", default="",
+                    help=f"comma-separated components in this combination: {', '.join(sorted(COMPONENTS))}")
+    ap.add_argument("--gpu", action="store_true", help="the GPU overlay is in this combination")
+    ap.add_argument("--image", help="the image the finserve container must have")
+    ap.add_argument("--adapter-values", help="prometheus-adapter Helm values with the rules")
+    ap.add_argument("--label", help="name of the combination in messages (default: the file)")
+    ap.add_argument("--jobs", help="validate many files in one run (schemas load once): one job per "
+                    "line, the options and FILE of a single run, shell-quoted")
+    return ap
+
+
+def run_one(args, versions):
+    components = {c for c in args.components.split(",") if c}
+    unknown = components - COMPONENTS
+    if unknown:
+        raise SystemExit(f"unknown components {sorted(unknown)}")
+    adapter_rules = None
+    if args.adapter_values:
+        with open(args.adapter_values, encoding="utf-8") as f:
+            adapter_rules = yaml.safe_load(f)
+    label = args.label or args.file
+    docs = load_docs(args.file)
+    problems = []
+    counts = {"k8s": 0, "crd": 0}
+    for doc in docs:
+        errs, which = schema_problems(doc, versions)
+        problems += errs
+        counts[which] += 1
+    problems += cross_checks(docs, components, args.gpu, args.image, versions, adapter_rules)
+    if problems:
+        for p in problems:
+            print(f"FAIL {label}: {p}", file=sys.stderr)
+        return False
+    kinds = ", ".join(sorted(d["kind"] for d in docs))
+    print(f"ok: {label}: {counts['k8s']} objects valid against Kubernetes {', '.join(versions)} "
+          f"(strict), {counts['crd']} against CRD schemas; finserve checks passed [{kinds}]")
+    return True
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     versions = args.k8s_version or ["1.29.0", kubernetes_validate.latest_version()]
-    failed = False
-    for path in args.files:
-        docs = load_docs(path)
-        problems = []
-        counts = {"schema": 0, "crd": 0}
-        for doc in docs:
-            kind, api = doc.get("kind"), doc.get("apiVersion", "")
-            if api.split("/")[0] == PROM_OPERATOR_GROUP:
-                errs = validate_prometheus_operator(doc)
-                problems += [f"{name_of(doc)} [{api} CRD schema]: {e}" for e in errs]
-                counts["crd"] += 1
+    if not args.jobs:
+        if not args.file:
+            ap.error("FILE or --jobs is required")
+        return 0 if run_one(args, versions) else 1
+    ok, n = True, 0
+    with open(args.jobs, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
                 continue
-            for v in versions:
-                try:
-                    kubernetes_validate.validate(doc, v, strict=True)
-                except kubernetes_validate.SchemaNotFoundError:
-                    problems.append(f"{name_of(doc)}: no schema for {api} {kind} in Kubernetes {v}")
-                except kubernetes_validate.ValidationError as e:
-                    loc = "/".join(str(x) for x in e.path)
-                    problems.append(f"{name_of(doc)} [k8s {v}]: {loc}: {e.message}")
-            counts["schema"] += 1
-        problems += cross_checks(docs, args.expect_gpu)
-        if problems:
-            failed = True
-            for p in problems:
-                print(f"FAIL {path}: {p}", file=sys.stderr)
-        else:
-            print(f"ok: {path}: {counts['schema']} objects valid against Kubernetes "
-                  f"{', '.join(versions)} (strict), {counts['crd']} Prometheus Operator object(s) "
-                  f"valid against the monitoring.coreos.com/v1 CRD schema; finserve checks passed")
-    return 1 if failed else 0
+            job = parser().parse_args(shlex.split(line))
+            if not job.file:
+                ap.error(f"job without FILE: {line.strip()}")
+            ok = run_one(job, job.k8s_version or versions) and ok
+            n += 1
+    print(f"{n} combination(s) validated{'' if ok else ', some FAILED'}")
+    return 0 if ok and n else 1
 
 
 if __name__ == "__main__":
