@@ -12,7 +12,8 @@
 # Stages:
 #   builder       rust:1-bookworm; dependencies are compiled in their own layer from Cargo.toml +
 #                 Cargo.lock and stub sources, so editing src/ only recompiles the finserve crate.
-#   demo-model    models/demo/{base,adapter}, made world-readable.
+#   demo-model    models/demo/{base,adapter} + README, made world-readable; licence texts and
+#                 notices (finserve, every dataset of the demo model) -> /usr/share/licenses/finserve.
 #   runtime       debian:bookworm-slim + ca-certificates; non-root; demo model baked in.
 #   cuda-builder  nvidia/cuda devel image + the Rust toolchain copied from rust:1-bookworm.
 #   runtime-cuda  nvidia/cuda runtime image (cuBLAS, cuRAND, cudart) with the CUDA binary.
@@ -34,11 +35,23 @@ COPY deploy/docker/cargo-stub-targets /usr/local/bin/cargo-stub-targets
 
 # ---------------------------------------------------------------------------- demo model
 # The baked-in default model, made world-readable whatever the modes in the build context are
-# (a file written with mode 600 would be unreadable for the non-root runtime user).
+# (a file written with mode 600 would be unreadable for the non-root runtime user), with its
+# README, and /usr/share/licenses/finserve: finserve's licence (Apache-2.0, the text from
+# Debian's base-files) and the licence files and notices of every dataset the demo model was
+# trained on (Financial PhraseBank: CC BY-NC-SA 3.0, so the model is non-commercial; finance
+# tweets: MIT per their card). deploy/docker/licenses/NOTICE is the overview.
 FROM ${RUNTIME_IMAGE} AS demo-model
 COPY models/demo/base /opt/finserve/models/demo/base
 COPY models/demo/adapter /opt/finserve/models/demo/adapter
-RUN chmod -R u=rwX,go=rX /opt/finserve/models
+COPY models/README.md /opt/finserve/models/demo/README.md
+COPY deploy/docker/licenses/ /usr/share/licenses/finserve/
+COPY models/README.md /usr/share/licenses/finserve/demo-model/README.md
+COPY models/data/financial_phrasebank/License.txt models/data/financial_phrasebank/README.txt \
+     models/data/financial_phrasebank/PROVENANCE.md /usr/share/licenses/finserve/financial_phrasebank/
+COPY models/data/twitter_financial_news_sentiment/PROVENANCE.md \
+     /usr/share/licenses/finserve/twitter_financial_news_sentiment/
+RUN cp /usr/share/common-licenses/Apache-2.0 /usr/share/licenses/finserve/LICENSE-Apache-2.0 \
+ && chmod -R u=rwX,go=rX /opt/finserve/models /usr/share/licenses/finserve
 
 # ------------------------------------------------------------------------------- builder
 FROM rust-base AS builder
@@ -99,7 +112,23 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
  && mkdir -p /opt/finserve/models/demo /data/hf && chown -R 10001:10001 /data
 COPY deploy/docker/finserve-healthcheck /usr/local/bin/finserve-healthcheck
 COPY --from=demo-model /opt/finserve/models /opt/finserve/models
+COPY --from=demo-model /usr/share/licenses/finserve /usr/share/licenses/finserve
 COPY --from=cuda-builder /out/finserve /usr/local/bin/finserve
+# OCI annotations. licenses: finserve is Apache-2.0, the bundled demo model CC BY-NC-SA 3.0
+# (non-commercial; see /usr/share/licenses/finserve/NOTICE). Pass the build's facts with
+#   --build-arg FINSERVE_VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1) \
+#   --build-arg FINSERVE_REVISION=$(git rev-parse HEAD) --build-arg FINSERVE_CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+ARG FINSERVE_VERSION=unknown
+ARG FINSERVE_REVISION=unknown
+ARG FINSERVE_CREATED=unknown
+ARG CUDA_RUNTIME_IMAGE
+LABEL org.opencontainers.image.title="finserve" \
+      org.opencontainers.image.description="finserve inference server for mt0/mT5 financial-sentiment models with merged LoRA adapters (CUDA); bundles a non-commercial CC BY-NC-SA 3.0 demo model" \
+      org.opencontainers.image.licenses="Apache-2.0 AND CC-BY-NC-SA-3.0" \
+      org.opencontainers.image.version="${FINSERVE_VERSION}" \
+      org.opencontainers.image.revision="${FINSERVE_REVISION}" \
+      org.opencontainers.image.created="${FINSERVE_CREATED}" \
+      org.opencontainers.image.base.name="${CUDA_RUNTIME_IMAGE}"
 ENV FINSERVE_HOME=/opt/finserve FINSERVE_HOST=0.0.0.0 FINSERVE_PORT=8080 \
     FINSERVE_DEVICE=cuda HF_HOME=/data/hf NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
@@ -122,7 +151,23 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
  && mkdir -p /opt/finserve/models/demo /data/hf && chown -R 10001:10001 /data
 COPY deploy/docker/finserve-healthcheck /usr/local/bin/finserve-healthcheck
 COPY --from=demo-model /opt/finserve/models /opt/finserve/models
+COPY --from=demo-model /usr/share/licenses/finserve /usr/share/licenses/finserve
 COPY --from=builder /out/finserve /usr/local/bin/finserve
+# OCI annotations. licenses: finserve is Apache-2.0, the bundled demo model CC BY-NC-SA 3.0
+# (non-commercial; see /usr/share/licenses/finserve/NOTICE). Pass the build's facts with
+#   --build-arg FINSERVE_VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1) \
+#   --build-arg FINSERVE_REVISION=$(git rev-parse HEAD) --build-arg FINSERVE_CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+ARG FINSERVE_VERSION=unknown
+ARG FINSERVE_REVISION=unknown
+ARG FINSERVE_CREATED=unknown
+ARG RUNTIME_IMAGE
+LABEL org.opencontainers.image.title="finserve" \
+      org.opencontainers.image.description="finserve inference server for mt0/mT5 financial-sentiment models with merged LoRA adapters (CPU); bundles a non-commercial CC BY-NC-SA 3.0 demo model" \
+      org.opencontainers.image.licenses="Apache-2.0 AND CC-BY-NC-SA-3.0" \
+      org.opencontainers.image.version="${FINSERVE_VERSION}" \
+      org.opencontainers.image.revision="${FINSERVE_REVISION}" \
+      org.opencontainers.image.created="${FINSERVE_CREATED}" \
+      org.opencontainers.image.base.name="${RUNTIME_IMAGE}"
 # FINSERVE_MODEL / FINSERVE_ADAPTER unset = the baked-in demo model under $FINSERVE_HOME.
 ENV FINSERVE_HOME=/opt/finserve FINSERVE_HOST=0.0.0.0 FINSERVE_PORT=8080 \
     FINSERVE_DEVICE=cpu HF_HOME=/data/hf

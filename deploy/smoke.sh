@@ -8,7 +8,9 @@
 #    on CI machines); plus iptables, which podman's bridge networks need.
 # 2. Builds the finserve image from the repo's Dockerfile (target `runtime`) and a local
 #    Prometheus image from Debian's `prometheus` package (deploy/prometheus/Dockerfile): the
-#    official prom/prometheus and grafana/grafana images cannot be pulled here.
+#    official prom/prometheus and grafana/grafana images cannot be pulled here. Checks the
+#    image's contract: non-root, port, health check, OCI licence/revision labels, and the
+#    licence notices in /usr/share/licenses/finserve.
 # 3. podman-compose -f docker-compose.yml -f compose.smoke.yml up finserve prometheus
 #    (the smoke override swaps in the local Prometheus image; Grafana is NOT started because no
 #    Grafana build is reachable from here; its dashboard is checked by check_dashboard.py).
@@ -98,7 +100,11 @@ trap 'exit 130' INT TERM
 # finserve crate.
 [ -f "$CONTEXT/models/demo/base/config.json" ] || fail "no demo model at $CONTEXT/models/demo/base"
 log "podman build $IMAGE (context $CONTEXT; a cold build compiles all dependencies: ~15 min on 2 cores)"
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$CONTEXT/Cargo.toml" | head -1)
+REVISION=$(git -C "$CONTEXT" rev-parse HEAD 2>/dev/null || echo unknown)
 nice -n "$NICE" podman build --format docker --network host --pull=never --target runtime \
+    --build-arg FINSERVE_VERSION="$VERSION" --build-arg FINSERVE_REVISION="$REVISION" \
+    --build-arg FINSERVE_CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     -t "$IMAGE" -f "$CONTEXT/Dockerfile" "$CONTEXT" > "$WORK/build-finserve.log" 2>&1 \
   || { tail -40 "$WORK/build-finserve.log" >&2; fail "finserve image build failed"; }
 log "built $IMAGE ($(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}'))"
@@ -113,6 +119,23 @@ user=$(podman image inspect "$IMAGE" --format '{{.Config.User}}')
 podman image inspect "$IMAGE" --format '{{json .Config.Healthcheck}}' | grep -q finserve-healthcheck \
   || fail "image has no HEALTHCHECK (built without --format docker?)"
 podman image inspect "$IMAGE" --format '{{json .Config.ExposedPorts}}' | grep -q '8080/tcp' || fail "8080 not exposed"
+# licences: OCI labels, and the notices of finserve and of the demo model's training sets
+lic=$(podman image inspect "$IMAGE" --format '{{index .Config.Labels "org.opencontainers.image.licenses"}}')
+[ "$lic" = "Apache-2.0 AND CC-BY-NC-SA-3.0" ] || fail "org.opencontainers.image.licenses is '$lic'"
+[ "$(podman image inspect "$IMAGE" --format '{{index .Config.Labels "org.opencontainers.image.revision"}}')" = "$REVISION" ] \
+  || fail "org.opencontainers.image.revision is not $REVISION"
+podman run --rm --network none --entrypoint /bin/sh "$IMAGE" -c '
+  cd /usr/share/licenses/finserve &&
+  for f in NOTICE LICENSE-Apache-2.0 demo-model/README.md \
+           financial_phrasebank/NOTICE financial_phrasebank/License.txt financial_phrasebank/README.txt \
+           financial_phrasebank/PROVENANCE.md twitter_financial_news_sentiment/NOTICE \
+           twitter_financial_news_sentiment/PROVENANCE.md /opt/finserve/models/demo/README.md; do
+    test -s "$f" || { echo "missing $f"; exit 1; }
+  done
+  grep -q "Attribution-NonCommercial-ShareAlike 3.0" financial_phrasebank/License.txt &&
+  grep -q "Apache License" LICENSE-Apache-2.0' >&2 \
+  || fail "licence files missing from /usr/share/licenses/finserve in the image"
+log "image labels: licenses=$lic revision=$REVISION; licence notices in /usr/share/licenses/finserve"
 
 # --------------------------------------------------------------------------------- 3. up
 compose down -v >/dev/null 2>&1 || true          # leftovers of an interrupted run

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # deploy/validate.sh — render every supported combination of the Kubernetes kustomizations and
 # validate it against schemas; also checks the Grafana dashboard, the compose files, the
-# Prometheus config (where promtool is installed) and the image's build context and labels.
+# Prometheus config (where promtool is installed) and, statically, the image's build context,
+# licence files and OCI labels (check_image_context.py).
 #
 #   bash deploy/validate.sh
 #
@@ -147,6 +148,9 @@ log "$ncombo combinations rendered; validating them"
 
 log "Grafana dashboard"
 python3 "$HERE/check_dashboard.py" || rc=1
+
+log "Dockerfile: build context, licence files, OCI labels"
+python3 "$HERE/check_image_context.py" || rc=1
 
 # compose files: valid YAML with the expected services (no docker/podman needed)
 "$VENV/bin/python" - "$HERE" <<'PY' || rc=1
