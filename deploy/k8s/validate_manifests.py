@@ -42,7 +42,7 @@ import kubernetes_validate
 PROM_OPERATOR_GROUP = "monitoring.coreos.com"
 KEDA_GROUP = "keda.sh"
 CRD_GROUPS = {PROM_OPERATOR_GROUP, KEDA_GROUP}
-COMPONENTS = {"podmonitor", "keda", "prometheus-adapter", "networkpolicy"}
+COMPONENTS = {"podmonitor", "keda", "prometheus-adapter", "networkpolicy", "api-key-file"}
 QUEUE_METRIC = "finserve_queue_size"
 QUEUE_METRICS = {"finserve_queue_size", "finserve_queue_oldest_seconds"}
 
@@ -195,6 +195,30 @@ def container_checks(dep, gpu, image):
             if not gpu and g is not None:
                 problems.append(f"{where}: unexpected nvidia.com/gpu {k} in a CPU manifest")
     return problems, pod_labels
+
+
+def api_key_checks(dep, key_file):
+    """FINSERVE_API_KEY (env, base) or FINSERVE_API_KEY_FILE on a whole-directory Secret mount."""
+    problems = []
+    spec = dep["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    c = spec["containers"][0]
+    env = {e["name"]: e for e in c.get("env", [])}
+    if not key_file:
+        if "FINSERVE_API_KEY" not in env or "FINSERVE_API_KEY_FILE" in env:
+            problems.append("expected FINSERVE_API_KEY from finserve-secrets and no FINSERVE_API_KEY_FILE")
+        return problems
+    if "FINSERVE_API_KEY" in env:
+        problems.append("FINSERVE_API_KEY and FINSERVE_API_KEY_FILE together (finserve refuses to start)")
+    path = env.get("FINSERVE_API_KEY_FILE", {}).get("value")
+    if not path:
+        return problems + ["no FINSERVE_API_KEY_FILE"]
+    mounts = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    if not mounts or not vols.get(mounts[0]["name"], {}).get("secret"):
+        problems.append(f"FINSERVE_API_KEY_FILE={path} is not on a Secret volume")
+    elif mounts[0].get("subPath"):
+        problems.append(f"FINSERVE_API_KEY_FILE={path}: Secret mounted with subPath (never updated)")
+    return problems
 
 
 def behavior_checks(where, behavior):
@@ -362,6 +386,7 @@ def cross_checks(docs, components, gpu, image, versions, adapter_rules):
         return problems + [f"expected exactly one Deployment, found {len(deployments)}"]
     dep = deployments[0]
     p, pod_labels = container_checks(dep, gpu, image)
+    p += api_key_checks(dep, "api-key-file" in components)
     problems += [f"{name_of(dep)}: {x}" for x in p]
 
     def selects(match):
