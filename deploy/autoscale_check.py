@@ -209,8 +209,9 @@ def scalar(result):
 
 
 def raw_gauge(metrics_text, name):
-    m = re.search(rf"^{name}(?:{{[^}}]*}})?\s+([0-9.eE+-]+)\s*$", metrics_text, re.M)
-    return float(m.group(1)) if m else None
+    """Sum of the gauge's series in a /metrics text (None: not exported)."""
+    vals = re.findall(rf"^{name}(?:{{[^}}]*}})?\s+([0-9.eE+-]+)\s*$", metrics_text, re.M)
+    return sum(float(v) for v in vals) if vals else None
 
 
 # ----------------------------------------------------------------------------------- main
