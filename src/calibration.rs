@@ -70,9 +70,9 @@ impl Calibration {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let c: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
         if !(c.temperature.is_finite() && c.temperature > 0.0) {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidArgument(format!(
                 "{}: `temperature` must be positive (got {})",
                 path.display(),
                 c.temperature
@@ -82,15 +82,16 @@ impl Calibration {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::Config(format!("cannot serialise the calibration: {e}")))?;
+        let text = serde_json::to_string_pretty(self).map_err(|e| {
+            Error::InvalidArgument(format!("cannot serialise the calibration: {e}"))
+        })?;
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
     }
 
     /// Refuses a calibration fitted for other labels or another template than the server's.
     pub fn check_fits(&self, path: &Path, labels: &[String], template: &str) -> Result<()> {
         if self.labels != labels || self.prompt_template != template {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidArgument(format!(
                 "{} was fitted for labels {:?} with prompt template {:?}, but the server scores \
                  {labels:?} with {template:?}: refit it with `finserve eval --calibrate`, or \
                  remove it",

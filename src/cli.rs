@@ -3,33 +3,36 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::calibration::{self, Calibration};
-use crate::engine::backend::T5Backend;
 use crate::engine::prompt::{Template, TruncationDirection};
 use crate::engine::sentiment::LabelSet;
-use crate::engine::{Engine, EngineConfig, Served};
-use crate::http::types::{CalibrationInfo, InfoResponse, Limits, VariantInfo};
-use crate::http::{ApiKey, AppState, HttpLimits, RequestLimits};
+use crate::engine::{EngineConfig, RequestLimits};
+use crate::http::{ApiKeys, HttpConfig};
 use crate::hub::HubConfig;
-use crate::lora::AdapterSpec;
-use crate::metrics::METRICS;
-use crate::model::{self, LoadedModel, ModelSpec};
+use crate::model::lora::AdapterSpec;
+use crate::model::{self, ModelSpec};
+use crate::served::{ModelJob, adapter_calibration_path};
+use crate::server::ServeJob;
 
-/// What `ModelArgs::load` gives `serve` and `eval`.
-pub struct Loaded {
-    pub spec: ModelSpec,
-    pub model: LoadedModel,
-    /// The server's labels, with the calibration's temperature if one applies.
-    pub labels: LabelSet,
-    pub calibration: Option<(PathBuf, Calibration)>,
-    /// The labels and calibration of each `--variant`, in order.
-    pub variant_labels: Vec<(LabelSet, Option<(PathBuf, Calibration)>)>,
+/// A count flag that must be at least `MIN`: refused at parse time, naming the flag, never
+/// raised silently.
+fn at_least<const MIN: usize>(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a whole number: {e}"))?;
+    if n < MIN {
+        return Err(format!("must be at least {MIN} (got {n})"));
+    }
+    Ok(n)
+}
+
+/// A duration flag in milliseconds that must be at least 1.
+fn millis(s: &str) -> Result<u64, String> {
+    at_least::<1>(s).map(|n| n as u64)
 }
 
 /// A secret given as a flag: parsed like a string, never shown by `Debug`.
@@ -157,10 +160,10 @@ pub struct ModelArgs {
     #[arg(long, env = "FINSERVE_CALIBRATION")]
     pub calibration: Option<PathBuf>,
     /// Longest input in tokens (EOS included).
-    #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", default_value_t = EngineConfig::default().max_input_tokens)]
+    #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", value_parser = at_least::<2>, default_value_t = EngineConfig::default().max_input_tokens)]
     pub max_input_tokens: usize,
     /// Most inputs per engine batch.
-    #[arg(long, env = "FINSERVE_MAX_BATCH_SIZE", default_value_t = EngineConfig::default().max_batch_size)]
+    #[arg(long, env = "FINSERVE_MAX_BATCH_SIZE", value_parser = at_least::<1>, default_value_t = EngineConfig::default().max_batch_size)]
     pub max_batch_size: usize,
 }
 
@@ -190,13 +193,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FINSERVE_METRICS_PORT")]
     pub metrics_port: Option<u16>,
     /// Most padded tokens (longest input x batch size) per engine batch.
-    #[arg(long, env = "FINSERVE_MAX_BATCH_TOKENS", default_value_t = EngineConfig::default().max_batch_tokens)]
+    #[arg(long, env = "FINSERVE_MAX_BATCH_TOKENS", value_parser = at_least::<1>, default_value_t = EngineConfig::default().max_batch_tokens)]
     pub max_batch_tokens: usize,
     /// How long the engine may wait for more sentiment requests to fill a batch.
     #[arg(long, env = "FINSERVE_MAX_BATCH_WAIT_MS", default_value_t = 0)]
     pub max_batch_wait_ms: u64,
     /// Largest `max_new_tokens` a client may ask for.
-    #[arg(long, env = "FINSERVE_MAX_NEW_TOKENS", default_value_t = RequestLimits::default().max_new_tokens)]
+    #[arg(long, env = "FINSERVE_MAX_NEW_TOKENS", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_new_tokens)]
     pub max_new_tokens: usize,
     /// Most input tokens plus `max_new_tokens` of one generation (default: --max-input-tokens +
     /// --max-new-tokens).
@@ -206,54 +209,65 @@ pub struct ServeArgs {
     #[arg(long, env = "FINSERVE_MAX_STOP_SEQUENCES", default_value_t = RequestLimits::default().max_stop_sequences)]
     pub max_stop_sequences: usize,
     /// Longest stop sequence, in characters.
-    #[arg(long, env = "FINSERVE_MAX_STOP_LENGTH", default_value_t = RequestLimits::default().max_stop_length)]
+    #[arg(long, env = "FINSERVE_MAX_STOP_LENGTH", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_stop_length)]
     pub max_stop_length: usize,
     /// Most `candidate_labels` of one /v1/sentiment request.
-    #[arg(long, env = "FINSERVE_MAX_CANDIDATE_LABELS", default_value_t = RequestLimits::default().max_candidate_labels)]
+    #[arg(long, env = "FINSERVE_MAX_CANDIDATE_LABELS", value_parser = at_least::<2>, default_value_t = RequestLimits::default().max_candidate_labels)]
     pub max_candidate_labels: usize,
     /// Longest candidate label, in characters.
-    #[arg(long, env = "FINSERVE_MAX_LABEL_LENGTH", default_value_t = RequestLimits::default().max_label_length)]
+    #[arg(long, env = "FINSERVE_MAX_LABEL_LENGTH", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_label_length)]
     pub max_label_length: usize,
     /// Input tokens shared by consecutive windows of a long input (`long_input: chunk`).
     #[arg(long, env = "FINSERVE_CHUNK_OVERLAP", default_value_t = RequestLimits::default().chunk_overlap)]
     pub chunk_overlap: usize,
     /// Most windows one input may need with `long_input: chunk`; longer inputs get 422.
-    #[arg(long, env = "FINSERVE_MAX_CHUNKS_PER_INPUT", default_value_t = RequestLimits::default().max_chunks_per_input)]
+    #[arg(long, env = "FINSERVE_MAX_CHUNKS_PER_INPUT", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_chunks_per_input)]
     pub max_chunks_per_input: usize,
     /// Which end `truncate` cuts when a request does not say: right (keep the start) or left.
     #[arg(long, env = "FINSERVE_TRUNCATION_DIRECTION", default_value = "right")]
     pub truncation_direction: TruncationDirection,
     /// Most inputs in one /v1/sentiment request.
-    #[arg(long, env = "FINSERVE_MAX_CLIENT_BATCH_SIZE", default_value_t = RequestLimits::default().max_client_batch_size)]
+    #[arg(long, env = "FINSERVE_MAX_CLIENT_BATCH_SIZE", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_client_batch_size)]
     pub max_client_batch_size: usize,
     /// Most requests handled at once; more get 429.
-    #[arg(long, env = "FINSERVE_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    #[arg(long, env = "FINSERVE_MAX_CONCURRENT_REQUESTS", value_parser = at_least::<1>, default_value_t = HttpConfig::default().max_concurrent_requests)]
     pub max_concurrent_requests: usize,
     /// Largest request body in bytes; larger get 413.
-    #[arg(long, env = "FINSERVE_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
+    #[arg(long, env = "FINSERVE_MAX_BODY_BYTES", value_parser = at_least::<1>, default_value_t = HttpConfig::default().max_body_bytes)]
     pub max_body_bytes: usize,
     /// Per-request time limit in milliseconds; slower requests get 504.
-    #[arg(long, env = "FINSERVE_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(long, env = "FINSERVE_REQUEST_TIMEOUT_MS", value_parser = millis, default_value_t = HttpConfig::default().request_timeout.as_millis() as u64)]
     pub request_timeout_ms: u64,
     /// After this many failed engine batches in a row, /health answers 503 (until one succeeds),
     /// so an orchestrator restarts the server.
-    #[arg(long, env = "FINSERVE_MAX_FAILED_BATCHES", default_value_t = 5)]
+    #[arg(long, env = "FINSERVE_MAX_FAILED_BATCHES", value_parser = at_least::<1>, default_value_t = HttpConfig::default().max_failed_batches)]
     pub max_failed_batches: usize,
     /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "FINSERVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
-    /// Require this key on /v1/* and /info (`Authorization: Bearer` or `x-api-key`). Prefer
-    /// --api-key-file: a key given here shows in the process list.
+    /// Require this key on /v1/*, /tokenize, /decode and /info (`Authorization: Bearer` or
+    /// `x-api-key`); repeat for several valid keys. Prefer --api-key-file: a key given here shows
+    /// in the process list and rotates only with a restart.
     #[arg(
         long,
         env = "FINSERVE_API_KEY",
         hide_env_values = true,
         conflicts_with = "api_key_file"
     )]
-    pub api_key: Option<Secret>,
-    /// Read the API key from this file (its first line; e.g. a mounted Kubernetes secret).
+    pub api_key: Vec<Secret>,
+    /// Read the API keys from this file, one per line (blank lines and `#` comments skipped),
+    /// e.g. a Kubernetes Secret mounted as a directory (not with subPath, which never updates).
+    /// Re-read when it changes and on SIGHUP: keys rotate without a restart.
     #[arg(long, env = "FINSERVE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// How often --api-key-file is checked for changes, in milliseconds.
+    #[arg(long, env = "FINSERVE_API_KEY_FILE_POLL_MS", value_parser = millis, default_value_t = 2000)]
+    pub api_key_file_poll_ms: u64,
+    /// Longest time a client may take to send a request's headers, or its body once the headers
+    /// are in, in milliseconds; slower connections are closed (408 for a stalled body). A request
+    /// takes a --max-concurrent-requests slot only once its body has arrived.
+    #[arg(long, env = "FINSERVE_CLIENT_TIMEOUT_MS", value_parser = millis, default_value_t = HttpConfig::default().client_timeout.as_millis() as u64)]
+    pub client_timeout_ms: u64,
     /// Enable CORS for these origins (comma-separated, `*` for any). Off by default.
     #[arg(long, env = "FINSERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
@@ -268,45 +282,104 @@ impl ServeArgs {
             .unwrap_or_else(|| crate::http::openapi::DEMO_MODEL_NAME.into())
     }
 
-    /// The API key from --api-key or --api-key-file, if any.
-    fn api_key(&self) -> anyhow::Result<Option<ApiKey>> {
-        let key = match (&self.api_key, &self.api_key_file) {
-            (Some(Secret(key)), _) => key.clone(),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
-                let key = text.lines().next().unwrap_or("").trim().to_string();
-                if key.is_empty() {
-                    bail!("--api-key-file {} is empty", path.display());
-                }
-                key
-            }
-            (None, None) => return Ok(None),
-        };
-        Ok((!key.is_empty()).then(|| ApiKey::new(&key)))
+    /// The API keys from --api-key or --api-key-file, if any.
+    fn api_keys(&self) -> anyhow::Result<Option<Arc<ApiKeys>>> {
+        if let Some(path) = &self.api_key_file {
+            let keys = ApiKeys::from_file(path.clone())
+                .map_err(anyhow::Error::msg)
+                .context("--api-key-file")?;
+            return Ok(Some(Arc::new(keys)));
+        }
+        let keys: Vec<String> = self
+            .api_key
+            .iter()
+            .map(|Secret(k)| k.clone())
+            .filter(|k| !k.is_empty())
+            .collect();
+        Ok((!keys.is_empty()).then(|| Arc::new(ApiKeys::fixed(&keys))))
     }
 
     fn request_limits(&self) -> anyhow::Result<RequestLimits> {
-        let max_new_tokens = self.max_new_tokens.max(1);
         let max_input = self.model.max_input_tokens;
-        let max_total_tokens = self.max_total_tokens.unwrap_or(max_input + max_new_tokens);
+        let max_total_tokens = self
+            .max_total_tokens
+            .unwrap_or(max_input + self.max_new_tokens);
         if max_total_tokens <= max_input {
             bail!(
                 "--max-total-tokens ({max_total_tokens}) must be more than --max-input-tokens \
                  ({max_input}) so every valid input can generate at least one token"
             );
         }
+        if self.chunk_overlap >= max_input {
+            bail!(
+                "--chunk-overlap ({}) must be less than --max-input-tokens ({max_input}) so \
+                 consecutive windows of a long input advance",
+                self.chunk_overlap
+            );
+        }
         Ok(RequestLimits {
-            max_new_tokens,
+            max_new_tokens: self.max_new_tokens,
             max_total_tokens,
             max_stop_sequences: self.max_stop_sequences,
-            max_stop_length: self.max_stop_length.max(1),
-            max_client_batch_size: self.max_client_batch_size.max(1),
-            max_candidate_labels: self.max_candidate_labels.max(2),
-            max_label_length: self.max_label_length.max(1),
+            max_stop_length: self.max_stop_length,
+            max_client_batch_size: self.max_client_batch_size,
+            max_candidate_labels: self.max_candidate_labels,
+            max_label_length: self.max_label_length,
             chunk_overlap: self.chunk_overlap,
-            max_chunks_per_input: self.max_chunks_per_input.max(1),
-            truncation_direction: self.truncation_direction,
+            max_chunks_per_input: self.max_chunks_per_input,
+        })
+    }
+
+    /// The serve run these options describe.
+    fn job(self) -> anyhow::Result<ServeJob> {
+        let m = &self.model;
+        if self.max_batch_tokens < m.max_input_tokens {
+            bail!(
+                "--max-batch-tokens ({}) must be at least --max-input-tokens ({}) so every valid \
+                 input fits a batch",
+                self.max_batch_tokens,
+                m.max_input_tokens
+            );
+        }
+        let name = self.model_name();
+        if let Some(v) = self.variants.iter().find(|v| v.name == name) {
+            bail!(
+                "--variant {}: the default model is already served as `{name}` (see --served-model-name)",
+                v.name
+            );
+        }
+        let limits = self.request_limits()?;
+        let http = HttpConfig {
+            api_keys: self.api_keys()?,
+            api_key_file_poll: Duration::from_millis(self.api_key_file_poll_ms),
+            client_timeout: Duration::from_millis(self.client_timeout_ms),
+            max_body_bytes: self.max_body_bytes,
+            max_concurrent_requests: self.max_concurrent_requests,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            cors_allow_origin: self.cors_allow_origin.clone(),
+            max_failed_batches: self.max_failed_batches,
+            metrics_on_api: self.metrics_port.is_none(),
+            model_name: name.clone(),
+            default_truncation_direction: self.truncation_direction,
+            limits: limits.clone(),
+        };
+        let engine = EngineConfig {
+            max_batch_tokens: self.max_batch_tokens,
+            max_batch_wait: Duration::from_millis(self.max_batch_wait_ms),
+            queue_capacity: self.max_concurrent_requests * limits.max_client_batch_size,
+            limits,
+            ..m.engine_config()
+        };
+        Ok(ServeJob {
+            model: m.job(self.variants.clone())?,
+            name,
+            device: m.base.device.clone(),
+            host: self.host,
+            port: self.port,
+            metrics_port: self.metrics_port,
+            engine,
+            http,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
         })
     }
 }
@@ -320,6 +393,13 @@ pub struct MergeArgs {
     pub out: PathBuf,
 }
 
+/// `eval --long-input`: what happens to rows over --max-input-tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalLongInput {
+    Error,
+    Chunk,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
     #[command(flatten)]
@@ -331,9 +411,27 @@ pub struct EvalArgs {
     pub text_column: String,
     #[arg(long, env = "FINSERVE_EVAL_LABEL_COLUMN", default_value = "label")]
     pub label_column: String,
-    /// Write one JSON line per row (text, gold label, prediction, scores).
+    /// Write one JSON line per row (text, gold label, prediction, scores; or the refusal).
     #[arg(long, env = "FINSERVE_EVAL_OUT")]
     pub out: Option<PathBuf>,
+    /// Cut rows longer than --max-input-tokens (with the template), as a request's `truncate`
+    /// does; without it (and without --long-input chunk) such rows are refused and reported,
+    /// as the server would answer them.
+    #[arg(long, env = "FINSERVE_EVAL_TRUNCATE")]
+    pub truncate: bool,
+    /// Which end --truncate cuts: right (keep the start) or left.
+    #[arg(long, env = "FINSERVE_TRUNCATION_DIRECTION", default_value = "right")]
+    pub truncation_direction: TruncationDirection,
+    /// Rows over --max-input-tokens: `error` (refused, as above) or `chunk` (scored in windows
+    /// of --chunk-overlap overlapping tokens, as a request's `long_input: "chunk"`).
+    #[arg(long, env = "FINSERVE_EVAL_LONG_INPUT", default_value = "error")]
+    pub long_input: EvalLongInput,
+    /// Input tokens shared by consecutive windows with --long-input chunk.
+    #[arg(long, env = "FINSERVE_CHUNK_OVERLAP", default_value_t = RequestLimits::default().chunk_overlap)]
+    pub chunk_overlap: usize,
+    /// Most windows one row may need with --long-input chunk.
+    #[arg(long, env = "FINSERVE_MAX_CHUNKS_PER_INPUT", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_chunks_per_input)]
+    pub max_chunks_per_input: usize,
     /// Fit a softmax temperature on this data and write it (see --calibration-out).
     #[arg(long, env = "FINSERVE_EVAL_CALIBRATE")]
     pub calibrate: bool,
@@ -471,34 +569,46 @@ impl TrainArgs {
 }
 
 impl EvalArgs {
-    /// Loads the model and resolves where a fitted calibration goes.
+    /// The eval run these options describe, with where a fitted calibration goes.
     fn job(self) -> anyhow::Result<crate::eval::EvalJob> {
         let m = &self.model;
-        let Loaded {
-            spec,
-            model,
-            labels,
-            calibration,
-            ..
-        } = m.load(Vec::new())?;
+        let model = m.job(Vec::new())?;
         let calibration_out = match (self.calibration_out, self.calibrate) {
             (Some(p), _) => Some(p),
-            (None, true) => Some(ModelArgs::adapter_calibration_path(&spec.adapters).context(
+            (None, true) => Some(adapter_calibration_path(&model.spec.adapters).context(
                 "--calibrate writes beside the last adapter, and there is no local adapter directory: \
                  pass --calibration-out",
             )?),
             (None, false) => None,
         };
+        if self.long_input == EvalLongInput::Chunk && self.chunk_overlap >= m.max_input_tokens {
+            bail!(
+                "--chunk-overlap ({}) must be less than --max-input-tokens ({})",
+                self.chunk_overlap,
+                m.max_input_tokens
+            );
+        }
+        let long_input = match (self.long_input, self.truncate) {
+            (EvalLongInput::Chunk, _) => crate::engine::infer::LongInput::Chunk,
+            (EvalLongInput::Error, true) => {
+                crate::engine::infer::LongInput::Truncate(self.truncation_direction)
+            }
+            (EvalLongInput::Error, false) => crate::engine::infer::LongInput::Refuse,
+        };
+        let limits = RequestLimits {
+            chunk_overlap: self.chunk_overlap,
+            max_chunks_per_input: self.max_chunks_per_input,
+            max_client_batch_size: m.max_batch_size,
+            ..RequestLimits::default()
+        };
         Ok(crate::eval::EvalJob {
-            name: spec.model,
             model,
-            labels,
-            calibration,
-            prompt_template: m.prompt.prompt_template.clone(),
             engine: EngineConfig {
                 max_batch_tokens: m.max_batch_size * m.max_input_tokens,
+                limits,
                 ..m.engine_config()
             },
+            long_input,
             data: self.data,
             text_column: self.text_column,
             label_column: self.label_column,
@@ -511,9 +621,6 @@ impl EvalArgs {
 impl ModelArgs {
     /// The model these options name (see [`model::resolve`]).
     pub fn spec(&self) -> anyhow::Result<ModelSpec> {
-        if self.max_input_tokens < 2 || self.max_batch_size == 0 {
-            bail!("--max-input-tokens must be >= 2 and --max-batch-size >= 1");
-        }
         let choice = model::resolve::ModelChoice {
             model: self.base.model.clone(),
             revision: self.base.revision.clone(),
@@ -526,6 +633,18 @@ impl ModelArgs {
         Ok(choice.resolve()?)
     }
 
+    /// The model to load with `variants`, its labels and calibration.
+    fn job(&self, variants: Vec<model::VariantSpec>) -> anyhow::Result<ModelJob> {
+        let mut spec = self.spec()?;
+        spec.variants = variants;
+        Ok(ModelJob {
+            spec,
+            labels: self.prompt.labels.clone(),
+            prompt_template: self.prompt.prompt_template.clone(),
+            calibration: self.calibration.clone(),
+        })
+    }
+
     /// The engine settings these options fix; the batching knobs of `serve` stay at their defaults.
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
@@ -534,63 +653,6 @@ impl ModelArgs {
             prompt_template: self.prompt.prompt_template.clone(),
             ..EngineConfig::default()
         }
-    }
-
-    /// `calibration.json` in the last adapter's directory, when that is a local directory.
-    pub fn adapter_calibration_path(adapters: &[AdapterSpec]) -> Option<PathBuf> {
-        adapters
-            .last()
-            .map(|a| PathBuf::from(&a.source))
-            .filter(|dir| dir.is_dir())
-            .map(|dir| dir.join(calibration::FILE_NAME))
-    }
-
-    /// Loads the model with `variants` and the label sets, each calibrated when a calibration
-    /// applies.
-    pub fn load(&self, variants: Vec<model::VariantSpec>) -> anyhow::Result<Loaded> {
-        let mut spec = self.spec()?;
-        spec.variants = variants;
-        self.prompt.template()?;
-        let loaded = model::load(&spec, &HubConfig::from_env())
-            .with_context(|| format!("cannot load model `{}`", spec.model))?;
-        let (labels, calibration) =
-            self.labels(&loaded, self.calibration.clone(), &spec.adapters)?;
-        let variant_labels = spec
-            .variants
-            .iter()
-            .map(|v| {
-                self.labels(&loaded, None, &v.adapters)
-                    .with_context(|| format!("variant `{}`", v.name))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(Loaded {
-            spec,
-            model: loaded,
-            labels,
-            calibration,
-            variant_labels,
-        })
-    }
-
-    /// `--labels`, calibrated by `explicit` or else by `calibration.json` beside the last of
-    /// `adapters`, if there is one.
-    fn labels(
-        &self,
-        loaded: &LoadedModel,
-        explicit: Option<PathBuf>,
-        adapters: &[AdapterSpec],
-    ) -> anyhow::Result<(LabelSet, Option<(PathBuf, Calibration)>)> {
-        let mut labels = self.prompt.label_set(&loaded.tokenizer)?;
-        let path =
-            explicit.or_else(|| Self::adapter_calibration_path(adapters).filter(|p| p.is_file()));
-        let Some(path) = path else {
-            return Ok((labels, None));
-        };
-        let c = Calibration::load(&path)?;
-        c.check_fits(&path, &self.prompt.labels, &self.prompt.prompt_template)?;
-        labels = labels.with_temperature(c.temperature)?;
-        tracing::info!(file = %path.display(), temperature = c.temperature, "sentiment scores calibrated");
-        Ok((labels, Some((path, c))))
     }
 }
 
@@ -608,8 +670,8 @@ pub fn run() -> anyhow::Result<()> {
         .context("cannot start the compute thread pool")?;
     let _telemetry = crate::telemetry::init(cli.json_logs, cli.otlp_endpoint.as_deref())?;
     match cli.command {
-        None => serve(cli.serve),
-        Some(Command::Serve(args)) => serve(args),
+        None => crate::server::run(cli.serve.job()?),
+        Some(Command::Serve(args)) => crate::server::run(args.job()?),
         Some(Command::Merge(args)) => crate::export::run(args.model.spec()?, &args.out),
         Some(Command::Eval(args)) => crate::eval::run(args.job()?),
         Some(Command::Train(args)) => args.run(pieces),
@@ -619,251 +681,4 @@ pub fn run() -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-}
-
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    rt.block_on(serve_async(args))
-}
-
-async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
-    std::sync::LazyLock::force(&METRICS);
-    let m = &args.model;
-    if args.max_batch_tokens < m.max_input_tokens {
-        bail!(
-            "--max-batch-tokens must be at least --max-input-tokens so every valid input fits a batch"
-        );
-    }
-    let limits = HttpLimits {
-        api_key: args.api_key()?,
-        max_body_bytes: args.max_body_bytes,
-        max_concurrent_requests: args.max_concurrent_requests.max(1),
-        request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
-        cors_allow_origin: args.cors_allow_origin.clone(),
-        max_failed_batches: args.max_failed_batches.max(1),
-        metrics_on_api: args.metrics_port.is_none(),
-        model_name: args.model_name(),
-        request: args.request_limits()?,
-    };
-    let state = AppState::new(limits);
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-    tracing::info!(address = %listener.local_addr()?, "listening (not ready until the model is loaded)");
-    let metrics_listener = match args.metrics_port {
-        Some(port) => {
-            let l = tokio::net::TcpListener::bind((args.host.as_str(), port))
-                .await
-                .with_context(|| {
-                    format!("cannot listen on {}:{port} (--metrics-port)", args.host)
-                })?;
-            tracing::info!(metrics_address = %l.local_addr()?, "serving /metrics");
-            Some(l)
-        }
-        None => None,
-    };
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut stop_wait = stop_rx.clone();
-    let server = tokio::spawn(crate::http::serve(
-        listener,
-        metrics_listener,
-        state.clone(),
-        async move {
-            let _ = stop_wait.wait_for(|s| *s).await;
-        },
-        Duration::from_secs(args.shutdown_timeout),
-    ));
-    let signal = tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-
-    let load_args = args.clone();
-    let request_limits = state.limits.request.clone();
-    let max_failed_batches = state.limits.max_failed_batches;
-    let loading = tokio::task::spawn_blocking(move || {
-        start_engine(&load_args, request_limits, max_failed_batches)
-    });
-    let mut stopped = stop_rx.clone();
-    tokio::select! {
-        loaded = loading => {
-            let (engine, info) = loaded.context("model loading task failed")??;
-            let _ = state.info.set(info);
-            let _ = state.engine.set(engine);
-            state.ready.store(true, Ordering::SeqCst);
-            tracing::info!("ready");
-        }
-        _ = stopped.wait_for(|s| *s) => {
-            tracing::info!("stopped while loading");
-        }
-    }
-    server.await.context("server task failed")??;
-    signal.abort();
-    tracing::info!("shut down cleanly");
-    Ok(())
-}
-
-/// Loads and merges the model, starts the engine and warms it up with one request of each kind.
-fn start_engine(
-    args: &ServeArgs,
-    request: RequestLimits,
-    max_failed_batches: usize,
-) -> anyhow::Result<(Engine, InfoResponse)> {
-    let m = &args.model;
-    let name = args.model_name();
-    if let Some(v) = args.variants.iter().find(|v| v.name == name) {
-        bail!(
-            "--variant {}: the default model is already served as `{name}` (see --served-model-name)",
-            v.name
-        );
-    }
-    let Loaded {
-        spec,
-        model: loaded,
-        labels,
-        calibration,
-        variant_labels,
-    } = m.load(args.variants.clone())?;
-    METRICS.model_load_seconds.set(loaded.load_seconds);
-    METRICS.merge_seconds.set(loaded.merge_seconds);
-    tracing::info!(
-        seconds = loaded.load_seconds,
-        merge_seconds = loaded.merge_seconds,
-        adapters = loaded.reports.len(),
-        variants = loaded.variants.len(),
-        weight_bytes = loaded.weight_bytes,
-        quantize = spec.quantize.as_str(),
-        "model loaded"
-    );
-    let config = EngineConfig {
-        max_batch_tokens: args.max_batch_tokens,
-        max_batch_wait: Duration::from_millis(args.max_batch_wait_ms),
-        queue_capacity: args.max_concurrent_requests.max(1) * request.max_client_batch_size,
-        ..m.engine_config()
-    };
-    let calibration_info = |c: &Option<(PathBuf, Calibration)>| {
-        c.as_ref().map(|(path, c)| CalibrationInfo {
-            temperature: c.temperature,
-            file: path.display().to_string(),
-        })
-    };
-    let info = InfoResponse {
-        model_id: spec.model.clone(),
-        model_revision: spec.revision.clone(),
-        model_dir: loaded.dir.display().to_string(),
-        model_type: loaded
-            .model
-            .config()
-            .model_type
-            .clone()
-            .unwrap_or_else(|| "t5".into()),
-        adapters: loaded.reports.clone(),
-        dtype: format!("{:?}", spec.dtype).to_lowercase(),
-        quantize: spec.quantize.as_str().to_string(),
-        device: m.base.device.clone(),
-        labels: labels.names.clone(),
-        prompt_template: m.prompt.prompt_template.clone(),
-        vocab_size: loaded.tokenizer.get_vocab_size(true),
-        calibration: calibration_info(&calibration),
-        name: name.clone(),
-        unshared_bytes: loaded.unshared_bytes,
-        variants: loaded
-            .variants
-            .iter()
-            .zip(&variant_labels)
-            .map(|(v, (_, c))| VariantInfo {
-                name: v.name.clone(),
-                adapters: v.reports.clone(),
-                unshared_bytes: v.unshared_bytes,
-                calibration: calibration_info(c),
-            })
-            .collect(),
-        weight_bytes: loaded.weight_bytes,
-        limits: Limits {
-            max_input_tokens: m.max_input_tokens,
-            max_new_tokens: request.max_new_tokens,
-            max_batch_size: m.max_batch_size,
-            max_batch_tokens: args.max_batch_tokens,
-            max_batch_wait_ms: args.max_batch_wait_ms,
-            max_client_batch_size: request.max_client_batch_size,
-            max_concurrent_requests: args.max_concurrent_requests,
-            max_body_bytes: args.max_body_bytes,
-            request_timeout_ms: args.request_timeout_ms,
-            max_total_tokens: request.max_total_tokens,
-            max_stop_sequences: request.max_stop_sequences,
-            max_stop_length: request.max_stop_length,
-            max_failed_batches,
-            max_candidate_labels: request.max_candidate_labels,
-            max_label_length: request.max_label_length,
-            chunk_overlap: request.chunk_overlap,
-            max_chunks_per_input: request.max_chunks_per_input,
-            truncation_direction: request.truncation_direction,
-        },
-        load_seconds: loaded.load_seconds,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let served = std::iter::once(Served {
-        name,
-        backend: T5Backend::new(loaded.model),
-        labels,
-    })
-    .chain(
-        loaded
-            .variants
-            .into_iter()
-            .zip(variant_labels)
-            .map(|(v, (labels, _))| Served {
-                name: v.name,
-                backend: T5Backend::new(v.model),
-                labels,
-            }),
-    )
-    .collect();
-    let engine = Engine::start(served, Arc::new(loaded.tokenizer), config)?;
-    for variant in 0..engine.variants().len() {
-        warm_up(&engine, variant)?;
-    }
-    Ok((engine, info))
-}
-
-fn warm_up(engine: &Engine, variant: usize) -> anyhow::Result<()> {
-    let text = "Operating profit rose .";
-    let scores = engine.sentiment_text(text, variant)?.blocking_recv()??;
-    let name = &engine.variants()[variant].name;
-    tracing::info!(variant = %name, probs = ?scores.scores.probs, "warm-up sentiment done");
-    let params = crate::engine::generate::GenerateParams {
-        max_new_tokens: 2,
-        ..Default::default()
-    };
-    let mut rx = engine.generate(engine.tokenize(text, None)?, params, variant)?;
-    while let Some(event) = rx.blocking_recv() {
-        match event {
-            crate::engine::GenerateEvent::End(_) => break,
-            crate::engine::GenerateEvent::Error(e) => bail!("warm-up generation failed: {e}"),
-            crate::engine::GenerateEvent::Token(_) => {}
-        }
-    }
-    Ok(())
 }

@@ -1,9 +1,69 @@
 //! The one error type of the library. Each variant says what went wrong in words a user can act
-//! on; `http::error` is the only place that turns them into HTTP statuses.
+//! on; `http::error` is the only place that turns them into HTTP statuses. A request the engine
+//! refuses is an [`Error::Invalid`]: it says which part of the request ([`Field`]) and which
+//! server limit ([`Limit`]) are at fault, so that each caller names them in its own terms (a
+//! JSON field, a CLI flag) and the engine names neither.
 
 use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The part of a request that an [`Error::Invalid`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    /// The texts (one of them, or how many there are).
+    Inputs,
+    /// The served variant a request names.
+    Variant,
+    /// A request's own labels.
+    Labels,
+    /// A request's own prompt template.
+    Template,
+    /// How many input tokens a generation keeps.
+    Truncate,
+    MaxNewTokens,
+    Temperature,
+    RepetitionPenalty,
+    TopK,
+    TopP,
+    Seed,
+    Stop,
+    /// Token ids to decode.
+    Ids,
+}
+
+/// A server limit that a request went over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    MaxInputTokens,
+    MaxClientBatchSize,
+    MaxChunksPerInput,
+    ChunkOverlap,
+    MaxNewTokens,
+    MaxTotalTokens,
+    MaxStopSequences,
+    MaxStopLength,
+    MaxCandidateLabels,
+    MaxLabelLength,
+}
+
+impl Limit {
+    /// The limit's name in `/info`'s `limits`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MaxInputTokens => "max_input_tokens",
+            Self::MaxClientBatchSize => "max_client_batch_size",
+            Self::MaxChunksPerInput => "max_chunks_per_input",
+            Self::ChunkOverlap => "chunk_overlap",
+            Self::MaxNewTokens => "max_new_tokens",
+            Self::MaxTotalTokens => "max_total_tokens",
+            Self::MaxStopSequences => "max_stop_sequences",
+            Self::MaxStopLength => "max_stop_length",
+            Self::MaxCandidateLabels => "max_candidate_labels",
+            Self::MaxLabelLength => "max_label_length",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -12,8 +72,15 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A model's `config.json` (or what it implies) cannot be served.
     #[error("invalid model config: {0}")]
-    Config(String),
+    ModelConfig(String),
+    /// A setting chosen at start-up (device, dtype, labels, calibration, ...) is unusable.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The engine could not start.
+    #[error("cannot start the engine: {0}")]
+    Startup(String),
     #[error("{file}: {message}")]
     Weights { file: String, message: String },
     #[error("adapter {file}: {message}")]
@@ -22,10 +89,18 @@ pub enum Error {
     Hub { model: String, message: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    #[error("{0}")]
-    Validation(String),
-    #[error("the server is at its limit of concurrent requests")]
-    Overloaded,
+    /// A request the engine refuses; `message` names neither a JSON field nor a flag.
+    #[error("{message}")]
+    Invalid {
+        field: Field,
+        /// The limit crossed, with its value.
+        limit: Option<(Limit, usize)>,
+        message: String,
+    },
+    #[error("the engine's queue is full")]
+    QueueFull,
+    #[error("the request passed its deadline")]
+    Timeout,
     #[error("inference failed: {0}")]
     Inference(String),
     #[error("the engine is not running")]
@@ -52,6 +127,24 @@ impl Error {
     pub fn adapter(file: impl ToString, message: impl ToString) -> Self {
         Self::Adapter {
             file: file.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A request refused for `field`.
+    pub fn invalid(field: Field, message: impl ToString) -> Self {
+        Self::Invalid {
+            field,
+            limit: None,
+            message: message.to_string(),
+        }
+    }
+
+    /// A request refused for `field` because it went over `limit`, whose value is `value`.
+    pub fn over_limit(field: Field, limit: Limit, value: usize, message: impl ToString) -> Self {
+        Self::Invalid {
+            field,
+            limit: Some((limit, value)),
             message: message.to_string(),
         }
     }

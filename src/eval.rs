@@ -1,7 +1,9 @@
-//! `finserve eval`: scores a labelled CSV through the same engine and batching as the server and
-//! reports accuracy, macro-F1, per-class precision/recall, the confusion matrix, throughput, and
-//! how well the scores are calibrated (ECE, Brier, NLL), before and after the temperature that
-//! applies (the served calibration, or the one `--calibrate` fits and writes).
+//! `finserve eval`: scores a labelled CSV through the same request-level call as the server
+//! ([`Engine::score`], so a row over `--max-input-tokens` is refused, truncated or chunked exactly
+//! as a request would be) and reports accuracy, macro-F1, per-class precision/recall, the
+//! confusion matrix, throughput, the rows refused and why, and how well the scores are calibrated
+//! (ECE, Brier, NLL), before and after the temperature that applies (the served calibration, or
+//! the one `--calibrate` fits and writes).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,11 +12,12 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
+use futures::StreamExt;
+
 use crate::calibration::{Calibration, quality};
-use crate::engine::backend::T5Backend;
-use crate::engine::sentiment::LabelSet;
-use crate::engine::{Engine, EngineConfig, Served};
-use crate::model::LoadedModel;
+use crate::engine::infer::{LongInput, ScoreQuery};
+use crate::engine::{Engine, EngineConfig};
+use crate::served::ModelJob;
 
 /// Gold/predicted label indices over `n` classes, and the scores derived from them.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,15 +139,11 @@ pub fn read_rows(
 
 /// One `finserve eval` run, as the command line resolved it.
 pub struct EvalJob {
-    /// The model's name in reports (its `--model`).
-    pub name: String,
-    pub model: LoadedModel,
-    /// The labels, with the served calibration's temperature if one applies.
-    pub labels: LabelSet,
-    pub calibration: Option<(PathBuf, Calibration)>,
-    pub prompt_template: String,
+    pub model: ModelJob,
     /// The batching the server would use; the queue is sized here to hold the whole file.
     pub engine: EngineConfig,
+    /// What happens to rows over `max_input_tokens`, as a request's `truncate` / `long_input`.
+    pub long_input: LongInput,
     pub data: PathBuf,
     pub text_column: String,
     pub label_column: String,
@@ -154,46 +153,88 @@ pub struct EvalJob {
     pub calibration_out: Option<PathBuf>,
 }
 
-pub fn run(job: EvalJob) -> anyhow::Result<()> {
-    let EvalJob {
-        name,
-        model: loaded,
-        labels,
-        calibration,
-        prompt_template,
-        engine: config,
-        data,
-        text_column,
-        label_column,
-        out,
-        calibration_out,
-    } = job;
-    let rows = read_rows(&data, &text_column, &label_column, &labels.names)?;
-    let names = labels.names.clone();
-    let served = Served {
-        name,
-        backend: T5Backend::new(loaded.model),
-        labels,
-    };
-    let engine = Engine::start(
-        vec![served],
-        Arc::new(loaded.tokenizer),
-        EngineConfig {
-            queue_capacity: rows.len(),
-            ..config
-        },
-    )?;
-    let start = Instant::now();
-    let mut receivers = Vec::with_capacity(rows.len());
-    for (text, _) in &rows {
-        receivers.push(engine.sentiment_text(text, 0)?);
-    }
+/// What became of one row: its scores (probabilities and log-likelihoods), or the refusal.
+type RowResult = Result<(Vec<f64>, Vec<f64>), String>;
+
+/// Scores every row through `engine`, each row its own request (so a refused row fails alone);
+/// a few requests are in flight at once so that the engine fills its batches.
+fn score_rows(
+    engine: &Engine,
+    rows: &[(String, usize)],
+    long_input: LongInput,
+) -> anyhow::Result<Vec<RowResult>> {
     let bar = indicatif::ProgressBar::new(rows.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(
             "{bar:40} {pos}/{len} sentences ({per_sec}, eta {eta})",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    let in_flight = engine.config().max_batch_size * 2;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let results = rt.block_on(
+        futures::stream::iter(rows)
+            .map(|(text, _)| {
+                let query = ScoreQuery {
+                    texts: vec![text.clone()],
+                    long_input,
+                    ..Default::default()
+                };
+                let bar = bar.clone();
+                async move {
+                    let scored = engine.score(query, None).await;
+                    bar.inc(1);
+                    scored
+                }
+            })
+            .buffered(in_flight)
+            .collect::<Vec<_>>(),
+    );
+    bar.finish_and_clear();
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(mut scored) => {
+                let text = scored
+                    .texts
+                    .pop()
+                    .context("the engine returned no scores")?;
+                Ok(Ok((text.probs, text.log_probs)))
+            }
+            Err(e @ crate::error::Error::Invalid { .. }) => Ok(Err(e.to_string())),
+            Err(e) => Err(e.into()),
+        })
+        .collect()
+}
+
+pub fn run(job: EvalJob) -> anyhow::Result<()> {
+    let EvalJob {
+        model,
+        engine: config,
+        long_input,
+        data,
+        text_column,
+        label_column,
+        out,
+        calibration_out,
+    } = job;
+    let names = model.labels.clone();
+    let rows = read_rows(&data, &text_column, &label_column, &names)?;
+    let name = model.spec.model.clone();
+    let prompt_template = model.prompt_template.clone();
+    let loaded = model.load()?;
+    let calibration = loaded.labels.first().and_then(|(_, c)| c.clone());
+    let (served, tokenizer) = loaded.served(name);
+    let engine = Engine::start(
+        served,
+        Arc::new(tokenizer),
+        EngineConfig {
+            queue_capacity: rows.len(),
+            ..config
+        },
+    )?;
+    let start = Instant::now();
+    let results = score_rows(&engine, &rows, long_input)?;
+    let elapsed = start.elapsed().as_secs_f64();
     let mut out = match &out {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
@@ -202,27 +243,32 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
     };
     let mut pairs = Vec::with_capacity(rows.len());
     let mut log_likelihoods = Vec::with_capacity(rows.len());
-    for ((text, gold), rx) in rows.iter().zip(receivers) {
-        let result = rx.blocking_recv().context("the engine stopped")??;
-        log_likelihoods.push(result.scores.log_probs.clone());
-        let probs = &result.scores.probs;
-        let pred = (0..probs.len())
-            .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
-            .unwrap_or(0);
-        pairs.push((*gold, pred));
+    let mut refused = Vec::new();
+    for (i, ((text, gold), result)) in rows.iter().zip(results).enumerate() {
+        let line = match result {
+            Ok((probs, log_probs)) => {
+                let pred = (0..probs.len())
+                    .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
+                    .unwrap_or(0);
+                pairs.push((*gold, pred));
+                log_likelihoods.push(log_probs);
+                serde_json::json!({
+                    "text": text,
+                    "label": names[*gold],
+                    "prediction": names[pred],
+                    "scores": names.iter().zip(&probs).map(|(n, p)| (n.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
+                })
+            }
+            Err(why) => {
+                // Row numbers as a spreadsheet shows them: the header is row 1.
+                refused.push((i + 2, why.clone()));
+                serde_json::json!({"text": text, "label": names[*gold], "error": why})
+            }
+        };
         if let Some(w) = out.as_mut() {
-            let line = serde_json::json!({
-                "text": text,
-                "label": names[*gold],
-                "prediction": names[pred],
-                "scores": names.iter().zip(probs).map(|(n, p)| (n.clone(), serde_json::json!(p))).collect::<serde_json::Map<_, _>>(),
-            });
             writeln!(w, "{line}")?;
         }
-        bar.inc(1);
     }
-    bar.finish_and_clear();
-    let elapsed = start.elapsed().as_secs_f64();
     let report = Report::new(names.clone(), &pairs);
     println!(
         "{} sentences from {} in {elapsed:.1} s ({:.1} sentences/s)\n",
@@ -230,6 +276,35 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
         data.display(),
         rows.len() as f64 / elapsed
     );
+    match long_input {
+        LongInput::Refuse => println!(
+            "rows over max_input_tokens: refused, as a request without `truncate` \
+             (--truncate or --long-input chunk to score them)"
+        ),
+        LongInput::Truncate(direction) => println!(
+            "rows over max_input_tokens: truncated from the {} (--truncate)",
+            match direction {
+                crate::engine::prompt::TruncationDirection::Right => "right (start kept)",
+                crate::engine::prompt::TruncationDirection::Left => "left (end kept)",
+            }
+        ),
+        LongInput::Chunk => println!(
+            "rows over max_input_tokens: scored in windows, token-weighted mean (--long-input chunk)"
+        ),
+    }
+    if !refused.is_empty() {
+        println!(
+            "{} rows refused and left out of the scores below:",
+            refused.len()
+        );
+        for (row, why) in &refused {
+            println!("  row {row}: {why}");
+        }
+    }
+    if pairs.is_empty() {
+        bail!("every row was refused: nothing to report");
+    }
+    println!();
     print!("{}", report.render());
     let gold: Vec<usize> = pairs.iter().map(|p| p.0).collect();
     let fitted = calibration_out.as_ref().map(|_| {

@@ -2,9 +2,10 @@
 //! merged into the weights at startup.
 //!
 //! The layers, from the outside in: [`http`] (axum routes, errors to statuses, metrics endpoint)
-//! -> [`engine`] (queue, batching, decoding, label scoring on one model thread) -> [`model`]
-//! (loading, [`lora`] merging, the T5 forward pass). [`cli`] wires them together for the
-//! `serve`, `merge` ([`export`]), `eval` ([`eval`]) and `train` ([`train`]) commands.
+//! -> [`engine`] (request-level calls, queue, batching, decoding, label scoring on one model
+//! thread) -> [`model`] (loading, LoRA merging, the T5 forward pass). [`cli`] parses the command
+//! line into jobs: [`server`] runs `serve`, [`eval`], [`export`] (`merge`) and [`train`] the
+//! others; [`served`] loads what `serve` and `eval` serve.
 
 pub mod calibration;
 pub mod cli;
@@ -14,8 +15,9 @@ pub mod eval;
 pub mod export;
 pub mod http;
 pub mod hub;
-pub mod lora;
 pub mod metrics;
 pub mod model;
+pub mod served;
+pub mod server;
 pub mod telemetry;
 pub mod train;

@@ -5,6 +5,8 @@
 //! registry, which also carries the process collector (resident memory, CPU seconds).
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus::{
     Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
@@ -24,6 +26,8 @@ pub struct Metrics {
     pub generated_tokens: IntCounterVec,
     pub time_per_output_token: Histogram,
     pub queue_size: IntGauge,
+    pub queue_inputs: IntGauge,
+    pub queue_oldest_seconds: Gauge,
     pub in_flight: IntGauge,
     pub batch_size: HistogramVec,
     pub batch_tokens: HistogramVec,
@@ -112,8 +116,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         .buckets(exponential_buckets(0.0005, 2.0, 16).expect("constant bucket parameters"))
     )
     .expect("finserve_time_per_output_token_seconds"),
-    queue_size: register_int_gauge!("finserve_queue_size", "Requests waiting for the engine")
-        .expect("finserve_queue_size"),
+    queue_size: register_int_gauge!(
+        "finserve_queue_size",
+        "Requests waiting to join an engine batch (queued or in the batcher's own queues)"
+    )
+    .expect("finserve_queue_size"),
+    queue_inputs: register_int_gauge!(
+        "finserve_queue_inputs",
+        "Inputs of the requests waiting to join an engine batch"
+    )
+    .expect("finserve_queue_inputs"),
+    queue_oldest_seconds: register_gauge!(
+        "finserve_queue_oldest_seconds",
+        "How long the oldest request waiting to join an engine batch has waited (0 when none)"
+    )
+    .expect("finserve_queue_oldest_seconds"),
     in_flight: register_int_gauge!("finserve_in_flight_requests", "Requests being handled")
         .expect("finserve_in_flight_requests"),
     batch_size: counts(
@@ -170,9 +187,32 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     .expect("finserve_failed_batches_in_a_row"),
 });
 
+/// When the oldest waiting request arrived, in microseconds since the Unix epoch; 0 when none
+/// waits. Kept as a time, not an age, so that a scrape reads the age at that moment.
+static OLDEST_WAITING: AtomicU64 = AtomicU64::new(0);
+
+/// Records when the oldest request waiting for the engine arrived (`None`: none waits).
+pub fn set_oldest_waiting(at: Option<SystemTime>) {
+    let micros = at.map_or(0, |t| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros().max(1) as u64)
+    });
+    OLDEST_WAITING.store(micros, Ordering::SeqCst);
+}
+
 /// The text exposition of every registered metric.
 pub fn render() -> Result<String, prometheus::Error> {
     LazyLock::force(&METRICS);
+    let oldest = OLDEST_WAITING.load(Ordering::SeqCst);
+    let age = if oldest == 0 {
+        0.0
+    } else {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        now.saturating_sub(oldest) as f64 / 1e6
+    };
+    METRICS.queue_oldest_seconds.set(age);
     let families = prometheus::gather();
     prometheus::TextEncoder::new().encode_to_string(&families)
 }

@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use finserve::engine::backend::T5Backend;
+use finserve::engine::infer::{LongInput, ScoreQuery};
+use finserve::engine::prompt::TruncationDirection;
 use finserve::engine::sentiment::LabelSet;
 use finserve::engine::{Engine, EngineConfig, Served};
 use finserve::hub::HubConfig;
-use finserve::lora::AdapterSpec;
 use finserve::model::linear::Quantization;
+use finserve::model::lora::AdapterSpec;
 use finserve::model::{self, ModelSpec};
 
 fn repo() -> PathBuf {
@@ -91,14 +93,19 @@ const UNAMBIGUOUS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The server's default scoring of `text`: the server's template and labels, cut from the right
+/// when too long.
+fn probs(e: &Engine, text: &str) -> Vec<f64> {
+    let query = ScoreQuery {
+        texts: vec![text.to_string()],
+        long_input: LongInput::Truncate(TruncationDirection::Right),
+        ..Default::default()
+    };
+    e.score_blocking(query).unwrap().texts.remove(0).probs
+}
+
 fn predict(e: &Engine, text: &str) -> String {
-    let out = e
-        .sentiment_text(text, 0)
-        .unwrap()
-        .blocking_recv()
-        .unwrap()
-        .unwrap();
-    let p = &out.scores.probs;
+    let p = &probs(e, text);
     let best = (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
     e.labels().names[best].clone()
 }
@@ -158,13 +165,18 @@ fn score_test_set(e: &Engine) -> (Vec<Vec<f64>>, Vec<usize>) {
         .collect();
     let mut probs = Vec::new();
     for chunk in rows.chunks(32) {
-        let pending: Vec<_> = chunk
-            .iter()
-            .map(|(text, _)| e.sentiment_text(text, 0).unwrap())
-            .collect();
-        for rx in pending {
-            probs.push(rx.blocking_recv().unwrap().unwrap().scores.probs);
-        }
+        let query = ScoreQuery {
+            texts: chunk.iter().map(|(text, _)| text.clone()).collect(),
+            long_input: LongInput::Truncate(TruncationDirection::Right),
+            ..Default::default()
+        };
+        probs.extend(
+            e.score_blocking(query)
+                .unwrap()
+                .texts
+                .into_iter()
+                .map(|t| t.probs),
+        );
     }
     (probs, gold)
 }

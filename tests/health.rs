@@ -14,7 +14,7 @@ use finserve::engine::backend::{Backend, Choice, StepRow};
 use finserve::engine::sentiment::{LabelScores, LabelSet};
 use finserve::engine::{Engine, EngineConfig, Served};
 use finserve::error::{Error, Result};
-use finserve::http::{AppState, HttpLimits, RequestLimits};
+use finserve::http::{AppState, HttpConfig};
 use serde_json::{Value, json};
 
 /// A model whose label scoring fails while `fail` is set, and whose decode step, while `die` is
@@ -82,16 +82,13 @@ fn serve(model: Faulty, max_failed_batches: usize) -> String {
         labels,
     };
     let engine = Engine::start(vec![served], Arc::new(tokenizer), EngineConfig::default()).unwrap();
-    let state = AppState::new(HttpLimits {
-        api_key: None,
+    let state = AppState::new(HttpConfig {
         max_body_bytes: 1 << 20,
         max_concurrent_requests: 64,
         request_timeout: Duration::from_secs(30),
-        cors_allow_origin: Vec::new(),
         max_failed_batches,
-        metrics_on_api: true,
         model_name: "faulty".into(),
-        request: RequestLimits::default(),
+        ..HttpConfig::default()
     });
     assert!(state.engine.set(engine).is_ok());
     state.ready.store(true, Ordering::SeqCst);

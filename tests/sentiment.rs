@@ -309,3 +309,98 @@ fn calibration_is_fitted_by_eval_and_applied_by_serve() {
         "{err}"
     );
 }
+
+/// `finserve eval` scores a CSV row through the same call as a `/v1/sentiment` request: the same
+/// scores for the same row, and a row over `--max-input-tokens` refused (and reported) unless
+/// `--truncate` asks for what a request's `truncate` does.
+#[test]
+fn eval_scores_rows_as_the_server_does() {
+    let f = common::fixtures();
+    let model = f.join("mt5_base").display().to_string();
+    let adapter = f.join("adapters/qv").display().to_string();
+    let long = format!(
+        "{TEXT} {}",
+        "Net sales grew by twelve percent . ".repeat(12)
+    );
+    let rows = [TEXT, "Profit fell sharply .", long.as_str()];
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rows.csv");
+    let mut csv = String::from("sentence,label\n");
+    for (row, label) in rows.iter().zip(["positive", "negative", "neutral"]) {
+        csv += &format!("\"{row}\",{label}\n");
+    }
+    std::fs::write(&data, csv).unwrap();
+    let eval = |extra: &[&str]| {
+        let out_path = dir.path().join("out.jsonl");
+        let out = Command::new(env!("CARGO_BIN_EXE_finserve"))
+            .args(["eval", "--model", &model, "--adapter", &adapter])
+            .args(["--max-input-tokens", "48", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out_path)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<Value> = std::fs::read_to_string(out_path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (stdout, lines)
+    };
+    let s = start(&["--max-input-tokens", "48", "--chunk-overlap", "8"]);
+    let served = |extra: Value| {
+        let mut body = json!({"inputs": rows});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        s.post("/v1/sentiment", &body)
+    };
+    let same = |line: &Value, entry: &Value| {
+        for (label, score) in common::label_scores(entry) {
+            let eval_score = line["scores"][&label].as_f64().unwrap();
+            assert!(
+                (eval_score - score).abs() < 1e-6,
+                "{label}: {eval_score} vs {score}"
+            );
+        }
+    };
+
+    // Refused by both: the server answers 422, eval reports the row and scores the others.
+    let (code, e) = served(json!({}));
+    assert_eq!(code, 422, "{e}");
+    let (stdout, lines) = eval(&[]);
+    assert!(stdout.contains("1 rows refused"), "{stdout}");
+    assert!(
+        stdout.contains("row 4:") && stdout.contains("max_input_tokens"),
+        "{stdout}"
+    );
+    assert!(lines[2]["error"].as_str().is_some(), "{}", lines[2]);
+    let (code, short) = s.post("/v1/sentiment", &json!({"inputs": &rows[..2]}));
+    assert_eq!(code, 200, "{short}");
+    same(&lines[0], &short[0]);
+    same(&lines[1], &short[1]);
+
+    // Truncated by both, from the same end.
+    let (code, cut) = served(json!({"truncate": true, "truncation_direction": "left"}));
+    assert_eq!(code, 200, "{cut}");
+    let (stdout, lines) = eval(&["--truncate", "--truncation-direction", "left"]);
+    assert!(stdout.contains("truncated from the left"), "{stdout}");
+    for (line, entry) in lines.iter().zip(cut.as_array().unwrap()) {
+        same(line, entry);
+    }
+
+    // Scored in windows by both.
+    let (code, chunked) = served(json!({"parameters": {"long_input": "chunk"}}));
+    assert_eq!(code, 200, "{chunked}");
+    let (_, lines) = eval(&["--long-input", "chunk", "--chunk-overlap", "8"]);
+    for (line, entry) in lines.iter().zip(chunked.as_array().unwrap()) {
+        same(line, entry);
+    }
+}

@@ -20,6 +20,8 @@ fn routes_statuses_headers_and_spec() {
     let s = start(&[
         "--max-input-tokens",
         "24",
+        "--chunk-overlap",
+        "8",
         "--max-new-tokens",
         "40",
         "--max-body-bytes",
@@ -852,4 +854,203 @@ fn without_a_model_it_says_what_to_pass() {
         err.contains("--model") && err.contains("FINSERVE_HOME"),
         "{err}"
     );
+}
+
+/// Every `route` label value is one route's path (one spelling per route, OpenAI routes
+/// included), and no text a request chooses becomes a label value: 100 distinct candidate label
+/// sets add no series, and a line break in an unknown `adapter_id` cannot forge a log line.
+#[test]
+fn metric_labels_are_bounded_and_user_strings_stay_on_one_log_line() {
+    let s = start(&[]);
+    let routes = [
+        "/v1/sentiment",
+        "/v1/generate",
+        "/tokenize",
+        "/decode",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/info",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/openapi.json",
+        "/",
+        "/docs",
+        "unmatched",
+    ];
+    let model = s.get("/v1/models").1;
+    let model: Value = serde_json::from_str(&model).unwrap();
+    let model = model["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(s.post("/v1/sentiment", &json!({"inputs": SHORT})).0, 200);
+    let generate = json!({"inputs": SHORT, "parameters": {"max_new_tokens": 2}});
+    assert_eq!(s.post("/v1/generate", &generate).0, 200);
+    let stream = json!({"inputs": SHORT, "stream": true, "parameters": {"max_new_tokens": 2}});
+    assert_eq!(s.post_raw("/v1/generate", &stream.to_string(), &[]).0, 200);
+    assert_eq!(s.post("/tokenize", &json!({"inputs": SHORT})).0, 200);
+    assert_eq!(s.post("/decode", &json!({"ids": [5, 6]})).0, 200);
+    for stream in [false, true] {
+        let cmpl = json!({"model": model, "prompt": SHORT, "max_tokens": 2, "stream": stream});
+        assert_eq!(s.post_raw("/v1/completions", &cmpl.to_string(), &[]).0, 200);
+        let chat = json!({"model": model, "messages": [{"role": "user", "content": SHORT}],
+                          "max_tokens": 2, "stream": stream});
+        assert_eq!(
+            s.post_raw("/v1/chat/completions", &chat.to_string(), &[]).0,
+            200
+        );
+    }
+    for path in [
+        "/info",
+        "/health",
+        "/ready",
+        "/openapi.json",
+        "/",
+        "/docs/",
+        "/nowhere",
+    ] {
+        s.get(path);
+    }
+    let route_values = |metrics: &str| -> std::collections::BTreeSet<String> {
+        metrics
+            .split("route=\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(String::from)
+            .collect()
+    };
+    let seen = route_values(&s.metrics());
+    for value in &seen {
+        assert!(
+            routes.contains(&value.as_str()),
+            "unknown route label {value:?}"
+        );
+    }
+    for route in [
+        "/v1/sentiment",
+        "/v1/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+    ] {
+        assert!(seen.contains(route), "{route} missing from {seen:?}");
+    }
+
+    // Per-request labels are counted under one fixed value.
+    let series = |m: &str| m.lines().filter(|l| !l.starts_with('#')).count();
+    let custom = |i: usize| {
+        json!({"inputs": SHORT, "parameters": {
+        "candidate_labels": [format!("up{i}"), format!("down{i}")]}})
+    };
+    assert_eq!(s.post("/v1/sentiment", &custom(1000)).0, 200);
+    let before = s.metrics();
+    for i in 0..100 {
+        assert_eq!(s.post("/v1/sentiment", &custom(i)).0, 200);
+    }
+    let after = s.metrics();
+    assert_eq!(series(&before), series(&after), "metric series grew");
+    assert!(!after.contains("up7") && !after.contains("down7"));
+    assert!(after.contains("label=\"custom\""));
+
+    // A user string with a line break is logged escaped, on its request's line.
+    let forged =
+        json!({"inputs": SHORT, "parameters": {"adapter_id": "x\nFORGED request refused"}});
+    assert_eq!(s.post("/v1/sentiment", &forged).0, 422);
+    let logs = s.log_text();
+    assert!(logs.contains("x\\nFORGED"), "{logs}");
+    assert!(!logs.lines().any(|l| l.starts_with("FORGED")), "{logs}");
+}
+
+/// 64 clients that send headers and then stall mid-body hold no `--max-concurrent-requests`
+/// slot: a normal request is answered at once, and the stalled connections are closed (408)
+/// after `--client-timeout-ms`; a client that never finishes its headers is closed too.
+#[test]
+fn stalled_clients_neither_hold_slots_nor_stay_connected() {
+    let s = start(&[
+        "--max-concurrent-requests",
+        "32",
+        "--client-timeout-ms",
+        "1500",
+    ]);
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let stalled: Vec<TcpStream> = (0..64)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            write!(
+                c,
+                "POST /v1/sentiment HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+                 content-length: 100\r\n\r\n{{\"inputs\": \"Pro"
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    let mut half_headers = TcpStream::connect(&addr).unwrap();
+    write!(half_headers, "POST /v1/sentiment HTTP/1.1\r\nHost: x\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let (code, body) = s.post("/v1/sentiment", &json!({"inputs": SHORT}));
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a normal request waited {:?} behind stalled clients",
+        started.elapsed()
+    );
+    for mut c in stalled.into_iter().chain([half_headers]) {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut answer = String::new();
+        // The server answers (408 for a stalled body) and closes: read_to_string ends.
+        c.read_to_string(&mut answer).unwrap();
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+            "{answer}"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(8));
+}
+
+/// Keys rotate on a running server: the new key is added to the file (picked up on SIGHUP),
+/// both work while clients move, the old one is removed (picked up by the file watch) and gets
+/// 401; no request with a key valid at the time fails.
+#[test]
+fn api_keys_rotate_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    // Written as a Kubernetes Secret volume updates: a new file swapped in by rename.
+    let write = |text: &str| {
+        let tmp = dir.path().join("keys.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write("old-key\n");
+    let s = start(&[
+        "--api-key-file",
+        file.to_str().unwrap(),
+        "--api-key-file-poll-ms",
+        "200",
+    ]);
+    let body = json!({"inputs": SHORT}).to_string();
+    let ask = |key: &str| s.post_raw("/v1/sentiment", &body, &[("x-api-key", key)]).0;
+    let until = |key: &str, status: u16, steady: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert_eq!(ask(steady), 200, "a request with `{steady}` failed");
+            if ask(key) == status {
+                return;
+            }
+            assert!(Instant::now() < deadline, "`{key}` never got {status}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    assert_eq!(ask("old-key"), 200);
+    assert_eq!(ask("new-key"), 401);
+    write("old-key\nnew-key\n");
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(s.child.id() as i32, libc::SIGHUP);
+    }
+    until("new-key", 200, "old-key");
+    write("new-key\n");
+    until("old-key", 401, "new-key");
+    assert_eq!(ask("new-key"), 200);
+    assert!(s.log_text().contains("API keys reloaded"));
+    assert!(!s.log_text().contains("new-key"), "a key reached the logs");
 }

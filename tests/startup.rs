@@ -263,3 +263,41 @@ fn a_port_in_use_is_refused_by_name() {
         "{stderr}"
     );
 }
+
+/// Values that used to be raised silently (to 1, or 2 candidate labels) or that would make a
+/// long input's windows never advance are refused at start-up, naming the flag.
+#[test]
+fn out_of_range_limits_are_refused_naming_the_flag() {
+    let cases: [(&[&str], &str); 12] = [
+        (&["--max-candidate-labels", "1"], "--max-candidate-labels"),
+        (&["--max-new-tokens", "0"], "--max-new-tokens"),
+        (&["--max-stop-length", "0"], "--max-stop-length"),
+        (&["--max-client-batch-size", "0"], "--max-client-batch-size"),
+        (&["--max-label-length", "0"], "--max-label-length"),
+        (&["--max-chunks-per-input", "0"], "--max-chunks-per-input"),
+        (
+            &["--max-concurrent-requests", "0"],
+            "--max-concurrent-requests",
+        ),
+        (&["--request-timeout-ms", "0"], "--request-timeout-ms"),
+        (&["--max-failed-batches", "0"], "--max-failed-batches"),
+        (&["--max-input-tokens", "1"], "--max-input-tokens"),
+        (&["--max-batch-size", "0"], "--max-batch-size"),
+        (
+            &["--max-input-tokens", "64", "--chunk-overlap", "64"],
+            "--chunk-overlap",
+        ),
+    ];
+    for (args, flag) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_finserve"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .env_remove("FINSERVE_MODEL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

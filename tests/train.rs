@@ -10,8 +10,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use candle_nn::optim::Optimizer;
-use finserve::lora::AdapterConfig;
 use finserve::model::linear::Quantization;
+use finserve::model::lora::AdapterConfig;
 use finserve::model::{self, Checkpoint, ModelSpec};
 use finserve::train::lora_t5::LoraT5;
 use finserve::train::{Recipe, gradients, optimizer, peft};
@@ -240,7 +240,7 @@ fn a_trained_adapter_is_served_as_peft_computes_it() {
     let spec = ModelSpec {
         model: common::fixtures().join("mt5_base").display().to_string(),
         revision: None,
-        adapters: vec![finserve::lora::AdapterSpec {
+        adapters: vec![finserve::model::lora::AdapterSpec {
             source: f.join("trained").display().to_string(),
             weight: 1.0,
         }],

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use finserve::engine::sentiment::{LabelSet, score};
-use finserve::lora::AdapterSpec;
 use finserve::model::linear::Quantization;
+use finserve::model::lora::AdapterSpec;
 use finserve::model::t5::T5Model;
 use finserve::model::{self, LoadedModel, ModelSpec, VariantSpec};
 use serde_json::{Value, json};

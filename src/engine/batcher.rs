@@ -27,13 +27,15 @@ use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 
 use super::backend::{Backend, Choice, StepRow};
+use super::config::EngineConfig;
 use super::detokenizer::Detokenizer;
 use super::generate::{FinishReason, Sampler, stop_hit};
-use super::{
-    EngineConfig, GenerateEvent, GenerateJob, GenerateOutput, Health, Job, SentimentJob,
-    SentimentOutput, Timing, TokenInfo,
+use super::health::Health;
+use super::job::{
+    GenerateEvent, GenerateJob, GenerateOutput, Job, SentimentJob, SentimentOutput, Timing,
+    TokenInfo,
 };
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Result};
 use crate::metrics::METRICS;
 
 /// A generation in the running batch.
@@ -158,9 +160,9 @@ impl<B: Backend> Batcher<B> {
     }
 
     fn accept(&mut self, job: Job) {
-        METRICS.queue_size.sub(job.inputs() as i64);
         let lanes = self.lanes.len();
-        let unknown = |variant: usize| Error::Validation(format!("no variant number {variant}"));
+        let unknown =
+            |variant: usize| Error::invalid(Field::Variant, format!("no variant number {variant}"));
         match job {
             Job::Sentiment(jobs) => {
                 for j in jobs {
@@ -270,6 +272,9 @@ impl<B: Backend> Batcher<B> {
         if jobs.is_empty() {
             return;
         }
+        for job in &mut jobs {
+            job.waiting = None;
+        }
         let start = Instant::now();
         let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
         let lane = &mut self.lanes[variant];
@@ -298,6 +303,7 @@ impl<B: Backend> Batcher<B> {
             let timing = Timing {
                 queue: start.duration_since(job.enqueued),
                 inference,
+                ..Timing::default()
             };
             let _ = job.reply.send(Ok(SentimentOutput { scores, timing }));
         }
@@ -354,7 +360,10 @@ impl<B: Backend> Lane<B> {
         if n == 0 {
             return Ok(());
         }
-        let jobs: Vec<GenerateJob> = self.waiting.drain(..n).collect();
+        let mut jobs: Vec<GenerateJob> = self.waiting.drain(..n).collect();
+        for job in &mut jobs {
+            job.waiting = None;
+        }
         let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
         METRICS
             .batch_tokens
@@ -448,6 +457,7 @@ fn finish(r: Running, variant: &str, reason: FinishReason, generated_text: Strin
         timing: Timing {
             queue: r.queue_time,
             inference,
+            ..Timing::default()
         },
     };
     let _ = r.job.events.send(GenerateEvent::End(output));
@@ -509,6 +519,7 @@ mod tests {
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
+    use crate::engine::backlog::Backlog;
     use crate::engine::generate::GenerateParams;
     use crate::engine::sentiment::{LabelScores, LabelSet};
 
@@ -610,6 +621,7 @@ mod tests {
         fake: Fake,
         health: Arc<Health>,
         labels: Arc<LabelSet>,
+        backlog: Arc<Backlog>,
     }
 
     fn harness(max_batch_size: usize, max_batch_wait: Duration) -> Harness {
@@ -642,10 +654,8 @@ mod tests {
         };
         let (tx, rx) = sync_channel(64);
         let fake = Fake::default();
-        let health = Arc::new(Health {
-            alive: true.into(),
-            failed_in_a_row: 0.into(),
-        });
+        let health = Arc::new(Health::default());
+        health.set_alive(true);
         let lanes = (0..lanes)
             .map(|lane| {
                 let model = Fake {
@@ -672,6 +682,7 @@ mod tests {
             fake,
             health,
             labels: Arc::new(labels),
+            backlog: Arc::new(Backlog::default()),
         }
     }
 
@@ -697,6 +708,7 @@ mod tests {
                 ids: vec![20, 21, 1],
                 reply,
                 enqueued: Instant::now(),
+                waiting: self.backlog.enter(1).pop(),
             };
             self.tx.send(Job::Sentiment(vec![job])).unwrap();
             rx
@@ -719,6 +731,7 @@ mod tests {
                 },
                 events,
                 enqueued: Instant::now(),
+                waiting: self.backlog.enter(1).pop(),
             };
             self.tx.send(Job::Generate(job)).unwrap();
             rx
@@ -770,6 +783,7 @@ mod tests {
                     ids: vec![20, 1],
                     reply,
                     enqueued: Instant::now(),
+                    waiting: None,
                 };
                 (job, rx)
             })
@@ -865,7 +879,7 @@ mod tests {
     #[test]
     fn failed_batches_are_counted_until_one_succeeds() {
         let mut h = harness(1, Duration::ZERO);
-        let failed = |h: &Harness| h.health.failed_in_a_row.load(Ordering::SeqCst);
+        let failed = |h: &Harness| h.health.failed_in_a_row();
         for n in 1..=3 {
             let _s = h.sentiment();
             h.fake.panic.store(true, Ordering::SeqCst);
@@ -940,6 +954,7 @@ mod tests {
                 ids: vec![20, 1],
                 reply,
                 enqueued: Instant::now(),
+                waiting: None,
             };
             tx.send(Job::Sentiment(vec![job])).unwrap();
             rx
@@ -1000,5 +1015,33 @@ mod tests {
         assert_eq!(h.ticks(1), []);
         assert!(rx.blocking_recv().unwrap().is_err());
         assert!(end(&mut g).unwrap_err().contains("no variant"));
+    }
+
+    #[test]
+    fn the_backlog_counts_every_request_until_it_joins_a_batch() {
+        let mut h = harness(4, Duration::ZERO);
+        let waiting = |h: &Harness| (h.backlog.requests(), h.backlog.inputs());
+        let generations: Vec<_> = (0..10).map(|_| h.generate(3)).collect();
+        let scored: Vec<_> = (0..6).map(|_| h.sentiment()).collect();
+        // Queued in the channel, before the engine has looked: all 16 wait.
+        assert_eq!(waiting(&h), (16, 16));
+        // A sentiment batch takes 4 inputs; the generations still wait in their lane.
+        h.ticks(1);
+        assert_eq!(waiting(&h), (12, 12));
+        assert!(h.backlog.oldest().is_some());
+        // A decode step admits 4 generations into the running batch; the other 6 wait.
+        h.ticks(1);
+        assert_eq!(waiting(&h), (8, 8));
+        // Each later decode step admits who fits as sequences finish (a tick with nothing to do
+        // would block on the queue, so stop once nothing waits).
+        for _ in 0..40 {
+            if waiting(&h) == (0, 0) {
+                break;
+            }
+            h.ticks(1);
+        }
+        assert_eq!(waiting(&h), (0, 0));
+        assert_eq!(h.backlog.oldest(), None);
+        drop((generations, scored));
     }
 }

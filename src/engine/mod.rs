@@ -1,97 +1,42 @@
-//! The inference core between HTTP and the model: one dedicated thread owns the loaded model and
-//! runs the [`batcher`]; callers (HTTP handlers, `finserve eval`) tokenize on their side and talk
-//! to it through a bounded queue, getting results back on per-request channels.
+//! The inference core between callers (HTTP handlers, `finserve eval`, warm-up) and the model:
+//! one dedicated thread owns the loaded model and runs the [`batcher`]; an [`Engine`] handle
+//! talks to it through a bounded queue, getting results back on per-request channels.
 //!
-//! Nothing here knows about HTTP: requests arrive as token ids plus validated parameters, and
-//! errors are [`crate::error::Error`]s.
+//! Callers use the request-level calls of [`infer`] (`Engine::score`, `Engine::generate_text`):
+//! they validate, tokenize off the async runtime, submit and wait. Nothing here knows about HTTP
+//! or the command line: requests arrive as texts and options, and a refusal is an
+//! [`Error::Invalid`] naming the part of the request at fault.
 
 pub mod backend;
+mod backlog;
 pub mod batcher;
+pub mod config;
 pub mod detokenizer;
 pub mod generate;
+mod health;
+pub mod infer;
+pub mod job;
 pub mod prompt;
 pub mod sentiment;
+pub mod validation;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::{Error, Result};
-use crate::metrics::METRICS;
+use crate::error::{Error, Field, Limit, Result};
 use backend::Backend;
-use generate::{FinishReason, GenerateParams};
+use backlog::Backlog;
+pub use config::{EngineConfig, RequestLimits};
+use generate::GenerateParams;
+use health::Health;
+pub use job::{GenerateEvent, GenerateOutput, SentimentOutput, Timing, TokenInfo};
+use job::{GenerateJob, Job, SentimentJob};
 use prompt::{Prompt, Template};
-use sentiment::{LabelScores, LabelSet};
-
-/// Limits and batching knobs of the engine.
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    pub max_batch_size: usize,
-    /// Upper bound on padded encoder tokens (longest input x batch size) per batch.
-    pub max_batch_tokens: usize,
-    pub max_batch_wait: Duration,
-    /// Requests that may wait in the queue before new ones are refused.
-    pub queue_capacity: usize,
-    pub max_input_tokens: usize,
-    pub prompt_template: String,
-}
-
-impl Default for EngineConfig {
-    /// The `finserve serve` defaults.
-    fn default() -> Self {
-        Self {
-            max_batch_size: 32,
-            max_batch_tokens: 16384,
-            max_batch_wait: Duration::ZERO,
-            queue_capacity: 512,
-            max_input_tokens: 512,
-            prompt_template: "{text}".into(),
-        }
-    }
-}
-
-/// The engine thread's health, shared with every [`Engine`] handle: whether the thread runs,
-/// and how many batches in a row have failed (reset by the next success).
-#[derive(Debug)]
-pub(crate) struct Health {
-    alive: AtomicBool,
-    failed_in_a_row: AtomicUsize,
-}
-
-impl Health {
-    pub(crate) fn batch_done(&self, ok: bool) {
-        let failed = if ok {
-            self.failed_in_a_row.store(0, Ordering::SeqCst);
-            0
-        } else {
-            METRICS.failed_batches.inc();
-            self.failed_in_a_row.fetch_add(1, Ordering::SeqCst) + 1
-        };
-        METRICS.failed_batches_in_a_row.set(failed as i64);
-    }
-
-    fn set_alive(&self, alive: bool) {
-        self.alive.store(alive, Ordering::SeqCst);
-        METRICS.engine_up.set(i64::from(alive));
-    }
-}
-
-/// How long a request waited and how long the model worked on it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Timing {
-    pub queue: Duration,
-    pub inference: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct SentimentOutput {
-    pub scores: LabelScores,
-    pub timing: Timing,
-}
+use sentiment::LabelSet;
 
 /// One token of a tokenized text (`/tokenize`).
 #[derive(Debug, Clone, PartialEq)]
@@ -102,68 +47,6 @@ pub struct Piece {
     pub special: bool,
     /// Byte span in the input text; `None` for special and prompt-template tokens.
     pub span: Option<(usize, usize)>,
-}
-
-/// One generated token as reported to clients. `text` is what the token adds to the generated
-/// text (see [`detokenizer`]): the texts of a sequence's tokens concatenate to its
-/// `generated_text`, and the EOS token adds nothing.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenInfo {
-    pub id: u32,
-    pub text: String,
-    pub logprob: f32,
-    pub special: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct GenerateOutput {
-    pub generated_text: String,
-    pub finish_reason: FinishReason,
-    pub tokens: Vec<TokenInfo>,
-    pub seed: Option<u64>,
-    pub timing: Timing,
-}
-
-/// What a generate request receives, in order: every token but the last as it is produced, then
-/// one `End` (whose `tokens` end with the last token) or `Error`.
-#[derive(Debug)]
-pub enum GenerateEvent {
-    Token(TokenInfo),
-    End(GenerateOutput),
-    Error(Error),
-}
-
-pub(crate) struct SentimentJob {
-    pub variant: usize,
-    pub ids: Vec<u32>,
-    pub labels: Arc<LabelSet>,
-    pub reply: oneshot::Sender<Result<SentimentOutput>>,
-    pub enqueued: Instant,
-}
-
-pub(crate) struct GenerateJob {
-    pub variant: usize,
-    pub ids: Vec<u32>,
-    pub params: GenerateParams,
-    pub events: mpsc::UnboundedSender<GenerateEvent>,
-    pub enqueued: Instant,
-}
-
-pub(crate) enum Job {
-    /// One request's inputs, queued in one message so that the engine never starts a batch
-    /// with only the first few of them (it wakes as soon as anything arrives).
-    Sentiment(Vec<SentimentJob>),
-    Generate(GenerateJob),
-}
-
-impl Job {
-    /// Inputs this job queues.
-    fn inputs(&self) -> usize {
-        match self {
-            Self::Sentiment(jobs) => jobs.len(),
-            Self::Generate(_) => 1,
-        }
-    }
 }
 
 /// Whether `text` has no character other than whitespace, by the union of Unicode's, Python's
@@ -199,6 +82,7 @@ pub struct Engine {
     template: Arc<Template>,
     config: Arc<EngineConfig>,
     health: Arc<Health>,
+    backlog: Arc<Backlog>,
     eos: u32,
 }
 
@@ -212,17 +96,17 @@ impl Engine {
     ) -> Result<Self> {
         let first = served
             .first()
-            .ok_or_else(|| Error::Config("the engine needs at least one model".into()))?;
+            .ok_or_else(|| Error::Startup("the engine needs at least one model".into()))?;
         let eos = *first
             .backend
             .eos_ids()
             .first()
-            .ok_or_else(|| Error::Config("the model has no EOS token id".into()))?;
+            .ok_or_else(|| Error::ModelConfig("the model has no EOS token id".into()))?;
         if let Some(other) = served
             .iter()
             .find(|s| s.backend.eos_ids().first() != Some(&eos))
         {
-            return Err(Error::Config(format!(
+            return Err(Error::Startup(format!(
                 "variant `{}` has other EOS token ids than the default model",
                 other.name
             )));
@@ -231,7 +115,7 @@ impl Engine {
         let mut lanes = Vec::new();
         for s in served {
             if variants.iter().any(|v: &Variant| v.name == s.name) {
-                return Err(Error::Config(format!(
+                return Err(Error::Startup(format!(
                     "two variants are named `{}`",
                     s.name
                 )));
@@ -243,10 +127,7 @@ impl Engine {
             lanes.push(batcher::Lane::new(s.name, s.backend));
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity.max(1));
-        let health = Arc::new(Health {
-            alive: AtomicBool::new(false),
-            failed_in_a_row: AtomicUsize::new(0),
-        });
+        let health = Arc::new(Health::default());
         health.set_alive(true);
         health.batch_done(true);
         let template = Arc::new(Template::new(&config.prompt_template)?);
@@ -273,7 +154,7 @@ impl Engine {
                 let _alive = Alive(thread_health);
                 batcher.run();
             })
-            .map_err(|e| Error::Config(format!("cannot start the engine thread: {e}")))?;
+            .map_err(|e| Error::Startup(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             tx,
             tokenizer,
@@ -281,17 +162,18 @@ impl Engine {
             template,
             config,
             health,
+            backlog: Arc::new(Backlog::default()),
             eos,
         })
     }
 
     pub fn is_alive(&self) -> bool {
-        self.health.alive.load(Ordering::SeqCst)
+        self.health.is_alive()
     }
 
     /// How many batches in a row have failed (0 after any success).
     pub fn failed_batches_in_a_row(&self) -> usize {
-        self.health.failed_in_a_row.load(Ordering::SeqCst)
+        self.health.failed_in_a_row()
     }
 
     /// The served models, the default first; a request names one by its index here.
@@ -307,9 +189,10 @@ impl Engine {
             .position(|v| v.name == name)
             .ok_or_else(|| {
                 let names: Vec<&str> = self.variants.iter().map(|v| v.name.as_str()).collect();
-                Error::Validation(format!(
-                    "`adapter_id`: no variant `{name}` is served here; the variants are {names:?}"
-                ))
+                Error::invalid(
+                    Field::Variant,
+                    format!("no variant `{name}` is served here; the variants are {names:?}"),
+                )
             })
     }
 
@@ -318,27 +201,37 @@ impl Engine {
         &self.template
     }
 
-    /// A label set of a request (tokenized as the server's labels are, uncalibrated).
-    pub fn label_set(&self, names: &[String]) -> Result<Arc<LabelSet>> {
-        LabelSet::new(names, &self.tokenizer)
-            .map(Arc::new)
-            .map_err(|e| match e {
-                Error::Config(msg) => Error::Validation(format!("`candidate_labels`: {msg}")),
-                other => other,
-            })
+    /// The labels the default model scores against (`--labels`, with its calibration).
+    pub fn labels(&self) -> &Arc<LabelSet> {
+        &self.variants[0].labels
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }
 
-    /// Encodes `text` (EOS appended). An input over `max_input_tokens` is refused unless
-    /// `truncate_to` is given, in which case it is cut to that many tokens (at most
-    /// `max_input_tokens`), keeping the start and the final EOS. CPU-bound: call it off the async runtime.
-    pub fn tokenize(&self, text: &str, truncate_to: Option<usize>) -> Result<Vec<u32>> {
+    /// Refuses a request of more than `max_client_batch_size` texts.
+    pub fn check_text_count(&self, count: usize) -> Result<()> {
+        let max = self.config.limits.max_client_batch_size;
+        if count > max {
+            return Err(Error::over_limit(
+                Field::Inputs,
+                Limit::MaxClientBatchSize,
+                max,
+                format!("{count} inputs is more than {max}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Encodes a generation input `text` (EOS appended). An input over `max_input_tokens` is
+    /// refused unless `truncate_to` is given, in which case it is cut to that many tokens (at
+    /// most `max_input_tokens`), keeping the start and the final EOS. CPU-bound.
+    fn tokenize(&self, text: &str, truncate_to: Option<usize>) -> Result<Vec<u32>> {
         if is_blank(text) {
-            return Err(Error::Validation(
-                "`inputs` must contain a non-blank character".into(),
+            return Err(Error::invalid(
+                Field::Inputs,
+                "must contain a non-blank character",
             ));
         }
         let mut ids = self
@@ -351,10 +244,12 @@ impl Engine {
         let limit = truncate_to.map_or(max, |n| n.clamp(1, max));
         if ids.len() > limit {
             if truncate_to.is_none() {
-                return Err(Error::Validation(format!(
-                    "input has {} tokens, more than max_input_tokens ({max}); set `truncate` to cut it",
-                    ids.len()
-                )));
+                return Err(Error::over_limit(
+                    Field::Inputs,
+                    Limit::MaxInputTokens,
+                    max,
+                    format!("the input has {} tokens, more than {max}", ids.len()),
+                ));
             }
             ids.truncate(limit - 1);
             ids.push(self.eos);
@@ -403,9 +298,10 @@ impl Engine {
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         let vocab = self.tokenizer.get_vocab_size(true);
         if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::Validation(format!(
-                "`ids`: {id} is not a token id (the vocabulary has {vocab})"
-            )));
+            return Err(Error::invalid(
+                Field::Ids,
+                format!("{id} is not a token id (the vocabulary has {vocab})"),
+            ));
         }
         self.tokenizer
             .decode(ids, skip_special_tokens)
@@ -429,76 +325,29 @@ impl Engine {
     }
 
     /// `text` placed in `template` and tokenized, its own tokens located (see [`prompt`]).
-    /// CPU-bound: call it off the async runtime.
-    pub fn prompt(&self, text: &str, template: &Template) -> Result<Prompt> {
+    fn prompt(&self, text: &str, template: &Template) -> Result<Prompt> {
         if is_blank(text) {
-            return Err(Error::Validation(
-                "every text in `inputs` must contain a non-blank character".into(),
+            return Err(Error::invalid(
+                Field::Inputs,
+                "every text must contain a non-blank character",
             ));
         }
         Prompt::new(&self.tokenizer, template, text)
-    }
-
-    /// The sentiment prompt of `text` cut to `max_input_tokens` (only the input is cut, from
-    /// `truncate`'s end); without `truncate`, a longer prompt is refused.
-    pub fn tokenize_sentiment(
-        &self,
-        text: &str,
-        template: &Template,
-        truncate: Option<prompt::TruncationDirection>,
-    ) -> Result<Vec<u32>> {
-        let max = self.config.max_input_tokens;
-        let prompt = self.prompt(text, template)?;
-        prompt.fit(max, truncate)?.ok_or_else(|| {
-            Error::Validation(format!(
-                "input has {} tokens with the prompt template, more than max_input_tokens \
-                 ({max}); set `truncate` to cut it, or `long_input: \"chunk\"` to score it in windows",
-                prompt.ids.len()
-            ))
-        })
     }
 
     fn submit(&self, job: Job) -> Result<()> {
         if !self.is_alive() {
             return Err(Error::EngineDown);
         }
-        let inputs = job.inputs() as i64;
         match self.tx.try_send(job) {
-            Ok(()) => {
-                METRICS.queue_size.add(inputs);
-                Ok(())
-            }
-            Err(TrySendError::Full(_)) => Err(Error::Overloaded),
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(Error::QueueFull),
             Err(TrySendError::Disconnected(_)) => Err(Error::EngineDown),
         }
     }
 
-    /// Queues `text` as `variant` scores it by default: in the server's template (cut from the
-    /// right if too long), against the variant's labels.
-    pub fn sentiment_text(
-        &self,
-        text: &str,
-        variant: usize,
-    ) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
-        let ids = self.tokenize_sentiment(
-            text,
-            &self.template,
-            Some(prompt::TruncationDirection::Right),
-        )?;
-        let labels = self
-            .variants
-            .get(variant)
-            .map(|v| v.labels.clone())
-            .ok_or_else(|| Error::Validation(format!("no variant number {variant}")))?;
-        self.sentiment(ids, labels, variant)
-    }
-
-    /// The labels the default model scores against (`--labels`, with its calibration).
-    pub fn labels(&self) -> &Arc<LabelSet> {
-        &self.variants[0].labels
-    }
-
-    /// Queues one input for scoring by `variant` against `labels`; the receiver yields its scores.
+    /// Queues one tokenized input for scoring by `variant` against `labels`; the receiver
+    /// yields its scores. The building block of [`Engine::score`], for exactness tests.
     pub fn sentiment(
         &self,
         ids: Vec<u32>,
@@ -512,16 +361,18 @@ impl Engine {
 
     /// Queues several inputs together (one request's), so that they are scored in the same
     /// batch when it has room; one receiver per input, in order.
-    pub fn sentiment_all(
+    fn sentiment_all(
         &self,
         inputs: Vec<Vec<u32>>,
         labels: Arc<LabelSet>,
         variant: usize,
     ) -> Result<Vec<oneshot::Receiver<Result<SentimentOutput>>>> {
         let enqueued = Instant::now();
+        let waiting = self.backlog.enter(inputs.len());
         let (jobs, receivers) = inputs
             .into_iter()
-            .map(|ids| {
+            .zip(waiting)
+            .map(|(ids, waiting)| {
                 let (reply, rx) = oneshot::channel();
                 let job = SentimentJob {
                     variant,
@@ -529,6 +380,7 @@ impl Engine {
                     labels: labels.clone(),
                     reply,
                     enqueued,
+                    waiting: Some(waiting),
                 };
                 (job, rx)
             })
@@ -537,7 +389,9 @@ impl Engine {
         Ok(receivers)
     }
 
-    /// Queues a generation by `variant`; dropping the receiver cancels it at the next decode step.
+    /// Queues a tokenized generation by `variant` with validated `params`; dropping the
+    /// receiver cancels it at the next decode step. The building block of
+    /// [`Engine::generate_text`], for exactness tests.
     pub fn generate(
         &self,
         ids: Vec<u32>,
@@ -551,6 +405,7 @@ impl Engine {
             params,
             events,
             enqueued: Instant::now(),
+            waiting: self.backlog.enter(1).pop(),
         }))?;
         Ok(rx)
     }

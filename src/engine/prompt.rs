@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use tokenizers::Tokenizer;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Field, Limit, Result};
 
 /// Which end of an over-long input is cut (TEI's `truncation_direction`).
 #[derive(
@@ -58,9 +58,10 @@ impl Template {
                 before: before.to_string(),
                 after: after.to_string(),
             }),
-            _ => Err(Error::Validation(format!(
-                "the prompt template must contain `{{text}}` exactly once (got {template:?})"
-            ))),
+            _ => Err(Error::invalid(
+                Field::Template,
+                format!("must contain `{{text}}` exactly once (got {template:?})"),
+            )),
         }
     }
 
@@ -142,10 +143,15 @@ impl Prompt {
     fn room(&self, max_tokens: usize) -> Result<usize> {
         let fixed = self.template_tokens();
         if fixed >= max_tokens {
-            return Err(Error::Validation(format!(
-                "the prompt template alone has {fixed} tokens, which leaves no room for the \
-                 input within max_input_tokens ({max_tokens})"
-            )));
+            return Err(Error::over_limit(
+                Field::Template,
+                Limit::MaxInputTokens,
+                max_tokens,
+                format!(
+                    "the prompt template alone has {fixed} tokens, which leaves no room for the \
+                     input within {max_tokens} tokens"
+                ),
+            ));
         }
         Ok(max_tokens - fixed)
     }
@@ -181,7 +187,8 @@ impl Prompt {
     }
 
     /// Windows of the input that each fit `max_tokens` with the template, consecutive ones
-    /// sharing `overlap` tokens; at most `max_windows`.
+    /// sharing `overlap` tokens; at most `max_windows`. An overlap as large as a window is
+    /// refused (the windows would never advance).
     pub fn windows(
         &self,
         max_tokens: usize,
@@ -190,17 +197,31 @@ impl Prompt {
     ) -> Result<Vec<Window>> {
         let n = self.input.len();
         let size = self.room(max_tokens)?.min(n.max(1));
-        let stride = size.saturating_sub(overlap).max(1);
         let count = if n <= size {
             1
+        } else if overlap >= size {
+            return Err(Error::over_limit(
+                Field::Template,
+                Limit::ChunkOverlap,
+                overlap,
+                format!(
+                    "the prompt template leaves windows of {size} input tokens, which cannot \
+                     overlap by {overlap}"
+                ),
+            ));
         } else {
-            (n - size).div_ceil(stride) + 1
+            (n - size).div_ceil(size - overlap) + 1
         };
+        let stride = size.saturating_sub(overlap);
         if count > max_windows {
-            return Err(Error::Validation(format!(
-                "the input needs {count} windows of {size} tokens, more than \
-                 --max-chunks-per-input ({max_windows})"
-            )));
+            return Err(Error::over_limit(
+                Field::Inputs,
+                Limit::MaxChunksPerInput,
+                max_windows,
+                format!(
+                    "the input needs {count} windows of {size} tokens, more than {max_windows}"
+                ),
+            ));
         }
         Ok((0..count)
             .map(|w| {
@@ -307,6 +328,14 @@ mod tests {
         assert_eq!(windows.last().unwrap().span.1, TEXT.len());
         assert!(p.windows(max, 2, 1).is_err());
         assert_eq!(p.windows(p.ids.len(), 2, 1).unwrap().len(), 1);
+        // An overlap that leaves no stride is refused, not turned into a stride of 1.
+        assert!(matches!(
+            p.windows(max, 6, 100),
+            Err(Error::Invalid {
+                limit: Some((Limit::ChunkOverlap, _)),
+                ..
+            })
+        ));
     }
 
     #[test]

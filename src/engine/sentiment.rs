@@ -52,18 +52,18 @@ impl LabelSet {
     /// A label set from already tokenized targets.
     pub fn from_targets(names: Vec<String>, targets: Vec<Vec<u32>>) -> Result<Self> {
         if names.len() < 2 || names.len() != targets.len() {
-            return Err(Error::Config(
+            return Err(Error::InvalidArgument(
                 "at least two labels, each with its target tokens, are needed".into(),
             ));
         }
         for (i, (name, ids)) in names.iter().zip(&targets).enumerate() {
             if crate::engine::is_blank(name) || names[..i].contains(name) {
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidArgument(format!(
                     "label `{name}` is blank or repeated"
                 )));
             }
             if ids.is_empty() {
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidArgument(format!(
                     "label `{name}` encodes to no tokens"
                 )));
             }
@@ -100,7 +100,7 @@ impl LabelSet {
     pub fn check_distinct(&self) -> Result<()> {
         for (i, ids) in self.targets.iter().enumerate() {
             if self.targets[..i].contains(ids) {
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidArgument(format!(
                     "label `{}` has the same tokens as another label",
                     self.names[i]
                 )));
@@ -112,7 +112,7 @@ impl LabelSet {
     /// The same labels, their scores calibrated by `temperature` (> 0).
     pub fn with_temperature(mut self, temperature: f64) -> Result<Self> {
         if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidArgument(format!(
                 "a calibration temperature must be positive (got {temperature})"
             )));
         }

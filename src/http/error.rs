@@ -1,95 +1,326 @@
 //! The one place where errors become HTTP responses: a status code and the JSON body
-//! `{"error": ..., "error_type": ...}`, counted in `finserve_errors_total`.
+//! `{"error": ..., "error_type": ...}`, counted in `finserve_errors_total`. An engine refusal
+//! ([`Error::Invalid`]) is named here in the API's terms: its field as the request spells it,
+//! and the flag that sets the limit it crossed.
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
 use super::types::ErrorResponse;
-use crate::error::Error;
+use crate::error::{Error, Field, Limit};
 use crate::metrics::METRICS;
+
+/// The `error_type` of an error response (and the label of `finserve_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    BadRequest,
+    Unauthorized,
+    PayloadTooLarge,
+    Validation,
+    Tokenizer,
+    ModelNotFound,
+    Overloaded,
+    ClientTimeout,
+    Timeout,
+    Unavailable,
+    Inference,
+    Internal,
+}
+
+impl ErrorType {
+    pub const ALL: [Self; 12] = [
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::PayloadTooLarge,
+        Self::Validation,
+        Self::Tokenizer,
+        Self::ModelNotFound,
+        Self::Overloaded,
+        Self::ClientTimeout,
+        Self::Timeout,
+        Self::Unavailable,
+        Self::Inference,
+        Self::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::Validation => "validation",
+            Self::Tokenizer => "tokenizer",
+            Self::ModelNotFound => "model_not_found",
+            Self::Overloaded => "overloaded",
+            Self::ClientTimeout => "client_timeout",
+            Self::Timeout => "timeout",
+            Self::Unavailable => "unavailable",
+            Self::Inference => "inference",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Validation | Self::Tokenizer => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::ModelNotFound => StatusCode::NOT_FOUND,
+            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Inference | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// The flag that sets `limit`.
+fn flag(limit: Limit) -> &'static str {
+    match limit {
+        Limit::MaxInputTokens => "--max-input-tokens",
+        Limit::MaxClientBatchSize => "--max-client-batch-size",
+        Limit::MaxChunksPerInput => "--max-chunks-per-input",
+        Limit::ChunkOverlap => "--chunk-overlap",
+        Limit::MaxNewTokens => "--max-new-tokens",
+        Limit::MaxTotalTokens => "--max-total-tokens",
+        Limit::MaxStopSequences => "--max-stop-sequences",
+        Limit::MaxStopLength => "--max-stop-length",
+        Limit::MaxCandidateLabels => "--max-candidate-labels",
+        Limit::MaxLabelLength => "--max-label-length",
+    }
+}
+
+/// How a family of routes spells the fields of its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `/v1/sentiment` (Hugging Face text classification).
+    Sentiment,
+    /// `/v1/generate`, `/tokenize`, `/decode` (text-generation-inference, TEI).
+    Tgi,
+    /// `/v1/completions`, `/v1/chat/completions`.
+    OpenAi,
+}
+
+impl Dialect {
+    fn field(self, field: Field) -> &'static str {
+        match (self, field) {
+            (Self::OpenAi, Field::Inputs) => "prompt",
+            (_, Field::Inputs) => "inputs",
+            (Self::OpenAi, Field::Variant) => "model",
+            (_, Field::Variant) => "parameters.adapter_id",
+            (_, Field::Labels) => "parameters.candidate_labels",
+            (_, Field::Template) => "parameters.prompt_template",
+            (_, Field::Truncate) => "parameters.truncate",
+            (Self::OpenAi, Field::MaxNewTokens) => "max_tokens",
+            (_, Field::MaxNewTokens) => "parameters.max_new_tokens",
+            (Self::OpenAi, Field::Temperature) => "temperature",
+            (_, Field::Temperature) => "parameters.temperature",
+            (_, Field::RepetitionPenalty) => "parameters.repetition_penalty",
+            (_, Field::TopK) => "parameters.top_k",
+            (Self::OpenAi, Field::TopP) => "top_p",
+            (_, Field::TopP) => "parameters.top_p",
+            (Self::OpenAi, Field::Seed) => "seed",
+            (_, Field::Seed) => "parameters.seed",
+            (Self::OpenAi, Field::Stop) => "stop",
+            (_, Field::Stop) => "parameters.stop",
+            (_, Field::Ids) => "ids",
+        }
+    }
+
+    /// What the client can do about an input over `max_input_tokens`.
+    fn long_input_hint(self) -> &'static str {
+        match self {
+            Self::Sentiment => {
+                "; set `truncate` to cut it, or `parameters.long_input: \"chunk\"` to score it in windows"
+            }
+            Self::Tgi => "; set `parameters.truncate` to cut it",
+            Self::OpenAi => "",
+        }
+    }
+
+    /// `e` as this dialect's clients see it.
+    pub fn error(self, e: Error) -> ApiError {
+        let Error::Invalid {
+            field,
+            limit,
+            message,
+        } = e
+        else {
+            return e.into();
+        };
+        if self == Self::OpenAi && field == Field::Variant {
+            return ApiError::new(ErrorType::ModelNotFound, format!("`model`: {message}"));
+        }
+        let mut text = format!("`{}`: {message}", self.field(field));
+        if let Some((limit, value)) = limit {
+            text += &format!(
+                " (server limit {} ({value}), `{}` in /info)",
+                flag(limit),
+                limit.name()
+            );
+            if field == Field::Inputs && limit == Limit::MaxInputTokens {
+                text += self.long_input_hint();
+            }
+        }
+        ApiError::validation(text)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub error_type: &'static str,
+    pub error_type: ErrorType,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, error_type: &'static str, message: impl ToString) -> Self {
+    pub fn new(error_type: ErrorType, message: impl ToString) -> Self {
         Self {
-            status,
             error_type,
             message: message.to_string(),
         }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.error_type.status()
+    }
+
     pub fn bad_request(message: impl ToString) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(ErrorType::BadRequest, message)
     }
 
     pub fn unauthorized() -> Self {
         Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorType::Unauthorized,
             "missing or invalid API key (send `Authorization: Bearer <key>` or `x-api-key`)",
         )
     }
 
     pub fn too_large(message: impl ToString) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+        Self::new(ErrorType::PayloadTooLarge, message)
     }
 
     pub fn validation(message: impl ToString) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", message)
+        Self::new(ErrorType::Validation, message)
+    }
+
+    /// Over `--max-concurrent-requests`.
+    pub fn too_many_requests() -> Self {
+        Self::new(
+            ErrorType::Overloaded,
+            "the server is at its limit of concurrent requests (--max-concurrent-requests)",
+        )
     }
 
     pub fn not_ready() -> Self {
         Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            ErrorType::Unavailable,
             "the model is not loaded yet or the server is shutting down",
+        )
+    }
+
+    /// A client too slow to send its request.
+    pub fn client_timeout() -> Self {
+        Self::new(
+            ErrorType::ClientTimeout,
+            "the request body did not arrive within --client-timeout-ms",
         )
     }
 
     pub fn timeout() -> Self {
         Self::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout",
-            "the request took longer than --request-timeout",
+            ErrorType::Timeout,
+            "the request took longer than --request-timeout-ms",
         )
+    }
+
+    pub fn internal(message: impl ToString) -> Self {
+        Self::new(ErrorType::Internal, message)
     }
 
     pub fn body(&self) -> ErrorResponse {
         ErrorResponse {
             error: self.message.clone(),
-            error_type: self.error_type.to_string(),
+            error_type: self.error_type.as_str().to_string(),
         }
     }
 }
 
 impl From<Error> for ApiError {
+    /// The error in the TGI routes' terms; see [`Dialect::error`] for the others.
     fn from(e: Error) -> Self {
-        let (status, kind) = match &e {
-            Error::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-            Error::Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
-            Error::EngineDown => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            Error::Tokenizer(_) => (StatusCode::UNPROCESSABLE_ENTITY, "tokenizer"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "inference"),
+        let kind = match &e {
+            Error::Invalid { .. } => return Dialect::Tgi.error(e),
+            Error::QueueFull => ErrorType::Overloaded,
+            Error::Timeout => return Self::timeout(),
+            Error::EngineDown => ErrorType::Unavailable,
+            Error::Tokenizer(_) => ErrorType::Tokenizer,
+            _ => ErrorType::Inference,
         };
-        Self::new(status, kind, e)
+        Self::new(kind, e)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        METRICS.errors.with_label_values(&[self.error_type]).inc();
-        if self.status.is_server_error() {
-            tracing::error!(status = %self.status, error = %self.message, "request failed");
+        METRICS
+            .errors
+            .with_label_values(&[self.error_type.as_str()])
+            .inc();
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(status = %status, error = ?self.message, "request failed");
         } else {
-            tracing::info!(status = %self.status, error = %self.message, "request refused");
+            tracing::info!(status = %status, error = ?self.message, "request refused");
         }
-        (self.status, Json(self.body())).into_response()
+        (status, Json(self.body())).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_types_are_distinct() {
+        let names: std::collections::BTreeSet<_> =
+            ErrorType::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(names.len(), ErrorType::ALL.len());
+    }
+
+    #[test]
+    fn refusals_name_the_field_in_each_dialect() {
+        let e = || {
+            Error::over_limit(
+                Field::MaxNewTokens,
+                Limit::MaxNewTokens,
+                8,
+                "must be <= 8 (got 9)",
+            )
+        };
+        let tgi = ApiError::from(e());
+        assert_eq!(tgi.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            tgi.message
+                .starts_with("`parameters.max_new_tokens`: must be <= 8")
+        );
+        assert!(tgi.message.contains("--max-new-tokens"), "{}", tgi.message);
+        let openai = Dialect::OpenAi.error(e());
+        assert!(
+            openai.message.starts_with("`max_tokens`:"),
+            "{}",
+            openai.message
+        );
+        let unknown = Dialect::OpenAi.error(Error::invalid(Field::Variant, "no variant `x`"));
+        assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+        let long = Dialect::Sentiment.error(Error::over_limit(
+            Field::Inputs,
+            Limit::MaxInputTokens,
+            512,
+            "too long",
+        ));
+        assert!(long.message.contains("long_input"), "{}", long.message);
     }
 }

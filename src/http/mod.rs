@@ -1,16 +1,19 @@
 //! The HTTP layer: axum router, middleware (request ids, metrics, API keys, concurrency limit),
 //! the OpenAPI document, and serving with graceful shutdown. It talks to the model only through
-//! [`crate::engine::Engine`].
+//! [`crate::engine::Engine`]'s request-level calls; its request types never reach the engine.
 
+pub mod auth;
+mod common;
 pub mod error;
 pub mod extract;
 pub mod openai;
 pub mod openapi;
+pub mod route;
 pub mod routes;
+mod serve;
 pub mod types;
-pub mod validation;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,90 +24,30 @@ use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::engine::Engine;
 use crate::engine::prompt::TruncationDirection;
+use crate::engine::{Engine, RequestLimits};
 use crate::metrics::METRICS;
+pub use auth::ApiKeys;
 use error::ApiError;
+use route::Route;
+pub use serve::serve;
 use types::InfoResponse;
 
-/// Limits on what one request may ask. `/info` reports them and the served OpenAPI document
-/// states them as schema bounds.
+/// How the HTTP layer serves: its own limits and policies, and what it tells clients.
 #[derive(Debug, Clone)]
-pub struct RequestLimits {
-    pub max_new_tokens: usize,
-    /// Input tokens plus `max_new_tokens` of one generation.
-    pub max_total_tokens: usize,
-    pub max_stop_sequences: usize,
-    /// In characters.
-    pub max_stop_length: usize,
-    pub max_client_batch_size: usize,
-    pub max_candidate_labels: usize,
-    /// In characters.
-    pub max_label_length: usize,
-    /// Input tokens shared by consecutive windows of a long input.
-    pub chunk_overlap: usize,
-    pub max_chunks_per_input: usize,
-    /// The end `truncate` cuts when a request does not say.
-    pub truncation_direction: TruncationDirection,
-}
-
-impl Default for RequestLimits {
-    /// The `finserve serve` defaults.
-    fn default() -> Self {
-        Self {
-            max_new_tokens: 256,
-            max_total_tokens: 768,
-            max_stop_sequences: 4,
-            max_stop_length: 128,
-            max_client_batch_size: 64,
-            max_candidate_labels: 10,
-            max_label_length: 64,
-            chunk_overlap: 32,
-            max_chunks_per_input: 16,
-            truncation_direction: TruncationDirection::Right,
-        }
-    }
-}
-
-/// An API key, kept only as its SHA-256 digest: comparing digests takes the same time
-/// whatever the key's length or where a guess differs, and the key itself never sits in
-/// memory that a `Debug` print or a log line could show.
-#[derive(Clone)]
-pub struct ApiKey([u8; 32]);
-
-impl ApiKey {
-    pub fn new(key: &str) -> Self {
-        Self(Sha256::digest(key.as_bytes()).into())
-    }
-
-    fn matches(&self, given: &str) -> bool {
-        let given: [u8; 32] = Sha256::digest(given.as_bytes()).into();
-        given
-            .iter()
-            .zip(&self.0)
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-    }
-}
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
-    }
-}
-
-/// Limits and policies enforced by the HTTP layer itself.
-#[derive(Debug, Clone)]
-pub struct HttpLimits {
-    pub api_key: Option<ApiKey>,
+pub struct HttpConfig {
+    /// The keys clients must send, if any.
+    pub api_keys: Option<Arc<ApiKeys>>,
+    /// How often a key file is checked for changes.
+    pub api_key_file_poll: Duration,
+    /// Longest a client may take to send a request's headers, or its body.
+    pub client_timeout: Duration,
     pub max_body_bytes: usize,
     pub max_concurrent_requests: usize,
     pub request_timeout: Duration,
@@ -115,7 +58,30 @@ pub struct HttpLimits {
     pub metrics_on_api: bool,
     /// The model's name in the OpenAI routes (`--served-model-name`).
     pub model_name: String,
-    pub request: RequestLimits,
+    /// The end `truncate` cuts when a request does not say.
+    pub default_truncation_direction: TruncationDirection,
+    /// The engine's request limits, stated by the OpenAPI document before the engine exists.
+    pub limits: RequestLimits,
+}
+
+impl Default for HttpConfig {
+    /// The `finserve serve` defaults, without an API key or CORS.
+    fn default() -> Self {
+        Self {
+            api_keys: None,
+            api_key_file_poll: Duration::from_secs(2),
+            client_timeout: Duration::from_secs(30),
+            max_body_bytes: 2 * 1024 * 1024,
+            max_concurrent_requests: 512,
+            request_timeout: Duration::from_secs(60),
+            cors_allow_origin: Vec::new(),
+            max_failed_batches: 5,
+            metrics_on_api: true,
+            model_name: openapi::DEMO_MODEL_NAME.into(),
+            default_truncation_direction: TruncationDirection::Right,
+            limits: RequestLimits::default(),
+        }
+    }
 }
 
 /// Shared by every handler. The engine and info appear once the model is loaded.
@@ -124,39 +90,38 @@ pub struct AppState {
     pub info: OnceLock<InfoResponse>,
     pub ready: AtomicBool,
     pub shutting_down: AtomicBool,
-    pub limits: HttpLimits,
+    pub config: HttpConfig,
     /// When the server started, in Unix seconds (`created` of `/v1/models`).
     pub started: u64,
     permits: Arc<Semaphore>,
 }
 
 impl AppState {
-    pub fn new(limits: HttpLimits) -> Arc<Self> {
+    pub fn new(config: HttpConfig) -> Arc<Self> {
         Arc::new(Self {
             engine: OnceLock::new(),
             info: OnceLock::new(),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
-            permits: Arc::new(Semaphore::new(limits.max_concurrent_requests.max(1))),
+            permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-            limits,
+            config,
         })
     }
 }
 
 /// Request id, tracing span, timing header and request metrics for every routed request.
 async fn observe(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
-    let route = matched.map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let route = Route::of_path(matched.as_ref().map(MatchedPath::as_str)).as_str();
     let id = req
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), String::from);
-    let span =
-        tracing::info_span!("request", request_id = %id, method = %req.method(), route = %route);
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), route);
     let start = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     let elapsed = start.elapsed();
@@ -170,11 +135,11 @@ async fn observe(matched: Option<MatchedPath>, req: Request, next: Next) -> Resp
     }
     METRICS
         .requests
-        .with_label_values(&[route.as_str(), status.as_str()])
+        .with_label_values(&[route, status.as_str()])
         .inc();
     METRICS
         .request_duration
-        .with_label_values(&[route.as_str()])
+        .with_label_values(&[route])
         .observe(elapsed.as_secs_f64());
     span.in_scope(|| {
         tracing::info!(
@@ -186,27 +151,45 @@ async fn observe(matched: Option<MatchedPath>, req: Request, next: Next) -> Resp
     response
 }
 
-async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &state.limits.api_key {
-        let h = req.headers();
-        let bearer = h
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let given = bearer.or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
-        if !given.is_some_and(|g| key.matches(g)) {
-            return refuse(req, ApiError::unauthorized(), &state).await;
-        }
-    }
-    next.run(req).await
-}
-
 /// Answers `req` with `error` without handling it. The body is read first: hyper closes a
 /// keep-alive connection whose request body was left unread, which a client reusing its
 /// connection after a 429 would see as a broken pipe. A body too large to drain closes it anyway.
 async fn refuse(req: Request, error: ApiError, state: &AppState) -> Response {
-    let _ = axum::body::to_bytes(req.into_body(), state.limits.max_body_bytes).await;
+    let config = &state.config;
+    let drain = axum::body::to_bytes(req.into_body(), config.max_body_bytes);
+    let _ = tokio::time::timeout(config.client_timeout, drain).await;
     error.into_response()
+}
+
+/// Reads the whole request body, within `--client-timeout-ms` and `--max-body-bytes`, before the
+/// request takes a concurrency slot: a client that stalls mid-body holds no slot, and is answered
+/// 408 and disconnected when its time is up.
+async fn read_body(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let config = &state.config;
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, config.max_body_bytes);
+    let bytes = match tokio::time::timeout(config.client_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_large {
+                ApiError::too_large("request body is larger than --max-body-bytes")
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+            .into_response();
+        }
+        Err(_) => {
+            let mut response = ApiError::client_timeout().into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// Refuses requests over `--max-concurrent-requests` with 429 and tracks the in-flight gauge.
@@ -216,7 +199,7 @@ async fn limit_concurrency(
     next: Next,
 ) -> Response {
     let Ok(permit) = state.permits.clone().try_acquire_owned() else {
-        return refuse(req, crate::error::Error::Overloaded.into(), &state).await;
+        return refuse(req, ApiError::too_many_requests(), &state).await;
     };
     METRICS.in_flight.inc();
     struct Slot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
@@ -254,29 +237,33 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             limit_concurrency,
-        ));
+        ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body));
     let protected = inference
         .route("/info", get(routes::info))
         .route("/v1/models", get(openai::models))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
-    let limits = &state.limits;
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ));
+    let config = &state.config;
     // Checked here so a broken document fails at startup, not on the first request.
-    openapi::document(&limits.request, &[], limits.metrics_on_api, None)?;
+    openapi::document(&config.limits, &[], config.metrics_on_api, None)?;
     let mut app = Router::new()
         .merge(protected)
         .route("/", get(routes::playground))
         .route("/health", get(routes::health))
         .route("/ready", get(routes::ready))
-        .route("/openapi.json", get(routes::openapi));
-    if limits.metrics_on_api {
+        .route("/openapi.json", get(openapi::openapi));
+    if config.metrics_on_api {
         app = app.route("/metrics", get(routes::metrics));
     }
     let mut app = app
         .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
         .route_layer(middleware::from_fn(observe))
-        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state.clone());
-    let origins = &state.limits.cors_allow_origin;
+    let origins = &state.config.cors_allow_origin;
     if !origins.is_empty() {
         let allow = if origins.iter().any(|o| o == "*") {
             AllowOrigin::from(Any)
@@ -302,52 +289,4 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
         );
     }
     Ok(app)
-}
-
-/// Serves the API on `listener` (and `/metrics` on `metrics`, if given) until `shutdown`
-/// resolves; then stops accepting, marks the server not ready, and lets in-flight requests
-/// finish for up to `grace`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Option<tokio::net::TcpListener>,
-    state: Arc<AppState>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    grace: Duration,
-) -> std::io::Result<()> {
-    let app = router(state.clone()).map_err(std::io::Error::other)?;
-    // Metrics stay scrapeable while requests drain; the task ends with this function.
-    let metrics_server =
-        metrics.map(|l| tokio::spawn(axum::serve(l, metrics_router()).into_future()));
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let flag = state.clone();
-    // Without TCP_NODELAY, a streamed event that follows an earlier response on a keep-alive
-    // connection waits ~40 ms for the client's delayed ACK (Nagle).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        flag.shutting_down.store(true, Ordering::SeqCst);
-        tracing::info!("shutdown requested: refusing new requests, finishing in-flight ones");
-        let _ = started_tx.send(());
-    });
-    let server = tokio::spawn(async move { server.await });
-    tokio::pin!(server);
-    let result = tokio::select! {
-        done = &mut server => done.map_err(std::io::Error::other).and_then(|r| r),
-        _ = started_rx => match tokio::time::timeout(grace, &mut server).await {
-            Ok(done) => done.map_err(std::io::Error::other).and_then(|r| r),
-            Err(_) => {
-                tracing::warn!(?grace, "shutdown timeout reached with requests still in flight");
-                server.abort();
-                Ok(())
-            }
-        },
-    };
-    if let Some(m) = metrics_server {
-        m.abort();
-    }
-    result
 }

@@ -16,19 +16,19 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::mpsc::UnboundedReceiver;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::ApiError;
+use super::common::{engine, error_event, model_names, record_input_tokens, record_timing};
+use super::error::{ApiError, Dialect};
 use super::extract::JsonBody;
-use super::routes::{collect, engine, error_event, record_timing};
-use super::types::{ErrorResponse, GenerateParameters, StopSequence, Text};
-use super::validation;
+use super::route::Route;
+use super::types::{ErrorResponse, StopSequence, Text};
 use crate::engine::generate::FinishReason;
+use crate::engine::infer::{GenerateQuery, Generation};
+use crate::engine::validation::{self, GenerateOptions};
 use crate::engine::{GenerateEvent, TokenInfo};
 use crate::error::Error;
-use crate::metrics::METRICS;
 
 /// One served model.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -190,12 +190,11 @@ struct Run {
     id: String,
     created: u64,
     model: String,
-    prompt_tokens: usize,
-    rx: UnboundedReceiver<GenerateEvent>,
+    route: Route,
+    generation: Generation,
     deadline: Instant,
-    /// The request's span and when the work was queued, for its queue and inference spans.
+    /// The request's span, for its queue and inference spans.
     request: tracing::Span,
-    submitted: std::time::SystemTime,
 }
 
 fn now() -> u64 {
@@ -211,14 +210,6 @@ fn finish(r: FinishReason) -> &'static str {
     }
 }
 
-/// The served model names: the default model's, then each variant's.
-pub(super) fn names(state: &AppState) -> Vec<String> {
-    match state.engine.get() {
-        Some(engine) => engine.variants().iter().map(|v| v.name.clone()).collect(),
-        None => vec![state.limits.model_name.clone()],
-    }
-}
-
 /// Checks the model name and sampling fields, tokenizes and queues the generation.
 async fn start(
     state: &Arc<AppState>,
@@ -226,17 +217,9 @@ async fn start(
     prompt: String,
     max_tokens: Option<i64>,
     s: &Sampling,
-    prefix: &'static str,
+    route: Route,
 ) -> Result<Run, ApiError> {
     let engine = engine(state)?;
-    let served = names(state);
-    let Some(variant) = served.iter().position(|n| *n == model) else {
-        return Err(ApiError::new(
-            axum::http::StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("model `{model}` is not served here; the models are {served:?}"),
-        ));
-    };
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::validation("`n` must be 1"));
     }
@@ -253,38 +236,55 @@ async fn start(
         )));
     }
     let greedy = temperature == 0.0;
-    let params = GenerateParameters {
-        max_new_tokens: Some(max_tokens.unwrap_or(16)),
-        do_sample: Some(!greedy),
-        temperature: (!greedy).then_some(temperature),
-        top_p: (!greedy && top_p < 1.0).then_some(top_p),
-        seed: s.seed,
-        stop: s.stop.clone().map(|stop| match stop {
-            Stop::One(s) => vec![s],
-            Stop::Many(StopList(v)) => v,
-        }),
-        ..Default::default()
+    let query = GenerateQuery {
+        text: prompt,
+        variant: Some(model.clone()),
+        truncate: None,
+        options: GenerateOptions {
+            max_new_tokens: Some(max_tokens.unwrap_or(16)),
+            do_sample: Some(!greedy),
+            temperature: (!greedy).then_some(temperature),
+            top_p: (!greedy && top_p < 1.0).then_some(top_p),
+            seed: s.seed,
+            stop: match s.stop.clone() {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.0],
+                Some(Stop::Many(StopList(v))) => v.into_iter().map(|s| s.0).collect(),
+            },
+            ..Default::default()
+        },
     };
-    let tokenizer = engine.clone();
-    let ids = super::routes::off_runtime(prefix, move || tokenizer.tokenize(&prompt, None)).await?;
-    let params = validation::generate_params(&params, ids.len(), &state.limits.request)?;
-    METRICS
-        .input_tokens
-        .with_label_values(&[prefix])
-        .observe(ids.len() as f64);
-    let prompt_tokens = ids.len();
-    let submitted = std::time::SystemTime::now();
-    let rx = engine.generate(ids, params, variant)?;
+    let generation = engine
+        .generate_text(query)
+        .await
+        .map_err(|e| Dialect::OpenAi.error(e))?;
+    record_input_tokens(route, generation.prompt_ids.len());
+    let prefix = match route {
+        Route::ChatCompletions => "chatcmpl",
+        _ => "cmpl",
+    };
     Ok(Run {
         id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
         created: now(),
         model,
-        prompt_tokens,
-        rx,
-        deadline: Instant::now() + state.limits.request_timeout,
+        route,
+        generation,
+        deadline: Instant::now() + state.config.request_timeout,
         request: tracing::Span::current(),
-        submitted,
     })
+}
+
+/// Waits for `run`'s generation and records its timing.
+async fn finish_run(run: Run) -> Result<(usize, crate::engine::GenerateOutput), ApiError> {
+    let prompt_tokens = run.generation.prompt_ids.len();
+    let submitted = run.generation.submitted;
+    let out = run
+        .generation
+        .collect(Some(run.deadline))
+        .await
+        .map_err(|e| Dialect::OpenAi.error(e))?;
+    record_timing(run.route, out.timing, &run.request, submitted);
+    Ok((prompt_tokens, out))
 }
 
 fn prompt_of(p: PromptInput) -> Result<String, ApiError> {
@@ -305,7 +305,7 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     let created = state.started;
     Json(ModelList {
         object: "list".into(),
-        data: names(&state)
+        data: model_names(&state)
             .into_iter()
             .map(|id| Model {
                 id,
@@ -344,7 +344,15 @@ pub async fn completions(
     let prompt = prompt_of(req.prompt)?;
     let stream = req.stream.unwrap_or(false);
     let sampling = sampling!(req);
-    let run = start(&state, req.model, prompt, req.max_tokens, &sampling, "cmpl").await?;
+    let run = start(
+        &state,
+        req.model,
+        prompt,
+        req.max_tokens,
+        &sampling,
+        Route::Completions,
+    )
+    .await?;
     let base = json!({"id": run.id, "object": "text_completion", "created": run.created, "model": run.model});
     if stream {
         return Ok(sse(run, base, |t, end| {
@@ -353,9 +361,8 @@ pub async fn completions(
         })
         .into_response());
     }
-    let (prompt_tokens, mut base) = (run.prompt_tokens, base);
-    let out = collect(run.rx, run.deadline).await?;
-    record_timing("completions", out.timing, &run.request, run.submitted);
+    let mut base = base;
+    let (prompt_tokens, out) = finish_run(run).await?;
     let logprobs = with_logprobs.then(|| {
         let mut offset = 0;
         let offsets: Vec<usize> = out
@@ -413,19 +420,24 @@ pub async fn chat(
     let stream = req.stream.unwrap_or(false);
     // Both are checked even though the newer name wins.
     if let (Some(_), Some(old)) = (req.max_completion_tokens, req.max_tokens) {
-        validation::generate_params(
-            &GenerateParameters {
-                max_new_tokens: Some(old),
-                ..Default::default()
-            },
-            0,
-            &state.limits.request,
-        )
-        .map_err(|e| ApiError::validation(format!("`max_tokens`: {e}")))?;
+        let options = GenerateOptions {
+            max_new_tokens: Some(old),
+            ..Default::default()
+        };
+        validation::generate_params(&options, 0, &state.config.limits)
+            .map_err(|e| Dialect::OpenAi.error(e))?;
     }
     let max = req.max_completion_tokens.or(req.max_tokens);
     let sampling = sampling!(req);
-    let run = start(&state, req.model, prompt, max, &sampling, "chatcmpl").await?;
+    let run = start(
+        &state,
+        req.model,
+        prompt,
+        max,
+        &sampling,
+        Route::ChatCompletions,
+    )
+    .await?;
     let base = json!({"id": run.id, "object": if stream { "chat.completion.chunk" } else { "chat.completion" },
                       "created": run.created, "model": run.model});
     if stream {
@@ -438,9 +450,8 @@ pub async fn chat(
         })
         .into_response());
     }
-    let (prompt_tokens, mut base) = (run.prompt_tokens, base);
-    let out = collect(run.rx, run.deadline).await?;
-    record_timing("chat", out.timing, &run.request, run.submitted);
+    let mut base = base;
+    let (prompt_tokens, out) = finish_run(run).await?;
     let logprobs = with_logprobs.then(|| {
         json!({"content": out.tokens.iter().map(|t| json!({
             "token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes(), "top_logprobs": []
@@ -475,27 +486,29 @@ fn sse(
         Event::default().data(c.to_string())
     };
     let Run {
-        rx,
+        generation,
         deadline,
         request,
-        submitted,
+        route,
         ..
     } = run;
-    let stream = futures::stream::unfold((rx, false), move |(mut rx, done)| {
+    let (tokenize, submitted) = (generation.tokenize, generation.submitted);
+    let stream = futures::stream::unfold((generation, false), move |(mut generation, done)| {
         let chunk = chunk.clone();
         let request = request.clone();
         async move {
             if done {
                 return None;
             }
-            let events: Vec<Event> = match tokio::time::timeout_at(deadline.into(), rx.recv()).await
-            {
+            let next = tokio::time::timeout_at(deadline.into(), generation.events.recv()).await;
+            let events: Vec<Event> = match next {
                 Err(_) => vec![error_event(&ApiError::timeout())],
                 Ok(Some(GenerateEvent::Token(t))) => {
-                    return Some((vec![chunk(Some(&t), None)], (rx, false)));
+                    return Some((vec![chunk(Some(&t), None)], (generation, false)));
                 }
-                Ok(Some(GenerateEvent::End(out))) => {
-                    record_timing("openai", out.timing, &request, submitted);
+                Ok(Some(GenerateEvent::End(mut out))) => {
+                    out.timing.tokenize = tokenize;
+                    record_timing(route, out.timing, &request, submitted);
                     let mut v: Vec<Event> = out
                         .tokens
                         .last()
@@ -506,10 +519,10 @@ fn sse(
                     v.push(Event::default().data("[DONE]"));
                     v
                 }
-                Ok(Some(GenerateEvent::Error(e))) => vec![error_event(&e.into())],
+                Ok(Some(GenerateEvent::Error(e))) => vec![error_event(&Dialect::OpenAi.error(e))],
                 Ok(None) => vec![error_event(&Error::EngineDown.into())],
             };
-            Some((events, (rx, true)))
+            Some((events, (generation, true)))
         }
     });
     Sse::new(

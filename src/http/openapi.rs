@@ -3,11 +3,18 @@
 //! served `/openapi.json` states exactly what this server accepts (`finserve openapi` prints it
 //! for the default limits, which is what `openapi/openapi.json` holds).
 
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
 use serde_json::{Value, json};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{RequestLimits, openai, routes};
+use super::common::model_names;
+use super::error::ApiError;
+use super::{AppState, openai, routes};
+use crate::engine::{Engine, RequestLimits};
 
 /// The OpenAI routes' name for the bundled demo model.
 pub const DEMO_MODEL_NAME: &str = "finserve-demo";
@@ -196,4 +203,15 @@ pub fn default_json() -> Result<String, String> {
     let models = [DEMO_MODEL_NAME.to_string()];
     serde_json::to_string_pretty(&document(&RequestLimits::default(), &models, true, None)?)
         .map_err(|e| e.to_string())
+}
+
+/// The OpenAPI document of this server: its limits as schema bounds (and, once the model is
+/// loaded, its vocabulary size as the bound of token ids).
+pub async fn openapi(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let config = &state.config;
+    let vocab = state.engine.get().map(Engine::vocab_size);
+    let models = model_names(&state);
+    document(&config.limits, &models, config.metrics_on_api, vocab)
+        .map(Json)
+        .map_err(|e| ApiError::internal(format!("cannot build the OpenAPI document: {e}")))
 }

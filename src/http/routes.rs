@@ -1,83 +1,32 @@
-//! The route handlers: parse and check the request, tokenize off the async runtime, hand the work
-//! to the engine, and shape its results into the client-facing formats.
+//! The handlers of the Hugging Face / TGI / TEI routes and the operational ones: parse the
+//! request, make one engine call, shape its answer into the client's format.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Instant, SystemTime};
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::AppState;
-use super::error::ApiError;
+use super::common::{
+    engine, error_event, json_event, off_runtime, record_input_tokens, record_timing, texts,
+    timing_headers,
+};
+use super::error::{ApiError, Dialect};
 use super::extract::JsonBody;
+use super::route::Route;
 use super::types::*;
-use super::validation;
-use crate::engine::prompt::{Template, Window};
-use crate::engine::{Engine, GenerateEvent, GenerateOutput, Timing};
+use crate::engine::GenerateEvent;
+use crate::engine::infer::{GenerateQuery, Generation, LongInput, ScoreQuery, Scored};
+use crate::engine::validation::GenerateOptions;
 use crate::error::Error;
 use crate::metrics::METRICS;
-
-pub(super) fn engine(state: &AppState) -> Result<Engine, ApiError> {
-    match state.engine.get() {
-        Some(e) if !state.shutting_down.load(Ordering::SeqCst) => Ok(e.clone()),
-        _ => Err(ApiError::not_ready()),
-    }
-}
-
-fn ms(d: Duration) -> HeaderValue {
-    HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1000.0))
-        .unwrap_or(HeaderValue::from_static("0"))
-}
-
-fn timing_headers(t: Timing) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("x-queue-time", ms(t.queue));
-    h.insert("x-inference-time", ms(t.inference));
-    h
-}
-
-/// Records a request's engine time: the queue and inference metrics of `route`, and the `queue`
-/// and `inference` trace spans under `request`, which was submitted at `submitted`.
-pub(super) fn record_timing(
-    route: &str,
-    t: Timing,
-    request: &tracing::Span,
-    submitted: std::time::SystemTime,
-) {
-    crate::telemetry::record_engine_spans(request, submitted, t.queue, t.inference);
-    METRICS
-        .queue_duration
-        .with_label_values(&[route])
-        .observe(t.queue.as_secs_f64());
-    METRICS
-        .inference_duration
-        .with_label_values(&[route])
-        .observe(t.inference.as_secs_f64());
-}
-
-/// Runs CPU-bound tokenization on the blocking pool.
-pub(super) async fn off_runtime<T: Send + 'static>(
-    route: &'static str,
-    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    let start = Instant::now();
-    let span = tracing::info_span!("tokenize", route);
-    let out = tokio::task::spawn_blocking(move || span.in_scope(f))
-        .await
-        .map_err(|e| ApiError::from(Error::Inference(format!("tokenizer task failed: {e}"))))??;
-    METRICS
-        .tokenization_duration
-        .with_label_values(&[route])
-        .observe(start.elapsed().as_secs_f64());
-    Ok(out)
-}
 
 /// Classifies financial text as negative / neutral / positive (or the configured labels).
 #[utoipa::path(
@@ -101,140 +50,110 @@ pub async fn sentiment(
     JsonBody(req): JsonBody<SentimentRequest>,
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
-    let limits = &state.limits.request;
-    let texts: Vec<String> = match req.inputs {
-        Inputs::One(t) => vec![t.0],
-        Inputs::Many(v) => v.0.into_iter().map(|t| t.0).collect(),
-    };
-    let max = limits.max_client_batch_size;
-    if texts.len() > max {
-        return Err(ApiError::validation(format!(
-            "{} inputs is more than --max-client-batch-size ({max})",
-            texts.len()
-        )));
-    }
     let params = req.parameters.unwrap_or_default();
-    let top_k = validation::sentiment_top_k(params.top_k)?;
+    let top_k = sentiment_top_k(params.top_k)?;
     let function = params.function_to_apply.unwrap_or_default();
-    let chunk = params.long_input.unwrap_or_default() == LongInput::Chunk;
     let return_chunks = params.return_chunks.unwrap_or(false);
-    let candidates = params
-        .candidate_labels
-        .map(|l| validation::candidate_labels(l, limits))
-        .transpose()?;
-    let template = match &params.prompt_template {
-        Some(t) => Arc::new(Template::new(&t.0)?),
-        None => engine.template().clone(),
+    let long_input = match (params.long_input.unwrap_or_default(), req.truncate) {
+        (super::types::LongInput::Chunk, _) => LongInput::Chunk,
+        (super::types::LongInput::Error, Some(true)) => LongInput::Truncate(
+            req.truncation_direction
+                .unwrap_or(state.config.default_truncation_direction),
+        ),
+        (super::types::LongInput::Error, _) => LongInput::Refuse,
     };
-    let truncate = req.truncate.unwrap_or(false).then(|| {
-        req.truncation_direction
-            .unwrap_or(limits.truncation_direction)
-    });
-    let (max_tokens, overlap, max_chunks) = (
-        engine.config().max_input_tokens,
-        limits.chunk_overlap,
-        limits.max_chunks_per_input,
-    );
-    let variant = engine.variant(params.adapter_id.as_deref())?;
-    let variant_name = engine.variants()[variant].name.clone();
-    let tokenizer_engine = engine.clone();
-    let (labels, windows) = off_runtime("sentiment", move || {
-        let e = tokenizer_engine;
-        let labels = match candidates {
-            Some(names) => e.label_set(&names)?,
-            None => e.variants()[variant].labels.clone(),
-        };
-        let windows = texts
-            .iter()
-            .map(|t| {
-                if chunk {
-                    e.prompt(t, &template)?
-                        .windows(max_tokens, overlap, max_chunks)
-                } else {
-                    let ids = e.tokenize_sentiment(t, &template, truncate)?;
-                    let tokens = ids.len();
-                    Ok(vec![Window {
-                        ids,
-                        span: (0, t.len()),
-                        tokens,
-                    }])
-                }
-                .map(|w| (t.clone(), w))
-            })
-            .collect::<crate::error::Result<Vec<_>>>()?;
-        Ok((labels, windows))
-    })
-    .await?;
-    let (request, submitted) = (tracing::Span::current(), std::time::SystemTime::now());
-    let inputs: Vec<Vec<u32>> = windows
-        .iter()
-        .flat_map(|(_, ws)| ws.iter().map(|w| w.ids.clone()))
-        .collect();
-    for ids in &inputs {
-        METRICS
-            .input_tokens
-            .with_label_values(&["sentiment"])
-            .observe(ids.len() as f64);
-    }
-    let receivers = engine.sentiment_all(inputs, labels.clone(), variant)?;
-    let results = tokio::time::timeout(
-        state.limits.request_timeout,
-        futures::future::join_all(receivers),
-    )
-    .await
-    .map_err(|_| ApiError::timeout())?;
-
+    let query = ScoreQuery {
+        texts: texts(req.inputs),
+        variant: params.adapter_id,
+        labels: params
+            .candidate_labels
+            .map(|l| l.0.into_iter().map(|l| l.0).collect()),
+        template: params.prompt_template.map(|t| t.0),
+        long_input,
+    };
+    let deadline = Instant::now() + state.config.request_timeout;
+    let request = tracing::Span::current();
+    let scored = engine
+        .score(query, Some(deadline))
+        .await
+        .map_err(|e| Dialect::Sentiment.error(e))?;
     let _response = tracing::info_span!("response").entered();
-    let mut results = results.into_iter();
-    let mut timing = Timing::default();
-    let mut body: Vec<InputScores> = Vec::with_capacity(windows.len());
-    for (text, ws) in windows {
-        let mut chunks = Vec::with_capacity(ws.len());
-        let mut total = vec![0.0; labels.names.len()];
-        let weight: usize = ws.iter().map(|w| w.tokens.max(1)).sum();
-        for w in ws {
-            let out = results
-                .next()
-                .ok_or_else(|| Error::Inference("a window's result is missing".into()))?
-                .map_err(|_| Error::EngineDown)??;
-            timing.queue = timing.queue.max(out.timing.queue);
-            timing.inference = timing.inference.max(out.timing.inference);
-            let values = match function {
-                FunctionToApply::Softmax => &out.scores.probs,
-                FunctionToApply::None => &out.scores.log_probs,
-            };
-            for (t, v) in total.iter_mut().zip(values) {
-                *t += v * w.tokens.max(1) as f64 / weight as f64;
-            }
-            if return_chunks {
-                let chars = |b: usize| text[..b].chars().count();
-                chunks.push(ChunkScores {
-                    start: chars(w.span.0),
-                    end: chars(w.span.1),
-                    tokens: w.tokens,
-                    scores: ranked(&labels.names, values, usize::MAX),
-                });
-            }
-        }
-        let scores = ranked(&labels.names, &total, top_k);
-        if let Some(best) = scores.first() {
-            let metric = [variant_name.as_str(), best.label.as_str()];
-            METRICS.predictions.with_label_values(&metric).inc();
-            if function == FunctionToApply::Softmax {
-                METRICS
-                    .top_score
-                    .with_label_values(&metric)
-                    .observe(best.score);
-            }
-        }
-        body.push(if return_chunks {
-            InputScores::Chunked(ChunkedScores { scores, chunks })
-        } else {
-            InputScores::Labels(scores)
-        });
+    record_timing(Route::Sentiment, scored.timing, &request, scored.submitted);
+    let body = sentiment_body(&scored, function, top_k, return_chunks);
+    Ok((timing_headers(scored.timing), Json(body)).into_response())
+}
+
+/// `top_k` of `/v1/sentiment`: how many labels to return (all by default).
+fn sentiment_top_k(top_k: Option<i64>) -> Result<usize, ApiError> {
+    match top_k {
+        Some(k) if k < 1 => Err(ApiError::validation(format!(
+            "`parameters.top_k`: must be >= 1 (got {k})"
+        ))),
+        Some(k) => Ok(usize::try_from(k).unwrap_or(usize::MAX)),
+        None => Ok(usize::MAX),
     }
-    record_timing("sentiment", timing, &request, submitted);
-    Ok((timing_headers(timing), Json(body)).into_response())
+}
+
+/// Per text, its labels ranked (and its windows' with `return_chunks`); counts each text's top
+/// label in the prediction metrics.
+fn sentiment_body(
+    scored: &Scored,
+    function: FunctionToApply,
+    top_k: usize,
+    return_chunks: bool,
+) -> Vec<InputScores> {
+    let names = &scored.labels.names;
+    // Request-chosen label texts never become metric label values.
+    let label_of = |label: &str| {
+        if scored.custom_labels {
+            "custom"
+        } else {
+            label
+        }
+        .to_string()
+    };
+    scored
+        .texts
+        .iter()
+        .map(|text| {
+            for w in &text.windows {
+                record_input_tokens(Route::Sentiment, w.prompt_tokens);
+            }
+            let values = |probs: &'_ Vec<f64>, log_probs: &'_ Vec<f64>| match function {
+                FunctionToApply::Softmax => probs.clone(),
+                FunctionToApply::None => log_probs.clone(),
+            };
+            let scores = ranked(names, &values(&text.probs, &text.log_probs), top_k);
+            if let Some(best) = scores.first() {
+                let metric = [scored.variant.clone(), label_of(&best.label)];
+                METRICS.predictions.with_label_values(&metric).inc();
+                if function == FunctionToApply::Softmax {
+                    METRICS
+                        .top_score
+                        .with_label_values(&metric)
+                        .observe(best.score);
+                }
+            }
+            if !return_chunks {
+                return InputScores::Labels(scores);
+            }
+            let chunks = text
+                .windows
+                .iter()
+                .map(|w| ChunkScores {
+                    start: w.span.0,
+                    end: w.span.1,
+                    tokens: w.tokens,
+                    scores: ranked(
+                        names,
+                        &values(&w.scores.probs, &w.scores.log_probs),
+                        usize::MAX,
+                    ),
+                })
+                .collect();
+            InputScores::Chunked(ChunkedScores { scores, chunks })
+        })
+        .collect()
 }
 
 /// The labels with their scores, best first, the first `top_k`.
@@ -278,24 +197,33 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
     let p = req.parameters.unwrap_or_default();
-    let variant = engine.variant(p.adapter_id.as_deref())?;
-    let truncate = validation::generate_truncate(p.truncate)?;
     let text = req.inputs.0;
     let prefix = p.return_full_text.unwrap_or(false).then(|| text.clone());
-    let tokenizer_engine = engine.clone();
-    let ids = off_runtime("generate", move || {
-        tokenizer_engine.tokenize(&text, truncate)
-    })
-    .await?;
-    let params = validation::generate_params(&p, ids.len(), &state.limits.request)?;
-    METRICS
-        .input_tokens
-        .with_label_values(&["generate"])
-        .observe(ids.len() as f64);
     let details = p.details.unwrap_or(false);
-    let prefill = if details && p.decoder_input_details.unwrap_or(false) {
-        let texts = engine.token_texts(&ids)?;
-        ids.iter()
+    let prefill_details = details && p.decoder_input_details.unwrap_or(false);
+    let query = GenerateQuery {
+        text,
+        variant: p.adapter_id,
+        truncate: p.truncate,
+        options: GenerateOptions {
+            max_new_tokens: p.max_new_tokens,
+            do_sample: p.do_sample,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            repetition_penalty: p.repetition_penalty,
+            seed: p.seed,
+            stop: p.stop.into_iter().flatten().map(|s| s.0).collect(),
+        },
+    };
+    let request = tracing::Span::current();
+    let generation = engine.generate_text(query).await?;
+    record_input_tokens(Route::Generate, generation.prompt_ids.len());
+    let prefill = if prefill_details {
+        let texts = engine.token_texts(&generation.prompt_ids)?;
+        generation
+            .prompt_ids
+            .iter()
             .zip(texts)
             .map(|(&id, text)| Token {
                 id,
@@ -307,15 +235,13 @@ pub async fn generate(
     } else {
         Vec::new()
     };
-    let (request, submitted) = (tracing::Span::current(), std::time::SystemTime::now());
-    let rx = engine.generate(ids, params, variant)?;
-    let deadline = Instant::now() + state.limits.request_timeout;
+    let deadline = Instant::now() + state.config.request_timeout;
     if req.stream.unwrap_or(false) {
-        let trace = (request, submitted);
-        return Ok(stream_response(rx, deadline, prefix, trace).into_response());
+        return Ok(stream_response(generation, deadline, prefix, request).into_response());
     }
-    let out = collect(rx, deadline).await?;
-    record_timing("generate", out.timing, &request, submitted);
+    let submitted = generation.submitted;
+    let out = generation.collect(Some(deadline)).await?;
+    record_timing(Route::Generate, out.timing, &request, submitted);
     let _response = tracing::info_span!("response").entered();
     let details = details.then(|| Details {
         finish_reason: out.finish_reason,
@@ -331,39 +257,23 @@ pub async fn generate(
     Ok((timing_headers(out.timing), Json(body)).into_response())
 }
 
-pub(super) async fn collect(
-    mut rx: UnboundedReceiver<GenerateEvent>,
-    deadline: Instant,
-) -> Result<GenerateOutput, ApiError> {
-    loop {
-        let event = tokio::time::timeout_at(deadline.into(), rx.recv())
-            .await
-            .map_err(|_| ApiError::timeout())?;
-        match event {
-            Some(GenerateEvent::Token(_)) => {}
-            Some(GenerateEvent::End(out)) => return Ok(out),
-            Some(GenerateEvent::Error(e)) => return Err(e.into()),
-            None => return Err(Error::EngineDown.into()),
-        }
-    }
-}
-
 /// TGI-style server-sent events: one per token; the last carries `generated_text` and `details`.
 fn stream_response(
-    rx: UnboundedReceiver<GenerateEvent>,
+    generation: Generation,
     deadline: Instant,
     prefix: Option<String>,
-    (request, submitted): (tracing::Span, std::time::SystemTime),
+    request: tracing::Span,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     struct S {
-        rx: UnboundedReceiver<GenerateEvent>,
+        generation: Generation,
         index: u32,
         done: bool,
         prefix: Option<String>,
         request: tracing::Span,
     }
+    let submitted: SystemTime = generation.submitted;
     let init = S {
-        rx,
+        generation,
         index: 0,
         done: false,
         prefix,
@@ -373,7 +283,8 @@ fn stream_response(
         if s.done {
             return None;
         }
-        let event = match tokio::time::timeout_at(deadline.into(), s.rx.recv()).await {
+        let event = match tokio::time::timeout_at(deadline.into(), s.generation.events.recv()).await
+        {
             Ok(e) => e,
             Err(_) => {
                 s.done = true;
@@ -388,9 +299,10 @@ fn stream_response(
                 generated_text: None,
                 details: None,
             }),
-            Some(GenerateEvent::End(out)) => {
+            Some(GenerateEvent::End(mut out)) => {
                 s.done = true;
-                record_timing("generate", out.timing, &s.request, submitted);
+                out.timing.tokenize = s.generation.tokenize;
+                record_timing(Route::Generate, out.timing, &s.request, submitted);
                 match out.tokens.last() {
                     Some(last) => json_event(&StreamResponse {
                         index: s.index,
@@ -404,9 +316,9 @@ fn stream_response(
                             s.prefix.take().unwrap_or_default() + &out.generated_text,
                         ),
                     }),
-                    None => error_event(
-                        &Error::Inference("the generation ended without a token".into()).into(),
-                    ),
+                    None => error_event(&ApiError::from(Error::Inference(
+                        "the generation ended without a token".into(),
+                    ))),
                 }
             }
             Some(GenerateEvent::Error(e)) => {
@@ -421,19 +333,6 @@ fn stream_response(
         Some((item, s))
     });
     Sse::new(stream.map(Ok)).keep_alive(KeepAlive::default())
-}
-
-fn json_event<T: serde::Serialize>(item: &T) -> Event {
-    Event::default().json_data(item).unwrap_or_else(|e| {
-        error_event(&Error::Inference(format!("cannot serialise the event: {e}")).into())
-    })
-}
-
-/// An error as the stream's last event, in the same shape as error responses.
-pub(super) fn error_event(e: &ApiError) -> Event {
-    METRICS.errors.with_label_values(&[e.error_type]).inc();
-    let body = serde_json::json!({"error": e.message, "error_type": e.error_type});
-    Event::default().data(body.to_string())
 }
 
 /// Liveness: 200 while loading or while the engine works; 503 if the engine thread died
@@ -459,7 +358,7 @@ fn engine_health(state: &AppState) -> Option<Result<(), &'static str>> {
     let engine = state.engine.get()?;
     Some(if !engine.is_alive() {
         Err("engine_down")
-    } else if engine.failed_batches_in_a_row() >= state.limits.max_failed_batches {
+    } else if engine.failed_batches_in_a_row() >= state.config.max_failed_batches {
         Err("failing")
     } else {
         Ok(())
@@ -507,20 +406,11 @@ pub async fn tokenize(
     JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Result<Json<Vec<Vec<SimpleToken>>>, ApiError> {
     let engine = engine(&state)?;
-    let texts: Vec<String> = match req.inputs {
-        Inputs::One(t) => vec![t.0],
-        Inputs::Many(v) => v.0.into_iter().map(|t| t.0).collect(),
-    };
-    let max = state.limits.request.max_client_batch_size;
-    if texts.len() > max {
-        return Err(ApiError::validation(format!(
-            "{} inputs is more than --max-client-batch-size ({max})",
-            texts.len()
-        )));
-    }
+    let texts = texts(req.inputs);
+    engine.check_text_count(texts.len())?;
     let special = req.add_special_tokens.unwrap_or(true);
     let template = req.prompt_template.unwrap_or(false);
-    let body = off_runtime("tokenize", move || {
+    let body = off_runtime(Route::Tokenize, move || {
         let t = template.then(|| engine.template().clone());
         texts
             .iter()
@@ -582,30 +472,13 @@ pub async fn decode(
         }
     };
     let skip = req.skip_special_tokens.unwrap_or(true);
-    let texts = off_runtime("decode", move || {
+    let texts = off_runtime(Route::Decode, move || {
         seqs.iter()
             .map(|ids| engine.decode(ids, skip))
             .collect::<crate::error::Result<Vec<_>>>()
     })
     .await?;
     Ok(Json(texts))
-}
-
-/// The OpenAPI document of this server: its limits as schema bounds (and, once the model is
-/// loaded, its vocabulary size as the bound of token ids).
-pub async fn openapi(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let limits = &state.limits;
-    let vocab = state.engine.get().map(Engine::vocab_size);
-    let models = super::openai::names(&state);
-    let doc = super::openapi::document(&limits.request, &models, limits.metrics_on_api, vocab)
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("cannot build the OpenAPI document: {e}"),
-            )
-        })?;
-    Ok(Json(doc).into_response())
 }
 
 /// The playground: one self-contained page (no CDN) to score and generate from a browser.
@@ -634,13 +507,8 @@ pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<InfoRespons
         (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
         (status = 500, description = "The metrics could not be rendered", body = ErrorResponse)))]
 pub async fn metrics() -> Result<Response, ApiError> {
-    let text = crate::metrics::render().map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("cannot render the metrics: {e}"),
-        )
-    })?;
+    let text = crate::metrics::render()
+        .map_err(|e| ApiError::internal(format!("cannot render the metrics: {e}")))?;
     Ok((
         [(
             header::CONTENT_TYPE,

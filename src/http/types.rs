@@ -5,10 +5,16 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::engine::TokenInfo;
-pub use crate::engine::generate::FinishReason;
+use std::path::Path;
+
+use super::HttpConfig;
+use crate::calibration::Calibration;
+use crate::engine::generate::FinishReason;
 pub use crate::engine::prompt::TruncationDirection;
-use crate::lora::MergeReport;
+use crate::engine::sentiment::LabelSet;
+use crate::engine::{EngineConfig, TokenInfo};
+use crate::model::lora::MergeReport;
+use crate::model::{LoadedModel, ModelSpec};
 
 /// JSON Schema's `integer` is any number without a fractional part, so `20.0` is as valid as
 /// `20`; serde's integers accept only the latter. Used with `deserialize_with` on integer fields.
@@ -415,10 +421,66 @@ pub struct Limits {
     pub truncation_direction: TruncationDirection,
 }
 
+impl Limits {
+    /// The limits of a server whose engine runs with `engine` and whose HTTP layer with `http`.
+    pub fn new(engine: &EngineConfig, http: &HttpConfig) -> Self {
+        let request = &engine.limits;
+        Self {
+            max_input_tokens: engine.max_input_tokens,
+            max_new_tokens: request.max_new_tokens,
+            max_batch_size: engine.max_batch_size,
+            max_batch_tokens: engine.max_batch_tokens,
+            max_batch_wait_ms: engine.max_batch_wait.as_millis() as u64,
+            max_client_batch_size: request.max_client_batch_size,
+            max_concurrent_requests: http.max_concurrent_requests,
+            max_body_bytes: http.max_body_bytes,
+            request_timeout_ms: http.request_timeout.as_millis() as u64,
+            max_total_tokens: request.max_total_tokens,
+            max_stop_sequences: request.max_stop_sequences,
+            max_stop_length: request.max_stop_length,
+            max_failed_batches: http.max_failed_batches,
+            max_candidate_labels: request.max_candidate_labels,
+            max_label_length: request.max_label_length,
+            chunk_overlap: request.chunk_overlap,
+            max_chunks_per_input: request.max_chunks_per_input,
+            truncation_direction: http.default_truncation_direction,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CalibrationInfo {
     pub temperature: f64,
+    /// The file's name (not its path: `/info` shows no paths of the server's disk).
     pub file: String,
+}
+
+impl CalibrationInfo {
+    fn new(calibration: &Option<(std::path::PathBuf, Calibration)>) -> Option<Self> {
+        calibration.as_ref().map(|(path, c)| Self {
+            temperature: c.temperature,
+            file: file_name(path),
+        })
+    }
+}
+
+/// The last component of `path` (a Hub id or a bare name is returned as it is).
+fn file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// `reports` as `/info` shows them: each adapter by its directory's name or Hub id.
+fn public_reports(reports: &[MergeReport]) -> Vec<MergeReport> {
+    reports
+        .iter()
+        .map(|r| MergeReport {
+            adapter: file_name(Path::new(&r.adapter)),
+            ..r.clone()
+        })
+        .collect()
 }
 
 /// A merged variant of the base, served next to the default model.
@@ -436,7 +498,6 @@ pub struct VariantInfo {
 pub struct InfoResponse {
     pub model_id: String,
     pub model_revision: Option<String>,
-    pub model_dir: String,
     pub model_type: String,
     pub adapters: Vec<MergeReport>,
     pub dtype: String,
@@ -461,6 +522,58 @@ pub struct InfoResponse {
     pub limits: Limits,
     pub load_seconds: f64,
     pub version: String,
+}
+
+/// The default model's labels and calibration, then each variant's.
+pub type ServedLabels<'a> = [(&'a LabelSet, &'a Option<(std::path::PathBuf, Calibration)>)];
+
+impl InfoResponse {
+    /// What `/info` says of `loaded` (as `spec` asked for it), served as `name` on `device` with
+    /// `labels` (one entry per served model), `prompt_template` and `limits`.
+    pub fn new(
+        name: String,
+        spec: &ModelSpec,
+        loaded: &LoadedModel,
+        device: &str,
+        labels: &ServedLabels<'_>,
+        prompt_template: &str,
+        limits: Limits,
+    ) -> Self {
+        let calibration = |i: usize| labels.get(i).and_then(|(_, c)| CalibrationInfo::new(c));
+        Self {
+            model_id: spec.model.clone(),
+            model_revision: spec.revision.clone(),
+            model_type: loaded.model.config().model_type().as_str().to_string(),
+            adapters: public_reports(&loaded.reports),
+            dtype: spec.dtype.as_str().to_string(),
+            quantize: spec.quantize.as_str().to_string(),
+            device: device.to_string(),
+            labels: labels
+                .first()
+                .map(|(l, _)| l.names.clone())
+                .unwrap_or_default(),
+            prompt_template: prompt_template.to_string(),
+            vocab_size: loaded.tokenizer.get_vocab_size(true),
+            calibration: calibration(0),
+            name,
+            unshared_bytes: loaded.unshared_bytes,
+            variants: loaded
+                .variants
+                .iter()
+                .enumerate()
+                .map(|(i, v)| VariantInfo {
+                    name: v.name.clone(),
+                    adapters: public_reports(&v.reports),
+                    unshared_bytes: v.unshared_bytes,
+                    calibration: calibration(i + 1),
+                })
+                .collect(),
+            weight_bytes: loaded.weight_bytes,
+            limits,
+            load_seconds: loaded.load_seconds,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
 }
 
 #[cfg(test)]

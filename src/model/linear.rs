@@ -32,7 +32,7 @@ impl Quantization {
         match name {
             "none" | "off" => Ok(Self::None),
             "q8" => Ok(Self::Q8),
-            other => Err(Error::Config(format!(
+            other => Err(Error::InvalidArgument(format!(
                 "unknown quantization `{other}` (none or q8)"
             ))),
         }
@@ -67,7 +67,7 @@ impl Linear {
             return Ok(());
         };
         if w.dtype() != DType::F32 || !w.device().is_cpu() {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidArgument(format!(
                 "--quantize q8 needs f32 weights on the CPU (`{name}` is {:?} on {:?}; there is no int8 kernel for other devices)",
                 w.dtype(),
                 w.device().location()
@@ -81,7 +81,7 @@ impl Linear {
             let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
                 (&*storage, layout.contiguous_offsets())
             else {
-                return Err(Error::Config(format!(
+                return Err(Error::InvalidArgument(format!(
                     "`{name}` is not a contiguous CPU tensor"
                 )));
             };

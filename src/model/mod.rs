@@ -6,6 +6,7 @@
 pub mod decode_batch;
 pub mod int8;
 pub mod linear;
+pub mod lora;
 pub mod ops;
 pub mod packed_attention;
 pub mod resolve;
@@ -22,8 +23,8 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::hub::{HubConfig, RepoKind};
-use crate::lora::{self, Adapter, AdapterSpec, MergeReport};
 use linear::{Quantization, SharedLayers, Storage};
+use lora::{Adapter, AdapterSpec, MergeReport};
 use t5::{Config, T5Model};
 use weights::{WeightFiles, Weights};
 
@@ -120,14 +121,14 @@ pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     match (name, device.is_cpu()) {
         ("f32" | "float32", _) => Ok(DType::F32),
         ("bf16" | "bfloat16", false) => Ok(DType::BF16),
-        ("bf16" | "bfloat16", true) => Err(Error::Config(
+        ("bf16" | "bfloat16", true) => Err(Error::InvalidArgument(
             "bf16 is only supported on GPU; serve f32 on CPU".into(),
         )),
-        ("f16" | "float16", _) => Err(Error::Config(
+        ("f16" | "float16", _) => Err(Error::InvalidArgument(
             "f16 is not supported: T5/mT5 activations overflow to NaN in f16; use bf16 on GPU or f32"
                 .into(),
         )),
-        (other, _) => Err(Error::Config(format!("unknown dtype `{other}` (f32 or bf16)"))),
+        (other, _) => Err(Error::InvalidArgument(format!("unknown dtype `{other}` (f32 or bf16)"))),
     }
 }
 
@@ -140,11 +141,11 @@ pub fn parse_device(name: &str) -> Result<Device> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| {
-                Error::Config(format!("unknown device `{other}` (cpu, cuda, cuda:N)"))
+                Error::InvalidArgument(format!("unknown device `{other}` (cpu, cuda, cuda:N)"))
             })?,
     };
     Device::new_cuda(ordinal).map_err(|e| {
-        Error::Config(format!(
+        Error::InvalidArgument(format!(
             "cannot open CUDA device {ordinal} ({e}); was finserve built with `--features cuda`?"
         ))
     })
@@ -154,9 +155,9 @@ pub fn read_config(dir: &Path) -> Result<Config> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let config: Config = serde_json::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        .map_err(|e| Error::ModelConfig(format!("{}: {e}", path.display())))?;
     config.validate().map_err(|e| match e {
-        Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+        Error::ModelConfig(msg) => Error::ModelConfig(format!("{}: {msg}", path.display())),
         other => other,
     })?;
     Ok(config)

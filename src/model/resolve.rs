@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::linear::Quantization;
 use super::{ModelSpec, parse_device, parse_dtype};
 use crate::error::{Error, Result};
-use crate::lora::AdapterSpec;
+use crate::model::lora::AdapterSpec;
 
 /// Where the demo model lives, relative to the working directory or `FINSERVE_HOME`.
 const DEMO_BASE: &str = "models/demo/base";
@@ -36,7 +36,7 @@ impl ModelChoice {
         let dtype = parse_dtype(&self.dtype, &device)?;
         let quantize = Quantization::parse(&self.quantize)?;
         if quantize == Quantization::Q8 && !device.is_cpu() {
-            return Err(Error::Config(
+            return Err(Error::InvalidArgument(
                 "--quantize q8 runs on the CPU only; on a GPU serve --dtype bf16 instead".into(),
             ));
         }
@@ -81,7 +81,7 @@ fn base(model: Option<&str>) -> Result<Base> {
         return Ok(Base::Given(m.to_string()));
     }
     find_demo(DEMO_BASE).map(Base::Demo).ok_or_else(|| {
-        Error::Config(format!(
+        Error::InvalidArgument(format!(
             "no --model given and the demo model ({DEMO_BASE}) is not under the working \
              directory or $FINSERVE_HOME; pass --model DIR_OR_HUB_ID (or set FINSERVE_MODEL), \
              or run from the repository root"
@@ -95,7 +95,7 @@ fn demo_adapter(base: &std::path::Path) -> Result<PathBuf> {
         .map(|demo| demo.join("adapter"))
         .filter(|a| a.is_dir())
         .ok_or_else(|| {
-            Error::Config(format!(
+            Error::InvalidArgument(format!(
                 "the demo adapter ({DEMO_ADAPTER}) is missing next to {}",
                 base.display()
             ))

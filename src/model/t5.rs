@@ -86,9 +86,34 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Ve
     }))
 }
 
+/// Which transformers configuration class a checkpoint is (`model_type` of `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelType {
+    T5,
+    Mt5,
+}
+
+impl ModelType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::T5 => "t5",
+            Self::Mt5 => "mt5",
+        }
+    }
+}
+
 impl Config {
+    /// `mt5`, or `t5` (also when `config.json` names none: transformers' `T5Config` then applies,
+    /// and `validate` refuses any other name).
+    pub fn model_type(&self) -> ModelType {
+        match self.model_type.as_deref() {
+            Some("mt5") => ModelType::Mt5,
+            _ => ModelType::T5,
+        }
+    }
+
     fn is_mt5(&self) -> bool {
-        self.model_type.as_deref() == Some("mt5")
+        self.model_type() == ModelType::Mt5
     }
 
     /// transformers' `MT5Config` defaults to gated-gelu and untied embeddings; `T5Config` to relu and tied.
@@ -144,7 +169,7 @@ impl Config {
 
     /// Checks what the forward pass relies on, so a broken config fails at load with a clear message.
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::Config(msg));
+        let bad = |msg: String| Err(Error::ModelConfig(msg));
         if let Some(t) = &self.model_type
             && t != "t5"
             && t != "mt5"
@@ -218,7 +243,7 @@ impl Activation {
             ("relu", _) => Self::Relu,
             ("silu", _) | ("swish", _) => Self::Silu,
             _ => {
-                return Err(Error::Config(format!(
+                return Err(Error::ModelConfig(format!(
                     "feed_forward_proj `{proj}` is not supported (relu, gelu, silu, optionally `gated-`)"
                 )));
             }

@@ -11,7 +11,7 @@ use rand::{Rng, RngExt};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::lora::AdapterConfig;
+use crate::model::lora::AdapterConfig;
 use crate::model::t5::{Activation, Config};
 use crate::model::weights::Weights;
 
@@ -244,7 +244,7 @@ impl Batch {
         );
         let u = targets.iter().map(|t| t.len()).max().unwrap_or(0);
         if b == 0 || t == 0 || u == 0 {
-            return Err(Error::Validation("an empty training batch".into()));
+            return Err(Error::InvalidArgument("an empty training batch".into()));
         }
         let pad = cfg.pad_token_id();
         let mut ids = vec![pad; b * t];
@@ -309,7 +309,7 @@ impl LoraT5 {
             .map(|i| b.block("decoder", i, true))
             .collect::<Result<Vec<_>>>()?;
         if b.targeted == 0 {
-            return Err(Error::Config(format!(
+            return Err(Error::InvalidArgument(format!(
                 "no module of the model matches target_modules {:?}",
                 adapter.target_modules
             )));

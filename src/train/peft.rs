@@ -60,7 +60,7 @@ pub fn save(dir: &Path, settings: &LoraSettings, loras: &[&LoraPair]) -> Result<
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let config = dir.join("adapter_config.json");
     let text = serde_json::to_string_pretty(&adapter_config(settings))
-        .map_err(|e| Error::Config(e.to_string()))?;
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     std::fs::write(&config, text + "\n").map_err(|e| Error::io(&config, e))?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for l in loras {

@@ -14,8 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
+use super::weights::{WeightFiles, Weights, for_each_tensor};
 use crate::error::{Error, Result};
-use crate::model::weights::{WeightFiles, Weights, for_each_tensor};
 
 /// PEFT's default LoRA targets for T5 and mT5.
 const DEFAULT_TARGETS: &[&str] = &["q", "v"];

@@ -1,0 +1,83 @@
+//! What travels between [`super::Engine`] handles and the engine thread: the queued jobs and
+//! what each one gets back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::backlog::WaitingInput;
+use super::generate::{FinishReason, GenerateParams};
+use super::sentiment::{LabelScores, LabelSet};
+use crate::error::{Error, Result};
+
+/// How long a request waited and how long the model worked on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// Tokenizing its inputs (before it was queued).
+    pub tokenize: Duration,
+    pub queue: Duration,
+    pub inference: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SentimentOutput {
+    pub scores: LabelScores,
+    pub timing: Timing,
+}
+
+/// One generated token as reported to clients. `text` is what the token adds to the generated
+/// text (see [`super::detokenizer`]): the texts of a sequence's tokens concatenate to its
+/// `generated_text`, and the EOS token adds nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenInfo {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+    pub special: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    pub generated_text: String,
+    pub finish_reason: FinishReason,
+    pub tokens: Vec<TokenInfo>,
+    pub seed: Option<u64>,
+    pub timing: Timing,
+}
+
+/// What a generate request receives, in order: every token but the last as it is produced, then
+/// one `End` (whose `tokens` end with the last token) or `Error`.
+#[derive(Debug)]
+pub enum GenerateEvent {
+    Token(TokenInfo),
+    End(GenerateOutput),
+    Error(Error),
+}
+
+pub(crate) struct SentimentJob {
+    pub variant: usize,
+    pub ids: Vec<u32>,
+    pub labels: Arc<LabelSet>,
+    pub reply: oneshot::Sender<Result<SentimentOutput>>,
+    pub enqueued: Instant,
+    /// Counts the input in the backlog until it joins a batch (or is dropped).
+    pub waiting: Option<WaitingInput>,
+}
+
+pub(crate) struct GenerateJob {
+    pub variant: usize,
+    pub ids: Vec<u32>,
+    pub params: GenerateParams,
+    pub events: mpsc::UnboundedSender<GenerateEvent>,
+    pub enqueued: Instant,
+    /// Counts the generation in the backlog until it joins the running batch (or is dropped).
+    pub waiting: Option<WaitingInput>,
+}
+
+pub(crate) enum Job {
+    /// One request's inputs, queued in one message so that the engine never starts a batch
+    /// with only the first few of them (it wakes as soon as anything arrives).
+    Sentiment(Vec<SentimentJob>),
+    Generate(GenerateJob),
+}

@@ -1,0 +1,120 @@
+//! What every route file shares: the engine handle of a request, its timing headers, metrics and
+//! trace spans, CPU-bound work off the runtime, and server-sent error events.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::Event;
+
+use super::AppState;
+use super::error::ApiError;
+use super::route::Route;
+use super::types::Inputs;
+use crate::engine::{Engine, Timing};
+use crate::error::Error;
+use crate::metrics::METRICS;
+
+/// The engine, once the model is loaded and while the server is not shutting down.
+pub(super) fn engine(state: &AppState) -> Result<Engine, ApiError> {
+    match state.engine.get() {
+        Some(e) if !state.shutting_down.load(Ordering::SeqCst) => Ok(e.clone()),
+        _ => Err(ApiError::not_ready()),
+    }
+}
+
+/// The served model names: the default model's, then each variant's.
+pub(super) fn model_names(state: &AppState) -> Vec<String> {
+    match state.engine.get() {
+        Some(engine) => engine.variants().iter().map(|v| v.name.clone()).collect(),
+        None => vec![state.config.model_name.clone()],
+    }
+}
+
+/// The texts of a request's `inputs`.
+pub(super) fn texts(inputs: Inputs) -> Vec<String> {
+    match inputs {
+        Inputs::One(t) => vec![t.0],
+        Inputs::Many(v) => v.0.into_iter().map(|t| t.0).collect(),
+    }
+}
+
+fn ms(d: Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1000.0))
+        .unwrap_or(HeaderValue::from_static("0"))
+}
+
+pub(super) fn timing_headers(t: Timing) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-queue-time", ms(t.queue));
+    h.insert("x-inference-time", ms(t.inference));
+    h
+}
+
+/// Records a request's engine time: the tokenization, queue and inference metrics of `route`,
+/// and the `queue` and `inference` trace spans under `request`, which was queued at `submitted`.
+pub(super) fn record_timing(
+    route: Route,
+    t: Timing,
+    request: &tracing::Span,
+    submitted: SystemTime,
+) {
+    crate::telemetry::record_engine_spans(request, submitted, t.queue, t.inference);
+    let route = [route.as_str()];
+    METRICS
+        .tokenization_duration
+        .with_label_values(&route)
+        .observe(t.tokenize.as_secs_f64());
+    METRICS
+        .queue_duration
+        .with_label_values(&route)
+        .observe(t.queue.as_secs_f64());
+    METRICS
+        .inference_duration
+        .with_label_values(&route)
+        .observe(t.inference.as_secs_f64());
+}
+
+/// Input tokens of one encoder input of `route`.
+pub(super) fn record_input_tokens(route: Route, tokens: usize) {
+    METRICS
+        .input_tokens
+        .with_label_values(&[route.as_str()])
+        .observe(tokens as f64);
+}
+
+/// Runs CPU-bound tokenizer work of `route` on the blocking pool, in a `tokenize` span.
+pub(super) async fn off_runtime<T: Send + 'static>(
+    route: Route,
+    f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let start = Instant::now();
+    let span = tracing::info_span!("tokenize");
+    let out = tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| ApiError::from(Error::Inference(format!("tokenizer task failed: {e}"))))??;
+    METRICS
+        .tokenization_duration
+        .with_label_values(&[route.as_str()])
+        .observe(start.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+/// An item of a server-sent stream as JSON (or, if it cannot be serialised, an error event).
+pub(super) fn json_event<T: serde::Serialize>(item: &T) -> Event {
+    Event::default().json_data(item).unwrap_or_else(|e| {
+        error_event(&ApiError::internal(format!(
+            "cannot serialise the event: {e}"
+        )))
+    })
+}
+
+/// An error as a stream's last event, in the same shape as error responses.
+pub(super) fn error_event(e: &ApiError) -> Event {
+    METRICS
+        .errors
+        .with_label_values(&[e.error_type.as_str()])
+        .inc();
+    let body = serde_json::json!({"error": e.message, "error_type": e.error_type.as_str()});
+    Event::default().data(body.to_string())
+}

@@ -1,0 +1,105 @@
+//! What a served model is made of, for `serve` and `eval` alike: the merged base (and variants),
+//! each with its sentiment labels, calibrated by `calibration.json` beside its last adapter (or
+//! the file named for the default model) when there is one.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::calibration::{self, Calibration};
+use crate::engine::Served;
+use crate::engine::backend::T5Backend;
+use crate::engine::prompt::Template;
+use crate::engine::sentiment::LabelSet;
+use crate::hub::HubConfig;
+use crate::model::lora::AdapterSpec;
+use crate::model::{self, LoadedModel, ModelSpec};
+
+/// A model to load, as the command line resolved it.
+#[derive(Debug, Clone)]
+pub struct ModelJob {
+    pub spec: ModelSpec,
+    /// The sentiment labels (`--labels`) and the template they are scored in.
+    pub labels: Vec<String>,
+    pub prompt_template: String,
+    /// A calibration file for the default model (`--calibration`), instead of the adapter's.
+    pub calibration: Option<PathBuf>,
+}
+
+/// A label set and the calibration it was given, if any.
+pub type CalibratedLabels = (LabelSet, Option<(PathBuf, Calibration)>);
+
+/// A loaded model with the labels of each served model (the default first, then each variant).
+pub struct Loaded {
+    pub model: LoadedModel,
+    pub labels: Vec<CalibratedLabels>,
+}
+
+/// `calibration.json` in the last adapter's directory, when that is a local directory.
+pub fn adapter_calibration_path(adapters: &[AdapterSpec]) -> Option<PathBuf> {
+    adapters
+        .last()
+        .map(|a| PathBuf::from(&a.source))
+        .filter(|dir| dir.is_dir())
+        .map(|dir| dir.join(calibration::FILE_NAME))
+}
+
+impl ModelJob {
+    /// Loads and merges the model and resolves every served model's labels.
+    pub fn load(&self) -> anyhow::Result<Loaded> {
+        Template::new(&self.prompt_template).context("--prompt-template")?;
+        let spec = &self.spec;
+        let loaded = model::load(spec, &HubConfig::from_env())
+            .with_context(|| format!("cannot load model `{}`", spec.model))?;
+        let mut labels = vec![self.labels(&loaded, self.calibration.clone(), &spec.adapters)?];
+        for v in &spec.variants {
+            labels.push(
+                self.labels(&loaded, None, &v.adapters)
+                    .with_context(|| format!("variant `{}`", v.name))?,
+            );
+        }
+        Ok(Loaded {
+            model: loaded,
+            labels,
+        })
+    }
+
+    /// `--labels`, calibrated by `explicit` or else by `calibration.json` beside the last of
+    /// `adapters`, if there is one.
+    fn labels(
+        &self,
+        loaded: &LoadedModel,
+        explicit: Option<PathBuf>,
+        adapters: &[AdapterSpec],
+    ) -> anyhow::Result<CalibratedLabels> {
+        let labels = LabelSet::new(&self.labels, &loaded.tokenizer)?;
+        labels.check_distinct().context("--labels")?;
+        let path = explicit.or_else(|| adapter_calibration_path(adapters).filter(|p| p.is_file()));
+        let Some(path) = path else {
+            return Ok((labels, None));
+        };
+        let c = Calibration::load(&path)?;
+        c.check_fits(&path, &self.labels, &self.prompt_template)?;
+        let labels = labels.with_temperature(c.temperature)?;
+        tracing::info!(file = %path.display(), temperature = c.temperature, "sentiment scores calibrated");
+        Ok((labels, Some((path, c))))
+    }
+}
+
+impl Loaded {
+    /// The engine's served models: the default one named `name`, then each variant.
+    pub fn served(self, name: String) -> (Vec<Served<T5Backend>>, tokenizers::Tokenizer) {
+        let Self { model, labels } = self;
+        let variants = model.variants.into_iter().map(|v| (v.name, v.model));
+        let served = std::iter::once((name, model.model))
+            .chain(variants)
+            .zip(labels)
+            .map(|((name, m), (labels, _))| Served {
+                name,
+                backend: T5Backend::new(m),
+                labels,
+            })
+            .collect();
+        (served, model.tokenizer)
+    }
+}
