@@ -73,6 +73,15 @@ pub struct Cli {
     /// http://otel-collector:4318). Off by default.
     #[arg(long, env = "FINSERVE_OTLP_ENDPOINT", global = true)]
     pub otlp_endpoint: Option<String>,
+    /// PEM file of CA certificates an `https://` --otlp-endpoint may be signed by, besides the
+    /// system's (e.g. a private CA).
+    #[arg(
+        long,
+        env = "FINSERVE_OTLP_CA_FILE",
+        global = true,
+        requires = "otlp_endpoint"
+    )]
+    pub otlp_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -668,7 +677,14 @@ pub fn run() -> anyhow::Result<()> {
         .thread_name(|i| format!("finserve-pool-{i}"))
         .build_global()
         .context("cannot start the compute thread pool")?;
-    let _telemetry = crate::telemetry::init(cli.json_logs, cli.otlp_endpoint.as_deref())?;
+    let otlp = cli
+        .otlp_endpoint
+        .clone()
+        .map(|endpoint| crate::telemetry::Otlp {
+            endpoint,
+            ca_file: cli.otlp_ca_file.clone(),
+        });
+    let _telemetry = crate::telemetry::init(cli.json_logs, otlp.as_ref())?;
     match cli.command {
         None => crate::server::run(cli.serve.job()?),
         Some(Command::Serve(args)) => crate::server::run(args.job()?),

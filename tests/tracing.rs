@@ -145,3 +145,145 @@ fn a_request_arrives_as_a_span_tree_at_the_otlp_receiver() {
         assert!(queue.start_time_unix_nano >= request.start_time_unix_nano);
     }
 }
+
+/// A TLS front for the plain receiver at `backend` (host:port): a private CA and a certificate
+/// it signs for 127.0.0.1, made by `openssl`; Python's `ssl` terminates TLS and forwards the
+/// bytes.
+struct TlsFront {
+    url: String,
+    ca: std::path::PathBuf,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_front(backend: &str) -> TlsFront {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    let (ca, ca_key, cert, key) = (
+        file("ca.pem"),
+        file("ca-key.pem"),
+        file("cert.pem"),
+        file("key.pem"),
+    );
+    let openssl = |args: &[&str]| {
+        let made = std::process::Command::new(common::which("openssl"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    };
+    let new_key = ["-newkey", "rsa:2048", "-nodes", "-days", "1"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &new_key,
+            &["-subj", "/CN=finserve test CA"],
+        ]
+        .concat()
+        .into_iter()
+        .chain(["-keyout", &ca_key, "-out", &ca])
+        .collect::<Vec<_>>(),
+    );
+    openssl(
+        &[&["req", "-x509"][..], &new_key, &["-subj", "/CN=127.0.0.1"]]
+            .concat()
+            .into_iter()
+            .chain([
+                "-CA", &ca, "-CAkey", &ca_key, "-keyout", &key, "-out", &cert,
+            ])
+            .chain(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .chain(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .collect::<Vec<_>>(),
+    );
+    let proxy = r#"
+import socket, ssl, sys, threading
+cert, key, backend = sys.argv[1], sys.argv[2], sys.argv[3].rsplit(":", 1)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+print(srv.getsockname()[1], flush=True)
+def pump(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+def serve(conn):
+    try:
+        tls = ctx.wrap_socket(conn, server_side=True)
+    except (ssl.SSLError, OSError):
+        conn.close()
+        return
+    up = socket.create_connection((backend[0], int(backend[1])))
+    threading.Thread(target=pump, args=(up, tls), daemon=True).start()
+    pump(tls, up)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+    let mut child = std::process::Command::new(common::which("python3"))
+        .arg("-c")
+        .arg(proxy)
+        .arg(&cert)
+        .arg(&key)
+        .arg(backend)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    TlsFront {
+        url: format!("https://127.0.0.1:{}", port.trim()),
+        ca: ca.into(),
+        child,
+        _dir: dir,
+    }
+}
+
+/// An `https://` collector signed by a private CA is reached with `--otlp-ca-file`.
+#[test]
+fn spans_reach_an_https_collector_trusted_through_otlp_ca_file() {
+    let (url, spans) = receiver();
+    let front = tls_front(url.trim_start_matches("http://"));
+    let ca = front.ca.display().to_string();
+    let mut s = common::start(&["--otlp-endpoint", &front.url, "--otlp-ca-file", &ca]);
+    let (code, text) = s.post_raw(
+        "/v1/sentiment",
+        &json!({"inputs": "Profit rose ."}).to_string(),
+        &[("x-request-id", "trace-over-tls")],
+    );
+    assert_eq!(code, 200, "{text}");
+    assert!(s.terminate().success());
+    let spans = spans.lock().unwrap();
+    assert!(
+        spans.iter().any(|sp| sp.name == "request"
+            && attribute(sp, "request_id").as_deref() == Some("trace-over-tls")),
+        "no span arrived over TLS: {:?}\n{}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>(),
+        s.log_text()
+    );
+}
