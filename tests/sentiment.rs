@@ -269,6 +269,11 @@ fn calibration_is_fitted_by_eval_and_applied_by_serve() {
     .collect();
     let s = common::start_in(&args, &[], &common::repo());
     let (_, info) = s.get("/info");
+    // The demo's licence is named at start-up; /info shows no path of the server's disk.
+    assert!(s.log_text().contains("CC BY-NC-SA 3.0"), "{}", s.log_text());
+    let repo = common::repo().display().to_string();
+    let tmp = dir.path().display().to_string();
+    assert!(!info.contains(&repo) && !info.contains(&tmp), "{info}");
     let info: Value = serde_json::from_str(&info).unwrap();
     assert_eq!(
         info["calibration"]["temperature"].as_f64(),

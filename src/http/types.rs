@@ -472,6 +472,16 @@ fn file_name(path: &Path) -> String {
     )
 }
 
+/// A Hub id as it is; a local directory by its name only.
+fn public_model_id(model: &str) -> String {
+    let path = Path::new(model);
+    if path.exists() {
+        file_name(path)
+    } else {
+        model.to_string()
+    }
+}
+
 /// `reports` as `/info` shows them: each adapter by its directory's name or Hub id.
 fn public_reports(reports: &[MergeReport]) -> Vec<MergeReport> {
     reports
@@ -541,7 +551,7 @@ impl InfoResponse {
     ) -> Self {
         let calibration = |i: usize| labels.get(i).and_then(|(_, c)| CalibrationInfo::new(c));
         Self {
-            model_id: spec.model.clone(),
+            model_id: public_model_id(&spec.model),
             model_revision: spec.revision.clone(),
             model_type: loaded.model.config().model_type().as_str().to_string(),
             adapters: public_reports(&loaded.reports),

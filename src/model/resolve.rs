@@ -44,6 +44,11 @@ impl ModelChoice {
         let model = match base(self.model.as_deref())? {
             Base::Given(m) => m,
             Base::Demo(base) => {
+                tracing::warn!(
+                    "serving the bundled demo model: trained on Financial PhraseBank, licensed \
+                     CC BY-NC-SA 3.0 (non-commercial use only, attribution, share-alike); see \
+                     models/README.md. Pass --model for your own model."
+                );
                 if adapters.is_empty() && !self.no_adapter {
                     adapters.push(AdapterSpec {
                         source: demo_adapter(&base)?.display().to_string(),
