@@ -10,8 +10,11 @@ Checks, for every dashboard JSON file:
     finserve_* from the list below (histograms with _bucket/_sum/_count) or process_*;
     with --metrics-file FILE (a /metrics scrape), metric names are checked against what that
     scrape really exposes instead (plus process_* and the histogram suffixes);
-  * the panels the deployment docs promise are there (request rate, latency quantiles, queue
-    size, batch size, generated tokens, sentiment label mix, memory).
+  * every `route` label matcher names the label's values, the routes' paths (`/v1/sentiment`,
+    ..., `unmatched`): a regex matcher must match at least one of them;
+  * the panels the deployment docs promise are there (request rate, latency quantiles, backlog:
+    queue size, queued inputs and oldest wait, batch size, generated tokens, sentiment label mix,
+    top-label confidence, memory).
 
 Exit 0 when all pass; otherwise prints one line per problem and exits 1. Standard library only.
 
@@ -30,25 +33,51 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DASHBOARDS = os.path.join(HERE, "grafana", "dashboards", "*.json")
 DATASOURCES_GLOB = os.path.join(HERE, "grafana", "provisioning", "datasources", "*.y*ml")
 
-# name -> type (what finserve's /metrics exposes; see README's metrics list)
+# name -> type: every metric finserve's /metrics exposes (src/metrics.rs; README's metrics list)
 FINSERVE_METRICS = {
     "finserve_requests_total": "counter",
+    "finserve_errors_total": "counter",
+    "finserve_cancelled_total": "counter",
     "finserve_request_duration_seconds": "histogram",
-    "finserve_queue_size": "gauge",
-    "finserve_batch_size": "histogram",
+    "finserve_tokenization_duration_seconds": "histogram",
+    "finserve_queue_duration_seconds": "histogram",
+    "finserve_inference_duration_seconds": "histogram",
+    "finserve_input_tokens": "histogram",
     "finserve_generated_tokens_total": "counter",
+    "finserve_time_per_output_token_seconds": "histogram",
+    "finserve_queue_size": "gauge",
+    "finserve_queue_inputs": "gauge",
+    "finserve_queue_oldest_seconds": "gauge",
+    "finserve_in_flight_requests": "gauge",
+    "finserve_batch_size": "histogram",
+    "finserve_batch_padded_tokens": "histogram",
     "finserve_sentiment_predictions_total": "counter",
     "finserve_sentiment_top_score": "histogram",
-    "finserve_inference_duration_seconds": "histogram",
-    "finserve_in_flight_requests": "gauge",
+    "finserve_model_load_seconds": "gauge",
+    "finserve_lora_merge_seconds": "gauge",
+    "finserve_engine_up": "gauge",
+    "finserve_failed_batches_total": "counter",
+    "finserve_failed_batches_in_a_row": "gauge",
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+# The values of the `route` label (src/http/route.rs): each route's path, one spelling per route.
+# Before, some histograms used other names (`sentiment`, `generate`, `cmpl`, `chatcmpl`, ...);
+# a matcher on `route` must name these values.
+ROUTES = {
+    "/v1/sentiment", "/v1/generate", "/tokenize", "/decode", "/v1/completions",
+    "/v1/chat/completions", "/v1/models", "/info", "/health", "/ready", "/metrics",
+    "/openapi.json", "/", "/docs", "unmatched",
+}
+ROUTE_MATCHER = re.compile(r'\broute\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
 # base metrics each of these panels' queries must mention (any one of them per entry)
 REQUIRED_COVERAGE = {
     "request rate by route and status": ["finserve_requests_total"],
     "latency quantiles": ["finserve_request_duration_seconds_bucket"],
     "queue size": ["finserve_queue_size"],
+    "queued inputs": ["finserve_queue_inputs"],
+    "oldest waiting request": ["finserve_queue_oldest_seconds"],
     "batch size": ["finserve_batch_size_bucket", "finserve_batch_size_sum"],
     "generated tokens/s": ["finserve_generated_tokens_total"],
     "sentiment label mix": ["finserve_sentiment_predictions_total"],
@@ -113,6 +142,27 @@ def metric_names(expr: str) -> set[str]:
     for m in re.finditer(r'__name__\s*=\s*"([^"]+)"', expr):
         names.add(m.group(1))
     return names
+
+
+def route_problems(expr: str) -> list[str]:
+    """`route` label matchers in `expr` that name no value finserve gives that label."""
+    problems = []
+    for m in ROUTE_MATCHER.finditer(expr):
+        op, value = m.group(1), re.sub(r"\\(.)", r"\1", m.group(2))
+        if "$" in value:                  # a Grafana variable: its values come from the data
+            continue
+        if op in ("=", "!="):
+            if value not in ROUTES:
+                problems.append(f"route {op}\"{value}\" is not a route label value ({sorted(ROUTES)})")
+            continue
+        try:
+            pattern = re.compile(value)
+        except re.error as e:
+            problems.append(f"route {op}\"{value}\" is not a valid regex: {e}")
+            continue
+        if not any(pattern.fullmatch(r) for r in ROUTES):
+            problems.append(f"route {op}\"{value}\" matches no route label value ({sorted(ROUTES)})")
+    return problems
 
 
 def allowed_from_scrape(path: str) -> set[str]:
@@ -223,6 +273,8 @@ def check_dashboard(path: str, scraped: set[str] | None, ds_uids: set[str]) -> l
             n_queries += 1
             if expr.count("(") != expr.count(")") or expr.count("{") != expr.count("}"):
                 problems.append(f"{where}: unbalanced brackets in {expr!r}")
+            for problem in route_problems(expr):
+                problems.append(f"{where}: {problem} in {expr!r}")
             names = metric_names(expr)
             if not names:
                 problems.append(f"{where}: query names no metric: {expr!r}")
