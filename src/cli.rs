@@ -30,9 +30,13 @@ fn at_least<const MIN: usize>(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
-/// A duration flag in milliseconds that must be at least 1.
+/// A duration flag in milliseconds: at least 1, at most a week (deadlines are computed from it).
 fn millis(s: &str) -> Result<u64, String> {
-    at_least::<1>(s).map(|n| n as u64)
+    const WEEK: usize = 7 * 24 * 3600 * 1000;
+    match at_least::<1>(s)? {
+        n if n > WEEK => Err(format!("must be at most {WEEK} (a week; got {n})")),
+        n => Ok(n as u64),
+    }
 }
 
 /// A secret given as a flag: parsed like a string, never shown by `Debug`.
@@ -426,7 +430,7 @@ pub struct EvalArgs {
     /// Cut rows longer than --max-input-tokens (with the template), as a request's `truncate`
     /// does; without it (and without --long-input chunk) such rows are refused and reported,
     /// as the server would answer them.
-    #[arg(long, env = "FINSERVE_EVAL_TRUNCATE")]
+    #[arg(long, env = "FINSERVE_EVAL_TRUNCATE", conflicts_with = "long_input")]
     pub truncate: bool,
     /// Which end --truncate cuts: right (keep the start) or left.
     #[arg(long, env = "FINSERVE_TRUNCATION_DIRECTION", default_value = "right")]

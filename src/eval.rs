@@ -200,10 +200,28 @@ fn score_rows(
                     .context("the engine returned no scores")?;
                 Ok(Ok((text.probs, text.log_probs)))
             }
-            Err(e @ crate::error::Error::Invalid { .. }) => Ok(Err(e.to_string())),
+            Err(e @ crate::error::Error::Invalid { .. }) => Ok(Err(refusal(&e))),
             Err(e) => Err(e.into()),
         })
         .collect()
+}
+
+/// Why a row was refused, in eval's terms: the limit's flag, and the flags that would score it.
+fn refusal(e: &crate::error::Error) -> String {
+    use crate::error::{Error, Limit};
+    match e {
+        Error::Invalid {
+            limit: Some((Limit::MaxInputTokens, max)),
+            ..
+        } => format!(
+            "{e} (--max-input-tokens {max}; --truncate or --long-input chunk would score it)"
+        ),
+        Error::Invalid {
+            limit: Some((Limit::MaxChunksPerInput, max)),
+            ..
+        } => format!("{e} (--max-chunks-per-input {max})"),
+        other => other.to_string(),
+    }
 }
 
 pub fn run(job: EvalJob) -> anyhow::Result<()> {
@@ -232,6 +250,9 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
             ..config
         },
     )?;
+    if long_input == LongInput::Chunk {
+        crate::served::check_chunk_overlap(&engine)?;
+    }
     let start = Instant::now();
     let results = score_rows(&engine, &rows, long_input)?;
     let elapsed = start.elapsed().as_secs_f64();
@@ -271,10 +292,11 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
     }
     let report = Report::new(names.clone(), &pairs);
     println!(
-        "{} sentences from {} in {elapsed:.1} s ({:.1} sentences/s)\n",
+        "{} sentences from {} in {elapsed:.1} s ({:.1} sentences/s), {} scored\n",
         rows.len(),
         data.display(),
-        rows.len() as f64 / elapsed
+        rows.len() as f64 / elapsed,
+        pairs.len()
     );
     match long_input {
         LongInput::Refuse => println!(

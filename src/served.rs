@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::calibration::{self, Calibration};
-use crate::engine::Served;
 use crate::engine::backend::T5Backend;
 use crate::engine::prompt::Template;
 use crate::engine::sentiment::LabelSet;
+use crate::engine::{Engine, Served};
 use crate::hub::HubConfig;
 use crate::model::lora::AdapterSpec;
 use crate::model::{self, LoadedModel, ModelSpec};
@@ -102,4 +102,26 @@ impl Loaded {
             .collect();
         (served, model.tokenizer)
     }
+}
+
+/// Refuses a `--chunk-overlap` that leaves the windows of a long input in the server's template
+/// no room to advance. The template's own tokens are counted around a one-letter text, so a
+/// text whose edges merge with the template's may differ by a token.
+pub fn check_chunk_overlap(engine: &Engine) -> anyhow::Result<()> {
+    let config = engine.config();
+    let overlap = config.limits.chunk_overlap;
+    let template = engine
+        .pieces("x", true, Some(engine.template()))?
+        .iter()
+        .filter(|p| p.span.is_none())
+        .count();
+    let window = config.max_input_tokens.saturating_sub(template);
+    if overlap >= window {
+        anyhow::bail!(
+            "--chunk-overlap ({overlap}) must be less than the input tokens of a window \
+             ({window}: --max-input-tokens {} minus the prompt template's {template} tokens)",
+            config.max_input_tokens
+        );
+    }
+    Ok(())
 }

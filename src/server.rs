@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
-use crate::engine::infer::{GenerateQuery, ScoreQuery};
+use crate::engine::infer::{GenerateQuery, LongInput, ScoreQuery};
+use crate::engine::prompt::TruncationDirection;
 use crate::engine::validation::GenerateOptions;
 use crate::engine::{Engine, EngineConfig};
 use crate::http::types::{InfoResponse, Limits, ServedLabels};
@@ -146,31 +147,11 @@ fn start_engine(job: &ServeJob) -> anyhow::Result<(Engine, InfoResponse)> {
     );
     let (served, tokenizer) = loaded.served(job.name.clone());
     let engine = Engine::start(served, Arc::new(tokenizer), job.engine.clone())?;
-    check_chunk_overlap(&engine)?;
+    crate::served::check_chunk_overlap(&engine)?;
     for v in engine.variants() {
         warm_up(&engine, &v.name)?;
     }
     Ok((engine, info))
-}
-
-/// Refuses a `--chunk-overlap` that leaves windows in the server's template no room to advance.
-fn check_chunk_overlap(engine: &Engine) -> anyhow::Result<()> {
-    let config = engine.config();
-    let overlap = config.limits.chunk_overlap;
-    let template = engine
-        .pieces("x", true, Some(engine.template()))?
-        .iter()
-        .filter(|p| p.span.is_none())
-        .count();
-    let window = config.max_input_tokens.saturating_sub(template);
-    if overlap >= window {
-        bail!(
-            "--chunk-overlap ({overlap}) must be less than the input tokens of a window \
-             ({window}: --max-input-tokens {} minus the prompt template's {template} tokens)",
-            config.max_input_tokens
-        );
-    }
-    Ok(())
 }
 
 /// One sentiment request and one short generation through the request-level calls.
@@ -179,6 +160,7 @@ fn warm_up(engine: &Engine, variant: &str) -> anyhow::Result<()> {
     let scored = engine.score_blocking(ScoreQuery {
         texts: vec![text.into()],
         variant: Some(variant.into()),
+        long_input: LongInput::Truncate(TruncationDirection::Right),
         ..Default::default()
     })?;
     let probs = scored.texts.first().map(|t| t.probs.clone());

@@ -985,6 +985,7 @@ fn stalled_clients_neither_hold_slots_nor_stay_connected() {
         .collect();
     let mut half_headers = TcpStream::connect(&addr).unwrap();
     write!(half_headers, "POST /v1/sentiment HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let silent = TcpStream::connect(&addr).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let (code, body) = s.post("/v1/sentiment", &json!({"inputs": SHORT}));
@@ -994,22 +995,30 @@ fn stalled_clients_neither_hold_slots_nor_stay_connected() {
         "a normal request waited {:?} behind stalled clients",
         started.elapsed()
     );
-    for mut c in stalled.into_iter().chain([half_headers]) {
+    let answer = |mut c: TcpStream| {
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut answer = String::new();
-        // The server answers (408 for a stalled body) and closes: read_to_string ends.
+        // The server answers or not, then closes: read_to_string ends (a timeout would fail).
         c.read_to_string(&mut answer).unwrap();
-        assert!(
-            answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
-            "{answer}"
-        );
+        answer
+    };
+    for c in stalled {
+        let a = answer(c);
+        assert!(a.starts_with("HTTP/1.1 408"), "{a}");
+        assert!(a.contains("client_timeout"), "{a}");
+    }
+    // Unfinished headers and silence get no answer, only the closed connection.
+    for c in [half_headers, silent] {
+        let a = answer(c);
+        assert!(a.is_empty() || a.starts_with("HTTP/1.1 408"), "{a}");
     }
     assert!(started.elapsed() < Duration::from_secs(8));
 }
 
-/// Keys rotate on a running server: the new key is added to the file (picked up on SIGHUP),
-/// both work while clients move, the old one is removed (picked up by the file watch) and gets
-/// 401; no request with a key valid at the time fails.
+/// Keys rotate on a running server: the new key is added to the file (picked up on SIGHUP,
+/// with the file watch too slow to matter), both work while clients move, the old one is removed
+/// and gets 401; no request with a key valid at the time fails. Then, on a server polling the
+/// file, a change is picked up without any signal.
 #[test]
 fn api_keys_rotate_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -1021,14 +1030,25 @@ fn api_keys_rotate_without_a_restart() {
         std::fs::rename(&tmp, &file).unwrap();
     };
     write("old-key\n");
-    let s = start(&[
-        "--api-key-file",
-        file.to_str().unwrap(),
-        "--api-key-file-poll-ms",
-        "200",
-    ]);
+    let server = |poll: &str| {
+        start(&[
+            "--api-key-file",
+            file.to_str().unwrap(),
+            "--api-key-file-poll-ms",
+            poll,
+        ])
+    };
+    let s = server("600000");
     let body = json!({"inputs": SHORT}).to_string();
-    let ask = |key: &str| s.post_raw("/v1/sentiment", &body, &[("x-api-key", key)]).0;
+    let ask_on =
+        |s: &common::Server, key: &str| s.post_raw("/v1/sentiment", &body, &[("x-api-key", key)]).0;
+    let ask = |key: &str| ask_on(&s, key);
+    let hangup = |s: &common::Server| {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(s.child.id() as i32, libc::SIGHUP);
+        }
+    };
     let until = |key: &str, status: u16, steady: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -1043,14 +1063,26 @@ fn api_keys_rotate_without_a_restart() {
     assert_eq!(ask("old-key"), 200);
     assert_eq!(ask("new-key"), 401);
     write("old-key\nnew-key\n");
-    // SAFETY: sending a signal to our own child process.
-    unsafe {
-        libc::kill(s.child.id() as i32, libc::SIGHUP);
-    }
+    hangup(&s);
     until("new-key", 200, "old-key");
     write("new-key\n");
+    hangup(&s);
     until("old-key", 401, "new-key");
     assert_eq!(ask("new-key"), 200);
     assert!(s.log_text().contains("API keys reloaded"));
     assert!(!s.log_text().contains("new-key"), "a key reached the logs");
+    drop(s);
+
+    let watched = server("200");
+    assert_eq!(ask_on(&watched, "new-key"), 200);
+    write("newer-key\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ask_on(&watched, "new-key") != 401 {
+        assert!(
+            Instant::now() < deadline,
+            "the file change was never picked up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ask_on(&watched, "newer-key"), 200);
 }

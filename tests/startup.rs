@@ -289,12 +289,24 @@ fn out_of_range_limits_are_refused_naming_the_flag() {
         ),
     ];
     for (args, flag) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_finserve"))
-            .args(["serve", "--port", "0"])
+        let mut child = Command::new(env!("CARGO_BIN_EXE_finserve"))
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .env_remove("FINSERVE_MODEL")
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        // A value wrongly accepted would start a server: give it 20 s, then fail.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{args:?} was accepted: the server started");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr.contains(flag), "{args:?}: {stderr}");

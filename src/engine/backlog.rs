@@ -42,12 +42,14 @@ impl Backlog {
             return Vec::new();
         }
         let arrival = self.arrivals.fetch_add(1, Ordering::SeqCst);
-        self.lock()
-            .insert(arrival, (Instant::now(), SystemTime::now()));
+        {
+            let mut waiting = self.lock();
+            waiting.insert(arrival, (Instant::now(), SystemTime::now()));
+            publish_oldest(&waiting);
+        }
         self.inputs.fetch_add(inputs, Ordering::SeqCst);
         METRICS.queue_size.inc();
         METRICS.queue_inputs.add(inputs as i64);
-        self.publish_oldest();
         let request = Arc::new(Request {
             backlog: self.clone(),
             arrival,
@@ -78,10 +80,12 @@ impl Backlog {
         // The map stays consistent whatever panicked while holding it: every change is one call.
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
+}
 
-    fn publish_oldest(&self) {
-        crate::metrics::set_oldest_waiting(self.lock().values().next().map(|(_, at)| *at));
-    }
+/// Publishes when the oldest of `waiting` arrived. Called with the lock held, so that two
+/// threads changing the backlog cannot publish in the wrong order.
+fn publish_oldest(waiting: &BTreeMap<u64, (Instant, SystemTime)>) {
+    crate::metrics::set_oldest_waiting(waiting.values().next().map(|(_, at)| *at));
 }
 
 impl Drop for WaitingInput {
@@ -91,9 +95,10 @@ impl Drop for WaitingInput {
         backlog.inputs.fetch_sub(1, Ordering::SeqCst);
         METRICS.queue_inputs.dec();
         if request.left.fetch_sub(1, Ordering::SeqCst) == 1 {
-            backlog.lock().remove(&request.arrival);
+            let mut waiting = backlog.lock();
+            waiting.remove(&request.arrival);
+            publish_oldest(&waiting);
             METRICS.queue_size.dec();
-            backlog.publish_oldest();
         }
     }
 }

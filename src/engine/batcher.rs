@@ -1043,5 +1043,28 @@ mod tests {
         assert_eq!(waiting(&h), (0, 0));
         assert_eq!(h.backlog.oldest(), None);
         drop((generations, scored));
+        while !h.batcher.idle() {
+            h.ticks(1);
+        }
+
+        // A waiting request whose client went away, and one for a variant that does not exist,
+        // leave the backlog too.
+        let gone = h.generate(3);
+        let busy = h.generate(3);
+        drop(gone);
+        let (reply, _unknown) = oneshot::channel();
+        let job = SentimentJob {
+            variant: 9,
+            labels: h.labels.clone(),
+            ids: vec![20, 1],
+            reply,
+            enqueued: Instant::now(),
+            waiting: h.backlog.enter(1).pop(),
+        };
+        h.tx.send(Job::Sentiment(vec![job])).unwrap();
+        assert_eq!(waiting(&h), (3, 3));
+        h.ticks(1);
+        assert_eq!(waiting(&h), (0, 0));
+        drop(busy);
     }
 }

@@ -147,14 +147,15 @@ async fn off_runtime<T: Send + 'static>(
 }
 
 impl Engine {
-    /// Scores `query`'s texts, waiting at most until `deadline` for the engine.
-    pub async fn score(&self, query: ScoreQuery, deadline: Option<Instant>) -> Result<Scored> {
+    /// Scores `query`'s texts, waiting at most `timeout` (from when they are queued) for the
+    /// engine.
+    pub async fn score(&self, query: ScoreQuery, timeout: Option<Duration>) -> Result<Scored> {
         let engine = self.clone();
         let prepared = off_runtime(move || engine.prepare(query)).await?;
         let (receivers, submitted) = self.submit_windows(&prepared)?;
         let all = futures::future::join_all(receivers);
-        let results = match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), all)
+        let results = match timeout {
+            Some(t) => tokio::time::timeout(t, all)
                 .await
                 .map_err(|_| Error::Timeout)?,
             None => all.await,

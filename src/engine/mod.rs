@@ -347,7 +347,8 @@ impl Engine {
     }
 
     /// Queues one tokenized input for scoring by `variant` against `labels`; the receiver
-    /// yields its scores. The building block of [`Engine::score`], for exactness tests.
+    /// yields its scores. What [`Engine::score`] does for each window, without its checks, for
+    /// exactness tests against the model.
     pub fn sentiment(
         &self,
         ids: Vec<u32>,

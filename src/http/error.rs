@@ -100,33 +100,37 @@ pub enum Dialect {
     Sentiment,
     /// `/v1/generate`, `/tokenize`, `/decode` (text-generation-inference, TEI).
     Tgi,
-    /// `/v1/completions`, `/v1/chat/completions`.
+    /// `/v1/completions`.
     OpenAi,
+    /// `/v1/chat/completions`.
+    Chat,
 }
 
 impl Dialect {
     fn field(self, field: Field) -> &'static str {
-        match (self, field) {
-            (Self::OpenAi, Field::Inputs) => "prompt",
-            (_, Field::Inputs) => "inputs",
-            (Self::OpenAi, Field::Variant) => "model",
-            (_, Field::Variant) => "parameters.adapter_id",
-            (_, Field::Labels) => "parameters.candidate_labels",
-            (_, Field::Template) => "parameters.prompt_template",
-            (_, Field::Truncate) => "parameters.truncate",
-            (Self::OpenAi, Field::MaxNewTokens) => "max_tokens",
-            (_, Field::MaxNewTokens) => "parameters.max_new_tokens",
-            (Self::OpenAi, Field::Temperature) => "temperature",
-            (_, Field::Temperature) => "parameters.temperature",
-            (_, Field::RepetitionPenalty) => "parameters.repetition_penalty",
-            (_, Field::TopK) => "parameters.top_k",
-            (Self::OpenAi, Field::TopP) => "top_p",
-            (_, Field::TopP) => "parameters.top_p",
-            (Self::OpenAi, Field::Seed) => "seed",
-            (_, Field::Seed) => "parameters.seed",
-            (Self::OpenAi, Field::Stop) => "stop",
-            (_, Field::Stop) => "parameters.stop",
-            (_, Field::Ids) => "ids",
+        let openai = matches!(self, Self::OpenAi | Self::Chat);
+        match field {
+            Field::Inputs if self == Self::Chat => "messages",
+            Field::Inputs if openai => "prompt",
+            Field::Inputs => "inputs",
+            Field::Variant if openai => "model",
+            Field::Variant => "parameters.adapter_id",
+            Field::Labels => "parameters.candidate_labels",
+            Field::Template => "parameters.prompt_template",
+            Field::Truncate => "parameters.truncate",
+            Field::MaxNewTokens if openai => "max_tokens",
+            Field::MaxNewTokens => "parameters.max_new_tokens",
+            Field::Temperature if openai => "temperature",
+            Field::Temperature => "parameters.temperature",
+            Field::RepetitionPenalty => "parameters.repetition_penalty",
+            Field::TopK => "parameters.top_k",
+            Field::TopP if openai => "top_p",
+            Field::TopP => "parameters.top_p",
+            Field::Seed if openai => "seed",
+            Field::Seed => "parameters.seed",
+            Field::Stop if openai => "stop",
+            Field::Stop => "parameters.stop",
+            Field::Ids => "ids",
         }
     }
 
@@ -137,7 +141,7 @@ impl Dialect {
                 "; set `truncate` to cut it, or `parameters.long_input: \"chunk\"` to score it in windows"
             }
             Self::Tgi => "; set `parameters.truncate` to cut it",
-            Self::OpenAi => "",
+            Self::OpenAi | Self::Chat => "",
         }
     }
 
@@ -151,7 +155,7 @@ impl Dialect {
         else {
             return e.into();
         };
-        if self == Self::OpenAi && field == Field::Variant {
+        if matches!(self, Self::OpenAi | Self::Chat) && field == Field::Variant {
             return ApiError::new(ErrorType::ModelNotFound, format!("`model`: {message}"));
         }
         let mut text = format!("`{}`: {message}", self.field(field));
@@ -211,6 +215,15 @@ impl ApiError {
         Self::new(
             ErrorType::Overloaded,
             "the server is at its limit of concurrent requests (--max-concurrent-requests)",
+        )
+    }
+
+    /// Over the budget of request bodies held in memory at once.
+    pub fn too_many_bodies() -> Self {
+        Self::new(
+            ErrorType::Overloaded,
+            "the server holds as many request bodies as it may (--max-concurrent-requests x \
+             --max-body-bytes); retry later",
         )
     }
 

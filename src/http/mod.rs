@@ -1,4 +1,5 @@
-//! The HTTP layer: axum router, middleware (request ids, metrics, API keys, concurrency limit),
+//! The HTTP layer: axum router, middleware (request ids, metrics, API keys, body reading with a
+//! client timeout, concurrency limit),
 //! the OpenAPI document, and serving with graceful shutdown. It talks to the model only through
 //! [`crate::engine::Engine`]'s request-level calls; its request types never reach the engine.
 
@@ -13,18 +14,19 @@ pub mod routes;
 mod serve;
 pub mod types;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
+use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
@@ -94,6 +96,9 @@ pub struct AppState {
     /// When the server started, in Unix seconds (`created` of `/v1/models`).
     pub started: u64,
     permits: Arc<Semaphore>,
+    /// Body bytes held by requests in progress, and the most there may be.
+    body_bytes: AtomicUsize,
+    body_budget: usize,
 }
 
 impl AppState {
@@ -104,6 +109,10 @@ impl AppState {
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            body_bytes: AtomicUsize::new(0),
+            body_budget: config
+                .max_concurrent_requests
+                .saturating_mul(config.max_body_bytes),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -161,25 +170,64 @@ async fn refuse(req: Request, error: ApiError, state: &AppState) -> Response {
     error.into_response()
 }
 
+/// Request body bytes held in memory by requests not yet answered, released when the request is.
+struct Buffered {
+    state: Arc<AppState>,
+    bytes: usize,
+}
+
+impl Buffered {
+    /// Counts `n` more bytes; false when the server's budget is spent.
+    fn add(&mut self, n: usize) -> bool {
+        self.bytes += n;
+        let total = self.state.body_bytes.fetch_add(n, Ordering::SeqCst) + n;
+        total <= self.state.body_budget
+    }
+}
+
+impl Drop for Buffered {
+    fn drop(&mut self) {
+        self.state
+            .body_bytes
+            .fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// The whole of `body`, within `--max-body-bytes` and the server's budget of buffered bytes.
+async fn collect_body(body: Body, held: &mut Buffered) -> Result<Bytes, ApiError> {
+    let max = held.state.config.max_body_bytes;
+    let mut body = body;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > max {
+            return Err(ApiError::too_large(
+                "request body is larger than --max-body-bytes",
+            ));
+        }
+        if !held.add(data.len()) {
+            return Err(ApiError::too_many_bodies());
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
+}
+
 /// Reads the whole request body, within `--client-timeout-ms` and `--max-body-bytes`, before the
 /// request takes a concurrency slot: a client that stalls mid-body holds no slot, and is answered
-/// 408 and disconnected when its time is up.
+/// 408 and disconnected when its time is up. The bodies held at once are bounded by the budget
+/// the slots implied before (`--max-concurrent-requests` x `--max-body-bytes`).
 async fn read_body(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let config = &state.config;
+    let timeout = state.config.client_timeout;
     let (parts, body) = req.into_parts();
-    let read = axum::body::to_bytes(body, config.max_body_bytes);
-    let bytes = match tokio::time::timeout(config.client_timeout, read).await {
+    let mut held = Buffered { state, bytes: 0 };
+    let bytes = match tokio::time::timeout(timeout, collect_body(body, &mut held)).await {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            return if too_large {
-                ApiError::too_large("request body is larger than --max-body-bytes")
-            } else {
-                ApiError::bad_request(format!("cannot read the request body: {e}"))
-            }
-            .into_response();
-        }
+        Ok(Err(e)) => return e.into_response(),
         Err(_) => {
             let mut response = ApiError::client_timeout().into_response();
             response
@@ -188,8 +236,11 @@ async fn read_body(State(state): State<Arc<AppState>>, req: Request, next: Next)
             return response;
         }
     };
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    drop(held);
+    response
 }
 
 /// Refuses requests over `--max-concurrent-requests` with 429 and tracks the in-flight gauge.

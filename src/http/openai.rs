@@ -187,6 +187,7 @@ pub struct Usage {
 
 /// What both routes set up before generating.
 struct Run {
+    dialect: Dialect,
     id: String,
     created: u64,
     model: String,
@@ -220,6 +221,12 @@ async fn start(
     route: Route,
 ) -> Result<Run, ApiError> {
     let engine = engine(state)?;
+    let dialect = match route {
+        Route::ChatCompletions => Dialect::Chat,
+        _ => Dialect::OpenAi,
+    };
+    // An unknown model is a 404 whatever else the request gets wrong.
+    engine.variant(Some(&model)).map_err(|e| dialect.error(e))?;
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::validation("`n` must be 1"));
     }
@@ -257,13 +264,14 @@ async fn start(
     let generation = engine
         .generate_text(query)
         .await
-        .map_err(|e| Dialect::OpenAi.error(e))?;
+        .map_err(|e| dialect.error(e))?;
     record_input_tokens(route, generation.prompt_ids.len());
     let prefix = match route {
         Route::ChatCompletions => "chatcmpl",
         _ => "cmpl",
     };
     Ok(Run {
+        dialect,
         id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
         created: now(),
         model,
@@ -282,7 +290,7 @@ async fn finish_run(run: Run) -> Result<(usize, crate::engine::GenerateOutput), 
         .generation
         .collect(Some(run.deadline))
         .await
-        .map_err(|e| Dialect::OpenAi.error(e))?;
+        .map_err(|e| run.dialect.error(e))?;
     record_timing(run.route, out.timing, &run.request, submitted);
     Ok((prompt_tokens, out))
 }
@@ -425,7 +433,7 @@ pub async fn chat(
             ..Default::default()
         };
         validation::generate_params(&options, 0, &state.config.limits)
-            .map_err(|e| Dialect::OpenAi.error(e))?;
+            .map_err(|e| Dialect::Chat.error(e))?;
     }
     let max = req.max_completion_tokens.or(req.max_tokens);
     let sampling = sampling!(req);
@@ -490,6 +498,7 @@ fn sse(
         deadline,
         request,
         route,
+        dialect,
         ..
     } = run;
     let (tokenize, submitted) = (generation.tokenize, generation.submitted);
@@ -519,7 +528,7 @@ fn sse(
                     v.push(Event::default().data("[DONE]"));
                     v
                 }
-                Ok(Some(GenerateEvent::Error(e))) => vec![error_event(&Dialect::OpenAi.error(e))],
+                Ok(Some(GenerateEvent::Error(e))) => vec![error_event(&dialect.error(e))],
                 Ok(None) => vec![error_event(&Error::EngineDown.into())],
             };
             Some((events, (generation, true)))

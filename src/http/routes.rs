@@ -71,10 +71,9 @@ pub async fn sentiment(
         template: params.prompt_template.map(|t| t.0),
         long_input,
     };
-    let deadline = Instant::now() + state.config.request_timeout;
     let request = tracing::Span::current();
     let scored = engine
-        .score(query, Some(deadline))
+        .score(query, Some(state.config.request_timeout))
         .await
         .map_err(|e| Dialect::Sentiment.error(e))?;
     let _response = tracing::info_span!("response").entered();

@@ -1,5 +1,6 @@
 //! Serving connections: hyper's HTTP/1 and HTTP/2 with a timer, so a client that does not send
-//! its headers within `--client-timeout-ms` is disconnected (axum's own `serve` cannot set that),
+//! its headers within `--client-timeout-ms` (or nothing at all) is disconnected (axum's own
+//! `serve` cannot set that),
 //! `TCP_NODELAY` on every connection, and graceful shutdown: stop accepting, mark the server not
 //! ready, let in-flight requests finish for up to the grace period.
 
@@ -54,10 +55,17 @@ async fn serve_app(
             tracing::warn!(error = %e, "cannot set TCP_NODELAY");
         }
         let service = TowerToHyperService::new(app.clone());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-        let conn = graceful.watch(conn.into_owned());
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper's header timeout starts once it knows the protocol, which it learns from
+            // the first bytes: a client that sends nothing at all is closed here.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, tcp.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

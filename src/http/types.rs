@@ -472,22 +472,24 @@ fn file_name(path: &Path) -> String {
     )
 }
 
-/// A Hub id as it is; a local directory by its name only.
+/// A Hub id as it is; a local path by its last component only.
 fn public_model_id(model: &str) -> String {
     let path = Path::new(model);
-    if path.exists() {
+    if path.exists() || path.is_absolute() {
         file_name(path)
     } else {
         model.to_string()
     }
 }
 
-/// `reports` as `/info` shows them: each adapter by its directory's name or Hub id.
+/// `reports` as `/info` shows them: each adapter, and the base it was trained on, by a local
+/// directory's name or a Hub id.
 fn public_reports(reports: &[MergeReport]) -> Vec<MergeReport> {
     reports
         .iter()
         .map(|r| MergeReport {
-            adapter: file_name(Path::new(&r.adapter)),
+            adapter: public_model_id(&r.adapter),
+            base_model_name_or_path: r.base_model_name_or_path.as_deref().map(public_model_id),
             ..r.clone()
         })
         .collect()

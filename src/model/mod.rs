@@ -220,14 +220,19 @@ fn merge(
     spec: &ModelSpec,
     hub: &HubConfig,
 ) -> Result<Vec<MergeReport>> {
-    let adapters = adapters
+    let loaded = adapters
         .iter()
         .map(|a| {
             let adir = hub.resolve(&a.source, None, RepoKind::Adapter)?;
             Ok((Adapter::load(&adir)?, a.weight))
         })
         .collect::<Result<Vec<_>>>()?;
-    lora::merge_all(weights, &adapters, &spec.model)
+    let mut reports = lora::merge_all(weights, &loaded, &spec.model)?;
+    // Each adapter as it was named (a directory or a Hub id), not where the Hub cached it.
+    for (report, a) in reports.iter_mut().zip(adapters) {
+        report.adapter = a.source.clone();
+    }
+    Ok(reports)
 }
 
 /// Everything `serve` and `eval` need: the default model and every variant, merged and built
