@@ -18,6 +18,9 @@ finserve runs the release binary (f32, then `--quantize q8`, then `--no-adapter`
 in-process with every core (torch's default threads, CTranslate2 `intra_threads` = cores). Each
 server's resident memory after its run and its peak (loading and merging included) are read from
 /proc. Numbers are medians of `--rounds` passes over the sentences.
+With `--baseline BINARY` (e.g. a release build of the previous commit) the same f32 and q8 runs
+are repeated with that binary right after the current one's, and the report adds their ratios:
+how a change moved finserve's own speed on this machine, in the same run.
 Not a test: it reports, it asserts nothing.
 """
 
@@ -265,6 +268,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sentences", type=int, default=64)
     ap.add_argument("--out", help="also write the markdown report here")
+    ap.add_argument("--baseline", help="another finserve binary to compare with (f32 and q8)")
     args = ap.parse_args()
     binary = Path(args.finserve)
     work = Path(args.work)
@@ -273,9 +277,13 @@ def main() -> None:
     texts = sentences(args.sentences)
 
     results, rss = {}, {}
-    for name, extra in [("finserve f32", ()), ("finserve q8", ("--quantize", "q8")),
-                        ("finserve f32 --no-adapter", ("--no-adapter",))]:
-        server = Server(binary, base, adapter, *extra)
+    runs = [(binary, "finserve f32", ()), (binary, "finserve q8", ("--quantize", "q8")),
+            (binary, "finserve f32 --no-adapter", ("--no-adapter",))]
+    if args.baseline:
+        runs[2:2] = [(Path(args.baseline), "baseline f32", ()),
+                     (Path(args.baseline), "baseline q8", ("--quantize", "q8"))]
+    for exe, name, extra in runs:
+        server = Server(exe, base, adapter, *extra)
         try:
             results[name] = finserve_rates(server, texts, args.rounds)
             rss[name] = server.rss_mb()
@@ -311,6 +319,16 @@ def main() -> None:
         "",
         "Merged adapter vs `--no-adapter` (finserve f32): "
         + ", ".join(f"{key} {results['finserve f32'][key]:.1f} vs {na[key]:.1f}" for key, _ in ROWS) + ".",
+    ]
+    if args.baseline:
+        lines.append(
+            "This build vs `--baseline` (sentences/s, ratio): "
+            + "; ".join(
+                f"{kind} {key} {results['finserve ' + kind][key]:.1f} vs "
+                f"{results['baseline ' + kind][key]:.1f} "
+                f"({results['finserve ' + kind][key] / results['baseline ' + kind][key]:.2f}x)"
+                for kind in ("f32", "q8") for key, _ in ROWS) + ".")
+    lines += [
         "RSS after the run (peak while loading and merging): "
         + ", ".join(f"{k} {now:.0f} MB ({peak:.0f} MB)" for k, (now, peak) in rss.items()) + ".",
     ]
