@@ -13,7 +13,7 @@ use crate::engine::sentiment::LabelSet;
 use crate::engine::{Engine, Served};
 use crate::hub::HubConfig;
 use crate::model::lora::AdapterSpec;
-use crate::model::{self, LoadedModel, ModelSpec};
+use crate::model::{self, LoadedModel, ModelSpec, digest};
 
 /// A model to load, as the command line resolved it.
 #[derive(Debug, Clone)]
@@ -29,10 +29,13 @@ pub struct ModelJob {
 /// A label set and the calibration it was given, if any.
 pub type CalibratedLabels = (LabelSet, Option<(PathBuf, Calibration)>);
 
-/// A loaded model with the labels of each served model (the default first, then each variant).
+/// A loaded model with the labels and digest of each served model (the default first, then each
+/// variant).
 pub struct Loaded {
     pub model: LoadedModel,
     pub labels: Vec<CalibratedLabels>,
+    /// `sha256:HEX` over everything that decides each served model's outputs ([`model::digest`]).
+    pub digests: Vec<String>,
 }
 
 /// `calibration.json` in the last adapter's directory, when that is a local directory.
@@ -58,10 +61,56 @@ impl ModelJob {
                     .with_context(|| format!("variant `{}`", v.name))?,
             );
         }
+        let adapters = std::iter::once((&spec.adapters, &loaded.reports)).chain(
+            spec.variants
+                .iter()
+                .zip(&loaded.variants)
+                .map(|(v, m)| (&v.adapters, &m.reports)),
+        );
+        let digests = adapters
+            .zip(&labels)
+            .map(|((specs, reports), (_, calibration))| {
+                self.digest(
+                    &loaded,
+                    specs,
+                    reports,
+                    calibration.as_ref().map(|(p, _)| p),
+                )
+            })
+            .collect::<anyhow::Result<_>>()?;
         Ok(Loaded {
             model: loaded,
             labels,
+            digests,
         })
+    }
+
+    /// The digest of one served model: the base's files, dtype and quantization, its adapters'
+    /// weights and files, the labels, template and calibration file (see [`model::digest`]).
+    fn digest(
+        &self,
+        loaded: &LoadedModel,
+        adapters: &[AdapterSpec],
+        reports: &[model::lora::MergeReport],
+        calibration: Option<&PathBuf>,
+    ) -> anyhow::Result<String> {
+        let mut lines: Vec<String> = digest::file_lines(&loaded.files).collect();
+        lines.push(format!("dtype {}", self.spec.dtype.as_str()));
+        lines.push(format!("quantize {}", self.spec.quantize.as_str()));
+        for (a, r) in adapters.iter().zip(reports) {
+            lines.push(format!("adapter {}", a.weight));
+            lines.extend(digest::file_lines(&r.files));
+        }
+        lines.push(format!("labels {}", serde_json::to_string(&self.labels)?));
+        lines.push(format!(
+            "template {}",
+            serde_json::to_string(&self.prompt_template)?
+        ));
+        lines.push(match calibration {
+            Some(path) => format!("calibration {}", digest::file(path)?.sha256),
+            None => "calibration none".into(),
+        });
+        Ok(digest::combine(lines))
     }
 
     /// `--labels`, calibrated by `explicit` or else by `calibration.json` beside the last of
@@ -89,15 +138,21 @@ impl ModelJob {
 impl Loaded {
     /// The engine's served models: the default one named `name`, then each variant.
     pub fn served(self, name: String) -> (Vec<Served<T5Backend>>, tokenizers::Tokenizer) {
-        let Self { model, labels } = self;
+        let Self {
+            model,
+            labels,
+            digests,
+        } = self;
         let variants = model.variants.into_iter().map(|v| (v.name, v.model));
         let served = std::iter::once((name, model.model))
             .chain(variants)
             .zip(labels)
-            .map(|((name, m), (labels, _))| Served {
+            .zip(digests)
+            .map(|(((name, m), (labels, _)), digest)| Served {
                 name,
                 backend: T5Backend::new(m),
                 labels,
+                digest,
             })
             .collect();
         (served, model.tokenizer)

@@ -142,6 +142,7 @@ fn start_engine(job: &ServeJob) -> anyhow::Result<(Engine, InfoResponse)> {
         m,
         &job.device,
         labels,
+        &loaded.digests,
         &job.model.prompt_template,
         Limits::new(&job.engine, &job.http),
     );

@@ -278,6 +278,8 @@ fn engine(m: LoadedModel, labels: &[String]) -> Engine {
     let labels = LabelSet::new(labels, &m.tokenizer).unwrap();
     let served = Served {
         name: "parity".into(),
+        // These tests check scores, not which files made them.
+        digest: "sha256:not-hashed".into(),
         backend: T5Backend::new(m.model),
         labels,
     };

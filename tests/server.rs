@@ -1086,3 +1086,89 @@ fn api_keys_rotate_without_a_restart() {
     }
     assert_eq!(ask_on(&watched, "newer-key"), 200);
 }
+
+/// Every answer names the digest of the model that produced it (`x-finserve-model-digest`, and
+/// `system_fingerprint` on the OpenAI routes), `/info` shows it with each file's SHA-256, and one
+/// changed byte of an adapter changes it.
+#[test]
+fn the_model_digest_identifies_the_exact_files() {
+    use sha2::Digest as _;
+    let f = common::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("qv");
+    std::fs::create_dir(&adapter).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(f.join("adapters/qv").join(file), adapter.join(file)).unwrap();
+    }
+    let serve = || {
+        let args: Vec<String> = ["serve", "--host", "127.0.0.1", "--port", "0", "--model"]
+            .map(String::from)
+            .into_iter()
+            .chain([f.join("mt5_base").display().to_string(), "--adapter".into()])
+            .chain([adapter.display().to_string()])
+            .collect();
+        common::start_with(&args, &[])
+    };
+    let digests = |s: &common::Server| {
+        let info: Value = serde_json::from_str(&s.get("/info").1).unwrap();
+        let digest = info["digest"].as_str().unwrap().to_string();
+        let post = |path: &str, body: Value| {
+            let r = ureq::post(&format!("{}{path}", s.url))
+                .send_json(body)
+                .unwrap();
+            let header = r.header("x-finserve-model-digest").unwrap().to_string();
+            (header, r.into_json::<Value>().unwrap())
+        };
+        let (sentiment, _) = post("/v1/sentiment", json!({"inputs": SHORT}));
+        let (generate, _) = post(
+            "/v1/generate",
+            json!({"inputs": SHORT, "parameters": {"max_new_tokens": 2}}),
+        );
+        let model = info["name"].as_str().unwrap();
+        let (completion, body) = post(
+            "/v1/completions",
+            json!({"model": model, "prompt": SHORT, "max_tokens": 2}),
+        );
+        for other in [&sentiment, &generate, &completion] {
+            assert_eq!(other, &digest, "{info}");
+        }
+        assert_eq!(body["system_fingerprint"], digest.as_str());
+        (digest, info)
+    };
+    let s = serve();
+    let (before, info) = digests(&s);
+    assert!(
+        before.starts_with("sha256:") && before.len() == 71,
+        "{before}"
+    );
+    let weights = adapter.join("adapter_model.safetensors");
+    let sha = |path: &std::path::Path| {
+        sha2::Sha256::digest(std::fs::read(path).unwrap())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let files = info["adapters"][0]["files"].as_array().unwrap();
+    assert_eq!(files[1]["name"], "adapter_model.safetensors");
+    assert_eq!(files[1]["sha256"].as_str().unwrap(), sha(&weights));
+    let base_files = info["files"].as_array().unwrap();
+    assert!(
+        base_files.iter().any(|f| f["name"] == "config.json"),
+        "{info}"
+    );
+    drop(s);
+
+    // One byte of the adapter's last tensor, which still loads.
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, bytes).unwrap();
+    let s = serve();
+    let (after, info) = digests(&s);
+    assert_ne!(before, after);
+    assert_eq!(
+        info["adapters"][0]["files"][1]["sha256"].as_str().unwrap(),
+        sha(&weights)
+    );
+    assert_eq!(info["files"], json!(base_files), "the base did not change");
+}

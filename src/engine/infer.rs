@@ -65,6 +65,8 @@ pub struct TextScores {
 pub struct Scored {
     /// The variant that scored, by name.
     pub variant: String,
+    /// That variant's digest.
+    pub digest: String,
     /// The label names, in the order of every score vector.
     pub labels: Arc<LabelSet>,
     /// Whether the labels were the request's own.
@@ -92,6 +94,8 @@ pub struct GenerateQuery {
 pub struct Generation {
     /// The variant that generates, by name.
     pub variant: String,
+    /// That variant's digest.
+    pub digest: String,
     /// The encoder's input.
     pub prompt_ids: Vec<u32>,
     pub events: UnboundedReceiver<GenerateEvent>,
@@ -306,6 +310,7 @@ impl Engine {
         }
         Ok(Scored {
             variant: self.variants[p.variant].name.clone(),
+            digest: self.variants[p.variant].digest.clone(),
             labels: p.labels,
             custom_labels: p.custom_labels,
             texts,
@@ -329,6 +334,7 @@ impl Engine {
         let events = self.generate(ids.clone(), params, variant)?;
         Ok(Generation {
             variant: self.variants[variant].name.clone(),
+            digest: self.variants[variant].digest.clone(),
             prompt_ids: ids,
             events,
             tokenize,

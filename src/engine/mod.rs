@@ -64,6 +64,8 @@ pub struct Served<B> {
     pub backend: B,
     /// Its sentiment labels, calibrated for this model when a calibration applies.
     pub labels: LabelSet,
+    /// What identifies the model's outputs (`sha256:HEX`, see [`crate::model::digest`]).
+    pub digest: String,
 }
 
 /// What requests see of a served model.
@@ -71,6 +73,7 @@ pub struct Served<B> {
 pub struct Variant {
     pub name: String,
     pub labels: Arc<LabelSet>,
+    pub digest: String,
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -123,6 +126,7 @@ impl Engine {
             variants.push(Variant {
                 name: s.name.clone(),
                 labels: Arc::new(s.labels),
+                digest: s.digest,
             });
             lanes.push(batcher::Lane::new(s.name, s.backend));
         }

@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::{HeaderMap, HeaderValue};
+use axum::response::Response;
 use axum::response::sse::Event;
 
 use super::AppState;
@@ -44,10 +45,25 @@ fn ms(d: Duration) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("0"))
 }
 
-pub(super) fn timing_headers(t: Timing) -> HeaderMap {
+/// The header that names the digest of the model that answered.
+pub(super) const MODEL_DIGEST: &str = "x-finserve-model-digest";
+
+/// `response` with the digest of the model that answered.
+pub(super) fn with_digest(mut response: Response, digest: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(digest) {
+        response.headers_mut().insert(MODEL_DIGEST, v);
+    }
+    response
+}
+
+/// The engine's timing, and the digest of the model that answered.
+pub(super) fn inference_headers(t: Timing, digest: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("x-queue-time", ms(t.queue));
     h.insert("x-inference-time", ms(t.inference));
+    if let Ok(v) = HeaderValue::from_str(digest) {
+        h.insert(MODEL_DIGEST, v);
+    }
     h
 }
 

@@ -336,6 +336,7 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
                     HeaderName::from_static("x-queue-time"),
                     HeaderName::from_static("x-inference-time"),
                     HeaderName::from_static("x-total-time"),
+                    HeaderName::from_static("x-finserve-model-digest"),
                 ]),
         );
     }

@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::common::{engine, error_event, model_names, record_input_tokens, record_timing};
+use super::common::{
+    engine, error_event, model_names, record_input_tokens, record_timing, with_digest,
+};
 use super::error::{ApiError, Dialect};
 use super::extract::JsonBody;
 use super::route::Route;
@@ -361,13 +363,15 @@ pub async fn completions(
         Route::Completions,
     )
     .await?;
-    let base = json!({"id": run.id, "object": "text_completion", "created": run.created, "model": run.model});
+    let digest = run.generation.digest.clone();
+    let base = json!({"id": run.id, "object": "text_completion", "created": run.created,
+                      "model": run.model, "system_fingerprint": digest});
     if stream {
-        return Ok(sse(run, base, |t, end| {
+        let events = sse(run, base, |t, end| {
             json!([{"index": 0, "text": t.map_or("", |t| t.text.as_str()),
                      "logprobs": null, "finish_reason": end.map(finish)}])
-        })
-        .into_response());
+        });
+        return Ok(with_digest(events.into_response(), &digest));
     }
     let mut base = base;
     let (prompt_tokens, out) = finish_run(run).await?;
@@ -389,7 +393,7 @@ pub async fn completions(
     base["choices"] = json!([{"index": 0, "text": out.generated_text, "logprobs": logprobs,
                                "finish_reason": finish(out.finish_reason)}]);
     base["usage"] = json!(usage(prompt_tokens, out.tokens.len()));
-    Ok(Json(base).into_response())
+    Ok(with_digest(Json(base).into_response(), &digest))
 }
 
 /// Chat completion (OpenAI's format; `stream: true` for server-sent events ending with
@@ -446,17 +450,18 @@ pub async fn chat(
         Route::ChatCompletions,
     )
     .await?;
+    let digest = run.generation.digest.clone();
     let base = json!({"id": run.id, "object": if stream { "chat.completion.chunk" } else { "chat.completion" },
-                      "created": run.created, "model": run.model});
+                      "created": run.created, "model": run.model, "system_fingerprint": digest});
     if stream {
-        return Ok(sse(run, base, |t, end| {
+        let events = sse(run, base, |t, end| {
             let delta = match (t, end) {
                 (Some(t), _) => json!({"role": "assistant", "content": t.text}),
                 (None, _) => json!({}),
             };
             json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": end.map(finish)}])
-        })
-        .into_response());
+        });
+        return Ok(with_digest(events.into_response(), &digest));
     }
     let mut base = base;
     let (prompt_tokens, out) = finish_run(run).await?;
@@ -469,7 +474,7 @@ pub async fn chat(
         "message": {"role": "assistant", "content": out.generated_text},
         "logprobs": logprobs, "finish_reason": finish(out.finish_reason)}]);
     base["usage"] = json!(usage(prompt_tokens, out.tokens.len()));
-    Ok(Json(base).into_response())
+    Ok(with_digest(Json(base).into_response(), &digest))
 }
 
 fn usage(prompt: usize, completion: usize) -> Usage {

@@ -15,8 +15,8 @@ use futures::{Stream, StreamExt};
 
 use super::AppState;
 use super::common::{
-    engine, error_event, json_event, off_runtime, record_input_tokens, record_timing, texts,
-    timing_headers,
+    engine, error_event, inference_headers, json_event, off_runtime, record_input_tokens,
+    record_timing, texts, with_digest,
 };
 use super::error::{ApiError, Dialect};
 use super::extract::JsonBody;
@@ -79,7 +79,7 @@ pub async fn sentiment(
     let _response = tracing::info_span!("response").entered();
     record_timing(Route::Sentiment, scored.timing, &request, scored.submitted);
     let body = sentiment_body(&scored, function, top_k, return_chunks);
-    Ok((timing_headers(scored.timing), Json(body)).into_response())
+    Ok((inference_headers(scored.timing, &scored.digest), Json(body)).into_response())
 }
 
 /// `top_k` of `/v1/sentiment`: how many labels to return (all by default).
@@ -236,8 +236,11 @@ pub async fn generate(
     };
     let deadline = Instant::now() + state.config.request_timeout;
     if req.stream.unwrap_or(false) {
-        return Ok(stream_response(generation, deadline, prefix, request).into_response());
+        let digest = generation.digest.clone();
+        let response = stream_response(generation, deadline, prefix, request).into_response();
+        return Ok(with_digest(response, &digest));
     }
+    let digest = generation.digest.clone();
     let submitted = generation.submitted;
     let out = generation.collect(Some(deadline)).await?;
     record_timing(Route::Generate, out.timing, &request, submitted);
@@ -253,7 +256,7 @@ pub async fn generate(
         generated_text: prefix.unwrap_or_default() + &out.generated_text,
         details,
     };
-    Ok((timing_headers(out.timing), Json(body)).into_response())
+    Ok((inference_headers(out.timing, &digest), Json(body)).into_response())
 }
 
 /// TGI-style server-sent events: one per token; the last carries `generated_text` and `details`.

@@ -13,6 +13,7 @@ use crate::engine::generate::FinishReason;
 pub use crate::engine::prompt::TruncationDirection;
 use crate::engine::sentiment::LabelSet;
 use crate::engine::{EngineConfig, TokenInfo};
+use crate::model::digest::FileDigest;
 use crate::model::lora::MergeReport;
 use crate::model::{LoadedModel, ModelSpec};
 
@@ -504,12 +505,19 @@ pub struct VariantInfo {
     /// Weight bytes no other served model shares (the layers its adapters changed).
     pub unshared_bytes: usize,
     pub calibration: Option<CalibrationInfo>,
+    /// What identifies this variant's outputs (`sha256:HEX`), as in `x-finserve-model-digest`.
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct InfoResponse {
     pub model_id: String,
     pub model_revision: Option<String>,
+    /// What identifies the default model's outputs (`sha256:HEX` over its files and settings,
+    /// in the order README states), as in every response's `x-finserve-model-digest`.
+    pub digest: String,
+    /// The base's files with their SHA-256 (adapters' are in their merge reports).
+    pub files: Vec<FileDigest>,
     pub model_type: String,
     pub adapters: Vec<MergeReport>,
     pub dtype: String,
@@ -541,20 +549,25 @@ pub type ServedLabels<'a> = [(&'a LabelSet, &'a Option<(std::path::PathBuf, Cali
 
 impl InfoResponse {
     /// What `/info` says of `loaded` (as `spec` asked for it), served as `name` on `device` with
-    /// `labels` (one entry per served model), `prompt_template` and `limits`.
+    /// `labels` and `digests` (one entry per served model), `prompt_template` and `limits`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
         spec: &ModelSpec,
         loaded: &LoadedModel,
         device: &str,
         labels: &ServedLabels<'_>,
+        digests: &[String],
         prompt_template: &str,
         limits: Limits,
     ) -> Self {
         let calibration = |i: usize| labels.get(i).and_then(|(_, c)| CalibrationInfo::new(c));
+        let digest = |i: usize| digests.get(i).cloned().unwrap_or_default();
         Self {
             model_id: public_model_id(&spec.model),
             model_revision: spec.revision.clone(),
+            digest: digest(0),
+            files: loaded.files.clone(),
             model_type: loaded.model.config().model_type().as_str().to_string(),
             adapters: public_reports(&loaded.reports),
             dtype: spec.dtype.as_str().to_string(),
@@ -578,6 +591,7 @@ impl InfoResponse {
                     adapters: public_reports(&v.reports),
                     unshared_bytes: v.unshared_bytes,
                     calibration: calibration(i + 1),
+                    digest: digest(i + 1),
                 })
                 .collect(),
             weight_bytes: loaded.weight_bytes,

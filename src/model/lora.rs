@@ -220,6 +220,8 @@ pub struct MergeReport {
     pub scales: Vec<f64>,
     pub modules_replaced: Vec<String>,
     pub seconds: f64,
+    /// The adapter's `adapter_config.json` and weight file with their SHA-256.
+    pub files: Vec<super::digest::FileDigest>,
 }
 
 /// An adapter directory read from disk, not yet merged.
@@ -237,6 +239,14 @@ struct LoraPair {
 }
 
 impl Adapter {
+    /// The files it was read from: its config, then its weights.
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![
+            self.dir.join("adapter_config.json"),
+            self.weights_file.clone(),
+        ]
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         let config_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
@@ -486,6 +496,7 @@ impl Adapter {
             scales: scales.into_iter().map(f64::from_bits).collect(),
             modules_replaced,
             seconds: start.elapsed().as_secs_f64(),
+            files: Vec::new(),
         })
     }
 }

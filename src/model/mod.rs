@@ -4,6 +4,7 @@
 //! with the others every tensor its adapters leave alone.
 
 pub mod decode_batch;
+pub mod digest;
 pub mod int8;
 pub mod linear;
 pub mod lora;
@@ -23,6 +24,7 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::hub::{HubConfig, RepoKind};
+use digest::FileDigest;
 use linear::{Quantization, SharedLayers, Storage};
 use lora::{Adapter, AdapterSpec, MergeReport};
 use t5::{Config, T5Model};
@@ -112,6 +114,8 @@ pub struct LoadedModel {
     pub weight_bytes: usize,
     pub tokenizer: Tokenizer,
     pub dir: PathBuf,
+    /// The base's files: `config.json`, `tokenizer.json`, the weights (see [`digest`]).
+    pub files: Vec<FileDigest>,
     pub load_seconds: f64,
     pub merge_seconds: f64,
 }
@@ -205,6 +209,18 @@ pub fn load_checkpoint(spec: &ModelSpec, hub: &HubConfig) -> Result<Checkpoint> 
     })
 }
 
+/// The files of the checkpoint in `dir` that decide its outputs, in the digest's order.
+fn base_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    let mut paths = vec![dir.join("config.json"), dir.join("tokenizer.json")];
+    // A sharded checkpoint's index names its shards, so it counts too.
+    if !dir.join("model.safetensors").is_file() && index.is_file() {
+        paths.push(index);
+    }
+    paths.extend(WeightFiles::discover(dir)?.paths());
+    Ok(paths)
+}
+
 fn load_base(spec: &ModelSpec, hub: &HubConfig) -> Result<(PathBuf, Config, Weights)> {
     let dir = hub.resolve(&spec.model, spec.revision.as_deref(), RepoKind::Model)?;
     let config = read_config(&dir)?;
@@ -229,8 +245,9 @@ fn merge(
         .collect::<Result<Vec<_>>>()?;
     let mut reports = lora::merge_all(weights, &loaded, &spec.model)?;
     // Each adapter as it was named (a directory or a Hub id), not where the Hub cached it.
-    for (report, a) in reports.iter_mut().zip(adapters) {
+    for ((report, a), (adapter, _)) in reports.iter_mut().zip(adapters).zip(&loaded) {
         report.adapter = a.source.clone();
+        report.files = digest::files(&adapter.files())?;
     }
     Ok(reports)
 }
@@ -268,6 +285,12 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
         });
     }
     drop(base);
+    let hashing = Instant::now();
+    let files = digest::files(&base_files(&dir)?)?;
+    tracing::info!(
+        seconds = hashing.elapsed().as_secs_f64(),
+        "model files hashed"
+    );
     if spec.quantize == Quantization::Q8 {
         tracing::info!("linear layers and lm_head quantized to q8 (int8 per block of 128 inputs)");
     }
@@ -294,6 +317,7 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
         weight_bytes,
         tokenizer,
         dir,
+        files,
         load_seconds: start.elapsed().as_secs_f64(),
         merge_seconds,
     })
