@@ -430,7 +430,7 @@ pub struct EvalArgs {
     /// Cut rows longer than --max-input-tokens (with the template), as a request's `truncate`
     /// does; without it (and without --long-input chunk) such rows are refused and reported,
     /// as the server would answer them.
-    #[arg(long, env = "FINSERVE_EVAL_TRUNCATE", conflicts_with = "long_input")]
+    #[arg(long, env = "FINSERVE_EVAL_TRUNCATE")]
     pub truncate: bool,
     /// Which end --truncate cuts: right (keep the start) or left.
     #[arg(long, env = "FINSERVE_TRUNCATION_DIRECTION", default_value = "right")]
@@ -594,6 +594,9 @@ impl EvalArgs {
             )?),
             (None, false) => None,
         };
+        if self.truncate && self.long_input == EvalLongInput::Chunk {
+            bail!("--truncate and --long-input chunk exclude each other: choose one");
+        }
         if self.long_input == EvalLongInput::Chunk && self.chunk_overlap >= m.max_input_tokens {
             bail!(
                 "--chunk-overlap ({}) must be less than --max-input-tokens ({})",

@@ -986,6 +986,9 @@ fn stalled_clients_neither_hold_slots_nor_stay_connected() {
     let mut half_headers = TcpStream::connect(&addr).unwrap();
     write!(half_headers, "POST /v1/sentiment HTTP/1.1\r\nHost: x\r\n").unwrap();
     let silent = TcpStream::connect(&addr).unwrap();
+    // One byte of a request line, or of HTTP/2's preface, then nothing.
+    let mut one_byte = TcpStream::connect(&addr).unwrap();
+    write!(one_byte, "P").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
     let (code, body) = s.post("/v1/sentiment", &json!({"inputs": SHORT}));
@@ -1008,7 +1011,7 @@ fn stalled_clients_neither_hold_slots_nor_stay_connected() {
         assert!(a.contains("client_timeout"), "{a}");
     }
     // Unfinished headers and silence get no answer, only the closed connection.
-    for c in [half_headers, silent] {
+    for c in [half_headers, silent, one_byte] {
         let a = answer(c);
         assert!(a.is_empty() || a.starts_with("HTTP/1.1 408"), "{a}");
     }

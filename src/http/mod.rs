@@ -194,9 +194,8 @@ impl Drop for Buffered {
 }
 
 /// The whole of `body`, within `--max-body-bytes` and the server's budget of buffered bytes.
-async fn collect_body(body: Body, held: &mut Buffered) -> Result<Bytes, ApiError> {
+async fn collect_body(body: &mut Body, held: &mut Buffered) -> Result<Bytes, ApiError> {
     let max = held.state.config.max_body_bytes;
-    let mut body = body;
     let mut buf = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame
@@ -222,24 +221,37 @@ async fn collect_body(body: Body, held: &mut Buffered) -> Result<Bytes, ApiError
 /// 408 and disconnected when its time is up. The bodies held at once are bounded by the budget
 /// the slots implied before (`--max-concurrent-requests` x `--max-body-bytes`).
 async fn read_body(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let timeout = state.config.client_timeout;
-    let (parts, body) = req.into_parts();
+    let config = state.config.clone();
+    let deadline = tokio::time::Instant::now() + config.client_timeout;
+    let (parts, mut body) = req.into_parts();
     let mut held = Buffered { state, bytes: 0 };
-    let bytes = match tokio::time::timeout(timeout, collect_body(body, &mut held)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => return e.into_response(),
-        Err(_) => {
-            let mut response = ApiError::client_timeout().into_response();
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    let collected = tokio::time::timeout_at(deadline, collect_body(&mut body, &mut held)).await;
+    let refused = match collected {
+        Ok(Ok(bytes)) => {
+            let response = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+            drop(held);
             return response;
         }
+        Ok(Err(e)) => e,
+        Err(_) => ApiError::client_timeout(),
     };
-    let response = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
     drop(held);
+    // Read what is left of a refused body (up to --max-body-bytes more, in the time left), so
+    // the client reads the answer instead of a reset; past that the connection is closed.
+    let drained = refused.error_type != error::ErrorType::ClientTimeout
+        && matches!(
+            tokio::time::timeout_at(deadline, axum::body::to_bytes(body, config.max_body_bytes))
+                .await,
+            Ok(Ok(_))
+        );
+    let mut response = refused.into_response();
+    if !drained {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
@@ -312,6 +324,7 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
     let mut app = app
         .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
         .route_layer(middleware::from_fn(observe))
+        .layer(middleware::from_fn(openai::errors_in_openai_shape))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state.clone());
     let origins = &state.config.cors_allow_origin;

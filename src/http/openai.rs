@@ -32,6 +32,74 @@ use crate::engine::validation::{self, GenerateOptions};
 use crate::engine::{GenerateEvent, TokenInfo};
 use crate::error::Error;
 
+/// OpenAI's error body, which its SDKs and LangChain read: every error of the OpenAI routes
+/// (a refusal of the middleware or the handler) comes in this shape.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiError {
+    pub error: OpenAiErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OpenAiErrorDetail {
+    pub message: String,
+    /// finserve's `error_type` (e.g. `validation`, `model_not_found`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault, when the message names one.
+    pub param: Option<String>,
+    /// Also the `error_type`.
+    pub code: Option<String>,
+}
+
+/// Whether `path` is an OpenAI route.
+fn is_openai(path: &str) -> bool {
+    matches!(
+        path,
+        "/v1/completions" | "/v1/chat/completions" | "/v1/models"
+    )
+}
+
+/// Rewrites the error responses of the OpenAI routes from finserve's `{"error", "error_type"}`
+/// into OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+pub(super) async fn errors_in_openai_shape(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let openai = is_openai(req.uri().path());
+    let response = next.run(req).await;
+    if !openai || !(response.status().is_client_error() || response.status().is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // finserve's error bodies are a few hundred bytes.
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return Response::from_parts(parts, axum::body::Body::empty());
+    };
+    let Ok(e) = serde_json::from_slice::<ErrorResponse>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    let param = e
+        .error
+        .strip_prefix('`')
+        .and_then(|rest| rest.split_once("`:"))
+        .map(|(field, _)| field.to_string());
+    let body = OpenAiError {
+        error: OpenAiErrorDetail {
+            message: e.error,
+            kind: e.error_type.clone(),
+            param,
+            code: Some(e.error_type),
+        },
+    };
+    let mut response = (parts.status, Json(body)).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != axum::http::header::CONTENT_LENGTH && name != axum::http::header::CONTENT_TYPE {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    response
+}
+
 /// One served model.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Model {
@@ -123,6 +191,8 @@ pub struct CompletionRequest {
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<i64>,
     pub stream: Option<bool>,
+    /// Only with `stream`.
+    pub stream_options: Option<StreamOptions>,
 }
 
 /// A chat message; only its `content` reaches the model.
@@ -131,6 +201,14 @@ pub struct CompletionRequest {
 pub struct Message {
     pub role: Role,
     pub content: Text,
+}
+
+/// `stream_options`: with `include_usage`, a streamed answer's last chunk (empty `choices`)
+/// carries `usage` (an answer that is not streamed always does).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, ToSchema)]
@@ -178,6 +256,8 @@ pub struct ChatRequest {
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<i64>,
     pub stream: Option<bool>,
+    /// Only with `stream`.
+    pub stream_options: Option<StreamOptions>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -309,7 +389,7 @@ fn prompt_of(p: PromptInput) -> Result<String, ApiError> {
 
 /// The models this server serves (OpenAI's format).
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
-    responses((status = 200, body = ModelList), (status = 401, body = ErrorResponse)),
+    responses((status = 200, body = ModelList), (status = 401, body = OpenAiError)),
     security((), ("api_key" = [])))]
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     let created = state.started;
@@ -334,11 +414,11 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     responses(
         (status = 200, description = "The completion; with `stream`, chunks of it as server-sent events",
          content((Value = "application/json"), (Value = "text/event-stream"))),
-        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
-        (status = 404, description = "Unknown model", body = ErrorResponse),
-        (status = 413, body = ErrorResponse), (status = 422, body = ErrorResponse),
-        (status = 429, body = ErrorResponse), (status = 503, body = ErrorResponse),
-        (status = 504, body = ErrorResponse),
+        (status = 400, body = OpenAiError), (status = 401, body = OpenAiError),
+        (status = 404, description = "Unknown model", body = OpenAiError),
+        (status = 413, body = OpenAiError), (status = 422, body = OpenAiError),
+        (status = 429, body = OpenAiError), (status = 503, body = OpenAiError),
+        (status = 504, body = OpenAiError),
     ),
     security((), ("api_key" = [])))]
 pub async fn completions(
@@ -353,6 +433,7 @@ pub async fn completions(
     let with_logprobs = req.logprobs.is_some();
     let prompt = prompt_of(req.prompt)?;
     let stream = req.stream.unwrap_or(false);
+    let with_usage = include_usage(stream, &req.stream_options);
     let sampling = sampling!(req);
     let run = start(
         &state,
@@ -367,7 +448,7 @@ pub async fn completions(
     let base = json!({"id": run.id, "object": "text_completion", "created": run.created,
                       "model": run.model, "system_fingerprint": digest});
     if stream {
-        let events = sse(run, base, |t, end| {
+        let events = sse(run, base, with_usage, |t, end| {
             json!([{"index": 0, "text": t.map_or("", |t| t.text.as_str()),
                      "logprobs": null, "finish_reason": end.map(finish)}])
         });
@@ -403,11 +484,11 @@ pub async fn completions(
     responses(
         (status = 200, description = "The reply; with `stream`, chunks of it as server-sent events",
          content((Value = "application/json"), (Value = "text/event-stream"))),
-        (status = 400, body = ErrorResponse), (status = 401, body = ErrorResponse),
-        (status = 404, description = "Unknown model", body = ErrorResponse),
-        (status = 413, body = ErrorResponse), (status = 422, body = ErrorResponse),
-        (status = 429, body = ErrorResponse), (status = 503, body = ErrorResponse),
-        (status = 504, body = ErrorResponse),
+        (status = 400, body = OpenAiError), (status = 401, body = OpenAiError),
+        (status = 404, description = "Unknown model", body = OpenAiError),
+        (status = 413, body = OpenAiError), (status = 422, body = OpenAiError),
+        (status = 429, body = OpenAiError), (status = 503, body = OpenAiError),
+        (status = 504, body = OpenAiError),
     ),
     security((), ("api_key" = [])))]
 pub async fn chat(
@@ -425,11 +506,12 @@ pub async fn chat(
     let prompt = req
         .messages
         .iter()
-        .map(|m| m.content.0.as_str())
+        .map(|m| m.content.0.clone())
         .collect::<Vec<_>>()
         .join("\n");
     let with_logprobs = req.logprobs.unwrap_or(false);
     let stream = req.stream.unwrap_or(false);
+    let with_usage = include_usage(stream, &req.stream_options);
     // Both are checked even though the newer name wins.
     if let (Some(_), Some(old)) = (req.max_completion_tokens, req.max_tokens) {
         let options = GenerateOptions {
@@ -454,7 +536,7 @@ pub async fn chat(
     let base = json!({"id": run.id, "object": if stream { "chat.completion.chunk" } else { "chat.completion" },
                       "created": run.created, "model": run.model, "system_fingerprint": digest});
     if stream {
-        let events = sse(run, base, |t, end| {
+        let events = sse(run, base, with_usage, |t, end| {
             let delta = match (t, end) {
                 (Some(t), _) => json!({"role": "assistant", "content": t.text}),
                 (None, _) => json!({}),
@@ -485,13 +567,29 @@ fn usage(prompt: usize, completion: usize) -> Usage {
     }
 }
 
+/// Whether a streamed answer ends with a `usage` chunk (`stream_options.include_usage`). Without
+/// `stream` the answer's body carries `usage` anyway, so the option asks for nothing more.
+fn include_usage(stream: bool, options: &Option<StreamOptions>) -> bool {
+    stream
+        && options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+}
+
 /// Server-sent chunks: one per token (`choices` built by `choices(token, finish)`), then a last
-/// chunk with the finish reason, then `data: [DONE]`.
+/// chunk with the finish reason, with `usage` a chunk of it (and no choices), then `data: [DONE]`.
 fn sse(
     run: Run,
     base: Value,
+    with_usage: bool,
     choices: impl Fn(Option<&TokenInfo>, Option<FinishReason>) -> Value + Send + Sync + 'static,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let usage_chunk = {
+        let mut c = base.clone();
+        c["choices"] = json!([]);
+        c
+    };
     let choices = Arc::new(choices);
     let chunk = move |t: Option<&TokenInfo>, end: Option<FinishReason>| {
         let mut c = base.clone();
@@ -507,9 +605,11 @@ fn sse(
         ..
     } = run;
     let (tokenize, submitted) = (generation.tokenize, generation.submitted);
+    let prompt_tokens = generation.prompt_ids.len();
     let stream = futures::stream::unfold((generation, false), move |(mut generation, done)| {
         let chunk = chunk.clone();
         let request = request.clone();
+        let usage_chunk = usage_chunk.clone();
         async move {
             if done {
                 return None;
@@ -530,6 +630,11 @@ fn sse(
                         .into_iter()
                         .collect();
                     v.push(chunk(None, Some(out.finish_reason)));
+                    if with_usage {
+                        let mut c = usage_chunk;
+                        c["usage"] = json!(usage(prompt_tokens, out.tokens.len()));
+                        v.push(Event::default().data(c.to_string()));
+                    }
                     v.push(Event::default().data("[DONE]"));
                     v
                 }

@@ -1,4 +1,4 @@
-//! Serving connections: hyper's HTTP/1 and HTTP/2 with a timer, so a client that does not send
+//! Serving connections: hyper's HTTP/1 with a timer, so a client that does not send
 //! its headers within `--client-timeout-ms` (or nothing at all) is disconnected (axum's own
 //! `serve` cannot set that),
 //! `TCP_NODELAY` on every connection, and graceful shutdown: stop accepting, mark the server not
@@ -25,16 +25,17 @@ async fn serve_app(
     on_shutdown: impl FnOnce(),
     grace: Option<Duration>,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    // HTTP/1 only: HTTP/2's connection preface is read before any header timeout applies, so a
+    // client could hold a connection by sending part of it (deployments put TLS and HTTP/2 in
+    // front, at the ingress).
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(None);
     let graceful = GracefulShutdown::new();
+    // Connections that have not sent a byte yet are dropped at once on shutdown.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let (tcp, _) = tokio::select! {
@@ -56,21 +57,26 @@ async fn serve_app(
         }
         let service = TowerToHyperService::new(app.clone());
         let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let mut stop = stop.clone();
         tokio::spawn(async move {
-            // hyper's header timeout starts once it knows the protocol, which it learns from
-            // the first bytes: a client that sends nothing at all is closed here.
+            // A client that sends nothing at all is closed after the header timeout, or at once
+            // when the server stops.
             let mut first = [0u8; 1];
-            match tokio::time::timeout(header_timeout, tcp.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
+            tokio::select! {
+                peeked = tokio::time::timeout(header_timeout, tcp.peek(&mut first)) => match peeked {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                },
+                _ = stop.wait_for(|s| *s) => return,
             }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
+    let _ = stopping.send(true);
     on_shutdown();
     match grace {
         Some(grace) => {

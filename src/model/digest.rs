@@ -2,8 +2,8 @@
 //! its outputs, so that a score can be tied to the exact model that produced it.
 //!
 //! A served model's digest is the SHA-256 of this text, one line each, in this order:
-//! `finserve-model-digest/1`; `file NAME SHA256` for the base's `config.json`, `tokenizer.json`
-//! and weight files (in load order); `dtype D` and `quantize Q`; then per merged adapter, in
+//! `finserve-model-digest/1`; `file NAME SHA256` for the base's `config.json`, `tokenizer.json`,
+//! shard index (if sharded) and weight files (in load order); `dtype D` and `quantize Q`; then per merged adapter, in
 //! merge order, `adapter WEIGHT` and `file NAME SHA256` for its `adapter_config.json` and weight
 //! file; then `labels JSON`, `template JSON` and `calibration SHA256` (or `calibration none`).
 //! Paths never enter it: the same files give the same digest wherever they lie.

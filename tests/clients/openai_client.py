@@ -41,13 +41,30 @@ def main(url: str, model: str) -> None:
                for _ in range(2)]
     assert sampled[0] == sampled[1], sampled
 
-    # An unknown model is the client's NotFoundError.
+    # stream_options.include_usage: a last chunk without choices carries the usage.
+    counted = list(client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == chat.usage.completion_tokens, counted
+    assert counted[-1].usage.prompt_tokens == chat.usage.prompt_tokens, counted
+    assert all(c.usage is None for c in counted[:-1]), counted
+
+    # The model digest is the system fingerprint.
+    assert chat.system_fingerprint and chat.system_fingerprint.startswith("sha256:"), chat
+
+    # Errors arrive in OpenAI's shape: the SDK's exceptions carry the message, type and param.
     try:
         client.completions.create(model="no-such-model", prompt=prompt, max_tokens=2)
-    except openai.NotFoundError:
-        pass
+    except openai.NotFoundError as e:
+        assert "no-such-model" in e.message and e.code == "model_not_found", e.body
     else:
         raise AssertionError("an unknown model was accepted")
+    try:
+        client.completions.create(model=model, prompt=prompt, max_tokens=100000)
+    except openai.UnprocessableEntityError as e:
+        assert e.param == "max_tokens" and e.type == "validation", e.body
+        assert "max_tokens" in e.message, e.body
+    else:
+        raise AssertionError("max_tokens over the limit was accepted")
     print("ok")
 
 
