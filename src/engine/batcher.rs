@@ -455,9 +455,9 @@ fn finish(r: Running, variant: &str, reason: FinishReason, generated_text: Strin
         tokens: r.tokens,
         seed: r.sampler.seed,
         timing: Timing {
+            tokenize: r.job.tokenize,
             queue: r.queue_time,
             inference,
-            ..Timing::default()
         },
     };
     let _ = r.job.events.send(GenerateEvent::End(output));
@@ -731,6 +731,7 @@ mod tests {
                 },
                 events,
                 enqueued: Instant::now(),
+                tokenize: Duration::ZERO,
                 waiting: self.backlog.enter(1).pop(),
             };
             self.tx.send(Job::Generate(job)).unwrap();

@@ -99,7 +99,6 @@ pub struct Generation {
     /// The encoder's input.
     pub prompt_ids: Vec<u32>,
     pub events: UnboundedReceiver<GenerateEvent>,
-    pub tokenize: Duration,
     pub submitted: SystemTime,
 }
 
@@ -115,10 +114,7 @@ impl Generation {
             };
             match event {
                 Some(GenerateEvent::Token(_)) => {}
-                Some(GenerateEvent::End(mut out)) => {
-                    out.timing.tokenize = self.tokenize;
-                    return Ok(out);
-                }
+                Some(GenerateEvent::End(out)) => return Ok(out),
                 Some(GenerateEvent::Error(e)) => return Err(e),
                 None => return Err(Error::EngineDown),
             }
@@ -137,7 +133,7 @@ struct Prepared {
 
 /// Runs CPU-bound `f` on the async runtime's blocking pool when there is a runtime, in a
 /// `tokenize` span of the caller's.
-async fn off_runtime<T: Send + 'static>(
+pub async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let span = tracing::info_span!("tokenize");
@@ -331,13 +327,12 @@ impl Engine {
         let tokenize = start.elapsed();
         let params = validation::generate_params(&query.options, ids.len(), &self.config.limits)?;
         let submitted = SystemTime::now();
-        let events = self.generate(ids.clone(), params, variant)?;
+        let events = self.queue_generation(ids.clone(), params, variant, tokenize)?;
         Ok(Generation {
             variant: self.variants[variant].name.clone(),
             digest: self.variants[variant].digest.clone(),
             prompt_ids: ids,
             events,
-            tokenize,
             submitted,
         })
     }

@@ -71,6 +71,8 @@ pub(crate) struct GenerateJob {
     pub params: GenerateParams,
     pub events: mpsc::UnboundedSender<GenerateEvent>,
     pub enqueued: Instant,
+    /// How long its input took to tokenize (reported in its [`Timing`]).
+    pub tokenize: Duration,
     /// Counts the generation in the backlog until it joins the running batch (or is dropped).
     pub waiting: Option<WaitingInput>,
 }

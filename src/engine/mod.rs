@@ -22,7 +22,7 @@ pub mod validation;
 
 use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
@@ -403,6 +403,17 @@ impl Engine {
         params: GenerateParams,
         variant: usize,
     ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>> {
+        self.queue_generation(ids, params, variant, Duration::ZERO)
+    }
+
+    /// [`Engine::generate`] of an input that took `tokenize` to tokenize.
+    fn queue_generation(
+        &self,
+        ids: Vec<u32>,
+        params: GenerateParams,
+        variant: usize,
+        tokenize: Duration,
+    ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>> {
         let (events, rx) = mpsc::unbounded_channel();
         self.submit(Job::Generate(GenerateJob {
             variant,
@@ -410,6 +421,7 @@ impl Engine {
             params,
             events,
             enqueued: Instant::now(),
+            tokenize,
             waiting: self.backlog.enter(1).pop(),
         }))?;
         Ok(rx)

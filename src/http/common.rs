@@ -13,7 +13,6 @@ use super::error::ApiError;
 use super::route::Route;
 use super::types::Inputs;
 use crate::engine::{Engine, Timing};
-use crate::error::Error;
 use crate::metrics::METRICS;
 
 /// The engine, once the model is loaded and while the server is not shutting down.
@@ -99,16 +98,13 @@ pub(super) fn record_input_tokens(route: Route, tokens: usize) {
         .observe(tokens as f64);
 }
 
-/// Runs CPU-bound tokenizer work of `route` on the blocking pool, in a `tokenize` span.
+/// Runs CPU-bound tokenizer work of `route` off the runtime (the engine's way), timing it.
 pub(super) async fn off_runtime<T: Send + 'static>(
     route: Route,
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     let start = Instant::now();
-    let span = tracing::info_span!("tokenize");
-    let out = tokio::task::spawn_blocking(move || span.in_scope(f))
-        .await
-        .map_err(|e| ApiError::from(Error::Inference(format!("tokenizer task failed: {e}"))))??;
+    let out = crate::engine::infer::off_runtime(f).await?;
     METRICS
         .tokenization_duration
         .with_label_values(&[route.as_str()])

@@ -604,7 +604,7 @@ fn sse(
         dialect,
         ..
     } = run;
-    let (tokenize, submitted) = (generation.tokenize, generation.submitted);
+    let submitted = generation.submitted;
     let prompt_tokens = generation.prompt_ids.len();
     let stream = futures::stream::unfold((generation, false), move |(mut generation, done)| {
         let chunk = chunk.clone();
@@ -620,8 +620,7 @@ fn sse(
                 Ok(Some(GenerateEvent::Token(t))) => {
                     return Some((vec![chunk(Some(&t), None)], (generation, false)));
                 }
-                Ok(Some(GenerateEvent::End(mut out))) => {
-                    out.timing.tokenize = tokenize;
+                Ok(Some(GenerateEvent::End(out))) => {
                     record_timing(route, out.timing, &request, submitted);
                     let mut v: Vec<Event> = out
                         .tokens

@@ -118,9 +118,11 @@ fn sentiment_body(
             for w in &text.windows {
                 record_input_tokens(Route::Sentiment, w.prompt_tokens);
             }
-            let values = |probs: &'_ Vec<f64>, log_probs: &'_ Vec<f64>| match function {
-                FunctionToApply::Softmax => probs.clone(),
-                FunctionToApply::None => log_probs.clone(),
+            let values = |probs: &'_ [f64], log_probs: &'_ [f64]| -> Vec<f64> {
+                match function {
+                    FunctionToApply::Softmax => probs.to_vec(),
+                    FunctionToApply::None => log_probs.to_vec(),
+                }
             };
             let scores = ranked(names, &values(&text.probs, &text.log_probs), top_k);
             if let Some(best) = scores.first() {
@@ -301,9 +303,8 @@ fn stream_response(
                 generated_text: None,
                 details: None,
             }),
-            Some(GenerateEvent::End(mut out)) => {
+            Some(GenerateEvent::End(out)) => {
                 s.done = true;
-                out.timing.tokenize = s.generation.tokenize;
                 record_timing(Route::Generate, out.timing, &s.request, submitted);
                 match out.tokens.last() {
                     Some(last) => json_event(&StreamResponse {
