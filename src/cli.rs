@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::audit::{AuditConfig, Sink};
 use crate::engine::prompt::{Template, TruncationDirection};
 use crate::engine::sentiment::LabelSet;
 use crate::engine::{EngineConfig, RequestLimits};
@@ -16,7 +17,8 @@ use crate::hub::HubConfig;
 use crate::model::lora::AdapterSpec;
 use crate::model::{self, ModelSpec};
 use crate::served::{ModelJob, adapter_calibration_path};
-use crate::server::ServeJob;
+use crate::server::{RuntimeJob, ServeJob};
+use crate::variants::{Eviction, RuntimeVariants};
 
 /// A count flag that must be at least `MIN`: refused at parse time, naming the flag, never
 /// raised silently.
@@ -91,7 +93,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the REST API (what `finserve` with no subcommand runs).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Merge adapters into the base model and write it in Hugging Face format.
     Merge(MergeArgs),
     /// Score a labelled CSV file and print accuracy, macro-F1 and the confusion matrix.
@@ -284,6 +286,64 @@ pub struct ServeArgs {
     /// Enable CORS for these origins (comma-separated, `*` for any). Off by default.
     #[arg(long, env = "FINSERVE_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
+    /// Serve the admin routes (`/v1/adapters`: merge and drop variants at runtime), which take
+    /// this key and no other. Without it the routes are absent. The base stays in memory to merge
+    /// from (with --quantize q8, an f32 copy of it).
+    #[arg(long, env = "FINSERVE_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<Secret>,
+    /// The directory runtime variants read their adapters from (`path` of /v1/adapters and the
+    /// adapters of --variants-file are relative to it); a path leaving it, also by a symlink, is
+    /// refused. Without it only Hub ids are accepted (never with HF_HUB_OFFLINE).
+    #[arg(long, env = "FINSERVE_ADAPTER_ROOT")]
+    pub adapter_root: Option<PathBuf>,
+    /// Serve the variants this file declares, one --variant value per line (blank lines and `#`
+    /// comments skipped), e.g. a mounted ConfigMap: re-read when it changes and on SIGHUP,
+    /// merging what was added and draining what was removed. Every replica given the same file
+    /// serves the same variants.
+    #[arg(long, env = "FINSERVE_VARIANTS_FILE")]
+    pub variants_file: Option<PathBuf>,
+    /// How often --variants-file is checked for changes, in milliseconds.
+    #[arg(long, env = "FINSERVE_VARIANTS_FILE_POLL_MS", value_parser = millis, default_value_t = 2000)]
+    pub variants_file_poll_ms: u64,
+    /// Most variants served at once besides the default model (start-up, file and API ones
+    /// together); a merge beyond it gets 409, or evicts with --variant-eviction lru.
+    #[arg(long, env = "FINSERVE_MAX_VARIANTS", value_parser = at_least::<1>)]
+    pub max_variants: Option<usize>,
+    /// At --max-variants: `refuse` the new variant, or evict the API-loaded one used least
+    /// recently (`lru`; start-up and file variants are never evicted).
+    #[arg(
+        long,
+        env = "FINSERVE_VARIANT_EVICTION",
+        value_enum,
+        default_value = "refuse"
+    )]
+    pub variant_eviction: Eviction,
+    /// Append one JSON line per answered inference request to this file (`-` for stdout): time,
+    /// request id, route, variant and digest, parameters, input token count, outputs as
+    /// answered, latency. Input texts only with --audit-log-inputs.
+    #[arg(long, env = "FINSERVE_AUDIT_LOG")]
+    pub audit_log: Option<Sink>,
+    /// Also record the input texts in --audit-log (off: texts may be confidential).
+    #[arg(long, env = "FINSERVE_AUDIT_LOG_INPUTS", requires = "audit_log")]
+    pub audit_log_inputs: bool,
+    /// Answer 503 instead of serving while audit records would be lost (the writer behind, or
+    /// the file unwritable). Off: lost records are counted in
+    /// finserve_audit_records_dropped_total and logged.
+    #[arg(long, env = "FINSERVE_AUDIT_LOG_REQUIRED", requires = "audit_log")]
+    pub audit_log_required: bool,
+    /// Rotate --audit-log before it grows past this many bytes (to PATH.1, PATH.2, ...).
+    #[arg(long, env = "FINSERVE_AUDIT_LOG_MAX_BYTES", value_parser = at_least::<4096>, default_value_t = 100 << 20)]
+    pub audit_log_max_bytes: usize,
+    /// Serve SageMaker's `GET /ping` and `POST /invocations` (which answers by the body's shape:
+    /// sentiment, generation, classify, score, completion or chat).
+    #[arg(long, env = "FINSERVE_SAGEMAKER")]
+    pub sagemaker: bool,
+    /// Rotated audit files kept; older ones are deleted.
+    #[arg(long, env = "FINSERVE_AUDIT_LOG_KEEP", default_value_t = 10)]
+    pub audit_log_keep: usize,
+    /// Audit records that may wait for the writer before they count as lost.
+    #[arg(long, env = "FINSERVE_AUDIT_LOG_QUEUE", value_parser = at_least::<1>, default_value_t = 65536)]
+    pub audit_log_queue: usize,
 }
 
 impl ServeArgs {
@@ -362,6 +422,7 @@ impl ServeArgs {
             );
         }
         let limits = self.request_limits()?;
+        let runtime = self.runtime_variants()?;
         let http = HttpConfig {
             api_keys: self.api_keys()?,
             api_key_file_poll: Duration::from_millis(self.api_key_file_poll_ms),
@@ -375,6 +436,12 @@ impl ServeArgs {
             model_name: name.clone(),
             default_truncation_direction: self.truncation_direction,
             limits: limits.clone(),
+            admin_api_keys: self
+                .admin_api_key
+                .as_ref()
+                .filter(|Secret(k)| !k.is_empty())
+                .map(|Secret(k)| Arc::new(ApiKeys::fixed(std::slice::from_ref(k)))),
+            sagemaker: self.sagemaker,
         };
         let engine = EngineConfig {
             max_batch_tokens: self.max_batch_tokens,
@@ -392,8 +459,57 @@ impl ServeArgs {
             metrics_port: self.metrics_port,
             engine,
             http,
+            runtime,
+            audit: self.audit_log.clone().map(|sink| AuditConfig {
+                sink,
+                inputs: self.audit_log_inputs,
+                required: self.audit_log_required,
+                max_bytes: self.audit_log_max_bytes as u64,
+                keep: self.audit_log_keep,
+                capacity: self.audit_log_queue,
+            }),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
         })
+    }
+
+    /// How variants may change while serving; `None` when neither the admin API nor a variants
+    /// file is on (the base is then not kept).
+    fn runtime_variants(&self) -> anyhow::Result<Option<RuntimeJob>> {
+        if let Some(root) = &self.adapter_root
+            && !root.is_dir()
+        {
+            bail!("--adapter-root {} is not a directory", root.display());
+        }
+        if let Some(max) = self.max_variants
+            && self.variants.len() > max
+        {
+            bail!(
+                "--max-variants ({max}) is less than the {} --variant values given",
+                self.variants.len()
+            );
+        }
+        if self.variant_eviction == Eviction::Lru && self.max_variants.is_none() {
+            bail!("--variant-eviction lru needs --max-variants");
+        }
+        if let Some(file) = &self.variants_file {
+            crate::variants::check_file(file)?;
+        }
+        let admin = self
+            .admin_api_key
+            .as_ref()
+            .is_some_and(|Secret(k)| !k.is_empty());
+        if !admin && self.variants_file.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(RuntimeJob {
+            config: RuntimeVariants {
+                adapter_root: self.adapter_root.clone(),
+                max_variants: self.max_variants,
+                eviction: self.variant_eviction,
+            },
+            variants_file: self.variants_file.clone(),
+            poll: Duration::from_millis(self.variants_file_poll_ms),
+        }))
     }
 }
 

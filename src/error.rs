@@ -30,6 +30,10 @@ pub enum Field {
     Stop,
     /// Token ids to decode.
     Ids,
+    /// A runtime variant's name.
+    VariantName,
+    /// The adapters a runtime variant merges.
+    Adapters,
 }
 
 /// A server limit that a request went over.
@@ -97,6 +101,15 @@ pub enum Error {
         limit: Option<(Limit, usize)>,
         message: String,
     },
+    /// What a request would create exists already (e.g. a variant's name).
+    #[error("{0}")]
+    Conflict(String),
+    /// What a request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The audit log cannot take a record and must (`--audit-log-required`).
+    #[error("{0}")]
+    AuditUnavailable(String),
     #[error("the engine's queue is full")]
     QueueFull,
     #[error("the request passed its deadline")]

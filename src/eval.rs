@@ -239,7 +239,7 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
     let rows = read_rows(&data, &text_column, &label_column, &names)?;
     let name = model.spec.model.clone();
     let prompt_template = model.prompt_template.clone();
-    let loaded = model.load()?;
+    let loaded = model.load(false)?;
     let calibration = loaded.labels.first().and_then(|(_, c)| c.clone());
     let (served, tokenizer) = loaded.served(name);
     let engine = Engine::start(

@@ -7,6 +7,7 @@
 //! line into jobs: [`server`] runs `serve`, [`eval`], [`export`] (`merge`) and [`train`] the
 //! others; [`served`] loads what `serve` and `eval` serve.
 
+pub mod audit;
 pub mod calibration;
 pub mod cli;
 pub mod engine;
@@ -21,3 +22,4 @@ pub mod served;
 pub mod server;
 pub mod telemetry;
 pub mod train;
+pub mod variants;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub engine_up: IntGauge,
     pub failed_batches: IntCounter,
     pub failed_batches_in_a_row: IntGauge,
+    pub audit_records: IntCounter,
+    pub audit_dropped: IntCounterVec,
 }
 
 fn seconds(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
@@ -185,6 +187,19 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         "Engine batches failed since the last success; /health is 503 at --max-failed-batches"
     )
     .expect("finserve_failed_batches_in_a_row"),
+    audit_records: register_int_counter!(
+        "finserve_audit_records_total",
+        "Audit log records written (--audit-log)"
+    )
+    .expect("finserve_audit_records_total"),
+    audit_dropped: register_int_counter_vec!(
+        Opts::new(
+            "finserve_audit_records_dropped_total",
+            "Audit records lost: the writer was behind (full) or the sink failed (write_error)"
+        ),
+        &["reason"]
+    )
+    .expect("finserve_audit_records_dropped_total"),
 });
 
 /// When the oldest waiting request arrived, in microseconds since the Unix epoch; 0 when none

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use tokenizers::Tokenizer;
 
 use crate::calibration::{self, Calibration};
 use crate::engine::backend::T5Backend;
@@ -12,6 +13,7 @@ use crate::engine::prompt::Template;
 use crate::engine::sentiment::LabelSet;
 use crate::engine::{Engine, Served};
 use crate::hub::HubConfig;
+use crate::model::digest::FileDigest;
 use crate::model::lora::AdapterSpec;
 use crate::model::{self, LoadedModel, ModelSpec, digest};
 
@@ -48,16 +50,18 @@ pub fn adapter_calibration_path(adapters: &[AdapterSpec]) -> Option<PathBuf> {
 }
 
 impl ModelJob {
-    /// Loads and merges the model and resolves every served model's labels.
-    pub fn load(&self) -> anyhow::Result<Loaded> {
+    /// Loads and merges the model and resolves every served model's labels; with `keep_base`,
+    /// the base stays in memory to merge variants from at runtime.
+    pub fn load(&self, keep_base: bool) -> anyhow::Result<Loaded> {
         Template::new(&self.prompt_template).context("--prompt-template")?;
         let spec = &self.spec;
-        let loaded = model::load(spec, &HubConfig::from_env())
+        let loaded = model::load(spec, &HubConfig::from_env(), keep_base)
             .with_context(|| format!("cannot load model `{}`", spec.model))?;
-        let mut labels = vec![self.labels(&loaded, self.calibration.clone(), &spec.adapters)?];
+        let tokenizer = &loaded.tokenizer;
+        let mut labels = vec![self.labels(tokenizer, self.calibration.clone(), &spec.adapters)?];
         for v in &spec.variants {
             labels.push(
-                self.labels(&loaded, None, &v.adapters)
+                self.labels(tokenizer, None, &v.adapters)
                     .with_context(|| format!("variant `{}`", v.name))?,
             );
         }
@@ -71,7 +75,7 @@ impl ModelJob {
             .zip(&labels)
             .map(|((specs, reports), (_, calibration))| {
                 self.digest(
-                    &loaded,
+                    &loaded.files,
                     specs,
                     reports,
                     calibration.as_ref().map(|(p, _)| p),
@@ -87,14 +91,14 @@ impl ModelJob {
 
     /// The digest of one served model: the base's files, dtype and quantization, its adapters'
     /// weights and files, the labels, template and calibration file (see [`model::digest`]).
-    fn digest(
+    pub fn digest(
         &self,
-        loaded: &LoadedModel,
+        base_files: &[FileDigest],
         adapters: &[AdapterSpec],
         reports: &[model::lora::MergeReport],
         calibration: Option<&PathBuf>,
     ) -> anyhow::Result<String> {
-        let mut lines: Vec<String> = digest::file_lines(&loaded.files).collect();
+        let mut lines: Vec<String> = digest::file_lines(base_files).collect();
         lines.push(format!("dtype {}", self.spec.dtype.as_str()));
         lines.push(format!("quantize {}", self.spec.quantize.as_str()));
         for (a, r) in adapters.iter().zip(reports) {
@@ -115,13 +119,13 @@ impl ModelJob {
 
     /// `--labels`, calibrated by `explicit` or else by `calibration.json` beside the last of
     /// `adapters`, if there is one.
-    fn labels(
+    pub fn labels(
         &self,
-        loaded: &LoadedModel,
+        tokenizer: &Tokenizer,
         explicit: Option<PathBuf>,
         adapters: &[AdapterSpec],
     ) -> anyhow::Result<CalibratedLabels> {
-        let labels = LabelSet::new(&self.labels, &loaded.tokenizer)?;
+        let labels = LabelSet::new(&self.labels, tokenizer)?;
         labels.check_distinct().context("--labels")?;
         let path = explicit.or_else(|| adapter_calibration_path(adapters).filter(|p| p.is_file()));
         let Some(path) = path else {

@@ -2,12 +2,14 @@
 //! the async runtime, starts the engine, warms every variant up, then serves until SIGTERM or
 //! SIGINT and lets in-flight requests finish.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::audit::{Audit, AuditConfig};
 use crate::engine::infer::{GenerateQuery, LongInput, ScoreQuery};
 use crate::engine::prompt::TruncationDirection;
 use crate::engine::validation::GenerateOptions;
@@ -15,7 +17,8 @@ use crate::engine::{Engine, EngineConfig};
 use crate::http::types::{InfoResponse, Limits, ServedLabels};
 use crate::http::{AppState, HttpConfig};
 use crate::metrics::METRICS;
-use crate::served::ModelJob;
+use crate::served::{Loaded, ModelJob};
+use crate::variants::{RuntimeVariants, StartupModel, Variants, asked_of};
 
 /// One `finserve serve` run, as the command line resolved it.
 pub struct ServeJob {
@@ -29,8 +32,20 @@ pub struct ServeJob {
     pub metrics_port: Option<u16>,
     pub engine: EngineConfig,
     pub http: HttpConfig,
+    /// How variants may change while serving, if they may.
+    pub runtime: Option<RuntimeJob>,
+    /// The audit log, if on.
+    pub audit: Option<AuditConfig>,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
+}
+
+/// Runtime variants: their limits and the file that declares them, if any.
+pub struct RuntimeJob {
+    pub config: RuntimeVariants,
+    pub variants_file: Option<PathBuf>,
+    /// How often the variants file is checked for changes.
+    pub poll: Duration,
 }
 
 pub fn run(job: ServeJob) -> anyhow::Result<()> {
@@ -44,6 +59,10 @@ async fn serve(job: ServeJob) -> anyhow::Result<()> {
         keys.clone().watch(job.http.api_key_file_poll);
     }
     let state = AppState::new(job.http.clone());
+    if let Some(config) = job.audit.clone() {
+        let audit = Audit::start(config).context("--audit-log")?;
+        let _ = state.audit.set(Arc::new(audit));
+    }
     let listener = tokio::net::TcpListener::bind((job.host.as_str(), job.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", job.host, job.port))?;
@@ -77,13 +96,34 @@ async fn serve(job: ServeJob) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
 
+    let watch = job
+        .runtime
+        .as_ref()
+        .and_then(|r| r.variants_file.clone().map(|f| (f, r.poll)));
     let loading = tokio::task::spawn_blocking(move || start_engine(&job));
     let mut stopped = stop_rx.clone();
+    let starting = async {
+        let (engine, info, variants) = loading.await.context("model loading task failed")??;
+        if let Some(variants) = &variants {
+            // The declared variants serve before the replica says it is ready.
+            if let Some((file, poll)) = watch {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read --variants-file {}", file.display()))?;
+                let failed = variants.reconcile(&text).await;
+                tracing::info!(file = %file.display(), failed, "variants file applied");
+                tokio::spawn(variants.clone().watch(file, poll, Some(text)));
+            }
+        }
+        anyhow::Ok((engine, info, variants))
+    };
     tokio::select! {
-        loaded = loading => {
-            let (engine, info) = loaded.context("model loading task failed")??;
+        started = starting => {
+            let (engine, info, variants) = started?;
             let _ = state.info.set(info);
             let _ = state.engine.set(engine);
+            if let Some(v) = variants {
+                let _ = state.variants.set(v);
+            }
             state.ready.store(true, Ordering::SeqCst);
             tracing::info!("ready");
         }
@@ -119,9 +159,9 @@ async fn shutdown_signal() {
 }
 
 /// Loads and merges the model, starts the engine and warms it up with one request of each kind
-/// per variant. Runs on a blocking thread.
-fn start_engine(job: &ServeJob) -> anyhow::Result<(Engine, InfoResponse)> {
-    let loaded = job.model.load()?;
+/// per variant; with runtime variants, keeps the base to merge from. Runs on a blocking thread.
+fn start_engine(job: &ServeJob) -> anyhow::Result<(Engine, InfoResponse, Option<Arc<Variants>>)> {
+    let mut loaded = job.model.load(job.runtime.is_some())?;
     let m = &loaded.model;
     METRICS.model_load_seconds.set(m.load_seconds);
     METRICS.merge_seconds.set(m.merge_seconds);
@@ -146,13 +186,57 @@ fn start_engine(job: &ServeJob) -> anyhow::Result<(Engine, InfoResponse)> {
         &job.model.prompt_template,
         Limits::new(&job.engine, &job.http),
     );
+    let runtime = match (&job.runtime, loaded.model.base.take()) {
+        (Some(r), Some(base)) => Some((r.config.clone(), base, startup_models(job, &loaded))),
+        _ => None,
+    };
+    let files = loaded.model.files.clone();
     let (served, tokenizer) = loaded.served(job.name.clone());
-    let engine = Engine::start(served, Arc::new(tokenizer), job.engine.clone())?;
+    let tokenizer = Arc::new(tokenizer);
+    let engine = Engine::start(served, tokenizer.clone(), job.engine.clone())?;
     crate::served::check_chunk_overlap(&engine)?;
     for v in engine.variants() {
         warm_up(&engine, &v.name)?;
     }
-    Ok((engine, info))
+    let variants = runtime.map(|(config, base, startup)| {
+        Arc::new(Variants::new(
+            engine.clone(),
+            job.model.clone(),
+            config,
+            base,
+            files,
+            tokenizer,
+            startup,
+        ))
+    });
+    Ok((engine, info, variants))
+}
+
+/// The models start-up serves, as the runtime variants' list starts.
+fn startup_models(job: &ServeJob, loaded: &Loaded) -> Vec<StartupModel> {
+    let m = &loaded.model;
+    let spec = &job.model.spec;
+    let default = (job.name.clone(), &spec.adapters, &m.model, &m.reports);
+    let others = spec
+        .variants
+        .iter()
+        .zip(&m.variants)
+        .map(|(s, v)| (v.name.clone(), &s.adapters, &v.model, &v.reports));
+    std::iter::once(default)
+        .chain(others)
+        .zip(&loaded.labels)
+        .zip(&loaded.digests)
+        .map(
+            |(((name, adapters, model, reports), (_, calibration)), digest)| StartupModel {
+                name,
+                asked: asked_of(adapters),
+                model: model.clone(),
+                reports: reports.clone(),
+                digest: digest.clone(),
+                calibration: calibration.clone(),
+            },
+        )
+        .collect()
 }
 
 /// One sentiment request and one short generation through the request-level calls.

@@ -1,5 +1,5 @@
 //! Real clients against the real server: the `huggingface_hub` Python InferenceClient, the
-//! `openai` Python client,
+//! `openai` Python client, LangChain's `ChatOpenAI` and `OpenAI`, TGI's `text_generation` client,
 //! schemathesis fuzzing every operation against the served OpenAPI document, and a Prometheus
 //! server scraping `/metrics`.
 
@@ -41,13 +41,34 @@ fn openai_client_works() {
     client("openai_client.py", &[&s.url, "fin-mt5"]);
 }
 
+#[test]
+fn text_generation_client_works() {
+    let s = start(&[]);
+    client("tgi_client.py", &[&s.url]);
+}
+
+#[test]
+fn langchain_openai_works() {
+    let s = start(&["--served-model-name", "fin-mt5"]);
+    client("langchain_client.py", &[&s.url, "fin-mt5"]);
+}
+
 /// The served document is the contract: schemathesis generates valid and invalid requests from
 /// it (fixed seed, bounded examples) and every check must pass: statuses, content types, response
-/// and event schemas, valid data accepted, invalid data rejected, auth enforced.
+/// and event schemas, valid data accepted, invalid data rejected, auth enforced. The one limit a
+/// schema cannot state is the input's token count (it depends on the tokenizer): it is raised
+/// here so that random texts of many parts stay within it (`tests/server.rs` tests the limit).
 #[test]
 fn schemathesis_finds_no_spec_violation() {
     let key = "schemathesis-key";
-    let s = start(&["--api-key", key]);
+    let s = start(&[
+        "--api-key",
+        key,
+        "--max-input-tokens",
+        "16384",
+        "--max-batch-tokens",
+        "65536",
+    ]);
     let venv_bin = common::python().parent().unwrap().to_path_buf();
     // schemathesis keeps a cache in its working directory.
     let scratch = tempfile::tempdir().unwrap();

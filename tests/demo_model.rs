@@ -40,7 +40,7 @@ fn engine(adapter: bool, quantize: Quantization) -> Engine {
         token: None,
         offline: true,
     };
-    let loaded = model::load(&spec, &hub).unwrap();
+    let loaded = model::load(&spec, &hub, false).unwrap();
     if adapter {
         assert!(loaded.reports[0].modules_merged > 0);
     }

@@ -83,7 +83,7 @@ fn spec(model: &Path, adapters: &[PathBuf]) -> ModelSpec {
 }
 
 fn load(model: &Path, adapters: &[PathBuf]) -> LoadedModel {
-    model::load(&spec(model, adapters), &offline_hub()).unwrap()
+    model::load(&spec(model, adapters), &offline_hub(), false).unwrap()
 }
 
 fn load_case(r: &Reference) -> LoadedModel {
@@ -323,13 +323,18 @@ fn greedy_generation_is_token_identical_alone_and_batched() {
         let mut batched: Vec<_> = r
             .input_ids
             .iter()
-            .map(|ids| e.generate(ids.clone(), params.clone(), 0).unwrap())
+            .map(|ids| {
+                e.generate(ids.clone(), params.clone(), &e.variant(None).unwrap())
+                    .unwrap()
+            })
             .collect();
         for (i, rx) in batched.iter_mut().enumerate() {
             assert_eq!(generated_ids(rx), r.greedy[i], "{case} input {i} (batched)");
         }
         for (i, ids) in r.input_ids.iter().enumerate() {
-            let mut rx = e.generate(ids.clone(), params.clone(), 0).unwrap();
+            let mut rx = e
+                .generate(ids.clone(), params.clone(), &e.variant(None).unwrap())
+                .unwrap();
             assert_eq!(
                 generated_ids(&mut rx),
                 r.greedy[i],
@@ -411,7 +416,7 @@ fn hub_offline_cache_layout_resolves_model_and_adapter() {
         source: "acme/mt0-tiny-lora".into(),
         weight: 1.0,
     }];
-    let m = model::load(&s, &hub).unwrap();
+    let m = model::load(&s, &hub, false).unwrap();
     let r = reference("mt5_qv");
     assert_logits_close(
         "hub",
@@ -430,14 +435,14 @@ fn adapter_weight_scales_the_update() {
         &[fixtures().join("adapters/qv")],
     );
     s.adapters[0].weight = 0.0;
-    let zero = model::load(&s, &offline_hub()).unwrap();
+    let zero = model::load(&s, &offline_hub(), false).unwrap();
     let a = batch_logits(&base, &r.input_ids, &r.decoder_input_ids);
     let b = batch_logits(&zero, &r.input_ids, &r.decoder_input_ids);
     assert_logits_close("weight 0", "logits", &b, &a);
     // Two half-weight merges of the same adapter equal one full merge.
     s.adapters[0].weight = 0.5;
     s.adapters.push(s.adapters[0].clone());
-    let halves = model::load(&s, &offline_hub()).unwrap();
+    let halves = model::load(&s, &offline_hub(), false).unwrap();
     let got = batch_logits(&halves, &r.input_ids, &r.decoder_input_ids);
     assert_logits_close("two halves", "logits", &got, &r.logits);
 }
@@ -488,6 +493,7 @@ fn refusal(adapter: &Path) -> String {
     match model::load(
         &spec(&fixtures().join("mt5_base"), &[adapter.to_path_buf()]),
         &offline_hub(),
+        false,
     ) {
         Ok(_) => panic!("adapter {} was accepted", adapter.display()),
         Err(e) => e.to_string(),

@@ -250,7 +250,7 @@ fn a_trained_adapter_is_served_as_peft_computes_it() {
         quantize: Quantization::None,
     };
     let hub = common::offline_hub();
-    let loaded = model::load(&spec, &hub).unwrap();
+    let loaded = model::load(&spec, &hub, false).unwrap();
     assert_eq!(loaded.reports[0].modules_merged, 32);
     let m = &loaded.model;
     let meta: Value =

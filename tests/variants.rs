@@ -37,7 +37,7 @@ fn load(adapters: Vec<AdapterSpec>, variants: Vec<VariantSpec>, q: Quantization)
         quantize: q,
     };
     let hub = common::offline_hub();
-    model::load(&spec, &hub).unwrap()
+    model::load(&spec, &hub, false).unwrap()
 }
 
 const TEXTS: &[&str] = &[

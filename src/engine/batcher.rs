@@ -52,18 +52,24 @@ struct Running {
     started: Instant,
 }
 
+/// A served variant's model, owned by the engine thread.
+pub(crate) type DynBackend = Box<dyn Backend + Send>;
+
 /// One served variant: its model and its generations, waiting and running.
-pub(crate) struct Lane<B> {
+pub(crate) struct Lane {
+    /// What jobs name it by; never reused while the engine runs.
+    pub id: u64,
     /// The variant's name, the `variant` label of its metrics.
     pub name: String,
-    pub backend: B,
+    pub backend: DynBackend,
     waiting: VecDeque<GenerateJob>,
     running: Vec<Running>,
 }
 
-impl<B> Lane<B> {
-    pub(crate) fn new(name: String, backend: B) -> Self {
+impl Lane {
+    pub(crate) fn new(id: u64, name: String, backend: DynBackend) -> Self {
         Self {
+            id,
             name,
             backend,
             waiting: VecDeque::new(),
@@ -76,8 +82,8 @@ impl<B> Lane<B> {
     }
 }
 
-pub(crate) struct Batcher<B> {
-    lanes: Vec<Lane<B>>,
+pub(crate) struct Batcher {
+    lanes: Vec<Lane>,
     tokenizer: Arc<Tokenizer>,
     config: Arc<EngineConfig>,
     health: Arc<Health>,
@@ -129,10 +135,10 @@ fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-impl<B: Backend> Batcher<B> {
-    /// `lanes` are the served variants, indexed by the jobs' `variant`.
+impl Batcher {
+    /// `lanes` are the served variants, named by the jobs' `variant` (a lane id).
     pub(crate) fn new(
-        lanes: Vec<Lane<B>>,
+        lanes: Vec<Lane>,
         tokenizer: Arc<Tokenizer>,
         config: Arc<EngineConfig>,
         health: Arc<Health>,
@@ -159,25 +165,67 @@ impl<B: Backend> Batcher<B> {
         self.sentiment.is_empty() && !self.generating()
     }
 
+    /// The position in `lanes` of the lane with id `id`.
+    fn lane(&self, id: u64) -> Option<usize> {
+        self.lanes.iter().position(|l| l.id == id)
+    }
+
     fn accept(&mut self, job: Job) {
-        let lanes = self.lanes.len();
         let unknown =
-            |variant: usize| Error::invalid(Field::Variant, format!("no variant number {variant}"));
+            |variant: u64| Error::invalid(Field::Variant, format!("no variant number {variant}"));
         match job {
             Job::Sentiment(jobs) => {
                 for j in jobs {
-                    if j.variant < lanes {
+                    if self.lane(j.variant).is_some() {
                         self.sentiment.push_back(j);
                     } else {
                         drop(j.reply.send(Err(unknown(j.variant))));
                     }
                 }
             }
-            Job::Generate(j) if j.variant >= lanes => {
-                drop(j.events.send(GenerateEvent::Error(unknown(j.variant))));
+            Job::Generate(j) => match self.lane(j.variant) {
+                Some(i) => self.lanes[i].waiting.push_back(j),
+                None => drop(j.events.send(GenerateEvent::Error(unknown(j.variant)))),
+            },
+            Job::AddLane { id, name, backend } => {
+                tracing::info!(variant = %name, "variant serving");
+                self.lanes.push(Lane::new(id, name, backend));
             }
-            Job::Generate(j) => self.lanes[j.variant].waiting.push_back(j),
+            Job::RemoveLane { id, done } => {
+                self.remove_lane(id);
+                let _ = done.send(());
+            }
         }
+    }
+
+    /// Drops lane `id` and its model. Callers wait until no request holds the variant, so what
+    /// is left here is work whose client has gone: it is failed, not run.
+    fn remove_lane(&mut self, id: u64) {
+        let Some(i) = self.lane(id) else { return };
+        let lane = self.lanes.remove(i);
+        let gone = || {
+            Error::invalid(
+                Field::Variant,
+                format!("variant `{}` was removed", lane.name),
+            )
+        };
+        for j in lane.waiting {
+            drop(j.events.send(GenerateEvent::Error(gone())));
+        }
+        for r in lane.running {
+            drop(r.job.events.send(GenerateEvent::Error(gone())));
+        }
+        for j in std::mem::take(&mut self.sentiment) {
+            if j.variant == id {
+                drop(j.reply.send(Err(gone())));
+            } else {
+                self.sentiment.push_back(j);
+            }
+        }
+        if self.next_lane >= self.lanes.len() {
+            self.next_lane = 0;
+        }
+        tracing::info!(variant = %lane.name, "variant removed");
     }
 
     /// Moves queued jobs into the local queues; blocks only when there is nothing to do.
@@ -277,7 +325,10 @@ impl<B: Backend> Batcher<B> {
         }
         let start = Instant::now();
         let longest = jobs.iter().map(|j| j.ids.len()).max().unwrap_or(0);
-        let lane = &mut self.lanes[variant];
+        let Some(at) = self.lane(variant) else {
+            return self.fail_sentiment(jobs, format!("no variant number {variant}"));
+        };
+        let lane = &mut self.lanes[at];
         let metric = ["sentiment", lane.name.as_str()];
         METRICS
             .batch_size
@@ -347,7 +398,7 @@ impl<B: Backend> Batcher<B> {
     }
 }
 
-impl<B: Backend> Lane<B> {
+impl Lane {
     /// Encodes waiting requests that fit next to the running batch and adds them to it.
     fn admit(&mut self, cfg: &EngineConfig) -> Result<()> {
         drop_cancelled(&mut self.waiting, |j| j.events.is_closed(), "generate");
@@ -616,7 +667,7 @@ mod tests {
     }
 
     struct Harness {
-        batcher: Batcher<Fake>,
+        batcher: Batcher,
         tx: SyncSender<Job>,
         fake: Fake,
         health: Arc<Health>,
@@ -663,10 +714,12 @@ mod tests {
                     by_lane: fake.by_lane.clone(),
                     ..Fake::default()
                 };
-                Lane::new(
-                    format!("v{lane}"),
-                    if lane == 0 { fake.clone() } else { model },
-                )
+                let backend: DynBackend = if lane == 0 {
+                    Box::new(fake.clone())
+                } else {
+                    Box::new(model)
+                };
+                Lane::new(lane as u64, format!("v{lane}"), backend)
             })
             .collect();
         let batcher = Batcher::new(
@@ -698,7 +751,7 @@ mod tests {
         }
         fn sentiment_on(
             &self,
-            variant: usize,
+            variant: u64,
             labels: Arc<LabelSet>,
         ) -> oneshot::Receiver<Result<SentimentOutput>> {
             let (reply, rx) = oneshot::channel();
@@ -718,7 +771,7 @@ mod tests {
         }
         fn generate_on(
             &self,
-            variant: usize,
+            variant: u64,
             max_new_tokens: usize,
         ) -> mpsc::UnboundedReceiver<GenerateEvent> {
             let (events, rx) = mpsc::unbounded_channel();

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::prompt::{Template, TruncationDirection, Window};
 use super::sentiment::{LabelScores, LabelSet};
 use super::validation::{self, GenerateOptions};
-use super::{Engine, GenerateEvent, GenerateOutput, SentimentOutput, Timing};
+use super::{Engine, GenerateEvent, GenerateOutput, SentimentOutput, Timing, Variant};
 use crate::error::{Error, Field, Limit, Result};
 
 /// What happens to a text whose prompt is longer than `max_input_tokens`.
@@ -100,6 +100,8 @@ pub struct Generation {
     pub prompt_ids: Vec<u32>,
     pub events: UnboundedReceiver<GenerateEvent>,
     pub submitted: SystemTime,
+    /// Keeps the variant served until the generation is dropped.
+    _held: Arc<Variant>,
 }
 
 impl Generation {
@@ -122,9 +124,9 @@ impl Generation {
     }
 }
 
-/// A score query tokenized: its variant, labels, and each text's windows.
+/// A score query tokenized: its variant (held until the answer), labels, and each text's windows.
 struct Prepared {
-    variant: usize,
+    variant: Arc<Variant>,
     labels: Arc<LabelSet>,
     custom_labels: bool,
     texts: Vec<(String, Vec<Window>)>,
@@ -186,7 +188,7 @@ impl Engine {
                     other => other,
                 })?)
             }
-            None => self.variants[variant].labels.clone(),
+            None => variant.labels.clone(),
         };
         let template = match &query.template {
             Some(t) => Arc::new(Template::new(t)?),
@@ -251,7 +253,7 @@ impl Engine {
             .collect();
         let submitted = SystemTime::now();
         Ok((
-            self.sentiment_all(inputs, p.labels.clone(), p.variant)?,
+            self.sentiment_all(inputs, p.labels.clone(), &p.variant)?,
             submitted,
         ))
     }
@@ -305,8 +307,8 @@ impl Engine {
             });
         }
         Ok(Scored {
-            variant: self.variants[p.variant].name.clone(),
-            digest: self.variants[p.variant].digest.clone(),
+            variant: p.variant.name.clone(),
+            digest: p.variant.digest.clone(),
             labels: p.labels,
             custom_labels: p.custom_labels,
             texts,
@@ -327,13 +329,14 @@ impl Engine {
         let tokenize = start.elapsed();
         let params = validation::generate_params(&query.options, ids.len(), &self.config.limits)?;
         let submitted = SystemTime::now();
-        let events = self.queue_generation(ids.clone(), params, variant, tokenize)?;
+        let events = self.queue_generation(ids.clone(), params, &variant, tokenize)?;
         Ok(Generation {
-            variant: self.variants[variant].name.clone(),
-            digest: self.variants[variant].digest.clone(),
+            variant: variant.name.clone(),
+            digest: variant.digest.clone(),
             prompt_ids: ids,
             events,
             submitted,
+            _held: variant,
         })
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::backlog::WaitingInput;
+use super::batcher::DynBackend;
 use super::generate::{FinishReason, GenerateParams};
 use super::sentiment::{LabelScores, LabelSet};
 use crate::error::{Error, Result};
@@ -56,7 +57,8 @@ pub enum GenerateEvent {
 }
 
 pub(crate) struct SentimentJob {
-    pub variant: usize,
+    /// The id of the lane that scores it.
+    pub variant: u64,
     pub ids: Vec<u32>,
     pub labels: Arc<LabelSet>,
     pub reply: oneshot::Sender<Result<SentimentOutput>>,
@@ -66,7 +68,8 @@ pub(crate) struct SentimentJob {
 }
 
 pub(crate) struct GenerateJob {
-    pub variant: usize,
+    /// The id of the lane that generates it.
+    pub variant: u64,
     pub ids: Vec<u32>,
     pub params: GenerateParams,
     pub events: mpsc::UnboundedSender<GenerateEvent>,
@@ -82,4 +85,15 @@ pub(crate) enum Job {
     /// with only the first few of them (it wakes as soon as anything arrives).
     Sentiment(Vec<SentimentJob>),
     Generate(GenerateJob),
+    /// A variant merged at runtime starts serving as lane `id`.
+    AddLane {
+        id: u64,
+        name: String,
+        backend: DynBackend,
+    },
+    /// Lane `id` is dropped, freeing its model; `done` says when.
+    RemoveLane {
+        id: u64,
+        done: oneshot::Sender<()>,
+    },
 }

@@ -20,8 +20,9 @@ pub mod prompt;
 pub mod sentiment;
 pub mod validation;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
@@ -68,12 +69,24 @@ pub struct Served<B> {
     pub digest: String,
 }
 
-/// What requests see of a served model.
+/// What requests see of a served model. A request holds its variant's `Arc` until it has its
+/// answer, so removing a variant can wait for the work that uses it.
 #[derive(Debug)]
 pub struct Variant {
+    /// The engine thread's lane for it.
+    id: u64,
     pub name: String,
     pub labels: Arc<LabelSet>,
     pub digest: String,
+    /// The engine's use counter when a request last named it (for eviction).
+    used: AtomicU64,
+}
+
+impl Variant {
+    /// When a request last named it, on a counter that only grows (not a time).
+    pub fn last_used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -81,7 +94,11 @@ pub struct Variant {
 pub struct Engine {
     tx: SyncSender<Job>,
     tokenizer: Arc<Tokenizer>,
-    variants: Arc<[Variant]>,
+    /// The served models, the default first; variants come and go at runtime.
+    variants: Arc<RwLock<Vec<Arc<Variant>>>>,
+    next_lane: Arc<AtomicU64>,
+    /// Counts variant lookups, to order variants by last use.
+    uses: Arc<AtomicU64>,
     template: Arc<Template>,
     config: Arc<EngineConfig>,
     health: Arc<Health>,
@@ -105,30 +122,18 @@ impl Engine {
             .eos_ids()
             .first()
             .ok_or_else(|| Error::ModelConfig("the model has no EOS token id".into()))?;
-        if let Some(other) = served
-            .iter()
-            .find(|s| s.backend.eos_ids().first() != Some(&eos))
-        {
-            return Err(Error::Startup(format!(
-                "variant `{}` has other EOS token ids than the default model",
-                other.name
-            )));
-        }
-        let mut variants = Vec::new();
+        let mut variants: Vec<Arc<Variant>> = Vec::new();
         let mut lanes = Vec::new();
-        for s in served {
-            if variants.iter().any(|v: &Variant| v.name == s.name) {
-                return Err(Error::Startup(format!(
-                    "two variants are named `{}`",
-                    s.name
-                )));
-            }
-            variants.push(Variant {
+        for (id, s) in (0u64..).zip(served) {
+            check_variant(&variants, &s, eos).map_err(|e| Error::Startup(e.to_string()))?;
+            variants.push(Arc::new(Variant {
+                id,
                 name: s.name.clone(),
                 labels: Arc::new(s.labels),
                 digest: s.digest,
-            });
-            lanes.push(batcher::Lane::new(s.name, s.backend));
+                used: AtomicU64::new(0),
+            }));
+            lanes.push(batcher::Lane::new(id, s.name, Box::new(s.backend)));
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity.max(1));
         let health = Arc::new(Health::default());
@@ -162,13 +167,76 @@ impl Engine {
         Ok(Self {
             tx,
             tokenizer,
-            variants: variants.into(),
+            next_lane: Arc::new(AtomicU64::new(variants.len() as u64)),
+            variants: Arc::new(RwLock::new(variants)),
+            uses: Arc::new(AtomicU64::new(0)),
             template,
             config,
             health,
             backlog: Arc::new(Backlog::default()),
             eos,
         })
+    }
+
+    /// Starts serving `served` as a further variant. Blocks while the engine's queue is full
+    /// (call it off the async runtime); requests can name it once this returns.
+    pub fn add_variant<B: Backend + Send + 'static>(&self, served: Served<B>) -> Result<()> {
+        let mut variants = self.write_variants();
+        check_variant(&variants, &served, self.eos)?;
+        let id = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        // The lane is queued before the name is published, so every job that names it finds it.
+        self.tx
+            .send(Job::AddLane {
+                id,
+                name: served.name.clone(),
+                backend: Box::new(served.backend),
+            })
+            .map_err(|_| Error::EngineDown)?;
+        variants.push(Arc::new(Variant {
+            id,
+            name: served.name,
+            labels: Arc::new(served.labels),
+            digest: served.digest,
+            used: AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed)),
+        }));
+        Ok(())
+    }
+
+    /// Stops serving the variant `name` (never the default model): new requests no longer find
+    /// it at once; this waits until every request that holds it has its answer, then the engine
+    /// thread frees its model.
+    pub async fn remove_variant(&self, name: &str) -> Result<()> {
+        let removed = {
+            let mut variants = self.write_variants();
+            let at = variants
+                .iter()
+                .skip(1)
+                .position(|v| v.name == name)
+                .ok_or_else(|| Error::NotFound(format!("no runtime variant `{name}`")))?;
+            variants.remove(at + 1)
+        };
+        while Arc::strong_count(&removed) > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (done, freed) = oneshot::channel();
+        let job = Job::RemoveLane {
+            id: removed.id,
+            done,
+        };
+        // The queue may be full of other work: wait for room rather than fail the removal.
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || tx.send(job).map_err(|_| Error::EngineDown))
+            .await
+            .map_err(|e| Error::Inference(format!("cannot queue the removal: {e}")))??;
+        freed.await.map_err(|_| Error::EngineDown)
+    }
+
+    fn write_variants(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Variant>>> {
+        self.variants.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_variants(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Variant>>> {
+        self.variants.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_alive(&self) -> bool {
@@ -180,24 +248,31 @@ impl Engine {
         self.health.failed_in_a_row()
     }
 
-    /// The served models, the default first; a request names one by its index here.
-    pub fn variants(&self) -> &[Variant] {
-        &self.variants
+    /// The served models now, the default first.
+    pub fn variants(&self) -> Vec<Arc<Variant>> {
+        self.read_variants().clone()
     }
 
-    /// The index of the variant called `name`; no name means the default model.
-    pub fn variant(&self, name: Option<&str>) -> Result<usize> {
-        let Some(name) = name else { return Ok(0) };
-        self.variants
-            .iter()
-            .position(|v| v.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.variants.iter().map(|v| v.name.as_str()).collect();
-                Error::invalid(
-                    Field::Variant,
-                    format!("no variant `{name}` is served here; the variants are {names:?}"),
-                )
-            })
+    /// The variant called `name`; no name means the default model.
+    pub fn variant(&self, name: Option<&str>) -> Result<Arc<Variant>> {
+        let variants = self.read_variants();
+        let found = match name {
+            None => variants.first(),
+            Some(name) => variants.iter().find(|v| v.name == name),
+        };
+        if let Some(v) = found {
+            let tick = self.uses.fetch_add(1, Ordering::Relaxed);
+            v.used.store(tick, Ordering::Relaxed);
+            return Ok(v.clone());
+        }
+        let name = name.unwrap_or_default();
+        Err({
+            let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+            Error::invalid(
+                Field::Variant,
+                format!("no variant `{name}` is served here; the variants are {names:?}"),
+            )
+        })
     }
 
     /// The server's prompt template (`--prompt-template`).
@@ -206,8 +281,8 @@ impl Engine {
     }
 
     /// The labels the default model scores against (`--labels`, with its calibration).
-    pub fn labels(&self) -> &Arc<LabelSet> {
-        &self.variants[0].labels
+    pub fn labels(&self) -> Arc<LabelSet> {
+        self.read_variants()[0].labels.clone()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -357,7 +432,7 @@ impl Engine {
         &self,
         ids: Vec<u32>,
         labels: Arc<LabelSet>,
-        variant: usize,
+        variant: &Variant,
     ) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
         let mut rx = self.sentiment_all(vec![ids], labels, variant)?;
         rx.pop()
@@ -370,7 +445,7 @@ impl Engine {
         &self,
         inputs: Vec<Vec<u32>>,
         labels: Arc<LabelSet>,
-        variant: usize,
+        variant: &Variant,
     ) -> Result<Vec<oneshot::Receiver<Result<SentimentOutput>>>> {
         let enqueued = Instant::now();
         let waiting = self.backlog.enter(inputs.len());
@@ -380,7 +455,7 @@ impl Engine {
             .map(|(ids, waiting)| {
                 let (reply, rx) = oneshot::channel();
                 let job = SentimentJob {
-                    variant,
+                    variant: variant.id,
                     ids,
                     labels: labels.clone(),
                     reply,
@@ -401,7 +476,7 @@ impl Engine {
         &self,
         ids: Vec<u32>,
         params: GenerateParams,
-        variant: usize,
+        variant: &Variant,
     ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>> {
         self.queue_generation(ids, params, variant, Duration::ZERO)
     }
@@ -411,12 +486,12 @@ impl Engine {
         &self,
         ids: Vec<u32>,
         params: GenerateParams,
-        variant: usize,
+        variant: &Variant,
         tokenize: Duration,
     ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>> {
         let (events, rx) = mpsc::unbounded_channel();
         self.submit(Job::Generate(GenerateJob {
-            variant,
+            variant: variant.id,
             ids,
             params,
             events,
@@ -426,4 +501,25 @@ impl Engine {
         }))?;
         Ok(rx)
     }
+}
+
+/// Refuses a variant whose name is taken or whose model ends sequences differently.
+fn check_variant<B: Backend>(
+    variants: &[Arc<Variant>],
+    served: &Served<B>,
+    eos: u32,
+) -> Result<()> {
+    if variants.iter().any(|v| v.name == served.name) {
+        return Err(Error::Conflict(format!(
+            "a variant named `{}` is already served",
+            served.name
+        )));
+    }
+    if served.backend.eos_ids().first() != Some(&eos) {
+        return Err(Error::ModelConfig(format!(
+            "variant `{}` has other EOS token ids than the default model",
+            served.name
+        )));
+    }
+    Ok(())
 }

@@ -25,8 +25,10 @@ use crate::error::{Error, Field, Limit, Result};
 pub enum TruncationDirection {
     /// Keep the start of the input.
     #[default]
+    #[serde(alias = "Right")]
     Right,
     /// Keep the end of the input.
+    #[serde(alias = "Left")]
     Left,
 }
 

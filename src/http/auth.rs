@@ -149,18 +149,21 @@ pub(super) async fn authorize(
     req: Request,
     next: Next,
 ) -> Response {
-    if let Some(keys) = &state.config.api_keys {
-        let h = req.headers();
-        let bearer = h
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let given = bearer.or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()));
-        if !given.is_some_and(|g| keys.allows(g)) {
-            return super::refuse(req, ApiError::unauthorized(), &state).await;
-        }
+    if let Some(keys) = &state.config.api_keys
+        && !presented_key(&req).is_some_and(|g| keys.allows(g))
+    {
+        return super::refuse(req, ApiError::unauthorized(), &state).await;
     }
     next.run(req).await
+}
+
+/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key`.
+pub(super) fn presented_key(req: &Request) -> Option<&str> {
+    let h = req.headers();
+    h.get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| h.get("x-api-key").and_then(|v| v.to_str().ok()))
 }
 
 #[cfg(test)]

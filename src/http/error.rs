@@ -20,6 +20,8 @@ pub enum ErrorType {
     Validation,
     Tokenizer,
     ModelNotFound,
+    NotFound,
+    Conflict,
     Overloaded,
     ClientTimeout,
     Timeout,
@@ -29,13 +31,15 @@ pub enum ErrorType {
 }
 
 impl ErrorType {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 14] = [
         Self::BadRequest,
         Self::Unauthorized,
         Self::PayloadTooLarge,
         Self::Validation,
         Self::Tokenizer,
         Self::ModelNotFound,
+        Self::NotFound,
+        Self::Conflict,
         Self::Overloaded,
         Self::ClientTimeout,
         Self::Timeout,
@@ -52,6 +56,8 @@ impl ErrorType {
             Self::Validation => "validation",
             Self::Tokenizer => "tokenizer",
             Self::ModelNotFound => "model_not_found",
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
             Self::Overloaded => "overloaded",
             Self::ClientTimeout => "client_timeout",
             Self::Timeout => "timeout",
@@ -67,7 +73,8 @@ impl ErrorType {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Validation | Self::Tokenizer => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::ModelNotFound => StatusCode::NOT_FOUND,
+            Self::ModelNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Conflict => StatusCode::CONFLICT,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -131,6 +138,8 @@ impl Dialect {
             Field::Stop if openai => "stop",
             Field::Stop => "parameters.stop",
             Field::Ids => "ids",
+            Field::VariantName => "name",
+            Field::Adapters => "adapters",
         }
     }
 
@@ -269,6 +278,9 @@ impl From<Error> for ApiError {
             Error::QueueFull => ErrorType::Overloaded,
             Error::Timeout => return Self::timeout(),
             Error::EngineDown => ErrorType::Unavailable,
+            Error::Conflict(_) => ErrorType::Conflict,
+            Error::AuditUnavailable(_) => ErrorType::Unavailable,
+            Error::NotFound(_) => ErrorType::NotFound,
             Error::Tokenizer(_) => ErrorType::Tokenizer,
             _ => ErrorType::Inference,
         };

@@ -32,18 +32,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         })?;
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-        let body = without_nulls(value, "the request body")?;
-        serde_path_to_error::deserialize(Value::Object(body))
-            .map(JsonBody)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                if path == "." {
-                    ApiError::validation(e.into_inner())
-                } else {
-                    ApiError::validation(format!("`{path}`: {}", e.into_inner()))
-                }
-            })
+        from_value(value).map(JsonBody)
     }
+}
+
+/// A parsed body as `T`, nulls dropped, with the errors every route gives.
+pub(super) fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    let body = without_nulls(value, "the request body")?;
+    serde_path_to_error::deserialize(Value::Object(body)).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiError::validation(e.into_inner())
+        } else {
+            ApiError::validation(format!("`{path}`: {}", e.into_inner()))
+        }
+    })
 }
 
 /// The object `value` without `null` members at any depth; `parameters` must be an object

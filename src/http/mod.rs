@@ -3,8 +3,11 @@
 //! the OpenAPI document, and serving with graceful shutdown. It talks to the model only through
 //! [`crate::engine::Engine`]'s request-level calls; its request types never reach the engine.
 
+mod admin;
+mod audited;
 pub mod auth;
 mod common;
+mod compat;
 pub mod error;
 pub mod extract;
 pub mod openai;
@@ -32,9 +35,11 @@ use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tracing::Instrument;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::audit::Audit;
 use crate::engine::prompt::TruncationDirection;
 use crate::engine::{Engine, RequestLimits};
 use crate::metrics::METRICS;
+use crate::variants::Variants;
 pub use auth::ApiKeys;
 use error::ApiError;
 use route::Route;
@@ -64,6 +69,21 @@ pub struct HttpConfig {
     pub default_truncation_direction: TruncationDirection,
     /// The engine's request limits, stated by the OpenAPI document before the engine exists.
     pub limits: RequestLimits,
+    /// The key of the admin routes (`--admin-api-key`); none: the routes are absent.
+    pub admin_api_keys: Option<Arc<ApiKeys>>,
+    /// Serve SageMaker's `/ping` and `/invocations`.
+    pub sagemaker: bool,
+}
+
+impl HttpConfig {
+    /// The optional routes this configuration serves.
+    pub fn optional_routes(&self) -> openapi::Optional {
+        openapi::Optional {
+            metrics: self.metrics_on_api,
+            admin: self.admin_api_keys.is_some(),
+            sagemaker: self.sagemaker,
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -82,6 +102,8 @@ impl Default for HttpConfig {
             model_name: openapi::DEMO_MODEL_NAME.into(),
             default_truncation_direction: TruncationDirection::Right,
             limits: RequestLimits::default(),
+            admin_api_keys: None,
+            sagemaker: false,
         }
     }
 }
@@ -89,6 +111,10 @@ impl Default for HttpConfig {
 /// Shared by every handler. The engine and info appear once the model is loaded.
 pub struct AppState {
     pub engine: OnceLock<Engine>,
+    /// The served variants and their merging, when they may change at runtime.
+    pub variants: OnceLock<Arc<Variants>>,
+    /// The audit log (`--audit-log`), if on.
+    pub audit: OnceLock<Arc<Audit>>,
     pub info: OnceLock<InfoResponse>,
     pub ready: AtomicBool,
     pub shutting_down: AtomicBool,
@@ -105,6 +131,8 @@ impl AppState {
     pub fn new(config: HttpConfig) -> Arc<Self> {
         Arc::new(Self {
             engine: OnceLock::new(),
+            variants: OnceLock::new(),
+            audit: OnceLock::new(),
             info: OnceLock::new(),
             ready: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
@@ -122,7 +150,7 @@ impl AppState {
 }
 
 /// Request id, tracing span, timing header and request metrics for every routed request.
-async fn observe(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+async fn observe(matched: Option<MatchedPath>, mut req: Request, next: Next) -> Response {
     let route = Route::of_path(matched.as_ref().map(MatchedPath::as_str)).as_str();
     let id = req
         .headers()
@@ -131,6 +159,7 @@ async fn observe(matched: Option<MatchedPath>, req: Request, next: Next) -> Resp
         .filter(|v| !v.is_empty() && v.len() <= 128)
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), String::from);
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), route);
+    req.extensions_mut().insert(audited::RequestId(id.clone()));
     let start = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     let elapsed = start.elapsed();
@@ -297,6 +326,22 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/decode", post(routes::decode))
+        .route("/predict", post(compat::predict))
+        .route("/classify", post(compat::classify))
+        .route("/score", post(compat::score_pairs))
+        .route("/generate", post(compat::tgi_generate))
+        .route("/generate_stream", post(compat::tgi_generate_stream))
+        .route("/", post(compat::tgi_root));
+    let inference = if state.config.sagemaker {
+        inference.route("/invocations", post(compat::invocations))
+    } else {
+        inference
+    };
+    let inference = inference
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            audited::audit,
+        ))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             limit_concurrency,
@@ -309,9 +354,21 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
             state.clone(),
             auth::authorize,
         ));
+    let mut protected = protected;
+    if state.config.admin_api_keys.is_some() {
+        let admin = Router::new()
+            .route("/v1/adapters", get(admin::list).post(admin::load))
+            .route("/v1/adapters/{name}", axum::routing::delete(admin::unload))
+            .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                admin::authorize_admin,
+            ));
+        protected = protected.merge(admin);
+    }
     let config = &state.config;
     // Checked here so a broken document fails at startup, not on the first request.
-    openapi::document(&config.limits, &[], config.metrics_on_api, None)?;
+    openapi::document(&config.limits, &[], config.optional_routes(), None)?;
     let mut app = Router::new()
         .merge(protected)
         .route("/", get(routes::playground))
@@ -320,6 +377,9 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
         .route("/openapi.json", get(openapi::openapi));
     if config.metrics_on_api {
         app = app.route("/metrics", get(routes::metrics));
+    }
+    if config.sagemaker {
+        app = app.route("/ping", get(compat::ping));
     }
     let mut app = app
         .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
@@ -337,7 +397,7 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
         app = app.layer(
             CorsLayer::new()
                 .allow_origin(allow)
-                .allow_methods([Method::GET, Method::POST])
+                .allow_methods([Method::GET, Method::POST, Method::DELETE])
                 .allow_headers([
                     header::CONTENT_TYPE,
                     header::AUTHORIZATION,

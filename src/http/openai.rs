@@ -19,15 +19,18 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use super::AppState;
+use super::audited::{Facts, StreamOutputs};
 use super::common::{
-    engine, error_event, model_names, record_input_tokens, record_timing, with_digest,
+    engine, error_event, inference_headers, model_names, record_input_tokens, record_timing,
+    with_digest,
 };
 use super::error::{ApiError, Dialect};
 use super::extract::JsonBody;
 use super::route::Route;
-use super::types::{ErrorResponse, StopSequence, Text};
+use super::routes::scored_facts;
+use super::types::{ErrorResponse, Label, StopSequence, Text};
 use crate::engine::generate::FinishReason;
-use crate::engine::infer::{GenerateQuery, Generation};
+use crate::engine::infer::{GenerateQuery, Generation, LongInput, ScoreQuery, Scored};
 use crate::engine::validation::{self, GenerateOptions};
 use crate::engine::{GenerateEvent, TokenInfo};
 use crate::error::Error;
@@ -193,6 +196,15 @@ pub struct CompletionRequest {
     pub stream: Option<bool>,
     /// Only with `stream`.
     pub stream_options: Option<StreamOptions>,
+    /// Only 0 (no frequency penalty is applied).
+    pub frequency_penalty: Option<f64>,
+    /// Only 0 (no presence penalty is applied).
+    pub presence_penalty: Option<f64>,
+    /// Answer with the most probable of these texts, by exact scoring (vLLM's guided choice);
+    /// not with `stream`.
+    pub guided_choice: Option<Choices>,
+    /// vLLM's newer spelling of `guided_choice`: `{"choice": [...]}`.
+    pub structured_outputs: Option<StructuredOutputs>,
 }
 
 /// A chat message; only its `content` reaches the model.
@@ -200,7 +212,95 @@ pub struct CompletionRequest {
 #[serde(deny_unknown_fields)]
 pub struct Message {
     pub role: Role,
-    pub content: Text,
+    #[serde(deserialize_with = "content")]
+    pub content: Content,
+}
+
+/// A message's content: a text, or a list of text parts (what current SDKs send), joined by
+/// newlines.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Content {
+    Text(Text),
+    Parts(TextParts),
+}
+
+/// A non-empty list of text parts.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(min_items = 1)]
+pub struct TextParts(Vec<TextPart>);
+
+/// One part of a message's content; only text parts exist here.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TextPart {
+    #[serde(rename = "type")]
+    pub kind: PartKind,
+    pub text: Text,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PartKind {
+    Text,
+}
+
+/// `content`, read by hand rather than through `untagged` so the error says what is wrong with
+/// a part.
+fn content<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Content, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        v @ Value::String(_) => Text::deserialize(v)
+            .map(Content::Text)
+            .map_err(|e| e.to_string()),
+        Value::Array(parts) if parts.is_empty() => Err("the list of parts is empty".into()),
+        Value::Array(parts) => parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let kind = p
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                TextPart::deserialize(p).map_err(|e| {
+                    if kind != "text" {
+                        format!("part {i} is of type `{kind}`: only text parts are served")
+                    } else {
+                        format!("part {i}: {e}")
+                    }
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()
+            .map(|parts| Content::Parts(TextParts(parts))),
+        _ => Err("expected a string or a list of text parts".into()),
+    }
+    .map_err(D::Error::custom)
+}
+
+impl Content {
+    fn text(&self) -> String {
+        match self {
+            Self::Text(t) => t.0.clone(),
+            Self::Parts(TextParts(parts)) => parts
+                .iter()
+                .map(|p| p.text.0.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
+/// The texts a guided choice picks from.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[schema(min_items = 2)]
+pub struct Choices(pub Vec<Label>);
+
+/// `structured_outputs`: only `choice` is served.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StructuredOutputs {
+    pub choice: Choices,
 }
 
 /// `stream_options`: with `include_usage`, a streamed answer's last chunk (empty `choices`)
@@ -258,6 +358,15 @@ pub struct ChatRequest {
     pub stream: Option<bool>,
     /// Only with `stream`.
     pub stream_options: Option<StreamOptions>,
+    /// Only 0 (no frequency penalty is applied).
+    pub frequency_penalty: Option<f64>,
+    /// Only 0 (no presence penalty is applied).
+    pub presence_penalty: Option<f64>,
+    /// Answer with the most probable of these texts, by exact scoring (vLLM's guided choice);
+    /// not with `stream`.
+    pub guided_choice: Option<Choices>,
+    /// vLLM's newer spelling of `guided_choice`: `{"choice": [...]}`.
+    pub structured_outputs: Option<StructuredOutputs>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -293,22 +402,8 @@ fn finish(r: FinishReason) -> &'static str {
     }
 }
 
-/// Checks the model name and sampling fields, tokenizes and queues the generation.
-async fn start(
-    state: &Arc<AppState>,
-    model: String,
-    prompt: String,
-    max_tokens: Option<i64>,
-    s: &Sampling,
-    route: Route,
-) -> Result<Run, ApiError> {
-    let engine = engine(state)?;
-    let dialect = match route {
-        Route::ChatCompletions => Dialect::Chat,
-        _ => Dialect::OpenAi,
-    };
-    // An unknown model is a 404 whatever else the request gets wrong.
-    engine.variant(Some(&model)).map_err(|e| dialect.error(e))?;
+/// The generation options of the OpenAI sampling fields, refusing what OpenAI does not allow.
+fn options(max_tokens: Option<i64>, s: &Sampling) -> Result<GenerateOptions, ApiError> {
     if s.n.is_some_and(|n| n != 1) {
         return Err(ApiError::validation("`n` must be 1"));
     }
@@ -325,23 +420,42 @@ async fn start(
         )));
     }
     let greedy = temperature == 0.0;
+    Ok(GenerateOptions {
+        max_new_tokens: Some(max_tokens.unwrap_or(16)),
+        do_sample: Some(!greedy),
+        temperature: (!greedy).then_some(temperature),
+        top_p: (!greedy && top_p < 1.0).then_some(top_p),
+        seed: s.seed,
+        stop: match s.stop.clone() {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.0],
+            Some(Stop::Many(StopList(v))) => v.into_iter().map(|s| s.0).collect(),
+        },
+        ..Default::default()
+    })
+}
+
+/// Checks the model name and sampling fields, tokenizes and queues the generation.
+async fn start(
+    state: &Arc<AppState>,
+    model: String,
+    prompt: String,
+    max_tokens: Option<i64>,
+    s: &Sampling,
+    route: Route,
+) -> Result<Run, ApiError> {
+    let engine = engine(state)?;
+    let dialect = match route {
+        Route::ChatCompletions => Dialect::Chat,
+        _ => Dialect::OpenAi,
+    };
+    // An unknown model is a 404 whatever else the request gets wrong.
+    engine.variant(Some(&model)).map_err(|e| dialect.error(e))?;
     let query = GenerateQuery {
         text: prompt,
         variant: Some(model.clone()),
         truncate: None,
-        options: GenerateOptions {
-            max_new_tokens: Some(max_tokens.unwrap_or(16)),
-            do_sample: Some(!greedy),
-            temperature: (!greedy).then_some(temperature),
-            top_p: (!greedy && top_p < 1.0).then_some(top_p),
-            seed: s.seed,
-            stop: match s.stop.clone() {
-                None => Vec::new(),
-                Some(Stop::One(s)) => vec![s.0],
-                Some(Stop::Many(StopList(v))) => v.into_iter().map(|s| s.0).collect(),
-            },
-            ..Default::default()
-        },
+        options: options(max_tokens, s)?,
     };
     let generation = engine
         .generate_text(query)
@@ -362,6 +476,14 @@ async fn start(
         deadline: Instant::now() + state.config.request_timeout,
         request: tracing::Span::current(),
     })
+}
+
+impl Run {
+    /// What answers this run, for its audit record.
+    fn facts(&self) -> Facts {
+        let g = &self.generation;
+        Facts::new(&g.variant, &g.digest, g.prompt_ids.len())
+    }
 }
 
 /// Waits for `run`'s generation and records its timing.
@@ -385,6 +507,137 @@ fn prompt_of(p: PromptInput) -> Result<String, ApiError> {
             "`prompt` must be one text (or a list of one): only `n: 1` is served",
         )),
     }
+}
+
+/// Refuses the penalties finserve does not apply unless they are 0.
+fn check_penalties(frequency: Option<f64>, presence: Option<f64>) -> Result<(), ApiError> {
+    for (name, v) in [
+        ("frequency_penalty", frequency),
+        ("presence_penalty", presence),
+    ] {
+        if let Some(v) = v.filter(|&v| v != 0.0) {
+            return Err(ApiError::validation(format!(
+                "`{name}` must be 0: no penalty is applied (got {v})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The texts of a guided choice (`guided_choice`, or `structured_outputs.choice`), if asked for.
+fn guided(
+    choice: Option<Choices>,
+    structured: Option<StructuredOutputs>,
+) -> Result<Option<Vec<String>>, ApiError> {
+    let choices = match (choice, structured) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::validation(
+                "`guided_choice` and `structured_outputs` are the same request: give one",
+            ));
+        }
+        (Some(c), None) | (None, Some(StructuredOutputs { choice: c })) => c,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(choices.0.into_iter().map(|l| l.0).collect()))
+}
+
+/// A guided choice's `choices` entry as one route shapes it: the whole answer, and as a stream
+/// the chunk with the text and the last one with the finish reason.
+struct ChoiceShapes {
+    whole: Value,
+    text: Value,
+    end: Value,
+}
+
+/// The answer of a guided choice: one body, or with `stream` (`Some(with_usage)`) the same as
+/// server-sent chunks (the choice, the finish, the usage when asked for, `[DONE]`).
+fn choice_response(
+    c: &Chosen,
+    base: Value,
+    stream: Option<bool>,
+    shapes: ChoiceShapes,
+) -> Response {
+    let usage = json!(usage(c.prompt_tokens, c.completion_tokens));
+    let with = |choices: Value, usage: Option<&Value>| {
+        let mut body = base.clone();
+        body["choices"] = choices;
+        if let Some(u) = usage {
+            body["usage"] = u.clone();
+        }
+        body
+    };
+    let headers = inference_headers(c.scored.timing, &c.scored.digest);
+    let mut facts = scored_facts(&c.scored);
+    let Some(with_usage) = stream else {
+        let body = with(json!([shapes.whole]), Some(&usage));
+        return facts.on((headers, Json(body)).into_response());
+    };
+    let mut chunks = vec![
+        with(json!([shapes.text]), None),
+        with(json!([shapes.end]), None),
+    ];
+    if with_usage {
+        chunks.push(with(json!([]), Some(&usage)));
+    }
+    let outputs = with(json!([shapes.whole]), Some(&usage));
+    facts.streamed = Some(Arc::new(std::sync::Mutex::new(Some(outputs))));
+    let events = chunks
+        .iter()
+        .map(|c| Event::default().data(c.to_string()))
+        .chain([Event::default().data("[DONE]")])
+        .map(Ok::<_, Infallible>)
+        .collect::<Vec<_>>();
+    let sse = Sse::new(futures::stream::iter(events));
+    facts.on((headers, sse).into_response())
+}
+
+/// A guided choice answered: `prompt` (as the model reads it when generating) scored against
+/// `choices`, the most probable first.
+struct Chosen {
+    text: String,
+    logprob: f64,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    scored: Scored,
+}
+
+async fn choose(
+    state: &AppState,
+    model: String,
+    prompt: String,
+    choices: Vec<String>,
+    dialect: Dialect,
+) -> Result<Chosen, ApiError> {
+    let engine = engine(state)?;
+    engine.variant(Some(&model)).map_err(|e| dialect.error(e))?;
+    let query = ScoreQuery {
+        texts: vec![prompt],
+        variant: Some(model),
+        labels: Some(choices),
+        template: Some("{text}".into()),
+        long_input: LongInput::Refuse,
+    };
+    let scored = engine
+        .score(query, Some(state.config.request_timeout))
+        .await
+        .map_err(|e| dialect.error(e))?;
+    let text = scored
+        .texts
+        .first()
+        .ok_or_else(|| ApiError::internal("no scores for the prompt"))?;
+    let (best, p) = text
+        .probs
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .ok_or_else(|| ApiError::internal("no choices were scored"))?;
+    Ok(Chosen {
+        text: scored.labels.names[best].clone(),
+        logprob: p.ln(),
+        prompt_tokens: text.windows.iter().map(|w| w.prompt_tokens).sum(),
+        completion_tokens: scored.labels.targets[best].len(),
+        scored,
+    })
 }
 
 /// The models this server serves (OpenAI's format).
@@ -433,7 +686,33 @@ pub async fn completions(
     let with_logprobs = req.logprobs.is_some();
     let prompt = prompt_of(req.prompt)?;
     let stream = req.stream.unwrap_or(false);
+    check_penalties(req.frequency_penalty, req.presence_penalty)?;
     let with_usage = include_usage(stream, &req.stream_options);
+    if let Some(choices) = guided(req.guided_choice, req.structured_outputs)? {
+        // Nothing is sampled, but what the request says must still be valid.
+        let options = options(req.max_tokens, &sampling!(req))?;
+        validation::generate_params(&options, 0, &state.config.limits)
+            .map_err(|e| Dialect::OpenAi.error(e))?;
+        let c = choose(&state, req.model.clone(), prompt, choices, Dialect::OpenAi).await?;
+        let logprobs = with_logprobs.then(|| {
+            json!({"tokens": [c.text], "token_logprobs": [c.logprob], "top_logprobs": null,
+                   "text_offset": [0]})
+        });
+        let base = json!({"id": format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+            "object": "text_completion", "created": now(), "model": req.model,
+            "system_fingerprint": c.scored.digest});
+        let shapes = ChoiceShapes {
+            whole: json!({"index": 0, "text": c.text, "logprobs": logprobs, "finish_reason": "stop"}),
+            text: json!({"index": 0, "text": c.text, "logprobs": logprobs, "finish_reason": null}),
+            end: json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "stop"}),
+        };
+        return Ok(choice_response(
+            &c,
+            base,
+            stream.then_some(with_usage),
+            shapes,
+        ));
+    }
     let sampling = sampling!(req);
     let run = start(
         &state,
@@ -445,14 +724,17 @@ pub async fn completions(
     )
     .await?;
     let digest = run.generation.digest.clone();
+    let mut facts = run.facts();
     let base = json!({"id": run.id, "object": "text_completion", "created": run.created,
                       "model": run.model, "system_fingerprint": digest});
     if stream {
-        let events = sse(run, base, with_usage, |t, end| {
+        let slot = StreamOutputs::default();
+        facts.streamed = Some(slot.clone());
+        let events = sse(run, base, with_usage, slot, |t, end| {
             json!([{"index": 0, "text": t.map_or("", |t| t.text.as_str()),
                      "logprobs": null, "finish_reason": end.map(finish)}])
         });
-        return Ok(with_digest(events.into_response(), &digest));
+        return Ok(facts.on(with_digest(events.into_response(), &digest)));
     }
     let mut base = base;
     let (prompt_tokens, out) = finish_run(run).await?;
@@ -474,7 +756,7 @@ pub async fn completions(
     base["choices"] = json!([{"index": 0, "text": out.generated_text, "logprobs": logprobs,
                                "finish_reason": finish(out.finish_reason)}]);
     base["usage"] = json!(usage(prompt_tokens, out.tokens.len()));
-    Ok(with_digest(Json(base).into_response(), &digest))
+    Ok(facts.on(with_digest(Json(base).into_response(), &digest)))
 }
 
 /// Chat completion (OpenAI's format; `stream: true` for server-sent events ending with
@@ -506,11 +788,12 @@ pub async fn chat(
     let prompt = req
         .messages
         .iter()
-        .map(|m| m.content.0.clone())
+        .map(|m| m.content.text())
         .collect::<Vec<_>>()
         .join("\n");
     let with_logprobs = req.logprobs.unwrap_or(false);
     let stream = req.stream.unwrap_or(false);
+    check_penalties(req.frequency_penalty, req.presence_penalty)?;
     let with_usage = include_usage(stream, &req.stream_options);
     // Both are checked even though the newer name wins.
     if let (Some(_), Some(old)) = (req.max_completion_tokens, req.max_tokens) {
@@ -520,6 +803,39 @@ pub async fn chat(
         };
         validation::generate_params(&options, 0, &state.config.limits)
             .map_err(|e| Dialect::Chat.error(e))?;
+    }
+    if let Some(choices) = guided(req.guided_choice, req.structured_outputs)? {
+        // Nothing is sampled, but what the request says must still be valid.
+        let max = req.max_completion_tokens.or(req.max_tokens);
+        let options = options(max, &sampling!(req))?;
+        validation::generate_params(&options, 0, &state.config.limits)
+            .map_err(|e| Dialect::Chat.error(e))?;
+        let c = choose(&state, req.model.clone(), prompt, choices, Dialect::Chat).await?;
+        let logprobs = with_logprobs.then(|| {
+            json!({"content": [{"token": c.text, "logprob": c.logprob,
+                                "bytes": c.text.as_bytes(), "top_logprobs": []}]})
+        });
+        let object = if stream {
+            "chat.completion.chunk"
+        } else {
+            "chat.completion"
+        };
+        let base = json!({"id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            "object": object, "created": now(), "model": req.model,
+            "system_fingerprint": c.scored.digest});
+        let shapes = ChoiceShapes {
+            whole: json!({"index": 0, "message": {"role": "assistant", "content": c.text},
+                          "logprobs": logprobs, "finish_reason": "stop"}),
+            text: json!({"index": 0, "delta": {"role": "assistant", "content": c.text},
+                         "logprobs": logprobs, "finish_reason": null}),
+            end: json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "stop"}),
+        };
+        return Ok(choice_response(
+            &c,
+            base,
+            stream.then_some(with_usage),
+            shapes,
+        ));
     }
     let max = req.max_completion_tokens.or(req.max_tokens);
     let sampling = sampling!(req);
@@ -533,17 +849,20 @@ pub async fn chat(
     )
     .await?;
     let digest = run.generation.digest.clone();
+    let mut facts = run.facts();
     let base = json!({"id": run.id, "object": if stream { "chat.completion.chunk" } else { "chat.completion" },
                       "created": run.created, "model": run.model, "system_fingerprint": digest});
     if stream {
-        let events = sse(run, base, with_usage, |t, end| {
+        let slot = StreamOutputs::default();
+        facts.streamed = Some(slot.clone());
+        let events = sse(run, base, with_usage, slot, |t, end| {
             let delta = match (t, end) {
                 (Some(t), _) => json!({"role": "assistant", "content": t.text}),
                 (None, _) => json!({}),
             };
             json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": end.map(finish)}])
         });
-        return Ok(with_digest(events.into_response(), &digest));
+        return Ok(facts.on(with_digest(events.into_response(), &digest)));
     }
     let mut base = base;
     let (prompt_tokens, out) = finish_run(run).await?;
@@ -556,7 +875,7 @@ pub async fn chat(
         "message": {"role": "assistant", "content": out.generated_text},
         "logprobs": logprobs, "finish_reason": finish(out.finish_reason)}]);
     base["usage"] = json!(usage(prompt_tokens, out.tokens.len()));
-    Ok(with_digest(Json(base).into_response(), &digest))
+    Ok(facts.on(with_digest(Json(base).into_response(), &digest)))
 }
 
 fn usage(prompt: usize, completion: usize) -> Usage {
@@ -583,6 +902,7 @@ fn sse(
     run: Run,
     base: Value,
     with_usage: bool,
+    outputs: StreamOutputs,
     choices: impl Fn(Option<&TokenInfo>, Option<FinishReason>) -> Value + Send + Sync + 'static,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let usage_chunk = {
@@ -610,6 +930,7 @@ fn sse(
         let chunk = chunk.clone();
         let request = request.clone();
         let usage_chunk = usage_chunk.clone();
+        let outputs = outputs.clone();
         async move {
             if done {
                 return None;
@@ -622,6 +943,11 @@ fn sse(
                 }
                 Ok(Some(GenerateEvent::End(out))) => {
                     record_timing(route, out.timing, &request, submitted);
+                    if let Ok(mut slot) = outputs.lock() {
+                        *slot = Some(json!({"text": out.generated_text,
+                            "finish_reason": finish(out.finish_reason),
+                            "usage": usage(prompt_tokens, out.tokens.len())}));
+                    }
                     let mut v: Vec<Event> = out
                         .tokens
                         .last()

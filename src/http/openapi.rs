@@ -13,7 +13,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 
 use super::common::model_names;
 use super::error::ApiError;
-use super::{AppState, openai, routes};
+use super::{AppState, admin, compat, openai, routes};
 use crate::engine::{Engine, RequestLimits};
 
 /// The OpenAI routes' name for the bundled demo model.
@@ -37,13 +37,26 @@ pub const DEMO_MODEL_NAME: &str = "finserve-demo";
         routes::health,
         routes::ready,
         routes::info,
-        routes::metrics
+        routes::metrics,
+        admin::list,
+        admin::load,
+        admin::unload,
+        compat::predict,
+        compat::classify,
+        compat::score_pairs,
+        compat::ping,
+        compat::invocations,
+        compat::tgi_generate,
+        compat::tgi_generate_stream,
+        compat::tgi_root
     ),
     modifiers(&Security),
     tags(
         (name = "inference", description = "Model inference"),
         (name = "openai", description = "OpenAI-compatible routes"),
-        (name = "operations", description = "Health, readiness, info and metrics")
+        (name = "operations", description = "Health, readiness, info and metrics"),
+        (name = "admin", description = "Variants at runtime (with --admin-api-key)"),
+        (name = "compat", description = "The routes of TEI, vLLM, TGI and SageMaker clients")
     )
 )]
 struct ApiDoc;
@@ -58,6 +71,10 @@ impl utoipa::Modify for Security {
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
         );
         components.add_security_scheme(
+            "admin_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("x-api-key"))),
+        );
+        components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
@@ -65,7 +82,14 @@ impl utoipa::Modify for Security {
 }
 
 /// Request bodies whose unknown members are refused unless null (see `http::extract`).
-const REQUEST_OBJECTS: [&str; 9] = [
+const REQUEST_OBJECTS: [&str; 16] = [
+    "PredictRequest",
+    "ClassifyRequest",
+    "ScoreRequest",
+    "TextPart",
+    "StructuredOutputs",
+    "AdapterLoadRequest",
+    "AdapterPath",
     "SentimentRequest",
     "SentimentParameters",
     "GenerateRequest",
@@ -77,19 +101,40 @@ const REQUEST_OBJECTS: [&str; 9] = [
     "Message",
 ];
 
+/// Which optional routes a server has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Optional {
+    /// `/metrics` on the API listener.
+    pub metrics: bool,
+    /// The admin routes (`--admin-api-key`).
+    pub admin: bool,
+    /// SageMaker's `/ping` and `/invocations` (`--sagemaker`).
+    pub sagemaker: bool,
+}
+
 /// The document of a server with `limits` serving `models` (the OpenAI routes' `model`
-/// values); `metrics` says whether `/metrics` is on this listener, `vocab_size` (known once the
-/// model is loaded) bounds token ids.
+/// values) with the `optional` routes; `vocab_size` (known once the model is loaded) bounds
+/// token ids.
 pub fn document(
     limits: &RequestLimits,
     models: &[String],
-    metrics: bool,
+    optional: Optional,
     vocab_size: Option<usize>,
 ) -> Result<Value, String> {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    if !metrics {
+    if !optional.metrics {
         doc.paths.paths.remove("/metrics");
+    }
+    if !optional.admin {
+        doc.paths
+            .paths
+            .retain(|path, _| !path.starts_with("/v1/adapters"));
+    }
+    if !optional.sagemaker {
+        doc.paths
+            .paths
+            .retain(|path, _| path != "/ping" && path != "/invocations");
     }
     let mut value = serde_json::to_value(&doc).map_err(|e| e.to_string())?;
     let schemas = "/components/schemas";
@@ -142,6 +187,17 @@ pub fn document(
         "uniqueItems",
         json!(true),
     )?;
+    // Parameters other servers have and finserve does not, accepted at their no-op value only.
+    let no_ops = [
+        ("GenerateParameters/properties/watermark", json!([false])),
+        ("CompletionRequest/properties/frequency_penalty", json!([0])),
+        ("CompletionRequest/properties/presence_penalty", json!([0])),
+        ("ChatRequest/properties/frequency_penalty", json!([0])),
+        ("ChatRequest/properties/presence_penalty", json!([0])),
+    ];
+    for (path, only) in no_ops {
+        set(&mut value, &format!("{schemas}/{path}"), "enum", only)?;
+    }
     for request in ["CompletionRequest", "ChatRequest"] {
         let path = format!("{schemas}/{request}/properties/model");
         set(&mut value, &path, "enum", json!(models))?;
@@ -160,30 +216,63 @@ pub fn document(
         let max = json!(vocab.saturating_sub(1));
         set(&mut value, &format!("{schemas}/TokenId"), "maximum", max)?;
     }
-    // An event stream's schema describes one event, whose `data` carries the JSON; utoipa has no
-    // attribute for `contentSchema`, so the shape is stated here.
     set(
         &mut value,
-        "/paths/~1v1~1generate/post/responses/200/content/text~1event-stream",
-        "schema",
-        json!({
-            "type": "object",
-            "required": ["data"],
-            "properties": {
-                "event": {"type": "string"},
-                "id": {"type": "string"},
-                "data": {
-                    "type": "string",
-                    "description": "One StreamResponse per token; an ErrorResponse if the generation fails",
-                    "contentMediaType": "application/json",
-                    "contentSchema": {"oneOf": [
-                        {"$ref": "#/components/schemas/StreamResponse"},
-                        {"$ref": "#/components/schemas/ErrorResponse"}
-                    ]}
-                }
-            }
-        }),
+        &format!("{schemas}/Choices"),
+        "uniqueItems",
+        json!(true),
     )?;
+    // `guided_choice` and `structured_outputs` are one request spelt two ways: not both.
+    for request in ["CompletionRequest", "ChatRequest"] {
+        set(
+            &mut value,
+            &format!("{schemas}/{request}"),
+            "if",
+            json!({"required": ["structured_outputs"],
+                   "properties": {"structured_outputs": {"type": "object"}}}),
+        )?;
+        set(
+            &mut value,
+            &format!("{schemas}/{request}"),
+            "then",
+            json!({"properties": {"guided_choice": {"type": "null"}}}),
+        )?;
+    }
+    set(
+        &mut value,
+        &format!("{schemas}/Choices"),
+        "maxItems",
+        json!(limits.max_candidate_labels),
+    )?;
+    set(
+        &mut value,
+        &format!("{schemas}/ScoreLabelList"),
+        "maxItems",
+        json!(limits.max_candidate_labels),
+    )?;
+    // An event stream's schema describes one event, whose `data` carries the JSON; utoipa has no
+    // attribute for `contentSchema`, so the shape is stated here.
+    let event = json!({
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "data": {
+                "type": "string",
+                "description": "One StreamResponse per token; an ErrorResponse if the generation fails",
+                "contentMediaType": "application/json",
+                "contentSchema": {"oneOf": [
+                    {"$ref": "#/components/schemas/StreamResponse"},
+                    {"$ref": "#/components/schemas/ErrorResponse"}
+                ]}
+            }
+        }
+    });
+    for path in ["~1v1~1generate", "~1generate_stream", "~1"] {
+        let pointer = format!("/paths/{path}/post/responses/200/content/text~1event-stream");
+        set(&mut value, &pointer, "schema", event.clone())?;
+    }
     Ok(value)
 }
 
@@ -201,8 +290,18 @@ fn set(doc: &mut Value, pointer: &str, key: &str, v: Value) -> Result<(), String
 /// `openapi/openapi.json` holds.
 pub fn default_json() -> Result<String, String> {
     let models = [DEMO_MODEL_NAME.to_string()];
-    serde_json::to_string_pretty(&document(&RequestLimits::default(), &models, true, None)?)
-        .map_err(|e| e.to_string())
+    let optional = Optional {
+        metrics: true,
+        admin: false,
+        sagemaker: false,
+    };
+    serde_json::to_string_pretty(&document(
+        &RequestLimits::default(),
+        &models,
+        optional,
+        None,
+    )?)
+    .map_err(|e| e.to_string())
 }
 
 /// The OpenAPI document of this server: its limits as schema bounds (and, once the model is
@@ -211,7 +310,7 @@ pub async fn openapi(State(state): State<Arc<AppState>>) -> Result<Json<Value>, 
     let config = &state.config;
     let vocab = state.engine.get().map(Engine::vocab_size);
     let models = model_names(&state);
-    document(&config.limits, &models, config.metrics_on_api, vocab)
+    document(&config.limits, &models, config.optional_routes(), vocab)
         .map(Json)
         .map_err(|e| ApiError::internal(format!("cannot build the OpenAPI document: {e}")))
 }

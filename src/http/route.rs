@@ -17,12 +17,21 @@ pub enum Route {
     OpenApi,
     Playground,
     Docs,
+    Adapters,
+    Adapter,
+    Predict,
+    Classify,
+    Score,
+    Ping,
+    Invocations,
+    TgiGenerate,
+    TgiGenerateStream,
     /// A path no route serves.
     Unmatched,
 }
 
 impl Route {
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 24] = [
         Self::Sentiment,
         Self::Generate,
         Self::Tokenize,
@@ -37,6 +46,15 @@ impl Route {
         Self::OpenApi,
         Self::Playground,
         Self::Docs,
+        Self::Adapters,
+        Self::Adapter,
+        Self::Predict,
+        Self::Classify,
+        Self::Score,
+        Self::Ping,
+        Self::Invocations,
+        Self::TgiGenerate,
+        Self::TgiGenerateStream,
         Self::Unmatched,
     ];
 
@@ -57,6 +75,15 @@ impl Route {
             Self::OpenApi => "/openapi.json",
             Self::Playground => "/",
             Self::Docs => "/docs",
+            Self::Adapters => "/v1/adapters",
+            Self::Adapter => "/v1/adapters/{name}",
+            Self::Predict => "/predict",
+            Self::Classify => "/classify",
+            Self::Score => "/score",
+            Self::Ping => "/ping",
+            Self::Invocations => "/invocations",
+            Self::TgiGenerate => "/generate",
+            Self::TgiGenerateStream => "/generate_stream",
             Self::Unmatched => "unmatched",
         }
     }

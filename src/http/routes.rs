@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 
 use super::AppState;
+use super::audited::{Facts, StreamOutputs};
 use super::common::{
     engine, error_event, inference_headers, json_event, off_runtime, record_input_tokens,
     record_timing, texts, with_digest,
@@ -79,7 +80,19 @@ pub async fn sentiment(
     let _response = tracing::info_span!("response").entered();
     record_timing(Route::Sentiment, scored.timing, &request, scored.submitted);
     let body = sentiment_body(&scored, function, top_k, return_chunks);
-    Ok((inference_headers(scored.timing, &scored.digest), Json(body)).into_response())
+    let response = (inference_headers(scored.timing, &scored.digest), Json(body)).into_response();
+    Ok(scored_facts(&scored).on(response))
+}
+
+/// What answered a scoring request, for its audit record.
+pub(super) fn scored_facts(scored: &Scored) -> Facts {
+    let tokens = scored
+        .texts
+        .iter()
+        .flat_map(|t| &t.windows)
+        .map(|w| w.prompt_tokens)
+        .sum();
+    Facts::new(&scored.variant, &scored.digest, tokens)
 }
 
 /// `top_k` of `/v1/sentiment`: how many labels to return (all by default).
@@ -198,6 +211,11 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     let engine = engine(&state)?;
     let p = req.parameters.unwrap_or_default();
+    if p.watermark == Some(true) {
+        return Err(ApiError::validation(
+            "`parameters.watermark`: watermarking is not available; only false is accepted",
+        ));
+    }
     let text = req.inputs.0;
     let prefix = p.return_full_text.unwrap_or(false).then(|| text.clone());
     let details = p.details.unwrap_or(false);
@@ -237,10 +255,17 @@ pub async fn generate(
         Vec::new()
     };
     let deadline = Instant::now() + state.config.request_timeout;
+    let mut facts = Facts::new(
+        &generation.variant,
+        &generation.digest,
+        generation.prompt_ids.len(),
+    );
     if req.stream.unwrap_or(false) {
         let digest = generation.digest.clone();
-        let response = stream_response(generation, deadline, prefix, request).into_response();
-        return Ok(with_digest(response, &digest));
+        let slot = StreamOutputs::default();
+        facts.streamed = Some(slot.clone());
+        let response = stream_response(generation, deadline, prefix, request, slot).into_response();
+        return Ok(facts.on(with_digest(response, &digest)));
     }
     let digest = generation.digest.clone();
     let submitted = generation.submitted;
@@ -258,7 +283,7 @@ pub async fn generate(
         generated_text: prefix.unwrap_or_default() + &out.generated_text,
         details,
     };
-    Ok((inference_headers(out.timing, &digest), Json(body)).into_response())
+    Ok(facts.on((inference_headers(out.timing, &digest), Json(body)).into_response()))
 }
 
 /// TGI-style server-sent events: one per token; the last carries `generated_text` and `details`.
@@ -267,6 +292,7 @@ fn stream_response(
     deadline: Instant,
     prefix: Option<String>,
     request: tracing::Span,
+    outputs: StreamOutputs,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     struct S {
         generation: Generation,
@@ -274,6 +300,7 @@ fn stream_response(
         done: bool,
         prefix: Option<String>,
         request: tracing::Span,
+        outputs: StreamOutputs,
     }
     let submitted: SystemTime = generation.submitted;
     let init = S {
@@ -282,6 +309,7 @@ fn stream_response(
         done: false,
         prefix,
         request,
+        outputs,
     };
     let stream = futures::stream::unfold(init, move |mut s| async move {
         if s.done {
@@ -307,18 +335,24 @@ fn stream_response(
                 s.done = true;
                 record_timing(Route::Generate, out.timing, &s.request, submitted);
                 match out.tokens.last() {
-                    Some(last) => json_event(&StreamResponse {
-                        index: s.index,
-                        token: Token::from(last),
-                        details: Some(StreamDetails {
-                            finish_reason: out.finish_reason,
-                            generated_tokens: out.tokens.len() as u32,
-                            seed: out.seed,
-                        }),
-                        generated_text: Some(
-                            s.prefix.take().unwrap_or_default() + &out.generated_text,
-                        ),
-                    }),
+                    Some(last) => {
+                        let last = StreamResponse {
+                            index: s.index,
+                            token: Token::from(last),
+                            details: Some(StreamDetails {
+                                finish_reason: out.finish_reason,
+                                generated_tokens: out.tokens.len() as u32,
+                                seed: out.seed,
+                            }),
+                            generated_text: Some(
+                                s.prefix.take().unwrap_or_default() + &out.generated_text,
+                            ),
+                        };
+                        if let Ok(mut slot) = s.outputs.lock() {
+                            *slot = serde_json::to_value(&last).ok();
+                        }
+                        json_event(&last)
+                    }
                     None => error_event(&ApiError::from(Error::Inference(
                         "the generation ended without a token".into(),
                     ))),
@@ -496,12 +530,17 @@ pub async fn playground() -> axum::response::Html<&'static str> {
     responses((status = 200, body = InfoResponse), (status = 503, body = ErrorResponse)),
     security((), ("api_key" = [])))]
 pub async fn info(State(state): State<Arc<AppState>>) -> Result<Json<InfoResponse>, ApiError> {
-    state
-        .info
-        .get()
-        .cloned()
-        .map(Json)
-        .ok_or_else(ApiError::not_ready)
+    let mut info = state.info.get().cloned().ok_or_else(ApiError::not_ready)?;
+    // Variants that change at runtime are listed as they are now.
+    if let Some(variants) = state.variants.get() {
+        let listed = variants.list();
+        if let Some((default, others)) = listed.split_first() {
+            info.unshared_bytes = default.unshared_bytes;
+            info.variants = others.iter().map(VariantInfo::new).collect();
+        }
+        info.weight_bytes = variants.weight_bytes();
+    }
+    Ok(Json(info))
 }
 
 /// Prometheus metrics in the text exposition format.

@@ -16,6 +16,7 @@ use crate::engine::{EngineConfig, TokenInfo};
 use crate::model::digest::FileDigest;
 use crate::model::lora::MergeReport;
 use crate::model::{LoadedModel, ModelSpec};
+use crate::variants::{Listing, Origin};
 
 /// JSON Schema's `integer` is any number without a fractional part, so `20.0` is as valid as
 /// `20`; serde's integers accept only the latter. Used with `deserialize_with` on integer fields.
@@ -82,7 +83,7 @@ pub enum Inputs {
 
 /// `inputs`, read by hand rather than through `untagged` (used with `deserialize_with`) so the
 /// error says what is wrong with the text(s).
-fn inputs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Inputs, D::Error> {
+pub(super) fn inputs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Inputs, D::Error> {
     use serde::de::Error;
     match serde_json::Value::deserialize(d)? {
         v @ serde_json::Value::String(_) => Text::deserialize(v).map(Inputs::One),
@@ -213,8 +214,8 @@ pub enum InputScores {
 }
 
 /// TGI's generation parameters. Those TGI has and finserve does not (`best_of`, `typical_p`,
-/// `watermark`, `top_n_tokens`, `frequency_penalty`, `grammar`) are unknown fields: refused
-/// unless null.
+/// `top_n_tokens`, `frequency_penalty`, `grammar`) are unknown fields: refused unless null;
+/// `watermark` is accepted as `false` (TGI's client always sends it).
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParameters {
@@ -254,6 +255,8 @@ pub struct GenerateParameters {
     pub return_full_text: Option<bool>,
     /// The merged variant to generate with (see `/info`); default: the default model.
     pub adapter_id: Option<String>,
+    /// Only `false`: watermarking is not available.
+    pub watermark: Option<bool>,
 }
 
 /// Unknown fields are refused (422) unless their value is null; null means "unset" everywhere.
@@ -507,6 +510,46 @@ pub struct VariantInfo {
     pub calibration: Option<CalibrationInfo>,
     /// What identifies this variant's outputs (`sha256:HEX`), as in `x-finserve-model-digest`.
     pub digest: String,
+    /// How it came to be served: `startup` (`--variant`), `file` (`--variants-file`) or `api`
+    /// (`POST /v1/adapters`).
+    pub origin: String,
+}
+
+impl VariantInfo {
+    pub fn new(l: &Listing) -> Self {
+        Self {
+            name: l.name.clone(),
+            adapters: public_reports(&l.reports),
+            unshared_bytes: l.unshared_bytes,
+            calibration: CalibrationInfo::new(&l.calibration),
+            digest: l.digest.clone(),
+            origin: l.origin.as_str().into(),
+        }
+    }
+}
+
+/// `POST /v1/adapters`: a variant to merge from adapters under `--adapter-root`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "desk-b", "adapters": [{"path": "desk-b/v3", "weight": 1.0}]}))]
+pub struct AdapterLoadRequest {
+    /// What `adapter_id` (and the OpenAI routes' `model`) will select it by: 1-64 letters,
+    /// digits, `.`, `_`, `-` or `/`.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._/-]+$")]
+    pub name: String,
+    /// Merged in order into the base.
+    #[schema(min_items = 1)]
+    pub adapters: Vec<AdapterPath>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterPath {
+    /// A directory relative to `--adapter-root` (PEFT format), or a Hub id.
+    #[schema(min_length = 1)]
+    pub path: String,
+    /// Scales the adapter's update (default 1).
+    pub weight: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -592,6 +635,7 @@ impl InfoResponse {
                     unshared_bytes: v.unshared_bytes,
                     calibration: calibration(i + 1),
                     digest: digest(i + 1),
+                    origin: Origin::Startup.as_str().into(),
                 })
                 .collect(),
             weight_bytes: loaded.weight_bytes,

@@ -116,6 +116,8 @@ pub struct LoadedModel {
     pub dir: PathBuf,
     /// The base's files: `config.json`, `tokenizer.json`, the weights (see [`digest`]).
     pub files: Vec<FileDigest>,
+    /// The base, kept to merge variants from at runtime (when asked for).
+    pub base: Option<Base>,
     pub load_seconds: f64,
     pub merge_seconds: f64,
 }
@@ -170,7 +172,7 @@ pub fn read_config(dir: &Path) -> Result<Config> {
 /// Resolves, loads and merges, without building the model.
 pub fn load_merged(spec: &ModelSpec, hub: &HubConfig) -> Result<MergedCheckpoint> {
     let (dir, config, mut weights) = load_base(spec, hub)?;
-    let reports = merge(&mut weights, &spec.adapters, spec, hub)?;
+    let reports = merge(&mut weights, &spec.adapters, &spec.model, hub)?;
     Ok(MergedCheckpoint {
         dir,
         config,
@@ -233,7 +235,7 @@ fn load_base(spec: &ModelSpec, hub: &HubConfig) -> Result<(PathBuf, Config, Weig
 fn merge(
     weights: &mut Weights,
     adapters: &[AdapterSpec],
-    spec: &ModelSpec,
+    model: &str,
     hub: &HubConfig,
 ) -> Result<Vec<MergeReport>> {
     let loaded = adapters
@@ -243,7 +245,7 @@ fn merge(
             Ok((Adapter::load(&adir)?, a.weight))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut reports = lora::merge_all(weights, &loaded, &spec.model)?;
+    let mut reports = lora::merge_all(weights, &loaded, model)?;
     // Each adapter as it was named (a directory or a Hub id), not where the Hub cached it.
     for ((report, a), (adapter, _)) in reports.iter_mut().zip(adapters).zip(&loaded) {
         report.adapter = a.source.clone();
@@ -252,31 +254,55 @@ fn merge(
     Ok(reports)
 }
 
-/// Everything `serve` and `eval` need: the default model and every variant, merged and built
-/// from one copy of the base (each shares every layer its adapters leave alone), and the tokenizer.
-pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
-    let start = Instant::now();
-    let Checkpoint {
-        dir,
-        config,
-        weights: base,
-        tokenizer,
-    } = load_checkpoint(spec, hub)?;
-    let mut layers = SharedLayers::new(spec.quantize);
-    let mut build = |adapters: &[AdapterSpec]| -> Result<(Arc<T5Model>, Vec<MergeReport>)> {
-        let mut weights = base.clone();
-        let reports = merge(&mut weights, adapters, spec, hub)?;
-        let model = T5Model::load(config.clone(), &mut weights, &mut layers)?;
+/// A base checkpoint kept in memory to merge variants from: the tensors every variant starts
+/// from and the layers built from them, which a variant shares where its adapters leave them alone.
+pub struct Base {
+    config: Config,
+    weights: Weights,
+    layers: SharedLayers,
+    model: String,
+}
+
+impl Base {
+    /// Merges `adapters` into a copy of the base (tensors are shared, not copied, until an adapter
+    /// changes them) and builds the model.
+    pub fn build(
+        &mut self,
+        adapters: &[AdapterSpec],
+        hub: &HubConfig,
+    ) -> Result<(Arc<T5Model>, Vec<MergeReport>)> {
+        let mut weights = self.weights.clone();
+        let reports = merge(&mut weights, adapters, &self.model, hub)?;
+        let model = T5Model::load(self.config.clone(), &mut weights, &mut self.layers)?;
         let leftover = weights.leftover();
         if !leftover.is_empty() {
             tracing::warn!(source = weights.source(), tensors = ?leftover, "checkpoint tensors not used by the model");
         }
         Ok((Arc::new(model), reports))
+    }
+}
+
+/// Everything `serve` and `eval` need: the default model and every variant, merged and built
+/// from one copy of the base (each shares every layer its adapters leave alone), and the tokenizer.
+/// With `keep_base`, the base stays in memory to merge variants from at runtime.
+pub fn load(spec: &ModelSpec, hub: &HubConfig, keep_base: bool) -> Result<LoadedModel> {
+    let start = Instant::now();
+    let Checkpoint {
+        dir,
+        config,
+        weights,
+        tokenizer,
+    } = load_checkpoint(spec, hub)?;
+    let mut base = Base {
+        config,
+        weights,
+        layers: SharedLayers::new(spec.quantize),
+        model: spec.model.clone(),
     };
-    let (model, reports) = build(&spec.adapters)?;
+    let (model, reports) = base.build(&spec.adapters, hub)?;
     let mut variants = Vec::new();
     for v in &spec.variants {
-        let (model, reports) = build(&v.adapters)?;
+        let (model, reports) = base.build(&v.adapters, hub)?;
         variants.push(Variant {
             name: v.name.clone(),
             model,
@@ -284,7 +310,7 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
             unshared_bytes: 0,
         });
     }
-    drop(base);
+    let base = keep_base.then_some(base);
     let hashing = Instant::now();
     let files = digest::files(&base_files(&dir)?)?;
     tracing::info!(
@@ -318,6 +344,7 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
         tokenizer,
         dir,
         files,
+        base,
         load_seconds: start.elapsed().as_secs_f64(),
         merge_seconds,
     })
@@ -325,7 +352,7 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig) -> Result<LoadedModel> {
 
 /// The bytes of every distinct weight allocation of `models`, and per model those no other
 /// model holds.
-fn count_bytes(models: &[&T5Model]) -> (usize, Vec<usize>) {
+pub fn count_bytes(models: &[&T5Model]) -> (usize, Vec<usize>) {
     let mut holders: HashMap<Storage, (usize, BTreeSet<usize>)> = HashMap::new();
     for (i, m) in models.iter().enumerate() {
         for (storage, bytes) in m.storages() {
