@@ -10,6 +10,9 @@ streaming /v1/generate (server-sent events) and streams the client drops after t
 It records statuses and latencies per kind, counts transport failures as "lost", samples the
 server's RSS, scrapes the finserve_queue_size / finserve_in_flight_requests gauges once the load
 has stopped, stops the server with SIGTERM and prints a report, a README table and a verdict.
+With --audit-log PATH the server also writes its audit log there, and the verdict adds that the log
+holds exactly one record for every answered request (by `x-request-id`; a stream the client dropped
+may or may not have one, as it may have ended first), no other record, and no dropped record.
 Clients keep their connections alive across requests, 429s included (a server that dropped a
 keep-alive connection after a 429 would lose the client's next request), and back off after a 429.
 Standard library only. Not a test: it asserts nothing, but exits 1 when the goal is missed
@@ -104,6 +107,8 @@ class Stats:
             if status == 200:
                 self.latency[kind].append(seconds)
 
+    ids: list = []  # (kind, x-request-id) of every 200, warm-up included (list.append is atomic)
+
     def add_lost(self, kind: str, reason: str) -> None:
         with self.lock:
             self.lost[kind][reason] += 1
@@ -114,8 +119,9 @@ class IncompleteStream(Exception):
 
 
 def one_request(conn: http.client.HTTPConnection, kind: str, rng: random.Random, texts: list[str],
-                gen_tokens: int) -> tuple[object, bool]:
-    """Sends one request of `kind`; returns (status, whether the connection may be reused)."""
+                gen_tokens: int, ids: list) -> tuple[object, bool]:
+    """Sends one request of `kind`; returns (status, whether the connection may be reused). The
+    request id of a 200 goes to `ids` as (kind, id)."""
     if kind == "sentiment":
         n = 1 if rng.random() < 0.5 else rng.randint(2, 8)
         body = {"inputs": rng.choice(texts) if n == 1 else rng.sample(texts, n)}
@@ -128,12 +134,15 @@ def one_request(conn: http.client.HTTPConnection, kind: str, rng: random.Random,
     resp = conn.getresponse()
     if kind in ("sentiment", "generate") or resp.status != 200:
         resp.read()
+        if resp.status == 200:
+            ids.append((kind, resp.getheader("x-request-id")))
         return resp.status, not resp.will_close
     for raw in resp:  # server-sent events: "data: {...}" lines, blank lines, ":" keep-alives
         line = raw.decode("utf-8", "replace").strip()
         if not line.startswith("data:"):
             continue
         if kind == "stream_disconnect":
+            ids.append((kind, resp.getheader("x-request-id")))
             resp.close()  # drop the connection mid-stream on purpose
             conn.close()
             return 200, False
@@ -143,6 +152,7 @@ def one_request(conn: http.client.HTTPConnection, kind: str, rng: random.Random,
             return f"sse:{event.get('error_type', 'unknown')}", not resp.will_close
         if event.get("generated_text") is not None:
             resp.read()
+            ids.append((kind, resp.getheader("x-request-id")))
             return 200, not resp.will_close
     raise IncompleteStream()
 
@@ -156,7 +166,7 @@ def client(port: int, idx: int, args, texts: list[str], stats: Stats, record_fro
         conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
         start = time.monotonic()
         try:
-            status, reuse = one_request(conn, kind, rng, texts, args.gen_tokens)
+            status, reuse = one_request(conn, kind, rng, texts, args.gen_tokens, stats.ids)
         except (OSError, http.client.HTTPException, ValueError, IncompleteStream) as e:
             status, reuse = None, False  # timeout, reset, broken pipe, cut or garbled response
             if start >= record_from:
@@ -197,6 +207,7 @@ def main() -> int:
     ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     ap.add_argument("--data", type=Path, default=ROOT / "models/data/test.csv")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    ap.add_argument("--audit-log", type=Path, help="have the server audit to this file and check it")
     args = ap.parse_args()
     with args.data.open(newline="", encoding="utf-8") as f:
         texts = [r["sentence"] for r in csv.DictReader(f)]
@@ -207,6 +218,9 @@ def main() -> int:
     cmd = [str(args.binary), "--host", "127.0.0.1", "--port", str(port),
            "--max-concurrent-requests", str(args.max_concurrent_requests),
            "--max-new-tokens", str(args.gen_tokens), *args.server_arg]
+    if args.audit_log:
+        args.audit_log.unlink(missing_ok=True)
+        cmd += ["--audit-log", str(args.audit_log)]
     log = tempfile.NamedTemporaryFile("w+b", prefix="finserve-soak-", suffix=".log", delete=False)
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -247,6 +261,8 @@ def main() -> int:
             name, _, value = line.partition(" ")
             if name in GAUGES:
                 gauges[name] = float(value)
+            elif name.startswith("finserve_audit_records_dropped_total"):
+                gauges["audit_dropped"] = gauges.get("audit_dropped", 0.0) + float(value)
     except OSError as e:
         gauges["error"] = str(e)
     server.send_signal(signal.SIGTERM)
@@ -273,12 +289,28 @@ def main() -> int:
         "rss_growth_under_10pct": growth is not None and growth < 10,
         "gauges_zero": all(gauges.get(g) == 0 for g in GAUGES),
     }
+    audit = None
+    if args.audit_log:
+        records = Counter(json.loads(line)["request_id"]
+                          for line in args.audit_log.read_text().splitlines())
+        answered = {i for k, i in stats.ids if k != "stream_disconnect"}
+        dropped = {i for k, i in stats.ids if k == "stream_disconnect"}
+        audit = {"records": sum(records.values()), "answered": len(answered),
+                 "dropped_streams_recorded": len(set(records) & dropped),
+                 "dropped_streams": len(dropped),
+                 "missing": len(answered - set(records)),
+                 "duplicated": sum(1 for n in records.values() if n > 1),
+                 "unexpected": len(set(records) - answered - dropped),
+                 "dropped_metric": gauges.get("audit_dropped", 0.0)}
+        checks["audit_one_record_per_answer"] = (audit["missing"] == 0 and audit["duplicated"] == 0
+                                                 and audit["unexpected"] == 0
+                                                 and audit["dropped_metric"] == 0)
     result = {
         "cpu": cpu_info(), "command": shlex.join(sys.argv), "server_command": shlex.join(cmd),
         "duration_s": args.duration, "warmup_s": args.warmup, "clients": args.clients, "seed": args.seed,
         "kinds": kinds, "saw_429": 429 in statuses, "lost": lost,
         "rss_kib": {"start": rss_start, "end": rss_end, "peak": rss_peak, "growth_pct": growth},
-        "gauges_after": gauges, "server_exit_code": exit_code,
+        "gauges_after": gauges, "server_exit_code": exit_code, "audit": audit,
         "server_log_warnings": sum(any(f" {w} " in l or f'"{w}"' in l for w in ("WARN", "ERROR"))
                                    for l in log_text.splitlines()),
         "checks": checks, "goal_met": all(checks.values()), "server_log": log.name,
@@ -314,6 +346,12 @@ def report(r: dict) -> None:
     print(f"server exit code after SIGTERM: {r['server_exit_code']}; WARN/ERROR lines in its log: {r['server_log_warnings']}")
     if not r["saw_429"]:
         print("note: no 429 seen: the load did not reach --max-concurrent-requests")
+    if r["audit"]:
+        a = r["audit"]
+        print(f"audit log: {a['records']} records for {a['answered']} answered requests "
+              f"(+ {a['dropped_streams_recorded']} of {a['dropped_streams']} dropped streams that had ended); "
+              f"missing {a['missing']}, duplicated {a['duplicated']}, unexpected {a['unexpected']}, "
+              f"dropped (metric) {a['dropped_metric']:g}")
     print("\n| kind | requests | 200 | 429 | other | lost | p50 (ms) | p99 (ms) |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, k in r["kinds"].items():

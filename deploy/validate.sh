@@ -18,7 +18,8 @@
 # fails; the base must contain no CRD kind at all):
 #   base and overlays/gpu, each alone and with every set of components:
 #     {none, keda, prometheus-adapter} x {podmonitor or not} x {networkpolicy or not}
-#   overlays/gpu-keda as shipped; base and gpu-keda with components/api-key-file;
+#   overlays/gpu-keda as shipped; base and gpu-keda with components/api-key-file,
+#     components/variants-file, and both;
 #   after the README's `kustomize edit set image finserve=REGISTRY/finserve:TAG` on the base:
 #     base renders that image, overlays/gpu and gpu-keda still render the CUDA image; and after
 #     `kustomize edit set image finserve-cuda=...` in overlays/gpu, the GPU overlay renders that.
@@ -128,15 +129,19 @@ for overlay in base gpu; do
   done
 done
 check overlays-gpu-keda "$C/k8s/overlays/gpu-keda" --components podmonitor,keda --gpu --image "$GPU_IMAGE"
-# components/api-key-file touches only the Deployment: with the base and with everything else
-for res in base overlays/gpu-keda; do
-  label=${res#overlays/}+api-key-file; dir=$C/k8s/combos/$label; mkdir -p "$dir"
-  printf 'resources: [../../%s]\ncomponents: [../../components/api-key-file]\n' "$res" > "$dir/kustomization.yaml"
-  if [ $res = base ]; then
-    check "$label" "$dir" --components api-key-file --image "$CPU_IMAGE"
-  else
-    check "$label" "$dir" --components podmonitor,keda,api-key-file --gpu --image "$GPU_IMAGE"
-  fi
+# components/api-key-file and variants-file touch only the Deployment: each with the base and
+# with everything else, and the two together
+for comp in api-key-file variants-file api-key-file,variants-file; do
+  for res in base overlays/gpu-keda; do
+    label=${res#overlays/}+${comp//,/+}; dir=$C/k8s/combos/$label; mkdir -p "$dir"
+    { echo "resources: [../../$res]"; echo "components:"
+      for c in ${comp//,/ }; do echo "  - ../../components/$c"; done; } > "$dir/kustomization.yaml"
+    if [ $res = base ]; then
+      check "$label" "$dir" --components "$comp" --image "$CPU_IMAGE"
+    else
+      check "$label" "$dir" --components "podmonitor,keda,$comp" --gpu --image "$GPU_IMAGE"
+    fi
+  done
 done
 
 # ------------------------------------------------------------- after the README's image edits

@@ -42,7 +42,8 @@ import kubernetes_validate
 PROM_OPERATOR_GROUP = "monitoring.coreos.com"
 KEDA_GROUP = "keda.sh"
 CRD_GROUPS = {PROM_OPERATOR_GROUP, KEDA_GROUP}
-COMPONENTS = {"podmonitor", "keda", "prometheus-adapter", "networkpolicy", "api-key-file"}
+COMPONENTS = {"podmonitor", "keda", "prometheus-adapter", "networkpolicy", "api-key-file",
+              "variants-file"}
 QUEUE_METRIC = "finserve_queue_size"
 QUEUE_METRICS = {"finserve_queue_size", "finserve_queue_oldest_seconds"}
 
@@ -221,6 +222,36 @@ def api_key_checks(dep, key_file):
     return problems
 
 
+def variants_file_checks(dep, variants_file):
+    """FINSERVE_VARIANTS_FILE on a whole-directory ConfigMap mount, FINSERVE_ADAPTER_ROOT on a
+    read-only volume; neither without the component."""
+    spec = dep["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    c = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    if not variants_file:
+        extra = {"FINSERVE_VARIANTS_FILE", "FINSERVE_ADAPTER_ROOT"} & set(env)
+        return [f"{sorted(extra)} set without components/variants-file"] if extra else []
+    problems = []
+
+    def mount_of(path):
+        mounts = [m for m in c.get("volumeMounts", [])
+                  if (path or "").rstrip("/").startswith(m["mountPath"].rstrip("/"))]
+        return mounts[0] if mounts else None
+
+    m = mount_of(env.get("FINSERVE_VARIANTS_FILE"))
+    if not m or not vols.get(m["name"], {}).get("configMap"):
+        problems.append("FINSERVE_VARIANTS_FILE is not on a ConfigMap volume")
+    elif m.get("subPath"):
+        problems.append("FINSERVE_VARIANTS_FILE: ConfigMap mounted with subPath (never updated)")
+    m = mount_of(env.get("FINSERVE_ADAPTER_ROOT"))
+    if not m or m["name"] not in vols:
+        problems.append("FINSERVE_ADAPTER_ROOT is not a mounted volume")
+    elif not m.get("readOnly"):
+        problems.append("FINSERVE_ADAPTER_ROOT: the adapter volume is writable (mount it readOnly)")
+    return problems
+
+
 def behavior_checks(where, behavior):
     problems = []
     down = (behavior or {}).get("scaleDown", {})
@@ -387,6 +418,7 @@ def cross_checks(docs, components, gpu, image, versions, adapter_rules):
     dep = deployments[0]
     p, pod_labels = container_checks(dep, gpu, image)
     p += api_key_checks(dep, "api-key-file" in components)
+    p += variants_file_checks(dep, "variants-file" in components)
     problems += [f"{name_of(dep)}: {x}" for x in p]
 
     def selects(match):
