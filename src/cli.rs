@@ -506,6 +506,9 @@ impl ServeArgs {
                 adapter_root: self.adapter_root.clone(),
                 max_variants: self.max_variants,
                 eviction: self.variant_eviction,
+                // A request is over by then: answered, or timed out.
+                drain_timeout: Duration::from_millis(self.request_timeout_ms)
+                    + Duration::from_secs(5),
             },
             variants_file: self.variants_file.clone(),
             poll: Duration::from_millis(self.variants_file_poll_ms),

@@ -133,6 +133,10 @@ async fn serve(job: ServeJob) -> anyhow::Result<()> {
     }
     server.await.context("server task failed")??;
     signal.abort();
+    if let Some(audit) = state.audit.get() {
+        // The last answers' records are in the queue still.
+        audit.sync(Duration::from_secs(10)).await;
+    }
     tracing::info!("shut down cleanly");
     Ok(())
 }

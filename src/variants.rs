@@ -58,13 +58,15 @@ pub enum Eviction {
 }
 
 /// How variants may change at runtime.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RuntimeVariants {
     /// Where adapters may be read from; without it only Hub ids are accepted.
     pub adapter_root: Option<PathBuf>,
     /// Most variants served at once, not counting the default model.
     pub max_variants: Option<usize>,
     pub eviction: Eviction,
+    /// Longest a removal waits for the requests that use the variant.
+    pub drain_timeout: Duration,
 }
 
 /// One adapter of a variant as asked for: a path under the adapter root (or a Hub id) and its
@@ -258,7 +260,9 @@ impl Variants {
             // Dropped here so the model is freed as soon as the engine lets go of it.
             entries.remove(at);
         }
-        self.engine.remove_variant(name).await?;
+        self.engine
+            .remove_variant(name, self.config.drain_timeout)
+            .await?;
         tracing::info!(variant = %name, "runtime variant removed");
         Ok(())
     }
@@ -391,7 +395,12 @@ impl Variants {
                 }
             };
             tracing::info!(variant = %victim, "evicting the variant used least recently (--variant-eviction lru)");
-            self.unload(&victim, Some(Origin::Api)).await?;
+            match self.unload(&victim, Some(Origin::Api)).await {
+                Ok(()) => {}
+                // Another request is removing it already: look again once it is gone.
+                Err(Error::Conflict(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) => return Err(e),
+            }
         }
     }
 

@@ -215,21 +215,38 @@ fn a_full_disk_is_reported_not_a_crash_and_required_audits_refuse() {
     assert!(s.log_text().contains("cannot write the audit log"));
     assert_eq!(s.get("/health").0, 200);
 
+    // Required: no answer goes out before its record is written, so not even the first.
     let s = start(&["--audit-log", "/dev/full", "--audit-log-required"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    for _ in 0..3 {
         let (status, _, _, body) =
             post(&s.url, "/v1/sentiment", &json!({"inputs": "Profit rose ."}));
-        if status == 503 {
-            assert!(body.contains("--audit-log-required"), "{body}");
-            break;
-        }
-        assert_eq!(status, 200, "{body}");
-        assert!(
-            Instant::now() < deadline,
-            "unaudited requests kept being served"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("--audit-log-required"), "{body}");
     }
     assert_eq!(s.get("/health").0, 200);
+}
+
+#[test]
+fn a_required_record_is_on_disk_before_the_answer_and_inputs_stay_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let s = start(&["--audit-log", log.to_str().unwrap(), "--audit-log-required"]);
+    let text = "Profit rose .";
+    let body = json!({"inputs": text, "parameters": {"max_new_tokens": 3, "return_full_text": true,
+                      "details": true, "decoder_input_details": true}});
+    let (status, _, _, answer) = post(&s.url, "/v1/generate", &body);
+    assert_eq!(status, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    assert!(answer["generated_text"].as_str().unwrap().starts_with(text));
+    // Read at once: the answer came only after its record was flushed.
+    let got = records(&log);
+    assert_eq!(got.len(), 1);
+    let line = serde_json::to_string(&got[0]).unwrap();
+    assert!(
+        !line.contains(text),
+        "the input text is in the record: {line}"
+    );
+    let generated = answer["generated_text"].as_str().unwrap();
+    assert_eq!(got[0]["outputs"]["generated_text"], generated[text.len()..]);
+    assert!(got[0]["outputs"]["details"].get("prefill").is_none());
 }

@@ -181,10 +181,10 @@ impl Engine {
     /// Starts serving `served` as a further variant. Blocks while the engine's queue is full
     /// (call it off the async runtime); requests can name it once this returns.
     pub fn add_variant<B: Backend + Send + 'static>(&self, served: Served<B>) -> Result<()> {
-        let mut variants = self.write_variants();
-        check_variant(&variants, &served, self.eos)?;
+        check_variant(&self.read_variants(), &served, self.eos)?;
         let id = self.next_lane.fetch_add(1, Ordering::Relaxed);
-        // The lane is queued before the name is published, so every job that names it finds it.
+        // The lane is queued before the name is published, so every job that names it finds it;
+        // no lock is held while the queue is full.
         self.tx
             .send(Job::AddLane {
                 id,
@@ -192,6 +192,16 @@ impl Engine {
                 backend: Box::new(served.backend),
             })
             .map_err(|_| Error::EngineDown)?;
+        let mut variants = self.write_variants();
+        if variants.iter().any(|v| v.name == served.name) {
+            drop(variants);
+            let (done, _) = oneshot::channel();
+            let _ = self.tx.send(Job::RemoveLane { id, done });
+            return Err(Error::Conflict(format!(
+                "a variant named `{}` is already served",
+                served.name
+            )));
+        }
         variants.push(Arc::new(Variant {
             id,
             name: served.name,
@@ -203,9 +213,10 @@ impl Engine {
     }
 
     /// Stops serving the variant `name` (never the default model): new requests no longer find
-    /// it at once; this waits until every request that holds it has its answer, then the engine
-    /// thread frees its model.
-    pub async fn remove_variant(&self, name: &str) -> Result<()> {
+    /// it at once; this waits until every request that holds it has its answer (at most
+    /// `drain`, after which what is left fails), then the engine thread frees its model. The
+    /// removal finishes on its own task even if the caller goes away.
+    pub async fn remove_variant(&self, name: &str, drain: Duration) -> Result<()> {
         let removed = {
             let mut variants = self.write_variants();
             let at = variants
@@ -215,20 +226,28 @@ impl Engine {
                 .ok_or_else(|| Error::NotFound(format!("no runtime variant `{name}`")))?;
             variants.remove(at + 1)
         };
-        while Arc::strong_count(&removed) > 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let (done, freed) = oneshot::channel();
-        let job = Job::RemoveLane {
-            id: removed.id,
-            done,
-        };
-        // The queue may be full of other work: wait for room rather than fail the removal.
         let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || tx.send(job).map_err(|_| Error::EngineDown))
-            .await
-            .map_err(|e| Error::Inference(format!("cannot queue the removal: {e}")))??;
-        freed.await.map_err(|_| Error::EngineDown)
+        let task = tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + drain;
+            while Arc::strong_count(&removed) > 1 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if Arc::strong_count(&removed) > 1 {
+                tracing::warn!(variant = %removed.name, "requests still held the variant after the drain time; they fail");
+            }
+            let (done, freed) = oneshot::channel();
+            let job = Job::RemoveLane {
+                id: removed.id,
+                done,
+            };
+            // The queue may be full of other work: wait for room rather than fail the removal.
+            tokio::task::spawn_blocking(move || tx.send(job).map_err(|_| Error::EngineDown))
+                .await
+                .map_err(|e| Error::Inference(format!("cannot queue the removal: {e}")))??;
+            freed.await.map_err(|_| Error::EngineDown)
+        });
+        task.await
+            .map_err(|e| Error::Inference(format!("the removal task failed: {e}")))?
     }
 
     fn write_variants(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Variant>>> {

@@ -83,10 +83,13 @@ pub async fn load(
             weight: a.weight.unwrap_or(1.0),
         })
         .collect();
-    let listing = variants(&state)?
-        .load(&req.name, adapters, Origin::Api)
-        .await
-        .map_err(adapter_error)?;
+    let variants = variants(&state)?;
+    // On its own task: a client that hangs up must not leave a variant half loaded.
+    let listing =
+        tokio::spawn(async move { variants.load(&req.name, adapters, Origin::Api).await })
+            .await
+            .map_err(|e| ApiError::internal(format!("the merge task failed: {e}")))?
+            .map_err(adapter_error)?;
     Ok((StatusCode::CREATED, Json(VariantInfo::new(&listing))))
 }
 

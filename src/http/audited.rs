@@ -116,6 +116,18 @@ pub(super) async fn audit(
         "parameters": parameters,
         "input_tokens": facts.input_tokens,
     });
+    // With `return_full_text` a generated text starts with the input.
+    let full_text = parameters
+        .as_ref()
+        .and_then(|p| p.pointer("/parameters/return_full_text"))
+        == Some(&Value::Bool(true));
+    let inputs_text: Vec<String> = inputs
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+        .filter_map(|v| v.as_str().map(String::from))
+        .filter(|_| full_text)
+        .collect();
     if log.inputs {
         record["inputs"] = inputs;
     }
@@ -127,7 +139,10 @@ pub(super) async fn audit(
             };
             record["outputs"] = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             record["latency_ms"] = json!(started.elapsed().as_secs_f64() * 1000.0);
-            if let Err(e) = log.record(&record) {
+            if !log.inputs {
+                redact(&mut record["outputs"], &inputs_text);
+            }
+            if let Err(e) = log.record(&record).await {
                 return ApiError::from(e).into_response();
             }
             Response::from_parts(parts, Body::from(bytes))
@@ -136,11 +151,14 @@ pub(super) async fn audit(
             let end = futures::stream::once(async move {
                 let outputs = slot.lock().map(|mut s| s.take()).ok().flatten();
                 // A stream that ended in an error answered nothing.
-                if let Some(outputs) = outputs {
+                if let Some(mut outputs) = outputs {
+                    if !log.inputs {
+                        redact(&mut outputs, &inputs_text);
+                    }
                     record["outputs"] = outputs;
                     record["latency_ms"] = json!(started.elapsed().as_secs_f64() * 1000.0);
                     // Lost records are counted; the answer has already gone out.
-                    let _ = log.record(&record);
+                    let _ = log.record(&record).await;
                 }
                 None
             })
@@ -148,6 +166,29 @@ pub(super) async fn audit(
             let body = body.into_data_stream().chain(end);
             Response::from_parts(parts, Body::from_stream(body))
         }
+    }
+}
+
+/// `outputs` without what repeats the input: `prefill` (the input's tokens) and the `inputs`
+/// text at the start of a `generated_text` (given only with `return_full_text`).
+fn redact(outputs: &mut Value, inputs: &[String]) {
+    match outputs {
+        Value::Object(m) => {
+            if m.get("prefill")
+                .and_then(Value::as_array)
+                .is_some_and(|p| !p.is_empty())
+            {
+                m.remove("prefill");
+            }
+            if let Some(Value::String(text)) = m.get_mut("generated_text")
+                && let Some(rest) = inputs.iter().find_map(|i| text.strip_prefix(i.as_str()))
+            {
+                *text = rest.to_string();
+            }
+            m.values_mut().for_each(|v| redact(v, inputs));
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| redact(v, inputs)),
+        _ => {}
     }
 }
 
@@ -198,6 +239,17 @@ mod tests {
         let t = UNIX_EPOCH + std::time::Duration::from_millis(1_780_000_000_123);
         assert_eq!(rfc3339(t), "2026-05-28T20:26:40.123Z");
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn outputs_lose_what_repeats_the_input() {
+        let mut out = json!([{"generated_text": "Profit rose . positive",
+                              "details": {"prefill": [{"id": 1}], "tokens": []}}]);
+        redact(&mut out, &["Profit rose .".into()]);
+        assert_eq!(
+            out,
+            json!([{"generated_text": " positive", "details": {"tokens": []}}])
+        );
     }
 
     #[test]

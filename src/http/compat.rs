@@ -339,6 +339,11 @@ pub async fn score_pairs(
         ScoreLabels::One(l) => vec![l.0],
         ScoreLabels::Many(ScoreLabelList(v)) => v.into_iter().map(|l| l.0).collect(),
     };
+    if labels.is_empty() {
+        return Err(ApiError::validation(
+            "`text_2`: the list of labels is empty",
+        ));
+    }
     let pairs = texts.len() > 1 && texts.len() == labels.len();
     let mut candidates: Vec<String> = Vec::new();
     for l in &labels {
