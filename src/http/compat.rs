@@ -68,18 +68,20 @@ async fn score(
 fn ranked(scored: &Scored, text: usize, raw: bool) -> Vec<LabelScore> {
     let t = &scored.texts[text];
     let values = if raw { &t.log_probs } else { &t.probs };
-    let mut scores: Vec<LabelScore> = scored
-        .labels
-        .names
-        .iter()
-        .zip(values)
-        .map(|(label, &score)| LabelScore {
-            label: label.clone(),
-            score,
-        })
-        .collect();
-    scores.sort_by(|a, b| b.score.total_cmp(&a.score));
-    scores
+    routes::ranked(&scored.labels.names, values, usize::MAX)
+}
+
+/// vLLM's `truncate_prompt_tokens`: any positive value cuts inputs to the server's limit.
+fn long_input_of(truncate: Option<i64>, state: &AppState) -> Result<LongInput, ApiError> {
+    match truncate {
+        Some(n) if n < 1 => Err(ApiError::validation(format!(
+            "`truncate_prompt_tokens`: must be >= 1 (got {n})"
+        ))),
+        Some(_) => Ok(LongInput::Truncate(
+            state.config.default_truncation_direction,
+        )),
+        None => Ok(LongInput::Refuse),
+    }
 }
 
 /// Classifies texts (text-embeddings-inference's format): every label with its score, best first.
@@ -227,15 +229,7 @@ pub async fn classify(
     State(state): State<Arc<AppState>>,
     JsonBody(req): JsonBody<ClassifyRequest>,
 ) -> Result<Response, ApiError> {
-    let long_input = match req.truncate_prompt_tokens {
-        Some(n) if n < 1 => {
-            return Err(ApiError::validation(format!(
-                "`truncate_prompt_tokens`: must be >= 1 (got {n})"
-            )));
-        }
-        Some(_) => LongInput::Truncate(state.config.default_truncation_direction),
-        None => LongInput::Refuse,
-    };
+    let long_input = long_input_of(req.truncate_prompt_tokens, &state)?;
     let (model, scored) = score_with(&state, req.model, texts(req.input), None, long_input).await?;
     let names = &scored.labels.names;
     let data = scored
@@ -356,15 +350,7 @@ pub async fn score_pairs(
         let served = &engine.labels().names;
         candidates.extend(served.iter().filter(|l| !labels.contains(l)).cloned());
     }
-    let long_input = match req.truncate_prompt_tokens {
-        Some(n) if n < 1 => {
-            return Err(ApiError::validation(format!(
-                "`truncate_prompt_tokens`: must be >= 1 (got {n})"
-            )));
-        }
-        Some(_) => LongInput::Truncate(state.config.default_truncation_direction),
-        None => LongInput::Refuse,
-    };
+    let long_input = long_input_of(req.truncate_prompt_tokens, &state)?;
     let (model, scored) = score_with(
         &state,
         req.model,

@@ -171,7 +171,7 @@ fn sentiment_body(
 }
 
 /// The labels with their scores, best first, the first `top_k`.
-fn ranked(names: &[String], values: &[f64], top_k: usize) -> Vec<LabelScore> {
+pub(super) fn ranked(names: &[String], values: &[f64], top_k: usize) -> Vec<LabelScore> {
     let mut scores: Vec<LabelScore> = names
         .iter()
         .zip(values)
