@@ -45,6 +45,10 @@ pub trait Backend {
     fn eos_ids(&self) -> &[u32];
 }
 
+/// A served variant's model as the engine thread owns it: variants come and go at runtime, so
+/// their backends travel to it boxed.
+pub type DynBackend = Box<dyn Backend + Send>;
+
 /// The T5 model with its running generation batch.
 pub struct T5Backend {
     model: Arc<T5Model>,

@@ -15,7 +15,7 @@
 //!
 //! A panic while running a batch fails that batch's requests and the loop goes on.
 //!
-//! The model is reached only through the [`Backend`] trait, so these rules are unit-tested
+//! The model is reached only through the [`Backend`](super::backend::Backend) trait, so these rules are unit-tested
 //! against a fake model below.
 
 use std::collections::VecDeque;
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokenizers::Tokenizer;
 
-use super::backend::{Backend, Choice, StepRow};
+use super::backend::{Choice, DynBackend, StepRow};
 use super::config::EngineConfig;
 use super::detokenizer::Detokenizer;
 use super::generate::{FinishReason, Sampler, stop_hit};
@@ -51,9 +51,6 @@ struct Running {
     queue_time: Duration,
     started: Instant,
 }
-
-/// A served variant's model, owned by the engine thread.
-pub(crate) type DynBackend = Box<dyn Backend + Send>;
 
 /// One served variant: its model and its generations, waiting and running.
 pub(crate) struct Lane {
@@ -570,6 +567,7 @@ mod tests {
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
+    use crate::engine::backend::Backend;
     use crate::engine::backlog::Backlog;
     use crate::engine::generate::GenerateParams;
     use crate::engine::sentiment::{LabelScores, LabelSet};

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::backend::DynBackend;
 use super::backlog::WaitingInput;
-use super::batcher::DynBackend;
 use super::generate::{FinishReason, GenerateParams};
 use super::sentiment::{LabelScores, LabelSet};
 use crate::error::{Error, Result};
