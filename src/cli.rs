@@ -98,6 +98,8 @@ pub enum Command {
     Merge(MergeArgs),
     /// Score a labelled CSV file and print accuracy, macro-F1 and the confusion matrix.
     Eval(EvalArgs),
+    /// Score a file of texts (CSV or JSON Lines) into JSON Lines, resumable and shardable.
+    Predict(PredictArgs),
     /// Fine-tune a LoRA adapter on a labelled CSV file and write it in PEFT's format.
     Train(TrainArgs),
     /// Print the OpenAPI document.
@@ -533,6 +535,51 @@ pub enum EvalLongInput {
 }
 
 #[derive(Debug, Clone, Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The texts: CSV with a header row (.csv) or JSON Lines (.jsonl, one object per line).
+    #[arg(long, env = "FINSERVE_PREDICT_DATA")]
+    pub data: PathBuf,
+    /// The column (or JSON member) holding the text.
+    #[arg(long, env = "FINSERVE_PREDICT_TEXT_COLUMN", default_value = "sentence")]
+    pub text_column: String,
+    /// A column (or member) carried into every output record as `id`.
+    #[arg(long, env = "FINSERVE_PREDICT_ID_COLUMN")]
+    pub id_column: Option<String>,
+    /// JSON Lines output: per row `{"row", "id", "scores": [{"label", "score"}...] best first,
+    /// "digest"}`, one flushed record per line.
+    #[arg(long, env = "FINSERVE_PREDICT_OUT")]
+    pub out: PathBuf,
+    /// Where rows that cannot be scored go, `{"row", "id", "error"}` (default: OUT.errors).
+    #[arg(long, env = "FINSERVE_PREDICT_ERRORS")]
+    pub errors: Option<PathBuf>,
+    /// Continue a run that stopped: rows already in --out or --errors are skipped (a record cut
+    /// off by a kill is removed first).
+    #[arg(long, env = "FINSERVE_PREDICT_RESUME")]
+    pub resume: bool,
+    /// Process only the rows whose index (0 = the first data row) modulo N is I.
+    #[arg(long, env = "FINSERVE_PREDICT_SHARD")]
+    pub shard: Option<crate::predict::Shard>,
+    /// Cut rows longer than --max-input-tokens (with the template), as a request's `truncate`;
+    /// without it (and without --long-input chunk) such rows go to --errors.
+    #[arg(long, env = "FINSERVE_PREDICT_TRUNCATE")]
+    pub truncate: bool,
+    /// Which end --truncate cuts: right (keep the start) or left.
+    #[arg(long, env = "FINSERVE_TRUNCATION_DIRECTION", default_value = "right")]
+    pub truncation_direction: TruncationDirection,
+    /// Rows over --max-input-tokens: `error` (to --errors) or `chunk` (scored in windows).
+    #[arg(long, env = "FINSERVE_PREDICT_LONG_INPUT", default_value = "error")]
+    pub long_input: EvalLongInput,
+    /// Input tokens shared by consecutive windows with --long-input chunk.
+    #[arg(long, env = "FINSERVE_CHUNK_OVERLAP", default_value_t = RequestLimits::default().chunk_overlap)]
+    pub chunk_overlap: usize,
+    /// Most windows one row may need with --long-input chunk.
+    #[arg(long, env = "FINSERVE_MAX_CHUNKS_PER_INPUT", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_chunks_per_input)]
+    pub max_chunks_per_input: usize,
+}
+
+#[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -700,6 +747,64 @@ impl TrainArgs {
     }
 }
 
+/// What a bulk command does with rows over `--max-input-tokens`: the flags of a request's
+/// `truncate` / `long_input`, checked together.
+fn long_input(
+    truncate: bool,
+    direction: TruncationDirection,
+    mode: EvalLongInput,
+    chunk_overlap: usize,
+    max_input_tokens: usize,
+) -> anyhow::Result<crate::engine::infer::LongInput> {
+    use crate::engine::infer::LongInput;
+    if truncate && mode == EvalLongInput::Chunk {
+        bail!("--truncate and --long-input chunk exclude each other: choose one");
+    }
+    if mode == EvalLongInput::Chunk && chunk_overlap >= max_input_tokens {
+        bail!(
+            "--chunk-overlap ({chunk_overlap}) must be less than --max-input-tokens ({max_input_tokens})"
+        );
+    }
+    Ok(match (mode, truncate) {
+        (EvalLongInput::Chunk, _) => LongInput::Chunk,
+        (EvalLongInput::Error, true) => LongInput::Truncate(direction),
+        (EvalLongInput::Error, false) => LongInput::Refuse,
+    })
+}
+
+impl PredictArgs {
+    fn job(self) -> anyhow::Result<crate::predict::PredictJob> {
+        let m = &self.model;
+        let long_input = long_input(
+            self.truncate,
+            self.truncation_direction,
+            self.long_input,
+            self.chunk_overlap,
+            m.max_input_tokens,
+        )?;
+        let errors = self.errors.clone().unwrap_or_else(|| {
+            let mut name = self.out.clone().into_os_string();
+            name.push(".errors");
+            PathBuf::from(name)
+        });
+        if errors == self.out {
+            bail!("--errors must be another file than --out");
+        }
+        Ok(crate::predict::PredictJob {
+            model: m.job(Vec::new())?,
+            engine: m.bulk_engine_config(self.chunk_overlap, self.max_chunks_per_input),
+            long_input,
+            data: self.data,
+            text_column: self.text_column,
+            id_column: self.id_column,
+            out: self.out,
+            errors,
+            resume: self.resume,
+            shard: self.shard,
+        })
+    }
+}
+
 impl EvalArgs {
     /// The eval run these options describe, with where a fitted calibration goes.
     fn job(self) -> anyhow::Result<crate::eval::EvalJob> {
@@ -713,36 +818,16 @@ impl EvalArgs {
             )?),
             (None, false) => None,
         };
-        if self.truncate && self.long_input == EvalLongInput::Chunk {
-            bail!("--truncate and --long-input chunk exclude each other: choose one");
-        }
-        if self.long_input == EvalLongInput::Chunk && self.chunk_overlap >= m.max_input_tokens {
-            bail!(
-                "--chunk-overlap ({}) must be less than --max-input-tokens ({})",
-                self.chunk_overlap,
-                m.max_input_tokens
-            );
-        }
-        let long_input = match (self.long_input, self.truncate) {
-            (EvalLongInput::Chunk, _) => crate::engine::infer::LongInput::Chunk,
-            (EvalLongInput::Error, true) => {
-                crate::engine::infer::LongInput::Truncate(self.truncation_direction)
-            }
-            (EvalLongInput::Error, false) => crate::engine::infer::LongInput::Refuse,
-        };
-        let limits = RequestLimits {
-            chunk_overlap: self.chunk_overlap,
-            max_chunks_per_input: self.max_chunks_per_input,
-            max_client_batch_size: m.max_batch_size,
-            ..RequestLimits::default()
-        };
+        let long_input = long_input(
+            self.truncate,
+            self.truncation_direction,
+            self.long_input,
+            self.chunk_overlap,
+            m.max_input_tokens,
+        )?;
         Ok(crate::eval::EvalJob {
             model,
-            engine: EngineConfig {
-                max_batch_tokens: m.max_batch_size * m.max_input_tokens,
-                limits,
-                ..m.engine_config()
-            },
+            engine: m.bulk_engine_config(self.chunk_overlap, self.max_chunks_per_input),
             long_input,
             data: self.data,
             text_column: self.text_column,
@@ -778,6 +863,25 @@ impl ModelArgs {
             prompt_template: self.prompt.prompt_template.clone(),
             calibration: self.calibration.clone(),
         })
+    }
+
+    /// The engine of a bulk command (`eval`, `predict`): batches as large as --max-batch-size,
+    /// with the chunking limits given.
+    fn bulk_engine_config(
+        &self,
+        chunk_overlap: usize,
+        max_chunks_per_input: usize,
+    ) -> EngineConfig {
+        EngineConfig {
+            max_batch_tokens: self.max_batch_size * self.max_input_tokens,
+            limits: RequestLimits {
+                chunk_overlap,
+                max_chunks_per_input,
+                max_client_batch_size: self.max_batch_size,
+                ..RequestLimits::default()
+            },
+            ..self.engine_config()
+        }
     }
 
     /// The engine settings these options fix; the batching knobs of `serve` stay at their defaults.
@@ -816,6 +920,7 @@ pub fn run() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => crate::server::run(args.job()?),
         Some(Command::Merge(args)) => crate::export::run(args.model.spec()?, &args.out),
         Some(Command::Eval(args)) => crate::eval::run(args.job()?),
+        Some(Command::Predict(args)) => crate::predict::run(args.job()?),
         Some(Command::Train(args)) => args.run(pieces),
         Some(Command::Openapi) => {
             let doc = crate::http::openapi::default_json().map_err(anyhow::Error::msg)?;

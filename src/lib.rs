@@ -18,6 +18,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod model;
+pub mod predict;
 pub mod served;
 pub mod server;
 pub mod telemetry;

@@ -1,0 +1,277 @@
+//! `finserve predict` on the fixture model: the same scores as the server for the same texts,
+//! CSV and JSON Lines alike; shards that are disjoint and together the whole file; a run killed
+//! with SIGKILL and resumed that writes every row exactly once; rows that cannot be scored in the
+//! errors file; a file that cannot be parsed stops the run naming the row.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn predict(args: &[&str]) -> Output {
+    let f = common::fixtures();
+    Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .args(["predict", "--model"])
+        .arg(f.join("mt5_base"))
+        .arg("--adapter")
+        .arg(f.join("adapters/qv"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("FINSERVE_MODEL")
+        .env_remove("FINSERVE_ADAPTER")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "predict failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn records(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn texts(n: usize) -> Vec<String> {
+    let words = ["profit", "sales", "loss", "orders", "margin", "guidance"];
+    let moves = ["rose", "fell", "were flat", "doubled", "halved"];
+    (0..n)
+        .map(|i| {
+            format!(
+                "Quarterly {} {} by {} % .",
+                words[i % 6],
+                moves[i % 5],
+                i % 37
+            )
+        })
+        .collect()
+}
+
+fn write_csv(path: &Path, rows: &[String]) {
+    let mut w = csv::Writer::from_path(path).unwrap();
+    w.write_record(["id", "sentence"]).unwrap();
+    for (i, t) in rows.iter().enumerate() {
+        w.write_record([format!("doc-{i}"), t.clone()]).unwrap();
+    }
+    w.flush().unwrap();
+}
+
+#[test]
+fn predict_scores_as_the_server_does_from_csv_and_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = texts(12);
+    let csv_in = dir.path().join("in.csv");
+    write_csv(&csv_in, &rows);
+    let jsonl_in = dir.path().join("in.jsonl");
+    let lines: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"key": i, "body": t}).to_string())
+        .collect();
+    std::fs::write(&jsonl_in, lines.join("\n") + "\n").unwrap();
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    ok(&predict(&[
+        "--data",
+        csv_in.to_str().unwrap(),
+        "--id-column",
+        "id",
+        "--out",
+        a.to_str().unwrap(),
+    ]));
+    ok(&predict(&[
+        "--data",
+        jsonl_in.to_str().unwrap(),
+        "--text-column",
+        "body",
+        "--id-column",
+        "key",
+        "--out",
+        b.to_str().unwrap(),
+    ]));
+    let (a, b) = (records(&a), records(&b));
+    assert_eq!(a.len(), rows.len());
+    let s = common::start(&[]);
+    for (i, text) in rows.iter().enumerate() {
+        assert_eq!(a[i]["row"], i);
+        assert_eq!(a[i]["id"], format!("doc-{i}"));
+        assert_eq!(b[i]["id"], i);
+        assert!(a[i]["digest"].as_str().unwrap().starts_with("sha256:"));
+        let (status, served) = s.post("/v1/sentiment", &json!({"inputs": text}));
+        assert_eq!(status, 200);
+        let served = common::label_scores(&served[0]);
+        for r in [&a[i], &b[i]] {
+            let got = common::label_scores(&r["scores"]);
+            assert_eq!(
+                got.iter().map(|x| &x.0).collect::<Vec<_>>(),
+                served.iter().map(|x| &x.0).collect::<Vec<_>>()
+            );
+            for ((_, x), (_, y)) in got.iter().zip(&served) {
+                assert!((x - y).abs() < 1e-6, "row {i}: {x} vs {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn shards_are_disjoint_and_cover_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.csv");
+    write_csv(&input, &texts(40));
+    let mut seen = BTreeMap::new();
+    for i in 0..3 {
+        let out = dir.path().join(format!("part-{i}.jsonl"));
+        let shard = format!("{i}/3");
+        ok(&predict(&[
+            "--data",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--shard",
+            &shard,
+        ]));
+        for r in records(&out) {
+            let row = r["row"].as_u64().unwrap();
+            assert_eq!(row % 3, i, "row {row} in shard {i}");
+            assert!(seen.insert(row, i).is_none(), "row {row} twice");
+        }
+    }
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (0..40).collect::<Vec<_>>()
+    );
+    let out = predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        "x",
+        "--shard",
+        "3/3",
+    ]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn a_killed_run_resumes_without_a_duplicate_or_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.csv");
+    let n = 5000;
+    write_csv(&input, &texts(n));
+    let out = dir.path().join("out.jsonl");
+    let f = common::fixtures();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .args(["predict", "--model"])
+        .arg(f.join("mt5_base"))
+        .arg("--adapter")
+        .arg(f.join("adapters/qv"))
+        .args([
+            "--data",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&out).map_or(0, |t| t.lines().count()) < 200 {
+        assert!(Instant::now() < deadline, "predict wrote nothing");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "predict ended before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = std::fs::read_to_string(&out).unwrap().lines().count();
+    assert!(before < n, "the run finished before the kill");
+    ok(&predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+    ]));
+    let mut rows: Vec<u64> = records(&out)
+        .iter()
+        .map(|r| r["row"].as_u64().unwrap())
+        .collect();
+    rows.sort();
+    assert_eq!(rows, (0..n as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_rows_go_to_the_errors_file_and_a_broken_file_stops_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        [
+            json!({"sentence": "Profit rose ."}),
+            json!({"sentence": "   "}),
+            json!({"other": "no text"}),
+            json!({"sentence": 7}),
+            json!({"sentence": "Sales fell ."}),
+        ]
+        .map(|v| v.to_string())
+        .join("\n"),
+    )
+    .unwrap();
+    let out = dir.path().join("out.jsonl");
+    let errors = dir.path().join("bad.jsonl");
+    ok(&predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--errors",
+        errors.to_str().unwrap(),
+    ]));
+    let scored: Vec<u64> = records(&out)
+        .iter()
+        .map(|r| r["row"].as_u64().unwrap())
+        .collect();
+    assert_eq!(scored, [0, 4]);
+    let bad = records(&errors);
+    assert_eq!(
+        bad.iter()
+            .map(|r| r["row"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(
+        bad[0]["error"].as_str().unwrap().contains("non-blank"),
+        "{}",
+        bad[0]
+    );
+    assert!(
+        bad[1]["error"].as_str().unwrap().contains("no `sentence`"),
+        "{}",
+        bad[1]
+    );
+
+    std::fs::write(&input, "{\"sentence\": \"Profit rose .\"}\n{not json\n").unwrap();
+    let run = predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("line 2 is not JSON"), "{stderr}");
+}
