@@ -19,7 +19,7 @@
 #   base and overlays/gpu, each alone and with every set of components:
 #     {none, keda, prometheus-adapter} x {podmonitor or not} x {networkpolicy or not}
 #   overlays/gpu-keda as shipped; base and gpu-keda with components/api-key-file,
-#     components/variants-file, and both;
+#     components/variants-file, and both; the bulk-scoring Indexed Job (batch/);
 #   after the README's `kustomize edit set image finserve=REGISTRY/finserve:TAG` on the base:
 #     base renders that image, overlays/gpu and gpu-keda still render the CUDA image; and after
 #     `kustomize edit set image finserve-cuda=...` in overlays/gpu, the GPU overlay renders that.
@@ -143,6 +143,9 @@ for comp in api-key-file variants-file api-key-file,variants-file; do
     fi
   done
 done
+
+# the bulk-scoring Indexed Job
+check batch "$C/k8s/batch" --batch --image "$CPU_IMAGE"
 
 # ------------------------------------------------------------- after the README's image edits
 E="$SCRATCH/edited"; fresh_copy "$E"

@@ -457,6 +457,47 @@ def cross_checks(docs, components, gpu, image, versions, adapter_rules):
     return problems
 
 
+def batch_checks(docs, image):
+    """deploy/k8s/batch: one Indexed Job whose pods each score their shard, resumably."""
+    jobs = [d for d in docs if d.get("kind") == "Job"]
+    others = sorted(d.get("kind") for d in docs if d.get("kind") not in ("Job", "ConfigMap"))
+    problems = [f"unexpected kinds {others}"] if others else []
+    if len(jobs) != 1:
+        return problems + [f"expected exactly one Job, found {len(jobs)}"]
+    job = jobs[0]
+    spec = job["spec"]
+    if spec.get("completionMode") != "Indexed":
+        problems.append("completionMode is not Indexed")
+    n = spec.get("completions")
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    args = c.get("args", [])
+    index = "$(JOB_COMPLETION_INDEX)"
+    if args[:1] != ["predict"]:
+        problems.append(f"args do not run `predict`: {args}")
+    if f"--shard={index}/{n}" not in args:
+        problems.append(f"no --shard={index}/{n} (the N of --shard must equal completions {n})")
+    if "--resume" not in args:
+        problems.append("no --resume: a restarted pod would start its shard again")
+    for flag in ("--out=", "--errors="):
+        given = [a for a in args if a.startswith(flag)]
+        if not given or index not in given[0]:
+            problems.append(f"{flag[:-1]} is not per index: {given}")
+    env = {e["name"]: e for e in c.get("env", [])}
+    path = env.get(index[2:-1], {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+    if "batch.kubernetes.io/job-completion-index" not in path:
+        problems.append("JOB_COMPLETION_INDEX is not declared from the completion-index annotation")
+    if pod.get("restartPolicy") != "OnFailure":
+        problems.append("restartPolicy is not OnFailure (a failed pod would lose its resumable place)")
+    if not pod.get("securityContext", {}).get("runAsNonRoot"):
+        problems.append("pod does not run as non-root")
+    if not c.get("securityContext", {}).get("readOnlyRootFilesystem"):
+        problems.append("root filesystem is writable")
+    if image and c.get("image") != image:
+        problems.append(f"image {c.get('image')}, expected {image}")
+    return [f"{name_of(job)}: {p}" for p in problems]
+
+
 def parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", nargs="?")
@@ -465,6 +506,7 @@ def parser():
     ap.add_argument("--components", default="",
                     help=f"comma-separated components in this combination: {', '.join(sorted(COMPONENTS))}")
     ap.add_argument("--gpu", action="store_true", help="the GPU overlay is in this combination")
+    ap.add_argument("--batch", action="store_true", help="deploy/k8s/batch: the Indexed Job")
     ap.add_argument("--image", help="the image the finserve container must have")
     ap.add_argument("--adapter-values", help="prometheus-adapter Helm values with the rules")
     ap.add_argument("--label", help="name of the combination in messages (default: the file)")
@@ -490,7 +532,10 @@ def run_one(args, versions):
         errs, which = schema_problems(doc, versions)
         problems += errs
         counts[which] += 1
-    problems += cross_checks(docs, components, args.gpu, args.image, versions, adapter_rules)
+    if args.batch:
+        problems += batch_checks(docs, args.image)
+    else:
+        problems += cross_checks(docs, components, args.gpu, args.image, versions, adapter_rules)
     if problems:
         for p in problems:
             print(f"FAIL {label}: {p}", file=sys.stderr)
