@@ -242,6 +242,7 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
     let loaded = model.load(false)?;
     let calibration = loaded.labels.first().and_then(|(_, c)| c.clone());
     let (served, tokenizer) = loaded.served(name);
+    let digest = served.first().map(|s| s.digest.clone()).unwrap_or_default();
     let engine = Engine::start(
         served,
         Arc::new(tokenizer),
@@ -292,7 +293,7 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
     }
     let report = Report::new(names.clone(), &pairs);
     println!(
-        "{} sentences from {} in {elapsed:.1} s ({:.1} sentences/s), {} scored\n",
+        "{} sentences from {} in {elapsed:.1} s ({:.1} sentences/s), {} scored\nmodel digest: {digest}\n",
         rows.len(),
         data.display(),
         rows.len() as f64 / elapsed,

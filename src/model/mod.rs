@@ -310,7 +310,12 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig, keep_base: bool) -> Result<Loaded
             unshared_bytes: 0,
         });
     }
-    let base = keep_base.then_some(base);
+    let base = if keep_base {
+        base.layers.share_stacked_sources(&mut base.weights)?;
+        Some(base)
+    } else {
+        None
+    };
     let hashing = Instant::now();
     let files = digest::files(&base_files(&dir)?)?;
     tracing::info!(
