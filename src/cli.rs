@@ -212,6 +212,11 @@ pub struct ServeArgs {
     /// Most padded tokens (longest input x batch size) per engine batch.
     #[arg(long, env = "FINSERVE_MAX_BATCH_TOKENS", value_parser = at_least::<1>, default_value_t = EngineConfig::default().max_batch_tokens)]
     pub max_batch_tokens: usize,
+    /// Decode slots of each variant that batch-priority generations (`priority: batch`, a
+    /// backfill) may not take, kept for interactive ones (default: a quarter of
+    /// --max-batch-size).
+    #[arg(long, env = "FINSERVE_INTERACTIVE_SLOTS")]
+    pub interactive_slots: Option<usize>,
     /// How long the engine may wait for more sentiment requests to fill a batch.
     #[arg(long, env = "FINSERVE_MAX_BATCH_WAIT_MS", default_value_t = 0)]
     pub max_batch_wait_ms: u64,
@@ -425,6 +430,14 @@ impl ServeArgs {
         }
         let limits = self.request_limits()?;
         let runtime = self.runtime_variants()?;
+        let interactive_slots = self.interactive_slots.unwrap_or(m.max_batch_size / 4);
+        if interactive_slots >= m.max_batch_size {
+            bail!(
+                "--interactive-slots ({interactive_slots}) must be less than --max-batch-size ({}) \
+                 so batch-priority generations can run",
+                m.max_batch_size
+            );
+        }
         let http = HttpConfig {
             api_keys: self.api_keys()?,
             api_key_file_poll: Duration::from_millis(self.api_key_file_poll_ms),
@@ -450,6 +463,7 @@ impl ServeArgs {
             max_batch_wait: Duration::from_millis(self.max_batch_wait_ms),
             queue_capacity: self.max_concurrent_requests * limits.max_client_batch_size,
             limits,
+            interactive_slots,
             ..m.engine_config()
         };
         Ok(ServeJob {

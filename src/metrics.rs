@@ -28,6 +28,9 @@ pub struct Metrics {
     pub queue_size: IntGauge,
     pub queue_inputs: IntGauge,
     pub queue_oldest_seconds: Gauge,
+    pub batch_queue_size: IntGauge,
+    pub batch_queue_inputs: IntGauge,
+    pub batch_queue_oldest_seconds: Gauge,
     pub in_flight: IntGauge,
     pub batch_size: HistogramVec,
     pub batch_tokens: HistogramVec,
@@ -55,7 +58,8 @@ fn counts(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
 }
 
 /// Registration only fails on a duplicate name, a programming error caught by any test run.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    Metrics {
     requests: register_int_counter_vec!(
         Opts::new(
             "finserve_requests_total",
@@ -120,19 +124,34 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     .expect("finserve_time_per_output_token_seconds"),
     queue_size: register_int_gauge!(
         "finserve_queue_size",
-        "Requests waiting to join an engine batch (queued or in the batcher's own queues)"
+        "Interactive requests waiting to join an engine batch (queued or in the batcher's own queues)"
     )
     .expect("finserve_queue_size"),
     queue_inputs: register_int_gauge!(
         "finserve_queue_inputs",
-        "Inputs of the requests waiting to join an engine batch"
+        "Inputs of the interactive requests waiting to join an engine batch"
     )
     .expect("finserve_queue_inputs"),
     queue_oldest_seconds: register_gauge!(
         "finserve_queue_oldest_seconds",
-        "How long the oldest request waiting to join an engine batch has waited (0 when none)"
+        "How long the oldest interactive request waiting to join an engine batch has waited (0 when none)"
     )
     .expect("finserve_queue_oldest_seconds"),
+    batch_queue_size: register_int_gauge!(
+        "finserve_batch_queue_size",
+        "Batch-priority requests (a backfill) waiting to join an engine batch"
+    )
+    .expect("finserve_batch_queue_size"),
+    batch_queue_inputs: register_int_gauge!(
+        "finserve_batch_queue_inputs",
+        "Inputs of the batch-priority requests waiting to join an engine batch"
+    )
+    .expect("finserve_batch_queue_inputs"),
+    batch_queue_oldest_seconds: register_gauge!(
+        "finserve_batch_queue_oldest_seconds",
+        "How long the oldest batch-priority request has waited to join an engine batch (0 when none)"
+    )
+    .expect("finserve_batch_queue_oldest_seconds"),
     in_flight: register_int_gauge!("finserve_in_flight_requests", "Requests being handled")
         .expect("finserve_in_flight_requests"),
     batch_size: counts(
@@ -200,34 +219,38 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
         &["reason"]
     )
     .expect("finserve_audit_records_dropped_total"),
+}
 });
 
-/// When the oldest waiting request arrived, in microseconds since the Unix epoch; 0 when none
-/// waits. Kept as a time, not an age, so that a scrape reads the age at that moment.
-static OLDEST_WAITING: AtomicU64 = AtomicU64::new(0);
+/// When the oldest waiting request arrived, in microseconds since the Unix epoch, interactive
+/// then batch priority; 0 when none waits. Kept as a time, not an age, so that a scrape reads the
+/// age at that moment.
+static OLDEST_WAITING: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
-/// Records when the oldest request waiting for the engine arrived (`None`: none waits).
-pub fn set_oldest_waiting(at: Option<SystemTime>) {
+/// Records when the oldest request of a priority (`batch` or not) waiting for the engine
+/// arrived (`None`: none waits).
+pub fn set_oldest_waiting(batch: bool, at: Option<SystemTime>) {
     let micros = at.map_or(0, |t| {
         t.duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_micros().max(1) as u64)
     });
-    OLDEST_WAITING.store(micros, Ordering::SeqCst);
+    OLDEST_WAITING[usize::from(batch)].store(micros, Ordering::SeqCst);
 }
 
 /// The text exposition of every registered metric.
 pub fn render() -> Result<String, prometheus::Error> {
     LazyLock::force(&METRICS);
-    let oldest = OLDEST_WAITING.load(Ordering::SeqCst);
-    let age = if oldest == 0 {
-        0.0
-    } else {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        now.saturating_sub(oldest) as f64 / 1e6
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    let age = |oldest: &AtomicU64| match oldest.load(Ordering::SeqCst) {
+        0 => 0.0,
+        at => now.saturating_sub(at) as f64 / 1e6,
     };
-    METRICS.queue_oldest_seconds.set(age);
+    METRICS.queue_oldest_seconds.set(age(&OLDEST_WAITING[0]));
+    METRICS
+        .batch_queue_oldest_seconds
+        .set(age(&OLDEST_WAITING[1]));
     let families = prometheus::gather();
     prometheus::TextEncoder::new().encode_to_string(&families)
 }

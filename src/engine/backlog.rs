@@ -1,7 +1,9 @@
 //! The backlog: requests queued for the engine that have not yet joined a batch, wherever they
-//! wait (the channel to the engine thread, or the batcher's own queues). It is what the
-//! autoscaler reads: `finserve_queue_size` (requests), `finserve_queue_inputs` (their inputs)
-//! and `finserve_queue_oldest_seconds` (how long the oldest has waited).
+//! wait (the channel to the engine thread, or the batcher's own queues). The interactive
+//! backlog is what the autoscaler reads: `finserve_queue_size` (requests),
+//! `finserve_queue_inputs` (their inputs) and `finserve_queue_oldest_seconds` (how long the
+//! oldest has waited); the batch-priority one (a backfill) has `finserve_batch_queue_*`, so
+//! that a backfill does not scale the fleet.
 //!
 //! Each queued input holds a [`WaitingInput`]; dropping it (when the input joins a batch, or is
 //! refused, cancelled or failed on the way) takes it out of the backlog, so no path that ends a
@@ -21,6 +23,8 @@ pub(crate) struct Backlog {
     waiting: Mutex<BTreeMap<u64, (Instant, SystemTime)>>,
     arrivals: AtomicU64,
     inputs: AtomicUsize,
+    /// Whether it counts batch-priority requests (its own gauges).
+    batch: bool,
 }
 
 /// One waiting request: how many of its inputs still wait.
@@ -36,6 +40,22 @@ struct Request {
 pub(crate) struct WaitingInput(Arc<Request>);
 
 impl Backlog {
+    /// The backlog of batch-priority requests.
+    pub(crate) fn batch() -> Self {
+        Self {
+            batch: true,
+            ..Self::default()
+        }
+    }
+
+    fn gauges(&self) -> (&'static prometheus::IntGauge, &'static prometheus::IntGauge) {
+        if self.batch {
+            (&METRICS.batch_queue_size, &METRICS.batch_queue_inputs)
+        } else {
+            (&METRICS.queue_size, &METRICS.queue_inputs)
+        }
+    }
+
     /// A request of `inputs` inputs arrives: one [`WaitingInput`] per input.
     pub(crate) fn enter(self: &Arc<Self>, inputs: usize) -> Vec<WaitingInput> {
         if inputs == 0 {
@@ -45,11 +65,12 @@ impl Backlog {
         {
             let mut waiting = self.lock();
             waiting.insert(arrival, (Instant::now(), SystemTime::now()));
-            publish_oldest(&waiting);
+            publish_oldest(self.batch, &waiting);
         }
         self.inputs.fetch_add(inputs, Ordering::SeqCst);
-        METRICS.queue_size.inc();
-        METRICS.queue_inputs.add(inputs as i64);
+        let (size, waiting_inputs) = self.gauges();
+        size.inc();
+        waiting_inputs.add(inputs as i64);
         let request = Arc::new(Request {
             backlog: self.clone(),
             arrival,
@@ -84,8 +105,8 @@ impl Backlog {
 
 /// Publishes when the oldest of `waiting` arrived. Called with the lock held, so that two
 /// threads changing the backlog cannot publish in the wrong order.
-fn publish_oldest(waiting: &BTreeMap<u64, (Instant, SystemTime)>) {
-    crate::metrics::set_oldest_waiting(waiting.values().next().map(|(_, at)| *at));
+fn publish_oldest(batch: bool, waiting: &BTreeMap<u64, (Instant, SystemTime)>) {
+    crate::metrics::set_oldest_waiting(batch, waiting.values().next().map(|(_, at)| *at));
 }
 
 impl Drop for WaitingInput {
@@ -93,12 +114,13 @@ impl Drop for WaitingInput {
         let request = &self.0;
         let backlog = &request.backlog;
         backlog.inputs.fetch_sub(1, Ordering::SeqCst);
-        METRICS.queue_inputs.dec();
+        let (size, inputs) = backlog.gauges();
+        inputs.dec();
         if request.left.fetch_sub(1, Ordering::SeqCst) == 1 {
             let mut waiting = backlog.lock();
             waiting.remove(&request.arrival);
-            publish_oldest(&waiting);
-            METRICS.queue_size.dec();
+            publish_oldest(backlog.batch, &waiting);
+            size.dec();
         }
     }
 }
@@ -122,5 +144,19 @@ mod tests {
         drop(first);
         assert_eq!((backlog.requests(), backlog.inputs()), (0, 0));
         assert_eq!(backlog.oldest(), None);
+    }
+
+    #[test]
+    fn batch_priority_work_has_gauges_of_its_own() {
+        // Only this test uses the batch backlog, so its gauges are this test's alone.
+        let backlog = Arc::new(Backlog::batch());
+        let waiting = backlog.enter(3);
+        assert_eq!(METRICS.batch_queue_size.get(), 1);
+        assert_eq!(METRICS.batch_queue_inputs.get(), 3);
+        crate::metrics::render().unwrap();
+        assert!(METRICS.batch_queue_oldest_seconds.get() >= 0.0);
+        drop(waiting);
+        assert_eq!(METRICS.batch_queue_size.get(), 0);
+        assert_eq!(METRICS.batch_queue_inputs.get(), 0);
     }
 }

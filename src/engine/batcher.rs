@@ -32,8 +32,8 @@ use super::detokenizer::Detokenizer;
 use super::generate::{FinishReason, Sampler, stop_hit};
 use super::health::Health;
 use super::job::{
-    GenerateEvent, GenerateJob, GenerateOutput, Job, SentimentJob, SentimentOutput, Timing,
-    TokenInfo,
+    GenerateEvent, GenerateJob, GenerateOutput, Job, Priority, SentimentJob, SentimentOutput,
+    Timing, TokenInfo,
 };
 use crate::error::{Error, Field, Result};
 use crate::metrics::METRICS;
@@ -287,20 +287,28 @@ impl Batcher {
 
     fn sentiment_batch(&mut self) {
         drop_cancelled(&mut self.sentiment, |j| j.reply.is_closed(), "sentiment");
+        // The oldest interactive input leads; batch work leads only when none waits.
+        let lead = self
+            .sentiment
+            .iter()
+            .position(|j| j.priority == Priority::Interactive)
+            .unwrap_or(0);
         let Some((variant, labels)) = self
             .sentiment
-            .front()
+            .get(lead)
             .map(|j| (j.variant, j.labels.clone()))
         else {
             return;
         };
-        let same: Vec<usize> = (0..self.sentiment.len())
+        let mut same: Vec<usize> = (0..self.sentiment.len())
             .filter(|&i| {
                 let job = &self.sentiment[i];
                 job.variant == variant
                     && (Arc::ptr_eq(&job.labels, &labels) || *job.labels == *labels)
             })
             .collect();
+        // Interactive inputs first, each priority in arrival order: batch work fills what is left.
+        same.sort_by_key(|&i| self.sentiment[i].priority);
         let cfg = &self.config;
         let n = fits(
             same.iter().map(|&i| self.sentiment[i].ids.len()),
@@ -308,7 +316,9 @@ impl Batcher {
             cfg.max_batch_tokens,
             0,
         );
-        let mut jobs: Vec<SentimentJob> = same[..n]
+        let mut chosen = same[..n].to_vec();
+        chosen.sort_unstable();
+        let mut jobs: Vec<SentimentJob> = chosen
             .iter()
             .rev()
             .filter_map(|&i| self.sentiment.remove(i))
@@ -399,16 +409,43 @@ impl Lane {
     /// Encodes waiting requests that fit next to the running batch and adds them to it.
     fn admit(&mut self, cfg: &EngineConfig) -> Result<()> {
         drop_cancelled(&mut self.waiting, |j| j.events.is_closed(), "generate");
-        let n = fits(
-            self.waiting.iter().map(|j| j.ids.len()),
-            cfg.max_batch_size,
-            cfg.max_batch_tokens,
-            self.running.len(),
-        );
+        // Interactive requests first (each priority in arrival order); batch ones only into the
+        // slots beyond `interactive_slots`.
+        let mut order: Vec<usize> = (0..self.waiting.len()).collect();
+        order.sort_by_key(|&i| self.waiting[i].priority);
+        let batch_room = cfg.max_batch_size.saturating_sub(cfg.interactive_slots);
+        let mut batch_running = self
+            .running
+            .iter()
+            .filter(|r| r.job.priority == Priority::Batch)
+            .count();
+        let mut chosen = Vec::new();
+        let mut longest = 0;
+        for i in order {
+            let job = &self.waiting[i];
+            if job.priority == Priority::Batch && batch_running >= batch_room {
+                continue;
+            }
+            let size = self.running.len() + chosen.len() + 1;
+            let tokens = longest.max(job.ids.len()) * (chosen.len() + 1);
+            if size > cfg.max_batch_size || (!chosen.is_empty() && tokens > cfg.max_batch_tokens) {
+                break;
+            }
+            longest = longest.max(job.ids.len());
+            batch_running += usize::from(job.priority == Priority::Batch);
+            chosen.push(i);
+        }
+        let n = chosen.len();
         if n == 0 {
             return Ok(());
         }
-        let mut jobs: Vec<GenerateJob> = self.waiting.drain(..n).collect();
+        chosen.sort_unstable();
+        let mut jobs: Vec<GenerateJob> = chosen
+            .iter()
+            .rev()
+            .filter_map(|&i| self.waiting.remove(i))
+            .collect();
+        jobs.reverse();
         for job in &mut jobs {
             job.waiting = None;
         }
@@ -699,6 +736,7 @@ mod tests {
             max_batch_wait,
             queue_capacity: 64,
             max_input_tokens: 64,
+            interactive_slots: max_batch_size / 2,
             ..Default::default()
         };
         let (tx, rx) = sync_channel(64);
@@ -752,9 +790,18 @@ mod tests {
             variant: u64,
             labels: Arc<LabelSet>,
         ) -> oneshot::Receiver<Result<SentimentOutput>> {
+            self.sentiment_at(variant, labels, Priority::Interactive)
+        }
+        fn sentiment_at(
+            &self,
+            variant: u64,
+            labels: Arc<LabelSet>,
+            priority: Priority,
+        ) -> oneshot::Receiver<Result<SentimentOutput>> {
             let (reply, rx) = oneshot::channel();
             let job = SentimentJob {
                 variant,
+                priority,
                 labels,
                 ids: vec![20, 21, 1],
                 reply,
@@ -772,9 +819,18 @@ mod tests {
             variant: u64,
             max_new_tokens: usize,
         ) -> mpsc::UnboundedReceiver<GenerateEvent> {
+            self.generate_at(variant, max_new_tokens, Priority::Interactive)
+        }
+        fn generate_at(
+            &self,
+            variant: u64,
+            max_new_tokens: usize,
+            priority: Priority,
+        ) -> mpsc::UnboundedReceiver<GenerateEvent> {
             let (events, rx) = mpsc::unbounded_channel();
             let job = GenerateJob {
                 variant,
+                priority,
                 ids: vec![20, 21, 1],
                 params: GenerateParams {
                     max_new_tokens,
@@ -831,6 +887,7 @@ mod tests {
                 let (reply, rx) = oneshot::channel();
                 let job = SentimentJob {
                     variant,
+                    priority: Priority::Interactive,
                     labels: h.labels.clone(),
                     ids: vec![20, 1],
                     reply,
@@ -1002,6 +1059,7 @@ mod tests {
             let (reply, rx) = oneshot::channel();
             let job = SentimentJob {
                 variant: 0,
+                priority: Priority::Interactive,
                 labels: labels.clone(),
                 ids: vec![20, 1],
                 reply,
@@ -1060,6 +1118,44 @@ mod tests {
     }
 
     #[test]
+    fn interactive_inputs_lead_and_batch_work_fills_what_is_left() {
+        let mut h = harness(2, Duration::ZERO);
+        let labels = h.labels.clone();
+        let mut older = h.sentiment_at(0, labels.clone(), Priority::Batch);
+        let mut newer = h.sentiment_at(0, labels.clone(), Priority::Batch);
+        let mut interactive = h.sentiment_at(0, labels, Priority::Interactive);
+        assert_eq!(h.ticks(1), [Call::Score(2)]);
+        assert!(interactive.try_recv().unwrap().is_ok(), "interactive first");
+        assert!(
+            older.try_recv().unwrap().is_ok(),
+            "then the oldest batch input"
+        );
+        assert!(
+            newer.try_recv().is_err(),
+            "the rest waits for the next batch"
+        );
+        assert_eq!(h.ticks(1), [Call::Score(1)]);
+        assert!(newer.try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn batch_generations_leave_the_interactive_slots_free() {
+        // 4 slots, 2 of them for interactive work only.
+        let mut h = harness(4, Duration::ZERO);
+        let batch: Vec<_> = (0..4)
+            .map(|_| h.generate_at(0, 50, Priority::Batch))
+            .collect();
+        let calls = h.ticks(1);
+        assert_eq!(calls[0], Call::Join(vec![0, 1]), "{calls:?}");
+        let interactive: Vec<_> = (0..2)
+            .map(|_| h.generate_at(0, 1, Priority::Interactive))
+            .collect();
+        let calls = h.ticks(1);
+        assert_eq!(calls[0], Call::Join(vec![2, 3]), "{calls:?}");
+        drop((batch, interactive));
+    }
+
+    #[test]
     fn a_job_for_a_variant_that_does_not_exist_is_refused() {
         let mut h = harness(2, Duration::ZERO);
         let rx = h.sentiment_on(3, h.labels.clone());
@@ -1107,6 +1203,7 @@ mod tests {
         let (reply, _unknown) = oneshot::channel();
         let job = SentimentJob {
             variant: 9,
+            priority: Priority::Interactive,
             labels: h.labels.clone(),
             ids: vec![20, 1],
             reply,

@@ -51,6 +51,9 @@ pub struct EngineConfig {
     pub max_input_tokens: usize,
     pub prompt_template: String,
     pub limits: RequestLimits,
+    /// Decode slots of each variant that batch-priority generations may not take, so that an
+    /// interactive generation finds room however large a backfill is.
+    pub interactive_slots: usize,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +67,7 @@ impl Default for EngineConfig {
             max_input_tokens: 512,
             prompt_template: "{text}".into(),
             limits: RequestLimits::default(),
+            interactive_slots: 8,
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use super::prompt::{Template, TruncationDirection, Window};
 use super::sentiment::{LabelScores, LabelSet};
 use super::validation::{self, GenerateOptions};
-use super::{Engine, GenerateEvent, GenerateOutput, SentimentOutput, Timing, Variant};
+use super::{Engine, GenerateEvent, GenerateOutput, Priority, SentimentOutput, Timing, Variant};
 use crate::error::{Error, Field, Limit, Result};
 
 /// What happens to a text whose prompt is longer than `max_input_tokens`.
@@ -38,6 +38,7 @@ pub struct ScoreQuery {
     /// The request's own prompt template instead of the server's.
     pub template: Option<String>,
     pub long_input: LongInput,
+    pub priority: Priority,
 }
 
 /// One window of a text and its scores.
@@ -87,6 +88,7 @@ pub struct GenerateQuery {
     /// Keep at most this many input tokens (the start of the text, then EOS).
     pub truncate: Option<i64>,
     pub options: GenerateOptions,
+    pub priority: Priority,
 }
 
 /// A queued generation.
@@ -127,6 +129,7 @@ impl Generation {
 /// A score query tokenized: its variant (held until the answer), labels, and each text's windows.
 struct Prepared {
     variant: Arc<Variant>,
+    priority: Priority,
     labels: Arc<LabelSet>,
     custom_labels: bool,
     texts: Vec<(String, Vec<Window>)>,
@@ -234,6 +237,7 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         Ok(Prepared {
             variant,
+            priority: query.priority,
             labels,
             custom_labels,
             texts,
@@ -253,7 +257,7 @@ impl Engine {
             .collect();
         let submitted = SystemTime::now();
         Ok((
-            self.sentiment_all(inputs, p.labels.clone(), &p.variant)?,
+            self.sentiment_all(inputs, p.labels.clone(), &p.variant, p.priority)?,
             submitted,
         ))
     }
@@ -329,7 +333,8 @@ impl Engine {
         let tokenize = start.elapsed();
         let params = validation::generate_params(&query.options, ids.len(), &self.config.limits)?;
         let submitted = SystemTime::now();
-        let events = self.queue_generation(ids.clone(), params, &variant, tokenize)?;
+        let events =
+            self.queue_generation(ids.clone(), params, &variant, query.priority, tokenize)?;
         Ok(Generation {
             variant: variant.name.clone(),
             digest: variant.digest.clone(),

@@ -12,6 +12,25 @@ use super::generate::{FinishReason, GenerateParams};
 use super::sentiment::{LabelScores, LabelSet};
 use crate::error::{Error, Result};
 
+/// Which work goes first. Batch work (a backfill) fills batches only after interactive work, and
+/// its generations never take the decode slots reserved for interactive ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Batch,
+}
+
+impl Priority {
+    /// The `priority` label of the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Interactive => "interactive",
+            Self::Batch => "batch",
+        }
+    }
+}
+
 /// How long a request waited and how long the model worked on it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timing {
@@ -59,6 +78,7 @@ pub enum GenerateEvent {
 pub(crate) struct SentimentJob {
     /// The id of the lane that scores it.
     pub variant: u64,
+    pub priority: Priority,
     pub ids: Vec<u32>,
     pub labels: Arc<LabelSet>,
     pub reply: oneshot::Sender<Result<SentimentOutput>>,
@@ -70,6 +90,7 @@ pub(crate) struct SentimentJob {
 pub(crate) struct GenerateJob {
     /// The id of the lane that generates it.
     pub variant: u64,
+    pub priority: Priority,
     pub ids: Vec<u32>,
     pub params: GenerateParams,
     pub events: mpsc::UnboundedSender<GenerateEvent>,

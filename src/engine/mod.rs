@@ -34,7 +34,7 @@ use backlog::Backlog;
 pub use config::{EngineConfig, RequestLimits};
 use generate::GenerateParams;
 use health::Health;
-pub use job::{GenerateEvent, GenerateOutput, SentimentOutput, Timing, TokenInfo};
+pub use job::{GenerateEvent, GenerateOutput, Priority, SentimentOutput, Timing, TokenInfo};
 use job::{GenerateJob, Job, SentimentJob};
 use prompt::{Prompt, Template};
 use sentiment::LabelSet;
@@ -102,7 +102,8 @@ pub struct Engine {
     template: Arc<Template>,
     config: Arc<EngineConfig>,
     health: Arc<Health>,
-    backlog: Arc<Backlog>,
+    /// Requests waiting for a batch: interactive, then batch priority.
+    backlogs: Arc<[Arc<Backlog>; 2]>,
     eos: u32,
 }
 
@@ -173,7 +174,7 @@ impl Engine {
             template,
             config,
             health,
-            backlog: Arc::new(Backlog::default()),
+            backlogs: Arc::new([Arc::new(Backlog::default()), Arc::new(Backlog::batch())]),
             eos,
         })
     }
@@ -433,6 +434,10 @@ impl Engine {
         Prompt::new(&self.tokenizer, template, text)
     }
 
+    fn backlog(&self, priority: Priority) -> &Arc<Backlog> {
+        &self.backlogs[usize::from(priority == Priority::Batch)]
+    }
+
     fn submit(&self, job: Job) -> Result<()> {
         if !self.is_alive() {
             return Err(Error::EngineDown);
@@ -453,7 +458,7 @@ impl Engine {
         labels: Arc<LabelSet>,
         variant: &Variant,
     ) -> Result<oneshot::Receiver<Result<SentimentOutput>>> {
-        let mut rx = self.sentiment_all(vec![ids], labels, variant)?;
+        let mut rx = self.sentiment_all(vec![ids], labels, variant, Priority::Interactive)?;
         rx.pop()
             .ok_or_else(|| Error::Inference("no receiver for a queued input".into()))
     }
@@ -465,9 +470,10 @@ impl Engine {
         inputs: Vec<Vec<u32>>,
         labels: Arc<LabelSet>,
         variant: &Variant,
+        priority: Priority,
     ) -> Result<Vec<oneshot::Receiver<Result<SentimentOutput>>>> {
         let enqueued = Instant::now();
-        let waiting = self.backlog.enter(inputs.len());
+        let waiting = self.backlog(priority).enter(inputs.len());
         let (jobs, receivers) = inputs
             .into_iter()
             .zip(waiting)
@@ -475,6 +481,7 @@ impl Engine {
                 let (reply, rx) = oneshot::channel();
                 let job = SentimentJob {
                     variant: variant.id,
+                    priority,
                     ids,
                     labels: labels.clone(),
                     reply,
@@ -497,7 +504,7 @@ impl Engine {
         params: GenerateParams,
         variant: &Variant,
     ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>> {
-        self.queue_generation(ids, params, variant, Duration::ZERO)
+        self.queue_generation(ids, params, variant, Priority::Interactive, Duration::ZERO)
     }
 
     /// [`Engine::generate`] of an input that took `tokenize` to tokenize.
@@ -506,17 +513,19 @@ impl Engine {
         ids: Vec<u32>,
         params: GenerateParams,
         variant: &Variant,
+        priority: Priority,
         tokenize: Duration,
     ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>> {
         let (events, rx) = mpsc::unbounded_channel();
         self.submit(Job::Generate(GenerateJob {
             variant: variant.id,
+            priority,
             ids,
             params,
             events,
             enqueued: Instant::now(),
             tokenize,
-            waiting: self.backlog.enter(1).pop(),
+            waiting: self.backlog(priority).enter(1).pop(),
         }))?;
         Ok(rx)
     }

@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::Response;
 use axum::response::sse::Event;
@@ -11,8 +12,8 @@ use axum::response::sse::Event;
 use super::AppState;
 use super::error::ApiError;
 use super::route::Route;
-use super::types::Inputs;
-use crate::engine::{Engine, Timing};
+use super::types::{Inputs, PriorityName};
+use crate::engine::{Engine, Priority, Timing};
 use crate::metrics::METRICS;
 
 /// The engine, once the model is loaded and while the server is not shutting down.
@@ -129,4 +130,49 @@ pub(super) fn error_event(e: &ApiError) -> Event {
         .inc();
     let body = serde_json::json!({"error": e.message, "error_type": e.error_type.as_str()});
     Event::default().data(body.to_string())
+}
+
+/// The header that asks for a priority on any inference route, the OpenAI ones included.
+pub(super) const PRIORITY_HEADER: &str = "x-finserve-priority";
+
+tokio::task_local! {
+    /// The priority the request's header asked for, set around its handler by
+    /// [`read_priority`] (a task-local, so the routes that call other routes' handlers pass it on
+    /// without a parameter).
+    static ASKED: Option<PriorityName>;
+}
+
+/// Reads `x-finserve-priority` (refusing a value other than `interactive` or `batch`) for the
+/// handler.
+pub(super) async fn read_priority(
+    State(state): State<std::sync::Arc<super::AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let asked = match req.headers().get(PRIORITY_HEADER) {
+        None => None,
+        Some(v) => match v.to_str().ok().and_then(PriorityName::parse) {
+            Some(p) => Some(p),
+            None => {
+                let e = ApiError::validation(format!(
+                    "header `{PRIORITY_HEADER}` must be `interactive` or `batch`"
+                ));
+                return super::refuse(req, e, &state).await;
+            }
+        },
+    };
+    ASKED.scope(asked, next.run(req)).await
+}
+
+/// The request's priority: `parameters.priority` where the route has it, else the header;
+/// the two must agree when both are given.
+pub(super) fn priority(param: Option<PriorityName>) -> Result<Priority, ApiError> {
+    let header = ASKED.try_with(|p| *p).ok().flatten();
+    match (param, header) {
+        (Some(a), Some(b)) if a != b => Err(ApiError::validation(format!(
+            "`parameters.priority` and the `{PRIORITY_HEADER}` header disagree"
+        ))),
+        (Some(p), _) | (None, Some(p)) => Ok(p.into()),
+        (None, None) => Ok(Priority::Interactive),
+    }
 }

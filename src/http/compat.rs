@@ -15,7 +15,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::common::{engine, inference_headers, texts};
+use super::common::{engine, inference_headers, priority, texts};
 use super::error::{ApiError, Dialect};
 use super::extract::JsonBody;
 use super::routes::{self, scored_facts};
@@ -56,6 +56,7 @@ async fn score(
         texts,
         labels,
         long_input,
+        priority: priority(None)?,
         ..Default::default()
     };
     engine
@@ -204,6 +205,7 @@ async fn score_with(
         variant: (name != state.config.model_name).then(|| name.clone()),
         labels,
         long_input,
+        priority: priority(None)?,
         ..Default::default()
     };
     let scored = engine

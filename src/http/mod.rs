@@ -340,6 +340,10 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
     let inference = inference
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
+            common::read_priority,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
             audited::audit,
         ))
         .route_layer(middleware::from_fn_with_state(
@@ -403,6 +407,7 @@ pub fn router(state: Arc<AppState>) -> Result<Router, String> {
                     header::AUTHORIZATION,
                     HeaderName::from_static("x-api-key"),
                     HeaderName::from_static("x-request-id"),
+                    HeaderName::from_static(common::PRIORITY_HEADER),
                 ])
                 .expose_headers([
                     HeaderName::from_static("x-request-id"),

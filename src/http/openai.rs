@@ -21,8 +21,8 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::audited::{Facts, StreamOutputs};
 use super::common::{
-    engine, error_event, inference_headers, model_names, record_input_tokens, record_timing,
-    with_digest,
+    engine, error_event, inference_headers, model_names, priority, record_input_tokens,
+    record_timing, with_digest,
 };
 use super::error::{ApiError, Dialect};
 use super::extract::JsonBody;
@@ -456,6 +456,7 @@ async fn start(
         variant: Some(model.clone()),
         truncate: None,
         options: options(max_tokens, s)?,
+        priority: priority(None)?,
     };
     let generation = engine
         .generate_text(query)
@@ -616,6 +617,7 @@ async fn choose(
         labels: Some(choices),
         template: Some("{text}".into()),
         long_input: LongInput::Refuse,
+        priority: priority(None)?,
     };
     let scored = engine
         .score(query, Some(state.config.request_timeout))

@@ -16,7 +16,7 @@ use futures::{Stream, StreamExt};
 use super::AppState;
 use super::audited::{Facts, StreamOutputs};
 use super::common::{
-    engine, error_event, inference_headers, json_event, off_runtime, record_input_tokens,
+    engine, error_event, inference_headers, json_event, off_runtime, priority, record_input_tokens,
     record_timing, texts, with_digest,
 };
 use super::error::{ApiError, Dialect};
@@ -71,6 +71,7 @@ pub async fn sentiment(
             .map(|l| l.0.into_iter().map(|l| l.0).collect()),
         template: params.prompt_template.map(|t| t.0),
         long_input,
+        priority: priority(params.priority)?,
     };
     let request = tracing::Span::current();
     let scored = engine
@@ -223,6 +224,7 @@ pub async fn generate(
     let query = GenerateQuery {
         text,
         variant: p.adapter_id,
+        priority: priority(p.priority)?,
         truncate: p.truncate,
         options: GenerateOptions {
             max_new_tokens: p.max_new_tokens,

@@ -162,6 +162,37 @@ pub struct SentimentParameters {
     pub return_chunks: Option<bool>,
     /// The merged variant to score with (see `/info`); default: the default model.
     pub adapter_id: Option<String>,
+    /// `batch` for a backfill: scored after interactive work (also the `x-finserve-priority`
+    /// header).
+    pub priority: Option<PriorityName>,
+}
+
+/// A request's priority: `interactive` (the default) or `batch`, which fills batches only after
+/// interactive work and is not counted in the queue gauges the autoscaler reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PriorityName {
+    Interactive,
+    Batch,
+}
+
+impl PriorityName {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "interactive" => Some(Self::Interactive),
+            "batch" => Some(Self::Batch),
+            _ => None,
+        }
+    }
+}
+
+impl From<PriorityName> for crate::engine::Priority {
+    fn from(p: PriorityName) -> Self {
+        match p {
+            PriorityName::Interactive => Self::Interactive,
+            PriorityName::Batch => Self::Batch,
+        }
+    }
 }
 
 /// Unknown fields are refused (422) unless their value is null; null means "unset" everywhere.
@@ -255,6 +286,9 @@ pub struct GenerateParameters {
     pub return_full_text: Option<bool>,
     /// The merged variant to generate with (see `/info`); default: the default model.
     pub adapter_id: Option<String>,
+    /// `batch` for a backfill: its sequences join after interactive ones and never take the
+    /// decode slots reserved for them (also the `x-finserve-priority` header).
+    pub priority: Option<PriorityName>,
     /// Only `false`: watermarking is not available.
     pub watermark: Option<bool>,
 }
