@@ -300,15 +300,17 @@ impl Batcher {
         else {
             return;
         };
-        let mut same: Vec<usize> = (0..self.sentiment.len())
+        // A batch led by interactive inputs takes no batch work: it would make it longer. Batch
+        // work gets batches of its own once no interactive input waits.
+        let priority = self.sentiment[lead].priority;
+        let same: Vec<usize> = (0..self.sentiment.len())
             .filter(|&i| {
                 let job = &self.sentiment[i];
                 job.variant == variant
+                    && job.priority == priority
                     && (Arc::ptr_eq(&job.labels, &labels) || *job.labels == *labels)
             })
             .collect();
-        // Interactive inputs first, each priority in arrival order: batch work fills what is left.
-        same.sort_by_key(|&i| self.sentiment[i].priority);
         let cfg = &self.config;
         let n = fits(
             same.iter().map(|&i| self.sentiment[i].ids.len()),
@@ -316,9 +318,7 @@ impl Batcher {
             cfg.max_batch_tokens,
             0,
         );
-        let mut chosen = same[..n].to_vec();
-        chosen.sort_unstable();
-        let mut jobs: Vec<SentimentJob> = chosen
+        let mut jobs: Vec<SentimentJob> = same[..n]
             .iter()
             .rev()
             .filter_map(|&i| self.sentiment.remove(i))
@@ -1118,24 +1118,20 @@ mod tests {
     }
 
     #[test]
-    fn interactive_inputs_lead_and_batch_work_fills_what_is_left() {
+    fn interactive_inputs_go_first_and_alone() {
         let mut h = harness(2, Duration::ZERO);
         let labels = h.labels.clone();
         let mut older = h.sentiment_at(0, labels.clone(), Priority::Batch);
         let mut newer = h.sentiment_at(0, labels.clone(), Priority::Batch);
         let mut interactive = h.sentiment_at(0, labels, Priority::Interactive);
-        assert_eq!(h.ticks(1), [Call::Score(2)]);
-        assert!(interactive.try_recv().unwrap().is_ok(), "interactive first");
-        assert!(
-            older.try_recv().unwrap().is_ok(),
-            "then the oldest batch input"
-        );
-        assert!(
-            newer.try_recv().is_err(),
-            "the rest waits for the next batch"
-        );
         assert_eq!(h.ticks(1), [Call::Score(1)]);
-        assert!(newer.try_recv().unwrap().is_ok());
+        assert!(
+            interactive.try_recv().unwrap().is_ok(),
+            "interactive first, not slowed down by batch work"
+        );
+        assert!(older.try_recv().is_err() && newer.try_recv().is_err());
+        assert_eq!(h.ticks(1), [Call::Score(2)]);
+        assert!(older.try_recv().unwrap().is_ok() && newer.try_recv().unwrap().is_ok());
     }
 
     #[test]
