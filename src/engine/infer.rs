@@ -79,6 +79,17 @@ pub struct Scored {
     pub submitted: SystemTime,
 }
 
+impl Scored {
+    /// Every token the encoder read, over all texts and windows.
+    pub fn prompt_tokens(&self) -> usize {
+        self.texts
+            .iter()
+            .flat_map(|t| &t.windows)
+            .map(|w| w.prompt_tokens)
+            .sum()
+    }
+}
+
 /// A text to generate from.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateQuery {

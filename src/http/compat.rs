@@ -173,12 +173,7 @@ fn now() -> u64 {
 }
 
 fn usage(scored: &Scored) -> ScoringUsage {
-    let tokens = scored
-        .texts
-        .iter()
-        .flat_map(|t| &t.windows)
-        .map(|w| w.prompt_tokens)
-        .sum();
+    let tokens = scored.prompt_tokens();
     ScoringUsage {
         prompt_tokens: tokens,
         total_tokens: tokens,

@@ -636,7 +636,7 @@ async fn choose(
     Ok(Chosen {
         text: scored.labels.names[best].clone(),
         logprob: p.ln(),
-        prompt_tokens: text.windows.iter().map(|w| w.prompt_tokens).sum(),
+        prompt_tokens: scored.prompt_tokens(),
         completion_tokens: scored.labels.targets[best].len(),
         scored,
     })

@@ -87,13 +87,7 @@ pub async fn sentiment(
 
 /// What answered a scoring request, for its audit record.
 pub(super) fn scored_facts(scored: &Scored) -> Facts {
-    let tokens = scored
-        .texts
-        .iter()
-        .flat_map(|t| &t.windows)
-        .map(|w| w.prompt_tokens)
-        .sum();
-    Facts::new(&scored.variant, &scored.digest, tokens)
+    Facts::new(&scored.variant, &scored.digest, scored.prompt_tokens())
 }
 
 /// `top_k` of `/v1/sentiment`: how many labels to return (all by default).
