@@ -217,6 +217,11 @@ pub struct ServeArgs {
     /// --max-batch-size).
     #[arg(long, env = "FINSERVE_INTERACTIVE_SLOTS")]
     pub interactive_slots: Option<usize>,
+    /// Most inputs of a sentiment batch of batch-priority work (default: a quarter of
+    /// --max-batch-size): an interactive request that arrives while one runs waits for it, so
+    /// smaller keeps interactive latency lower and a backfill slower.
+    #[arg(long, env = "FINSERVE_BACKFILL_BATCH_SIZE", value_parser = at_least::<1>)]
+    pub backfill_batch_size: Option<usize>,
     /// How long the engine may wait for more sentiment requests to fill a batch.
     #[arg(long, env = "FINSERVE_MAX_BATCH_WAIT_MS", default_value_t = 0)]
     pub max_batch_wait_ms: u64,
@@ -431,6 +436,15 @@ impl ServeArgs {
         let limits = self.request_limits()?;
         let runtime = self.runtime_variants()?;
         let interactive_slots = self.interactive_slots.unwrap_or(m.max_batch_size / 4);
+        let backfill_batch_size = self
+            .backfill_batch_size
+            .unwrap_or((m.max_batch_size / 4).max(1));
+        if backfill_batch_size > m.max_batch_size {
+            bail!(
+                "--backfill-batch-size ({backfill_batch_size}) must be at most --max-batch-size ({})",
+                m.max_batch_size
+            );
+        }
         if interactive_slots >= m.max_batch_size {
             bail!(
                 "--interactive-slots ({interactive_slots}) must be less than --max-batch-size ({}) \
@@ -464,6 +478,7 @@ impl ServeArgs {
             queue_capacity: self.max_concurrent_requests * limits.max_client_batch_size,
             limits,
             interactive_slots,
+            backfill_batch_size,
             ..m.engine_config()
         };
         Ok(ServeJob {

@@ -312,9 +312,13 @@ impl Batcher {
             })
             .collect();
         let cfg = &self.config;
+        let max_size = match priority {
+            Priority::Interactive => cfg.max_batch_size,
+            Priority::Batch => cfg.backfill_batch_size.clamp(1, cfg.max_batch_size),
+        };
         let n = fits(
             same.iter().map(|&i| self.sentiment[i].ids.len()),
-            cfg.max_batch_size,
+            max_size,
             cfg.max_batch_tokens,
             0,
         );
@@ -737,6 +741,7 @@ mod tests {
             queue_capacity: 64,
             max_input_tokens: 64,
             interactive_slots: max_batch_size / 2,
+            backfill_batch_size: max_batch_size / 2,
             ..Default::default()
         };
         let (tx, rx) = sync_channel(64);
@@ -1119,7 +1124,7 @@ mod tests {
 
     #[test]
     fn interactive_inputs_go_first_and_alone() {
-        let mut h = harness(2, Duration::ZERO);
+        let mut h = harness(4, Duration::ZERO);
         let labels = h.labels.clone();
         let mut older = h.sentiment_at(0, labels.clone(), Priority::Batch);
         let mut newer = h.sentiment_at(0, labels.clone(), Priority::Batch);
@@ -1132,6 +1137,16 @@ mod tests {
         assert!(older.try_recv().is_err() && newer.try_recv().is_err());
         assert_eq!(h.ticks(1), [Call::Score(2)]);
         assert!(older.try_recv().unwrap().is_ok() && newer.try_recv().unwrap().is_ok());
+    }
+
+    #[test]
+    fn backfill_batches_are_kept_short() {
+        let mut h = harness(4, Duration::ZERO);
+        let labels = h.labels.clone();
+        let _batch: Vec<_> = (0..4)
+            .map(|_| h.sentiment_at(0, labels.clone(), Priority::Batch))
+            .collect();
+        assert_eq!(h.ticks(2), [Call::Score(2), Call::Score(2)]);
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct EngineConfig {
     /// Decode slots of each variant that batch-priority generations may not take, so that an
     /// interactive generation finds room however large a backfill is.
     pub interactive_slots: usize,
+    /// Most inputs of a sentiment batch of batch-priority work: an interactive request that
+    /// arrives while one runs waits for it, so it is kept short.
+    pub backfill_batch_size: usize,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +71,7 @@ impl Default for EngineConfig {
             prompt_template: "{text}".into(),
             limits: RequestLimits::default(),
             interactive_slots: 8,
+            backfill_batch_size: 8,
         }
     }
 }
