@@ -247,20 +247,26 @@ fn adapter_paths_stay_under_the_root_and_memory_returns() {
     for _ in 0..20 {
         cycle();
     }
+    // Resident memory after each of 40 more cycles. The allocator moves it by a few MiB either
+    // way from one cycle to the next; a leak only ever adds. So the lowest of the last ten is held
+    // against the lowest of the first ten.
     let pid = s.child.id();
-    let before = rss_kib(pid);
+    let samples: Vec<u64> = (0..40)
+        .map(|_| {
+            cycle();
+            rss_kib(pid)
+        })
+        .collect();
+    let before = *samples[..10].iter().min().unwrap();
+    let after = *samples[30..].iter().min().unwrap();
     // Were each cycle to leave its variant's weights behind, that would be well over 5 %.
     assert!(
-        40 * unshared / 1024 > before / 10,
+        30 * unshared / 1024 > before / 10,
         "{unshared} bytes per variant, {before} KiB"
     );
-    for _ in 0..40 {
-        cycle();
-    }
-    let after = rss_kib(pid);
     assert!(
         after as f64 <= before as f64 * 1.05,
-        "resident memory grew from {before} KiB to {after} KiB over 40 loads and unloads"
+        "resident memory grew from {before} KiB to {after} KiB over 30 loads and unloads: {samples:?}"
     );
     assert_eq!(weights(), before_weights);
 }
