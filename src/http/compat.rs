@@ -45,24 +45,27 @@ pub enum PredictResponse {
     Many(Vec<Vec<LabelScore>>),
 }
 
+/// Scores `texts` with `variant` (`None`: the default model), naming refusals in `dialect`.
 async fn score(
     state: &AppState,
+    variant: Option<String>,
     texts: Vec<String>,
     labels: Option<Vec<String>>,
     long_input: LongInput,
+    dialect: Dialect,
 ) -> Result<Scored, ApiError> {
-    let engine = engine(state)?;
     let query = ScoreQuery {
         texts,
+        variant,
         labels,
         long_input,
         priority: priority(None)?,
         ..Default::default()
     };
-    engine
+    engine(state)?
         .score(query, Some(state.config.request_timeout))
         .await
-        .map_err(|e| Dialect::Sentiment.error(e))
+        .map_err(|e| dialect.error(e))
 }
 
 /// The scored labels of one text, best first: probabilities, or log-likelihoods with `raw`.
@@ -108,7 +111,15 @@ pub async fn predict(
     } else {
         LongInput::Refuse
     };
-    let scored = score(&state, texts(req.inputs), None, long_input).await?;
+    let scored = score(
+        &state,
+        None,
+        texts(req.inputs),
+        None,
+        long_input,
+        Dialect::Sentiment,
+    )
+    .await?;
     let raw = req.raw_scores.unwrap_or(false);
     let mut all: Vec<Vec<LabelScore>> = (0..scored.texts.len())
         .map(|i| ranked(&scored, i, raw))
@@ -195,18 +206,8 @@ async fn score_with(
             .map_err(|e| Dialect::OpenAi.error(e))?;
     }
     let name = model.unwrap_or_else(|| state.config.model_name.clone());
-    let query = ScoreQuery {
-        texts,
-        variant: (name != state.config.model_name).then(|| name.clone()),
-        labels,
-        long_input,
-        priority: priority(None)?,
-        ..Default::default()
-    };
-    let scored = engine
-        .score(query, Some(state.config.request_timeout))
-        .await
-        .map_err(|e| Dialect::OpenAi.error(e))?;
+    let variant = (name != state.config.model_name).then(|| name.clone());
+    let scored = score(state, variant, texts, labels, long_input, Dialect::OpenAi).await?;
     Ok((name, scored))
 }
 
