@@ -269,13 +269,15 @@ def main():
     ap.add_argument("--lr2", type=float, default=1e-3)
     ap.add_argument("--stage2", action="store_true",
                     help="also train the adapter with torch + peft into --work/python-adapter (a cross-check)")
+    ap.add_argument("--data-only", action="store_true",
+                    help="only write the adapter's training and dev sets into --work (no base training)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seed_all(SEED)
     t_start = time.time()
     out, work = Path(args.out), Path(args.work)
     base_dir, adapter_dir = out / "base", work / "python-adapter"
-    for d in (base_dir, adapter_dir):
+    for d in () if args.data_only else (base_dir, adapter_dir):
         if d.exists():
             shutil.rmtree(d)
 
@@ -298,6 +300,8 @@ def main():
     rng.shuffle(adapter_rows)
     write_rows(work / "adapter_train.csv", adapter_rows)
     write_rows(work / "dev.csv", dev + tweets_dev)
+    if args.data_only:
+        return
     log(f"PhraseBank pool {len(pool)}: base-supervised (agree<75) {len(low)}, adapter (agree>=75) {len(adapter_pb)}, "
         f"dev {len(dev)}; tweets pool {len(tweets)}: base-supervised {len(tweets_base)}, adapter {len(tw)}, "
         f"dev {len(tweets_dev)}")

@@ -11,12 +11,13 @@ use clap::{Args, Parser, Subcommand};
 use crate::audit::{AuditConfig, Sink};
 use crate::engine::prompt::{Template, TruncationDirection};
 use crate::engine::sentiment::LabelSet;
+use crate::engine::targets::TargetTemplate;
 use crate::engine::{EngineConfig, RequestLimits};
 use crate::http::{ApiKeys, HttpConfig};
 use crate::hub::HubConfig;
 use crate::model::lora::AdapterSpec;
 use crate::model::{self, ModelSpec};
-use crate::served::{ModelJob, adapter_calibration_path};
+use crate::served::{ModelJob, beside_adapter};
 use crate::server::{RuntimeJob, ServeJob};
 use crate::variants::{Eviction, RuntimeVariants};
 
@@ -176,6 +177,10 @@ pub struct ModelArgs {
     /// Default: `calibration.json` in the last adapter's directory, if there is one.
     #[arg(long, env = "FINSERVE_CALIBRATION")]
     pub calibration: Option<PathBuf>,
+    /// How the default model is shown a target (`parameters.targets`): a `target_template.json`
+    /// as `finserve train` writes it. Default: the one in the last adapter's directory, if any.
+    #[arg(long, env = "FINSERVE_TARGET_TEMPLATE")]
+    pub target_template: Option<PathBuf>,
     /// Longest input in tokens (EOS included).
     #[arg(long, env = "FINSERVE_MAX_INPUT_TOKENS", value_parser = at_least::<2>, default_value_t = EngineConfig::default().max_input_tokens)]
     pub max_input_tokens: usize,
@@ -250,6 +255,16 @@ pub struct ServeArgs {
     /// Most windows one input may need with `long_input: chunk`; longer inputs get 422.
     #[arg(long, env = "FINSERVE_MAX_CHUNKS_PER_INPUT", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_chunks_per_input)]
     pub max_chunks_per_input: usize,
+    /// Most `targets` of one input (entity-level sentiment); more get 422.
+    #[arg(long, env = "FINSERVE_MAX_TARGETS_PER_INPUT", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_targets_per_input)]
+    pub max_targets_per_input: usize,
+    /// Most words of one input that `explain` occludes (one scored text each, per target);
+    /// longer inputs get 422.
+    #[arg(long, env = "FINSERVE_MAX_EXPLAIN_WORDS", value_parser = at_least::<2>, default_value_t = RequestLimits::default().max_explain_words)]
+    pub max_explain_words: usize,
+    /// Most sentences of one input with `long_input: sentences`; more get 422.
+    #[arg(long, env = "FINSERVE_MAX_SENTENCES_PER_INPUT", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_sentences_per_input)]
+    pub max_sentences_per_input: usize,
     /// Which end `truncate` cuts when a request does not say: right (keep the start) or left.
     #[arg(long, env = "FINSERVE_TRUNCATION_DIRECTION", default_value = "right")]
     pub truncation_direction: TruncationDirection,
@@ -412,6 +427,9 @@ impl ServeArgs {
             max_label_length: self.max_label_length,
             chunk_overlap: self.chunk_overlap,
             max_chunks_per_input: self.max_chunks_per_input,
+            max_targets_per_input: self.max_targets_per_input,
+            max_explain_words: self.max_explain_words,
+            max_sentences_per_input: self.max_sentences_per_input,
         })
     }
 
@@ -561,6 +579,9 @@ pub struct MergeArgs {
 pub enum EvalLongInput {
     Error,
     Chunk,
+    /// Score each sentence (windowed when longer than a window); the row's scores are the
+    /// token-weighted mean of its sentences'.
+    Sentences,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -654,12 +675,27 @@ pub struct TrainArgs {
     /// The base to train on.
     #[command(flatten)]
     pub base: BaseArgs,
-    /// Training CSV file with a header row.
-    #[arg(long, env = "FINSERVE_TRAIN_DATA")]
-    pub data: PathBuf,
-    /// CSV scored after each epoch (accuracy, macro-F1); the best epoch's adapter is kept.
-    #[arg(long, env = "FINSERVE_TRAIN_EVAL_DATA")]
-    pub eval_data: Option<PathBuf>,
+    /// Training data: CSV files with a header row (sentence-level rows) and entity-level JSON
+    /// Lines (`.jsonl`, FinEntity's shape: each annotated entity is one example, shown through
+    /// --target-template). Repeat (or comma-separate) to mix files; a file given twice is seen
+    /// twice per epoch.
+    #[arg(
+        long,
+        env = "FINSERVE_TRAIN_DATA",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub data: Vec<PathBuf>,
+    /// Data scored after each epoch (accuracy, macro-F1 over all its rows), CSV or JSON Lines as
+    /// --data; the best epoch's adapter is kept.
+    #[arg(long, env = "FINSERVE_TRAIN_EVAL_DATA", value_delimiter = ',')]
+    pub eval_data: Vec<PathBuf>,
+    /// How entity rows are shown to the model: a `target_template.json` (`template` with
+    /// `{text}` and `{target}`, `mark`, optional `context_words`). Default: `{target} : {text}`,
+    /// mentions marked `<<` `>>`, the whole text. Written beside the adapter when --data holds
+    /// entity rows, where `serve` reads it.
+    #[arg(long, env = "FINSERVE_TRAIN_TARGET_TEMPLATE")]
+    pub target_template: Option<PathBuf>,
     /// Adapter directory to write (adapter_config.json, adapter_model.safetensors).
     #[arg(long, env = "FINSERVE_TRAIN_OUT")]
     pub out: PathBuf,
@@ -733,19 +769,30 @@ impl TrainArgs {
             .with_context(|| format!("cannot load model `{name}`"))?;
         let labels = self.prompt.label_set(&ckpt.tokenizer)?;
         let template = self.prompt.template()?;
-        let columns = (self.text_column.as_str(), self.label_column.as_str());
-        let read = |path: &PathBuf| {
-            crate::train::read(
-                path,
-                columns,
-                &self.prompt.labels,
-                &ckpt.tokenizer,
-                &template,
-                self.max_input_tokens,
-            )
+        let target_template = match &self.target_template {
+            Some(path) => TargetTemplate::load(path)?,
+            None => TargetTemplate::new("{target} : {text}", ("<<".into(), ">>".into()), None)?,
+        };
+        let prompts = crate::train::Prompts {
+            columns: (self.text_column.as_str(), self.label_column.as_str()),
+            labels: &self.prompt.labels,
+            tokenizer: &ckpt.tokenizer,
+            template: &template,
+            target_template: &target_template,
+            max_input_tokens: self.max_input_tokens,
+        };
+        let read = |paths: &[PathBuf]| -> anyhow::Result<Vec<_>> {
+            let mut rows = Vec::new();
+            for path in paths {
+                rows.extend(crate::train::read(path, &prompts)?);
+            }
+            Ok(rows)
         };
         let train = read(&self.data)?;
-        let eval = self.eval_data.as_ref().map(read).transpose()?;
+        let eval = (!self.eval_data.is_empty())
+            .then(|| read(&self.eval_data))
+            .transpose()?;
+        let entities = self.data.iter().any(|p| crate::entity_data::is_jsonl(p));
         let recipe = crate::train::Recipe {
             lora: crate::train::peft::LoraSettings {
                 r: self.r,
@@ -770,6 +817,7 @@ impl TrainArgs {
             train,
             eval,
             out: self.out.clone(),
+            target_template: entities.then_some(target_template),
             pieces,
         };
         crate::train::run(job, &recipe)
@@ -786,16 +834,17 @@ fn long_input(
     max_input_tokens: usize,
 ) -> anyhow::Result<crate::engine::infer::LongInput> {
     use crate::engine::infer::LongInput;
-    if truncate && mode == EvalLongInput::Chunk {
-        bail!("--truncate and --long-input chunk exclude each other: choose one");
+    if truncate && mode != EvalLongInput::Error {
+        bail!("--truncate and --long-input chunk or sentences exclude each other: choose one");
     }
-    if mode == EvalLongInput::Chunk && chunk_overlap >= max_input_tokens {
+    if mode != EvalLongInput::Error && chunk_overlap >= max_input_tokens {
         bail!(
             "--chunk-overlap ({chunk_overlap}) must be less than --max-input-tokens ({max_input_tokens})"
         );
     }
     Ok(match (mode, truncate) {
         (EvalLongInput::Chunk, _) => LongInput::Chunk,
+        (EvalLongInput::Sentences, _) => LongInput::Sentences,
         (EvalLongInput::Error, true) => LongInput::Truncate(direction),
         (EvalLongInput::Error, false) => LongInput::Refuse,
     })
@@ -841,7 +890,7 @@ impl EvalArgs {
         let model = m.job(Vec::new())?;
         let calibration_out = match (self.calibration_out, self.calibrate) {
             (Some(p), _) => Some(p),
-            (None, true) => Some(adapter_calibration_path(&model.spec.adapters).context(
+            (None, true) => Some(beside_adapter(&model.spec.adapters, crate::calibration::FILE_NAME).context(
                 "--calibrate writes beside the last adapter, and there is no local adapter directory: \
                  pass --calibration-out",
             )?),
@@ -891,6 +940,7 @@ impl ModelArgs {
             labels: self.prompt.labels.clone(),
             prompt_template: self.prompt.prompt_template.clone(),
             calibration: self.calibration.clone(),
+            target_template: self.target_template.clone(),
         })
     }
 

@@ -34,6 +34,10 @@ pub enum Field {
     VariantName,
     /// The adapters a runtime variant merges.
     Adapters,
+    /// The targets of entity-level sentiment.
+    Targets,
+    /// The request for occlusion explanations.
+    Explain,
 }
 
 /// A server limit that a request went over.
@@ -49,6 +53,9 @@ pub enum Limit {
     MaxStopLength,
     MaxCandidateLabels,
     MaxLabelLength,
+    MaxTargetsPerInput,
+    MaxExplainWords,
+    MaxSentencesPerInput,
 }
 
 impl Limit {
@@ -65,6 +72,9 @@ impl Limit {
             Self::MaxStopLength => "max_stop_length",
             Self::MaxCandidateLabels => "max_candidate_labels",
             Self::MaxLabelLength => "max_label_length",
+            Self::MaxTargetsPerInput => "max_targets_per_input",
+            Self::MaxExplainWords => "max_explain_words",
+            Self::MaxSentencesPerInput => "max_sentences_per_input",
         }
     }
 }

@@ -236,6 +236,28 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
         calibration_out,
     } = job;
     let names = model.labels.clone();
+    if crate::entity_data::is_jsonl(&data) {
+        if calibration_out.is_some() {
+            bail!("--calibrate fits sentence-level scores: give it a CSV, not entity JSON Lines");
+        }
+        let texts = crate::entity_data::read(&data, &names)?;
+        let name = model.spec.model.clone();
+        let (served, tokenizer) = model.load(false)?.served(name);
+        let digest = served.first().map(|s| s.digest.clone()).unwrap_or_default();
+        let engine = Engine::start(
+            served,
+            Arc::new(tokenizer),
+            EngineConfig {
+                queue_capacity: texts.iter().map(|t| t.entities.len() + 1).sum(),
+                ..config
+            },
+        )?;
+        println!(
+            "entity-level data {}\nmodel digest: {digest}",
+            data.display()
+        );
+        return crate::entity_eval::run(&engine, &texts, &names, long_input, out.as_deref());
+    }
     let rows = read_rows(&data, &text_column, &label_column, &names)?;
     let name = model.spec.model.clone();
     let prompt_template = model.prompt_template.clone();
@@ -313,6 +335,9 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
         ),
         LongInput::Chunk => println!(
             "rows over max_input_tokens: scored in windows, token-weighted mean (--long-input chunk)"
+        ),
+        LongInput::Sentences => println!(
+            "rows scored sentence by sentence, token-weighted mean (--long-input sentences)"
         ),
     }
     if !refused.is_empty() {

@@ -11,6 +11,8 @@ pub mod audit;
 pub mod calibration;
 pub mod cli;
 pub mod engine;
+pub mod entity_data;
+pub mod entity_eval;
 pub mod error;
 pub mod eval;
 pub mod export;

@@ -1,6 +1,7 @@
 //! What a served model is made of, for `serve` and `eval` alike: the merged base (and variants),
 //! each with its sentiment labels, calibrated by `calibration.json` beside its last adapter (or
-//! the file named for the default model) when there is one.
+//! the file named for the default model) when there is one, and its target template
+//! (`target_template.json`, found the same way).
 
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use crate::calibration::{self, Calibration};
 use crate::engine::backend::T5Backend;
 use crate::engine::prompt::Template;
 use crate::engine::sentiment::LabelSet;
+use crate::engine::targets::{self, TargetTemplate};
 use crate::engine::{Engine, Served};
 use crate::hub::HubConfig;
 use crate::model::digest::FileDigest;
@@ -26,7 +28,12 @@ pub struct ModelJob {
     pub prompt_template: String,
     /// A calibration file for the default model (`--calibration`), instead of the adapter's.
     pub calibration: Option<PathBuf>,
+    /// A target template for the default model (`--target-template`), instead of the adapter's.
+    pub target_template: Option<PathBuf>,
 }
+
+/// A target template and the file it came from.
+pub type FoundTemplate = Option<(PathBuf, TargetTemplate)>;
 
 /// A label set and the calibration it was given, if any.
 pub type CalibratedLabels = (LabelSet, Option<(PathBuf, Calibration)>);
@@ -36,17 +43,18 @@ pub type CalibratedLabels = (LabelSet, Option<(PathBuf, Calibration)>);
 pub struct Loaded {
     pub model: LoadedModel,
     pub labels: Vec<CalibratedLabels>,
+    pub target_templates: Vec<FoundTemplate>,
     /// `sha256:HEX` over everything that decides each served model's outputs ([`model::digest`]).
     pub digests: Vec<String>,
 }
 
-/// `calibration.json` in the last adapter's directory, when that is a local directory.
-pub fn adapter_calibration_path(adapters: &[AdapterSpec]) -> Option<PathBuf> {
+/// `name` in the last adapter's directory, when that is a local directory.
+pub fn beside_adapter(adapters: &[AdapterSpec], name: &str) -> Option<PathBuf> {
     adapters
         .last()
         .map(|a| PathBuf::from(&a.source))
         .filter(|dir| dir.is_dir())
-        .map(|dir| dir.join(calibration::FILE_NAME))
+        .map(|dir| dir.join(name))
 }
 
 impl ModelJob {
@@ -59,11 +67,17 @@ impl ModelJob {
             .with_context(|| format!("cannot load model `{}`", spec.model))?;
         let tokenizer = &loaded.tokenizer;
         let mut labels = vec![self.labels(tokenizer, self.calibration.clone(), &spec.adapters)?];
+        let mut target_templates = vec![Self::target_template(
+            self.target_template.clone(),
+            &spec.adapters,
+        )?];
         for v in &spec.variants {
+            let context = || format!("variant `{}`", v.name);
             labels.push(
                 self.labels(tokenizer, None, &v.adapters)
-                    .with_context(|| format!("variant `{}`", v.name))?,
+                    .with_context(context)?,
             );
+            target_templates.push(Self::target_template(None, &v.adapters).with_context(context)?);
         }
         let adapters = std::iter::once((&spec.adapters, &loaded.reports)).chain(
             spec.variants
@@ -72,31 +86,35 @@ impl ModelJob {
                 .map(|(v, m)| (&v.adapters, &m.reports)),
         );
         let digests = adapters
-            .zip(&labels)
-            .map(|((specs, reports), (_, calibration))| {
+            .zip(labels.iter().zip(&target_templates))
+            .map(|((specs, reports), ((_, calibration), target_template))| {
                 self.digest(
                     &loaded.files,
                     specs,
                     reports,
                     calibration.as_ref().map(|(p, _)| p),
+                    target_template.as_ref().map(|(p, _)| p),
                 )
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(Loaded {
             model: loaded,
             labels,
+            target_templates,
             digests,
         })
     }
 
     /// The digest of one served model: the base's files, dtype and quantization, its adapters'
-    /// weights and files, the labels, template and calibration file (see [`model::digest`]).
+    /// weights and files, the labels, template, calibration file and target template file (see
+    /// [`model::digest`]).
     pub fn digest(
         &self,
         base_files: &[FileDigest],
         adapters: &[AdapterSpec],
         reports: &[model::lora::MergeReport],
         calibration: Option<&PathBuf>,
+        target_template: Option<&PathBuf>,
     ) -> anyhow::Result<String> {
         let mut lines: Vec<String> = digest::file_lines(base_files).collect();
         lines.push(format!("dtype {}", self.spec.dtype.as_str()));
@@ -114,6 +132,10 @@ impl ModelJob {
             Some(path) => format!("calibration {}", digest::file(path)?.sha256),
             None => "calibration none".into(),
         });
+        // Absent for a model without one, so that such a model's digest stays what it was.
+        if let Some(path) = target_template {
+            lines.push(format!("target_template {}", digest::file(path)?.sha256));
+        }
         Ok(digest::combine(lines))
     }
 
@@ -127,7 +149,8 @@ impl ModelJob {
     ) -> anyhow::Result<CalibratedLabels> {
         let labels = LabelSet::new(&self.labels, tokenizer)?;
         labels.check_distinct().context("--labels")?;
-        let path = explicit.or_else(|| adapter_calibration_path(adapters).filter(|p| p.is_file()));
+        let path = explicit
+            .or_else(|| beside_adapter(adapters, calibration::FILE_NAME).filter(|p| p.is_file()));
         let Some(path) = path else {
             return Ok((labels, None));
         };
@@ -139,25 +162,47 @@ impl ModelJob {
     }
 }
 
+impl ModelJob {
+    /// `explicit`, or else `target_template.json` beside the last of `adapters`, if there is
+    /// one; a file without its placeholders is refused.
+    pub fn target_template(
+        explicit: Option<PathBuf>,
+        adapters: &[AdapterSpec],
+    ) -> anyhow::Result<FoundTemplate> {
+        let path = explicit
+            .or_else(|| beside_adapter(adapters, targets::FILE_NAME).filter(|p| p.is_file()));
+        let Some(path) = path else {
+            return Ok(None);
+        };
+        let template = TargetTemplate::load(&path)?;
+        tracing::info!(file = %path.display(), "target template read");
+        Ok(Some((path, template)))
+    }
+}
+
 impl Loaded {
     /// The engine's served models: the default one named `name`, then each variant.
     pub fn served(self, name: String) -> (Vec<Served<T5Backend>>, tokenizers::Tokenizer) {
         let Self {
             model,
             labels,
+            target_templates,
             digests,
         } = self;
         let variants = model.variants.into_iter().map(|v| (v.name, v.model));
         let served = std::iter::once((name, model.model))
             .chain(variants)
-            .zip(labels)
+            .zip(labels.into_iter().zip(target_templates))
             .zip(digests)
-            .map(|(((name, m), (labels, _)), digest)| Served {
-                name,
-                backend: T5Backend::new(m),
-                labels,
-                digest,
-            })
+            .map(
+                |(((name, m), ((labels, _), target_template)), digest)| Served {
+                    name,
+                    backend: T5Backend::new(m),
+                    labels,
+                    digest,
+                    target_template: target_template.map(|(_, t)| t),
+                },
+            )
             .collect();
         (served, model.tokenizer)
     }

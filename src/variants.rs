@@ -485,6 +485,8 @@ impl Variants {
             .job
             .labels(&self.tokenizer, None, &specs)
             .map_err(startup)?;
+        let target_template =
+            crate::served::ModelJob::target_template(None, &specs).map_err(startup)?;
         let digest = self
             .job
             .digest(
@@ -492,6 +494,7 @@ impl Variants {
                 &specs,
                 &reports,
                 calibration.as_ref().map(|(p, _)| p),
+                target_template.as_ref().map(|(p, _)| p),
             )
             .map_err(startup)?;
         self.engine.add_variant(Served {
@@ -499,6 +502,7 @@ impl Variants {
             backend: T5Backend::new(model.clone()),
             labels,
             digest: digest.clone(),
+            target_template: target_template.map(|(_, t)| t),
         })?;
         tracing::info!(
             variant = %name,

@@ -20,6 +20,12 @@ pub struct RequestLimits {
     /// Input tokens shared by consecutive windows of a long input.
     pub chunk_overlap: usize,
     pub max_chunks_per_input: usize,
+    /// Targets of one text (entity-level sentiment).
+    pub max_targets_per_input: usize,
+    /// Words of one text that `explain` occludes, one scored variant each.
+    pub max_explain_words: usize,
+    /// Sentences of one text in `sentences` mode.
+    pub max_sentences_per_input: usize,
 }
 
 impl Default for RequestLimits {
@@ -35,6 +41,9 @@ impl Default for RequestLimits {
             max_label_length: 64,
             chunk_overlap: 32,
             max_chunks_per_input: 16,
+            max_targets_per_input: 16,
+            max_explain_words: 64,
+            max_sentences_per_input: 256,
         }
     }
 }

@@ -12,12 +12,15 @@ mod backlog;
 pub mod batcher;
 pub mod config;
 pub mod detokenizer;
+mod explain;
 pub mod generate;
 mod health;
 pub mod infer;
 pub mod job;
 pub mod prompt;
+mod sentences;
 pub mod sentiment;
+pub mod targets;
 pub mod validation;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +41,7 @@ pub use job::{GenerateEvent, GenerateOutput, Priority, SentimentOutput, Timing, 
 use job::{GenerateJob, Job, SentimentJob};
 use prompt::{Prompt, Template};
 use sentiment::LabelSet;
+use targets::TargetTemplate;
 
 /// One token of a tokenized text (`/tokenize`).
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +71,8 @@ pub struct Served<B> {
     pub labels: LabelSet,
     /// What identifies the model's outputs (`sha256:HEX`, see [`crate::model::digest`]).
     pub digest: String,
+    /// How it is shown a target (entity-level sentiment), if it was trained for targets.
+    pub target_template: Option<TargetTemplate>,
 }
 
 /// What requests see of a served model. A request holds its variant's `Arc` until it has its
@@ -78,6 +84,7 @@ pub struct Variant {
     pub name: String,
     pub labels: Arc<LabelSet>,
     pub digest: String,
+    pub target_template: Option<Arc<TargetTemplate>>,
     /// The engine's use counter when a request last named it (for eviction).
     used: AtomicU64,
 }
@@ -132,6 +139,7 @@ impl Engine {
                 name: s.name.clone(),
                 labels: Arc::new(s.labels),
                 digest: s.digest,
+                target_template: s.target_template.map(Arc::new),
                 used: AtomicU64::new(0),
             }));
             lanes.push(batcher::Lane::new(id, s.name, Box::new(s.backend)));
@@ -208,6 +216,7 @@ impl Engine {
             name: served.name,
             labels: Arc::new(served.labels),
             digest: served.digest,
+            target_template: served.target_template.map(Arc::new),
             used: AtomicU64::new(self.uses.fetch_add(1, Ordering::Relaxed)),
         }));
         Ok(())

@@ -67,6 +67,12 @@ impl Template {
         }
     }
 
+    /// The template with `before` and `after` around the input (no placeholder search: either
+    /// may hold any text).
+    pub fn from_parts(before: String, after: String) -> Self {
+        Self { before, after }
+    }
+
     pub fn as_string(&self) -> String {
         format!("{}{{text}}{}", self.before, self.after)
     }
@@ -167,24 +173,40 @@ impl Prompt {
         ids
     }
 
+    /// The window of input tokens `keep`.
+    fn window(&self, keep: Range<usize>) -> Window {
+        let span = match (
+            self.spans.get(keep.start),
+            keep.end.checked_sub(1).and_then(|e| self.spans.get(e)),
+        ) {
+            (Some(first), Some(last)) if !keep.is_empty() => (first.0, last.1),
+            _ => (0, 0),
+        };
+        Window {
+            ids: self.with_input(keep.clone()),
+            span,
+            tokens: keep.len(),
+        }
+    }
+
     /// The prompt cut to `max_tokens` by dropping input tokens from one end. `None` when it is
     /// longer and `direction` is `None` (the caller did not ask to truncate).
     pub fn fit(
         &self,
         max_tokens: usize,
         direction: Option<TruncationDirection>,
-    ) -> Result<Option<Vec<u32>>> {
+    ) -> Result<Option<Window>> {
+        let n = self.input.len();
         if self.ids.len() <= max_tokens {
-            return Ok(Some(self.ids.clone()));
+            return Ok(Some(self.window(0..n)));
         }
         let Some(direction) = direction else {
             return Ok(None);
         };
         let keep = self.room(max_tokens)?;
-        let n = self.input.len();
         Ok(Some(match direction {
-            TruncationDirection::Right => self.with_input(0..keep),
-            TruncationDirection::Left => self.with_input(n - keep..n),
+            TruncationDirection::Right => self.window(0..keep),
+            TruncationDirection::Left => self.window(n - keep..n),
         }))
     }
 
@@ -228,19 +250,7 @@ impl Prompt {
         Ok((0..count)
             .map(|w| {
                 let start = (w * stride).min(n.saturating_sub(size));
-                let end = (start + size).min(n);
-                let span = match (
-                    self.spans.get(start),
-                    end.checked_sub(1).and_then(|e| self.spans.get(e)),
-                ) {
-                    (Some(first), Some(last)) => (first.0, last.1),
-                    _ => (0, 0),
-                };
-                Window {
-                    ids: self.with_input(start..end),
-                    span,
-                    tokens: end - start,
-                }
+                self.window(start..(start + size).min(n))
             })
             .collect())
     }
@@ -293,9 +303,10 @@ mod tests {
                 &p.ids[p.input.end - 5..p.input.end],
             ),
         ] {
-            let ids = p.fit(max, Some(direction)).unwrap().unwrap();
-            assert_eq!(ids.len(), max);
-            assert_eq!(ids, [prefix, kept, suffix].concat());
+            let window = p.fit(max, Some(direction)).unwrap().unwrap();
+            assert_eq!(window.ids.len(), max);
+            assert_eq!(window.ids, [prefix, kept, suffix].concat());
+            assert_eq!(window.tokens, 5);
         }
         assert!(p.fit(max, None).unwrap().is_none());
         assert!(

@@ -131,7 +131,7 @@ pub fn softmax(log_probs: &[f64], temperature: f64) -> Vec<f64> {
 }
 
 /// Per-input scores, in label-set order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LabelScores {
     /// Summed log-probability of each label's target sequence.
     pub log_probs: Vec<f64>,

@@ -97,6 +97,9 @@ fn flag(limit: Limit) -> &'static str {
         Limit::MaxStopLength => "--max-stop-length",
         Limit::MaxCandidateLabels => "--max-candidate-labels",
         Limit::MaxLabelLength => "--max-label-length",
+        Limit::MaxTargetsPerInput => "--max-targets-per-input",
+        Limit::MaxExplainWords => "--max-explain-words",
+        Limit::MaxSentencesPerInput => "--max-sentences-per-input",
     }
 }
 
@@ -140,6 +143,8 @@ impl Dialect {
             Field::Ids => "ids",
             Field::VariantName => "name",
             Field::Adapters => "adapters",
+            Field::Targets => "parameters.targets",
+            Field::Explain => "parameters.explain",
         }
     }
 

@@ -618,6 +618,7 @@ async fn choose(
         template: Some("{text}".into()),
         long_input: LongInput::Refuse,
         priority: priority(None)?,
+        ..ScoreQuery::default()
     };
     let scored = engine
         .score(query, Some(state.config.request_timeout))

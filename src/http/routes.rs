@@ -24,7 +24,8 @@ use super::extract::JsonBody;
 use super::route::Route;
 use super::types::*;
 use crate::engine::GenerateEvent;
-use crate::engine::infer::{GenerateQuery, Generation, LongInput, ScoreQuery, Scored};
+use crate::engine::infer::{GenerateQuery, Generation, LongInput, Occluded, ScoreQuery, Scored};
+use crate::engine::sentiment::LabelScores;
 use crate::engine::validation::GenerateOptions;
 use crate::error::Error;
 use crate::metrics::METRICS;
@@ -54,14 +55,39 @@ pub async fn sentiment(
     let params = req.parameters.unwrap_or_default();
     let top_k = sentiment_top_k(params.top_k)?;
     let function = params.function_to_apply.unwrap_or_default();
-    let return_chunks = params.return_chunks.unwrap_or(false);
     let long_input = match (params.long_input.unwrap_or_default(), req.truncate) {
         (super::types::LongInput::Chunk, _) => LongInput::Chunk,
+        (super::types::LongInput::Sentences, _) => LongInput::Sentences,
         (super::types::LongInput::Error, Some(true)) => LongInput::Truncate(
             req.truncation_direction
                 .unwrap_or(state.config.default_truncation_direction),
         ),
         (super::types::LongInput::Error, _) => LongInput::Refuse,
+    };
+    let shape = Shape {
+        function,
+        top_k,
+        chunks: params.return_chunks.unwrap_or(false),
+        sentences: long_input == LongInput::Sentences,
+        explain: params.explain.unwrap_or(false),
+    };
+    let targets = match (&req.inputs, params.targets) {
+        (_, None) => None,
+        (Inputs::One(_), Some(Targets::One(list))) => Some(vec![engine_targets(list)]),
+        (Inputs::Many(_), Some(Targets::Many(lists))) => {
+            Some(lists.into_iter().map(engine_targets).collect())
+        }
+        (Inputs::One(_), Some(Targets::Many(_))) => {
+            return Err(ApiError::validation(
+                "`parameters.targets`: for one input, give a list of targets (names or spans)",
+            ));
+        }
+        (Inputs::Many(_), Some(Targets::One(_))) => {
+            return Err(ApiError::validation(
+                "`parameters.targets`: for a list of inputs, give a list of target lists, one \
+                 per input",
+            ));
+        }
     };
     let query = ScoreQuery {
         texts: texts(req.inputs),
@@ -72,6 +98,9 @@ pub async fn sentiment(
         template: params.prompt_template.map(|t| t.0),
         long_input,
         priority: priority(params.priority)?,
+        targets,
+        text_scores_with_targets: false,
+        explain: shape.explain,
     };
     let request = tracing::Span::current();
     let scored = engine
@@ -80,9 +109,23 @@ pub async fn sentiment(
         .map_err(|e| Dialect::Sentiment.error(e))?;
     let _response = tracing::info_span!("response").entered();
     record_timing(Route::Sentiment, scored.timing, &request, scored.submitted);
-    let body = sentiment_body(&scored, function, top_k, return_chunks);
+    let body = sentiment_body(&scored, shape);
     let response = (inference_headers(scored.timing, &scored.digest), Json(body)).into_response();
     Ok(scored_facts(&scored).on(response))
+}
+
+fn engine_targets(list: Vec<Target>) -> Vec<crate::engine::targets::Target> {
+    list.into_iter().map(Into::into).collect()
+}
+
+/// What a /v1/sentiment answer holds besides each input's ranked labels.
+#[derive(Clone, Copy)]
+struct Shape {
+    function: FunctionToApply,
+    top_k: usize,
+    chunks: bool,
+    sentences: bool,
+    explain: bool,
 }
 
 /// What answered a scoring request, for its audit record.
@@ -101,14 +144,9 @@ fn sentiment_top_k(top_k: Option<i64>) -> Result<usize, ApiError> {
     }
 }
 
-/// Per text, its labels ranked (and its windows' with `return_chunks`); counts each text's top
-/// label in the prediction metrics.
-fn sentiment_body(
-    scored: &Scored,
-    function: FunctionToApply,
-    top_k: usize,
-    return_chunks: bool,
-) -> Vec<InputScores> {
+/// Per text, its labels ranked, with the parts `shape` asks for (or, with targets, each
+/// target's); counts each top label in the prediction metrics.
+fn sentiment_body(scored: &Scored, shape: Shape) -> Vec<InputScores> {
     let names = &scored.labels.names;
     // Request-chosen label texts never become metric label values.
     let label_of = |label: &str| {
@@ -119,48 +157,100 @@ fn sentiment_body(
         }
         .to_string()
     };
+    let values = |s: &LabelScores| -> Vec<f64> {
+        match shape.function {
+            FunctionToApply::Softmax => s.probs.clone(),
+            FunctionToApply::None => s.log_probs.clone(),
+        }
+    };
+    // Every ranking here is a prediction: an input's, or a target's.
+    let rank = |s: &LabelScores| {
+        let scores = ranked(names, &values(s), shape.top_k);
+        if let Some(best) = scores.first() {
+            let metric = [scored.variant.clone(), label_of(&best.label)];
+            METRICS.predictions.with_label_values(&metric).inc();
+            if shape.function == FunctionToApply::Softmax {
+                METRICS
+                    .top_score
+                    .with_label_values(&metric)
+                    .observe(best.score);
+            }
+        }
+        scores
+    };
+    let explanation = |whole: &LabelScores, words: &[Occluded]| -> Option<Vec<WordAttribution>> {
+        shape.explain.then(|| {
+            let with = values(whole);
+            words
+                .iter()
+                .map(|w| WordAttribution {
+                    word: w.word.clone(),
+                    start: w.span.0,
+                    end: w.span.1,
+                    attributions: names
+                        .iter()
+                        .zip(with.iter().zip(values(&w.scores)))
+                        .map(|(label, (with, without))| LabelScore {
+                            label: label.clone(),
+                            score: with - without,
+                        })
+                        .collect(),
+                })
+                .collect()
+        })
+    };
     scored
         .texts
         .iter()
         .map(|text| {
-            for w in &text.windows {
-                record_input_tokens(Route::Sentiment, w.prompt_tokens);
+            record_input_tokens(Route::Sentiment, text.prompt_tokens);
+            if !text.targets.is_empty() {
+                return InputScores::Targets(
+                    text.targets
+                        .iter()
+                        .map(|t| TargetScores {
+                            target: t.name.clone(),
+                            spans: t.spans.iter().map(|&(s, e)| [s, e]).collect(),
+                            scores: rank(&t.scores),
+                            explanation: explanation(&t.scores, &t.words),
+                        })
+                        .collect(),
+                );
             }
-            let values = |probs: &'_ [f64], log_probs: &'_ [f64]| -> Vec<f64> {
-                match function {
-                    FunctionToApply::Softmax => probs.to_vec(),
-                    FunctionToApply::None => log_probs.to_vec(),
-                }
+            let whole = LabelScores {
+                probs: text.probs.clone(),
+                log_probs: text.log_probs.clone(),
             };
-            let scores = ranked(names, &values(&text.probs, &text.log_probs), top_k);
-            if let Some(best) = scores.first() {
-                let metric = [scored.variant.clone(), label_of(&best.label)];
-                METRICS.predictions.with_label_values(&metric).inc();
-                if function == FunctionToApply::Softmax {
-                    METRICS
-                        .top_score
-                        .with_label_values(&metric)
-                        .observe(best.score);
-                }
-            }
-            if !return_chunks {
+            let scores = rank(&whole);
+            if !(shape.chunks || shape.sentences || shape.explain) {
                 return InputScores::Labels(scores);
             }
-            let chunks = text
-                .windows
-                .iter()
-                .map(|w| ChunkScores {
-                    start: w.span.0,
-                    end: w.span.1,
-                    tokens: w.tokens,
-                    scores: ranked(
-                        names,
-                        &values(&w.scores.probs, &w.scores.log_probs),
-                        usize::MAX,
-                    ),
-                })
-                .collect();
-            InputScores::Chunked(ChunkedScores { scores, chunks })
+            InputScores::Detailed(DetailedScores {
+                scores,
+                chunks: shape.chunks.then(|| {
+                    text.windows
+                        .iter()
+                        .map(|w| ChunkScores {
+                            start: w.span.0,
+                            end: w.span.1,
+                            tokens: w.tokens,
+                            scores: ranked(names, &values(&w.scores), usize::MAX),
+                        })
+                        .collect()
+                }),
+                sentences: shape.sentences.then(|| {
+                    text.sentences
+                        .iter()
+                        .map(|s| SentenceScores {
+                            start: s.span.0,
+                            end: s.span.1,
+                            tokens: s.windows.iter().map(|w| w.tokens).sum(),
+                            scores: ranked(names, &values(&s.scores), usize::MAX),
+                        })
+                        .collect()
+                }),
+                explanation: explanation(&whole, &text.words),
+            })
         })
         .collect()
 }

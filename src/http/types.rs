@@ -125,6 +125,83 @@ pub enum LongInput {
     /// Scored in overlapping windows of the input (each with the whole template); the input's
     /// scores are the token-weighted mean of its windows' scores.
     Chunk,
+    /// Scored sentence by sentence (Unicode sentence boundaries, finance abbreviations kept
+    /// whole; a sentence longer than a window is windowed as `chunk`); the answer carries every
+    /// sentence's span and scores, and the input's scores are the token-weighted mean of its
+    /// sentences'.
+    Sentences,
+}
+
+/// A target of entity-level sentiment: an entity name (every whole-word, case-sensitive
+/// occurrence of it) or a character span `{"start", "end"}` (Unicode code points, end
+/// exclusive).
+#[derive(Debug, Clone, ToSchema)]
+#[serde(untagged)]
+#[schema(example = json!("Siemens"))]
+pub enum Target {
+    Name(String),
+    Span(TargetSpan),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpan {
+    pub start: usize,
+    pub end: usize,
+}
+
+impl<'de> Deserialize<'de> for Target {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(name) => Ok(Self::Name(name)),
+            v @ serde_json::Value::Object(_) => TargetSpan::deserialize(v)
+                .map(Self::Span)
+                .map_err(D::Error::custom),
+            _ => Err(D::Error::custom(
+                "a target is a name (string) or a span {\"start\", \"end\"}",
+            )),
+        }
+    }
+}
+
+impl From<Target> for crate::engine::targets::Target {
+    fn from(t: Target) -> Self {
+        match t {
+            Target::Name(name) => Self::Name(name),
+            Target::Span(s) => Self::Span {
+                start: s.start,
+                end: s.end,
+            },
+        }
+    }
+}
+
+/// `targets`: for one input a list of targets, for a list of inputs a list of such lists.
+#[derive(Debug, Clone, ToSchema)]
+#[serde(untagged)]
+pub enum Targets {
+    One(Vec<Target>),
+    Many(Vec<Vec<Target>>),
+}
+
+impl<'de> Deserialize<'de> for Targets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(d)?;
+        let nested = match &value {
+            serde_json::Value::Array(items) => {
+                items.first().is_some_and(serde_json::Value::is_array)
+            }
+            _ => return Err(D::Error::custom("expected a list of targets")),
+        };
+        if nested {
+            Vec::<Vec<Target>>::deserialize(value).map(Self::Many)
+        } else {
+            Vec::<Target>::deserialize(value).map(Self::One)
+        }
+        .map_err(D::Error::custom)
+    }
 }
 
 /// A label to score (at most the server's `max_label_length` characters, see `/info`).
@@ -165,6 +242,13 @@ pub struct SentimentParameters {
     /// `batch` for a backfill: scored after interactive work (also the `x-finserve-priority`
     /// header).
     pub priority: Option<PriorityName>,
+    /// Entity-level sentiment: score each input once per target (a name or a span) instead of
+    /// as a whole; the answer is, per input, one entry per target in request order.
+    pub targets: Option<Targets>,
+    /// Also return, per input (or per target), each word's attribution to each label: the
+    /// label's score with the word minus without it (occlusion; at most `max_explain_words`
+    /// words).
+    pub explain: Option<bool>,
 }
 
 /// A request's priority: `interactive` (the default) or `batch`, which fills batches only after
@@ -229,19 +313,61 @@ pub struct ChunkScores {
     pub scores: Vec<LabelScore>,
 }
 
-/// An input's scores with those of its windows.
+/// One sentence of an input (`long_input: sentences`).
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ChunkedScores {
+pub struct SentenceScores {
+    /// Character span of the sentence: `[start, end)`.
+    pub start: usize,
+    pub end: usize,
+    /// Input tokens of its windows (its weight in the input's scores).
+    pub tokens: usize,
     pub scores: Vec<LabelScore>,
-    pub chunks: Vec<ChunkScores>,
 }
 
-/// One input's labels by descending score; with `return_chunks`, also its windows.
+/// One word's attribution (`explain`): per label, the score with the word minus the score
+/// without it (positive: the word raised the label), labels in the order of `scores`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WordAttribution {
+    pub word: String,
+    /// Character span of the word: `[start, end)`.
+    pub start: usize,
+    pub end: usize,
+    pub attributions: Vec<LabelScore>,
+}
+
+/// An input's scores with its windows (`return_chunks`), sentences (`long_input: sentences`)
+/// or word attributions (`explain`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DetailedScores {
+    pub scores: Vec<LabelScore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<ChunkScores>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentences: Option<Vec<SentenceScores>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Vec<WordAttribution>>,
+}
+
+/// One target's scores (`targets`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct TargetScores {
+    /// The name, or the span's text.
+    pub target: String,
+    /// Character spans of its mentions: `[start, end)` each.
+    pub spans: Vec<[usize; 2]>,
+    pub scores: Vec<LabelScore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Vec<WordAttribution>>,
+}
+
+/// One input's labels by descending score; with `return_chunks`, `long_input: sentences` or
+/// `explain`, an object with the parts asked for; with `targets`, one entry per target.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum InputScores {
     Labels(Vec<LabelScore>),
-    Chunked(ChunkedScores),
+    Detailed(DetailedScores),
+    Targets(Vec<TargetScores>),
 }
 
 /// TGI's generation parameters. Those TGI has and finserve does not (`best_of`, `typical_p`,
@@ -456,6 +582,9 @@ pub struct Limits {
     pub max_label_length: usize,
     pub chunk_overlap: usize,
     pub max_chunks_per_input: usize,
+    pub max_targets_per_input: usize,
+    pub max_explain_words: usize,
+    pub max_sentences_per_input: usize,
     pub truncation_direction: TruncationDirection,
 }
 
@@ -481,6 +610,9 @@ impl Limits {
             max_label_length: request.max_label_length,
             chunk_overlap: request.chunk_overlap,
             max_chunks_per_input: request.max_chunks_per_input,
+            max_targets_per_input: request.max_targets_per_input,
+            max_explain_words: request.max_explain_words,
+            max_sentences_per_input: request.max_sentences_per_input,
             truncation_direction: http.default_truncation_direction,
         }
     }

@@ -1,4 +1,5 @@
-//! `finserve train`: LoRA fine-tuning of a T5-family model on a labelled CSV, with PEFT's recipe
+//! `finserve train`: LoRA fine-tuning of a T5-family model on labelled CSVs and entity-level JSON
+//! Lines (each entity shown through a target template, written beside the adapter), with PEFT's recipe
 //! (frozen base, LoRA on the targeted linear layers, teacher-forced cross-entropy of the label
 //! words and EOS, AdamW with linear warm-up and decay) and PEFT's file format, so the adapter it
 //! writes is served by finserve and loaded by `PeftModel.from_pretrained` alike.
@@ -26,6 +27,7 @@ use tokenizers::Tokenizer;
 
 use crate::engine::prompt::{Prompt, Template, TruncationDirection};
 use crate::engine::sentiment::{LabelSet, score};
+use crate::engine::targets::{self, TargetTemplate};
 use crate::eval::Report;
 use crate::model::linear::SharedLayers;
 use crate::model::lora::{AdapterConfig, merge_weight};
@@ -110,7 +112,7 @@ pub fn examples(
                         i + 2
                     )
                 })?;
-            Ok((ids, *label))
+            Ok((ids.ids, *label))
         })
         .collect()
 }
@@ -319,6 +321,8 @@ pub struct Job {
     pub train: Vec<(Vec<u32>, usize)>,
     pub eval: Option<Vec<(Vec<u32>, usize)>>,
     pub out: PathBuf,
+    /// Written beside the adapter when entity rows were trained on.
+    pub target_template: Option<TargetTemplate>,
     /// Pieces each batch is split into, trained in parallel (see [`parallel_pieces`]).
     pub pieces: usize,
 }
@@ -355,6 +359,11 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
     let mut done = 0;
     let save = |why: &str| -> anyhow::Result<()> {
         peft::save(&job.out, &recipe.lora, &model.loras())?;
+        if let Some(t) = &job.target_template {
+            let path = job.out.join(targets::FILE_NAME);
+            std::fs::write(&path, serde_json::to_string_pretty(t)? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
         tracing::info!(out = %job.out.display(), why, "adapter saved");
         Ok(())
     };
@@ -425,16 +434,63 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The examples of a labelled CSV file.
-pub fn read(
-    path: &Path,
-    columns: (&str, &str),
-    labels: &[String],
-    tokenizer: &Tokenizer,
-    template: &Template,
-    max_input_tokens: usize,
-) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
-    let rows = crate::eval::read_rows(path, columns.0, columns.1, labels)?;
-    examples(&rows, tokenizer, template, max_input_tokens)
+/// How a training file's rows become prompts.
+pub struct Prompts<'a> {
+    /// The CSV columns of the text and the label.
+    pub columns: (&'a str, &'a str),
+    pub labels: &'a [String],
+    pub tokenizer: &'a Tokenizer,
+    /// Of sentence-level rows.
+    pub template: &'a Template,
+    /// Of entity rows.
+    pub target_template: &'a TargetTemplate,
+    pub max_input_tokens: usize,
+}
+
+/// The examples of a labelled CSV file, or of an entity-level JSON Lines file (one per entity).
+pub fn read(path: &Path, p: &Prompts) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+    if crate::entity_data::is_jsonl(path) {
+        return entity_examples(path, p);
+    }
+    let rows = crate::eval::read_rows(path, p.columns.0, p.columns.1, p.labels)?;
+    examples(&rows, p.tokenizer, p.template, p.max_input_tokens)
         .with_context(|| format!("{}", path.display()))
+}
+
+/// Each entity of a JSON Lines file in the target template, cut from the right to
+/// `max_input_tokens`; an entity whose mention the cut removes is left out (and counted).
+fn entity_examples(path: &Path, p: &Prompts) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+    let mut out = Vec::new();
+    let mut cut_off = 0;
+    for t in crate::entity_data::read(path, p.labels)? {
+        for (target, label) in &t.entities {
+            let shown = p.target_template;
+            let (marked, mentions) = shown.mark(&t.text, &target.byte_spans(&t.text));
+            let prompt = Prompt::new(p.tokenizer, &shown.prompt(&target.name), &marked)?;
+            let window = prompt
+                .fit(p.max_input_tokens, Some(TruncationDirection::Right))?
+                .with_context(|| {
+                    format!(
+                        "{}: the target template alone is longer than --max-input-tokens",
+                        path.display()
+                    )
+                })?;
+            if mentions
+                .iter()
+                .any(|m| m.start < window.span.1 && window.span.0 < m.end)
+            {
+                out.push((window.ids, *label));
+            } else {
+                cut_off += 1;
+            }
+        }
+    }
+    if cut_off > 0 {
+        tracing::warn!(
+            file = %path.display(),
+            entities = cut_off,
+            "entities left out: their mention lies beyond --max-input-tokens"
+        );
+    }
+    Ok(out)
 }

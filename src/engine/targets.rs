@@ -1,0 +1,318 @@
+//! Entity-level sentiment: whose sentiment a score is about. A target is a name (every
+//! whole-word, case-sensitive occurrence of it in the text) or a character span; the model sees
+//! it through the variant's [`TargetTemplate`], which marks the mentions in the text and names
+//! the target, as the adapter was trained (`finserve train` writes the template beside it).
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::prompt::Template;
+use crate::error::{Error, Field, Limit, Result};
+
+/// The file `finserve train` writes beside an adapter and `finserve serve` reads from there.
+pub const FILE_NAME: &str = "target_template.json";
+
+/// What a request asks about in one text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Every whole-word, case-sensitive occurrence of this name.
+    Name(String),
+    /// Characters `start..end` (Unicode code points, end exclusive).
+    Span { start: usize, end: usize },
+}
+
+/// A target located in its text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// The name, or the span's text.
+    pub name: String,
+    /// Its mentions in characters (end exclusive), in text order.
+    pub spans: Vec<(usize, usize)>,
+}
+
+/// Locates each target in `text`; refuses more than `max` targets, a blank or absent name, and a
+/// span that is empty, blank or outside the text.
+pub fn locate(text: &str, targets: &[Target], max: usize) -> Result<Vec<Located>> {
+    if targets.is_empty() {
+        return Err(Error::invalid(
+            Field::Targets,
+            "an input's target list is empty",
+        ));
+    }
+    if targets.len() > max {
+        return Err(Error::over_limit(
+            Field::Targets,
+            Limit::MaxTargetsPerInput,
+            max,
+            format!("{} targets for one input is more than {max}", targets.len()),
+        ));
+    }
+    let chars: Vec<char> = text.chars().collect();
+    targets
+        .iter()
+        .map(|target| match target {
+            Target::Name(name) => {
+                if super::is_blank(name) {
+                    return Err(Error::invalid(Field::Targets, "a target name is blank"));
+                }
+                let spans = occurrences(&chars, name);
+                if spans.is_empty() {
+                    return Err(Error::invalid(
+                        Field::Targets,
+                        format!(
+                            "`{name}` does not occur in the input as a whole word (names match \
+                             case-sensitively; give a span for anything else)"
+                        ),
+                    ));
+                }
+                Ok(Located {
+                    name: name.clone(),
+                    spans,
+                })
+            }
+            &Target::Span { start, end } => {
+                if start >= end || end > chars.len() {
+                    return Err(Error::invalid(
+                        Field::Targets,
+                        format!(
+                            "span [{start}, {end}) is empty or outside the input's {} characters",
+                            chars.len()
+                        ),
+                    ));
+                }
+                let name: String = chars[start..end].iter().collect();
+                if super::is_blank(&name) {
+                    return Err(Error::invalid(
+                        Field::Targets,
+                        format!("span [{start}, {end}) holds only whitespace"),
+                    ));
+                }
+                Ok(Located {
+                    name,
+                    spans: vec![(start, end)],
+                })
+            }
+        })
+        .collect()
+}
+
+/// Character spans where `name` occurs with no letter or digit right before or after it.
+fn occurrences(chars: &[char], name: &str) -> Vec<(usize, usize)> {
+    let needle: Vec<char> = name.chars().collect();
+    let word = |i: usize| chars.get(i).is_some_and(|c| c.is_alphanumeric());
+    (0..chars.len())
+        .filter(|&i| chars[i..].starts_with(&needle))
+        .filter(|&i| (i == 0 || !word(i - 1)) && !word(i + needle.len()))
+        .map(|i| (i, i + needle.len()))
+        .collect()
+}
+
+/// How a target is shown to the model: `template` holds `{text}` once (the text with each
+/// mention wrapped in `mark`) and `{target}` at least once (the target's name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetTemplate {
+    pub template: String,
+    /// What goes before and after each mention.
+    pub mark: (String, String),
+    /// Show only this many words on each side of a mention (stretches between mentions that
+    /// are further apart are replaced by ` ... `); `None`: the whole text. A small model that
+    /// cannot learn where a mention is from its position (the demo's) reads its neighbourhood.
+    #[serde(default)]
+    pub context_words: Option<usize>,
+}
+
+impl TargetTemplate {
+    pub fn new(
+        template: &str,
+        mark: (String, String),
+        context_words: Option<usize>,
+    ) -> Result<Self> {
+        let t = Self {
+            template: template.to_string(),
+            mark,
+            context_words,
+        };
+        t.check()?;
+        Ok(t)
+    }
+
+    /// Reads and checks a `target_template.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let t: Self = serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        t.check()
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+        Ok(t)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.template.matches("{text}").count() != 1 || !self.template.contains("{target}") {
+            return Err(Error::InvalidArgument(format!(
+                "a target template needs `{{text}}` exactly once and `{{target}}` at least once \
+                 (got {:?})",
+                self.template
+            )));
+        }
+        Ok(())
+    }
+
+    /// The prompt template for one target: its name in place of `{target}`, `{text}` left for
+    /// the marked text (a name that itself holds `{text}` stays literal).
+    pub fn prompt(&self, name: &str) -> Template {
+        let (before, after) = self
+            .template
+            .split_once("{text}")
+            .unwrap_or((&self.template, ""));
+        Template::from_parts(
+            before.replace("{target}", name),
+            after.replace("{target}", name),
+        )
+    }
+
+    /// `text` with each of `spans` (bytes, sorted, disjoint) wrapped in the marks (and cut to
+    /// their context), and the byte range of each marked mention (marks included) in the result.
+    pub fn mark(&self, text: &str, spans: &[Range<usize>]) -> (String, Vec<Range<usize>>) {
+        let (marked, ranges) = self.wrap(text, spans);
+        match self.context_words {
+            Some(k) => context(&marked, &ranges, k),
+            None => (marked, ranges),
+        }
+    }
+
+    fn wrap(&self, text: &str, spans: &[Range<usize>]) -> (String, Vec<Range<usize>>) {
+        let mut marked = String::with_capacity(text.len() + spans.len() * 8);
+        let mut ranges = Vec::with_capacity(spans.len());
+        let mut last = 0;
+        for span in spans {
+            marked.push_str(&text[last..span.start]);
+            let start = marked.len();
+            marked.push_str(&self.mark.0);
+            marked.push_str(&text[span.clone()]);
+            marked.push_str(&self.mark.1);
+            ranges.push(start..marked.len());
+            last = span.end;
+        }
+        marked.push_str(&text[last..]);
+        (marked, ranges)
+    }
+}
+
+/// `text` cut to `k` words on each side of each of `mentions` (byte ranges, sorted), the cut
+/// stretches replaced by ` ... `, and where the mentions lie in the result.
+fn context(text: &str, mentions: &[Range<usize>], k: usize) -> (String, Vec<Range<usize>>) {
+    let words = super::explain::words(text);
+    if words.is_empty() {
+        return (text.to_string(), mentions.to_vec());
+    }
+    // Inclusive word-index ranges to keep, merged where they touch.
+    let mut keep: Vec<(usize, usize)> = Vec::new();
+    for m in mentions {
+        let first = words.iter().position(|w| w.end > m.start).unwrap_or(0);
+        let last = words.iter().rposition(|w| w.start < m.end).unwrap_or(first);
+        let (lo, hi) = (first.saturating_sub(k), (last + k).min(words.len() - 1));
+        match keep.last_mut() {
+            Some(prev) if lo <= prev.1 + 1 => prev.1 = prev.1.max(hi),
+            _ => keep.push((lo, hi)),
+        }
+    }
+    let mut out = String::new();
+    let mut ranges = Vec::with_capacity(mentions.len());
+    for (i, &(lo, hi)) in keep.iter().enumerate() {
+        if i > 0 {
+            out.push_str(" ... ");
+        }
+        let (start, end) = (words[lo].start, words[hi].end);
+        let at = out.len();
+        out.push_str(&text[start..end]);
+        ranges.extend(
+            mentions
+                .iter()
+                .filter(|m| m.start >= start && m.end <= end)
+                .map(|m| m.start - start + at..m.end - start + at),
+        );
+    }
+    (out, ranges)
+}
+
+impl Located {
+    /// Its mentions as byte ranges of `text`.
+    pub fn byte_spans(&self, text: &str) -> Vec<Range<usize>> {
+        let byte = |c: usize| text.char_indices().nth(c).map_or(text.len(), |(b, _)| b);
+        self.spans.iter().map(|&(s, e)| byte(s)..byte(e)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "Siemens rallied while Huhtamaki fell; Siemens AG and Siemensstadt did not.";
+
+    #[test]
+    fn names_match_whole_words_case_sensitively() {
+        let t = locate(TEXT, &[Target::Name("Siemens".into())], 4).unwrap();
+        assert_eq!(t[0].spans, vec![(0, 7), (38, 45)]);
+        assert!(locate(TEXT, &[Target::Name("siemens".into())], 4).is_err());
+        assert!(locate(TEXT, &[Target::Name("Huhta".into())], 4).is_err());
+        let span = locate(TEXT, &[Target::Span { start: 22, end: 31 }], 4).unwrap();
+        assert_eq!(span[0].name, "Huhtamaki");
+    }
+
+    #[test]
+    fn spans_are_code_points_and_bad_ones_are_refused() {
+        let text = "Ökofonds € gains";
+        let t = locate(text, &[Target::Span { start: 0, end: 8 }], 1).unwrap();
+        assert_eq!(t[0].name, "Ökofonds");
+        for bad in [(3, 3), (5, 2), (0, 17), (8, 9)] {
+            let target = Target::Span {
+                start: bad.0,
+                end: bad.1,
+            };
+            assert!(locate(text, &[target], 1).is_err(), "{bad:?}");
+        }
+        let two = [Target::Name("gains".into()), Target::Name("gains".into())];
+        assert!(matches!(
+            locate(text, &two, 1),
+            Err(Error::Invalid {
+                limit: Some((Limit::MaxTargetsPerInput, 1)),
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_template_marks_every_mention_and_names_the_target() {
+        let t = TargetTemplate::new("{target}: {text}", ("<<".into(), ">>".into()), None).unwrap();
+        let located = locate(TEXT, &[Target::Name("Siemens".into())], 1).unwrap();
+        let (marked, ranges) = t.mark(TEXT, &located[0].byte_spans(TEXT));
+        assert!(marked.starts_with("<<Siemens>> rallied"));
+        assert!(marked.contains("; <<Siemens>> AG"));
+        assert!(ranges.iter().all(|r| &marked[r.clone()] == "<<Siemens>>"));
+        let (prompt, at) = t.prompt("Siemens").place(&marked);
+        assert_eq!(at, "Siemens: ".len());
+        assert!(prompt.starts_with("Siemens: <<Siemens>>"));
+        let marks = || ("[".to_string(), "]".to_string());
+        assert!(TargetTemplate::new("{text}", marks(), None).is_err());
+        assert!(TargetTemplate::new("{target}", marks(), None).is_err());
+    }
+
+    #[test]
+    fn context_keeps_the_words_around_each_mention() {
+        let t = TargetTemplate::new("{target}: {text}", ("<".into(), ">".into()), Some(1)).unwrap();
+        let text = "a b Acme c d e f g h Acme i";
+        let located = locate(text, &[Target::Name("Acme".into())], 1).unwrap();
+        let (shown, ranges) = t.mark(text, &located[0].byte_spans(text));
+        assert_eq!(shown, "b <Acme> c ... h <Acme> i");
+        assert!(ranges.iter().all(|r| &shown[r.clone()] == "<Acme>"));
+        let near = "x Acme y Acme z";
+        let located = locate(near, &[Target::Name("Acme".into())], 1).unwrap();
+        assert_eq!(
+            t.mark(near, &located[0].byte_spans(near)).0,
+            "x <Acme> y <Acme> z"
+        );
+    }
+}

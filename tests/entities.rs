@@ -1,0 +1,411 @@
+//! Entity-level sentiment, sentence breakdown and explanations on `/v1/sentiment`, through the
+//! real binary on the fixture model (given a target template by `--target-template`). Each mode
+//! is exact by construction, and each test checks that against plain requests: a target is the
+//! marked text in the target template, a sentence is a text, an attribution is the difference of
+//! two texts' scores.
+
+mod common;
+
+use common::{Server, label_scores, start};
+use serde_json::{Value, json};
+
+const MIXED: &str =
+    "Siemens is rallying 6% after a boom in orders, while Huhtamaki fell 3% on weak demand.";
+
+fn by_label(mut s: Vec<(String, f64)>) -> Vec<(String, f64)> {
+    s.sort_by(|a, b| a.0.cmp(&b.0));
+    s
+}
+
+fn assert_close(a: &[(String, f64)], b: &[(String, f64)], what: &str) {
+    let (a, b) = (by_label(a.to_vec()), by_label(b.to_vec()));
+    assert_eq!(a.len(), b.len(), "{what}");
+    for ((la, x), (lb, y)) in a.iter().zip(&b) {
+        assert_eq!(la, lb, "{what}");
+        assert!((x - y).abs() < 1e-6, "{what}: {la} {x} vs {y}");
+    }
+}
+
+/// A server on the fixture model with a target template (`context_words` as given).
+fn server(context_words: Option<usize>, extra: &[&str]) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("target_template.json");
+    std::fs::write(
+        &path,
+        json!({"template": "{target} : {text}", "mark": ["<<", ">>"], "context_words": context_words})
+            .to_string(),
+    )
+    .unwrap();
+    let path = path.display().to_string();
+    let mut args = vec!["--target-template", path.as_str()];
+    args.extend_from_slice(extra);
+    (start(&args), dir)
+}
+
+/// The plain scores of `inputs` in `template`.
+fn plain(s: &Server, inputs: &str, template: &str) -> Vec<(String, f64)> {
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": inputs, "parameters": {"prompt_template": template}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    label_scores(&body[0])
+}
+
+fn error(body: &Value) -> &str {
+    body["error"].as_str().unwrap()
+}
+
+#[test]
+fn two_targets_get_two_distributions_each_their_marked_prompt() {
+    let (s, _dir) = server(None, &[]);
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Siemens", {"start": 53, "end": 62}]}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let targets = body[0].as_array().unwrap();
+    assert_eq!(targets.len(), 2);
+    assert_eq!(targets[0]["target"], "Siemens");
+    assert_eq!(targets[0]["spans"], json!([[0, 7]]));
+    assert_eq!(targets[1]["target"], "Huhtamaki");
+    assert_eq!(targets[1]["spans"], json!([[53, 62]]));
+    for (t, marked) in [
+        ("Siemens", MIXED.replacen("Siemens", "<<Siemens>>", 1)),
+        ("Huhtamaki", MIXED.replacen("Huhtamaki", "<<Huhtamaki>>", 1)),
+    ] {
+        let entry = targets.iter().find(|e| e["target"] == t).unwrap();
+        let scores = label_scores(&entry["scores"]);
+        assert_eq!(scores.len(), 3);
+        assert!((scores.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(scores.windows(2).all(|w| w[0].1 >= w[1].1), "best first");
+        let expected = plain(&s, &marked, &format!("{t} : {{text}}"));
+        assert_close(&scores, &expected, t);
+    }
+    // Without targets the answer is exactly today's.
+    let (_, without) = s.post("/v1/sentiment", &json!({"inputs": MIXED}));
+    assert!(without[0][0]["label"].is_string(), "{without}");
+    assert_close(
+        &label_scores(&without[0]),
+        &plain(&s, MIXED, "{text}"),
+        "no targets",
+    );
+}
+
+#[test]
+fn a_name_marks_every_whole_word_mention_and_lists_batch_like_singles() {
+    let (s, _dir) = server(None, &[]);
+    let text = "Nokia beat estimates. Nokian Tyres fell, and Nokia rose again.";
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": [text, MIXED], "parameters": {"targets": [["Nokia"], ["Huhtamaki", "Siemens"]]}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body[0][0]["spans"], json!([[0, 5], [45, 50]]));
+    let marked = "<<Nokia>> beat estimates. Nokian Tyres fell, and <<Nokia>> rose again.";
+    assert_close(
+        &label_scores(&body[0][0]["scores"]),
+        &plain(&s, marked, "Nokia : {text}"),
+        "every mention",
+    );
+    let (_, alone) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Siemens"]}}),
+    );
+    assert_close(
+        &label_scores(&body[1][1]["scores"]),
+        &label_scores(&alone[0][0]["scores"]),
+        "batched vs alone",
+    );
+    // top_k and candidate labels apply per target.
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Siemens"], "top_k": 1,
+                 "candidate_labels": ["up", "down"]}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let scores = body[0][0]["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), 1);
+    assert!(["up", "down"].contains(&scores[0]["label"].as_str().unwrap()));
+}
+
+#[test]
+fn bad_targets_are_refused_naming_the_field() {
+    let (s, _dir) = server(None, &["--max-targets-per-input", "2"]);
+    let cases = [
+        (json!({"targets": ["siemens"]}), "whole word"),
+        (json!({"targets": ["Siem"]}), "whole word"),
+        (json!({"targets": [{"start": 80, "end": 200}]}), "outside"),
+        (json!({"targets": [{"start": 5, "end": 5}]}), "empty"),
+        (
+            json!({"targets": ["Siemens", "Huhtamaki", "orders"]}),
+            "--max-targets-per-input",
+        ),
+        (json!({"targets": [["Siemens"]]}), "for one input"),
+        (json!({"targets": []}), "empty"),
+        (json!({"targets": [7]}), "a name (string) or a span"),
+        (
+            json!({"targets": ["Siemens"], "long_input": "sentences"}),
+            "sentences",
+        ),
+    ];
+    for (params, needle) in cases {
+        let (code, body) = s.post(
+            "/v1/sentiment",
+            &json!({"inputs": MIXED, "parameters": params}),
+        );
+        assert_eq!(code, 422, "{params}: {body}");
+        assert!(error(&body).contains("targets"), "{params}: {body}");
+        assert!(error(&body).contains(needle), "{params}: {body}");
+    }
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": [MIXED, MIXED], "parameters": {"targets": ["Siemens"]}}),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(error(&body).contains("one per input"), "{body}");
+    // A model without a target template cannot score targets.
+    let plain_server = start(&[]);
+    let (code, body) = plain_server.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Siemens"]}}),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(error(&body).contains("target template"), "{body}");
+}
+
+#[test]
+fn targets_follow_truncation_and_chunking() {
+    let (s, _dir) = server(
+        None,
+        &["--max-input-tokens", "64", "--max-chunks-per-input", "40"],
+    );
+    let filler = "The board met on Tuesday and discussed the agenda at length . ".repeat(6);
+    let doc = format!(
+        "Siemens is rallying after a boom in orders . {filler}Huhtamaki fell on weak demand ."
+    );
+    let ask = |extra: Value| {
+        let mut parameters = json!({"targets": ["Siemens", "Huhtamaki"]});
+        parameters
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        s.post(
+            "/v1/sentiment",
+            &json!({"inputs": doc, "parameters": parameters}),
+        )
+    };
+    let (code, body) = ask(json!({}));
+    assert_eq!(code, 422, "{body}");
+    // Truncated from the right, the second target's mention is gone: refused, naming it.
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": doc, "truncate": true, "parameters": {"targets": ["Siemens", "Huhtamaki"]}}),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(error(&body).contains("targets"), "{body}");
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": doc, "truncate": true, "parameters": {"targets": ["Siemens"]}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    // Chunked, each target is scored in the window(s) holding its mention: the token-weighted
+    // mean of the marked document's windows that overlap the marked mention.
+    let (code, body) = ask(json!({"long_input": "chunk"}));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body[0].as_array().unwrap().len(), 2);
+    let marked = doc.replacen("Huhtamaki", "<<Huhtamaki>>", 1);
+    let (_, windows) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": marked, "parameters": {"long_input": "chunk", "return_chunks": true,
+                 "prompt_template": "Huhtamaki : {text}"}}),
+    );
+    let chunks = windows[0]["chunks"].as_array().unwrap();
+    let start = marked[..marked.find("<<Huhtamaki>>").unwrap()]
+        .chars()
+        .count() as u64;
+    let end = start + "<<Huhtamaki>>".len() as u64;
+    let holding: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| c["start"].as_u64().unwrap() < end && start < c["end"].as_u64().unwrap())
+        .collect();
+    assert!(
+        !holding.is_empty() && holding.len() < chunks.len(),
+        "{windows}"
+    );
+    let tokens: f64 = holding.iter().map(|c| c["tokens"].as_f64().unwrap()).sum();
+    let mut mean: Vec<(String, f64)> = by_label(label_scores(&holding[0]["scores"]))
+        .into_iter()
+        .map(|(l, _)| (l, 0.0))
+        .collect();
+    for c in &holding {
+        let share = c["tokens"].as_f64().unwrap() / tokens;
+        for (m, (_, v)) in mean.iter_mut().zip(by_label(label_scores(&c["scores"]))) {
+            m.1 += v * share;
+        }
+    }
+    assert_close(
+        &label_scores(&body[0][1]["scores"]),
+        &mean,
+        "the windows holding the mention",
+    );
+}
+
+#[test]
+fn the_target_template_context_cuts_to_the_words_around_the_mention() {
+    let (s, _dir) = server(Some(3), &[]);
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Huhtamaki"]}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let shown = "in orders, while <<Huhtamaki>> fell 3% on";
+    assert_close(
+        &label_scores(&body[0][0]["scores"]),
+        &plain(&s, shown, "Huhtamaki : {text}"),
+        "context",
+    );
+}
+
+#[test]
+fn a_document_is_scored_sentence_by_sentence() {
+    let s = start(&[]);
+    let sentences = [
+        "Good morning and welcome to Acme Corp.'s third-quarter 2024 earnings call.",
+        "Revenue rose to EUR 13.1 mn from EUR 8.7 mn in Q3 2024 .",
+        "U.S. sales grew 12% while Europe was flat.",
+        "Operating margin fell to 4.5% on higher input costs, and we expect pressure to continue.",
+        "Our CFO, Dr. Jane Smith, will now take you through the numbers.",
+        "Net debt stood at USD 1.2 bn at the end of the quarter.",
+    ];
+    let doc = format!(
+        "{} {}\n\n{} {}\n\n  {} {}\n",
+        sentences[0], sentences[1], sentences[2], sentences[3], sentences[4], sentences[5]
+    );
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": doc, "parameters": {"long_input": "sentences"}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let found = body[0]["sentences"].as_array().unwrap();
+    let chars: Vec<char> = doc.chars().collect();
+    let texts: Vec<String> = found
+        .iter()
+        .map(|x| {
+            let (a, b) = (
+                x["start"].as_u64().unwrap() as usize,
+                x["end"].as_u64().unwrap() as usize,
+            );
+            chars[a..b].iter().collect()
+        })
+        .collect();
+    assert_eq!(texts, sentences);
+    // Each sentence is scored as a text of its own; the document's scores are the token-weighted
+    // mean of its sentences'.
+    let tokens: f64 = found.iter().map(|x| x["tokens"].as_f64().unwrap()).sum();
+    let overall = by_label(label_scores(&body[0]["scores"]));
+    let mut mean = vec![0.0; overall.len()];
+    for (x, text) in found.iter().zip(sentences) {
+        let scores = label_scores(&x["scores"]);
+        assert_close(&scores, &plain(&s, text, "{text}"), text);
+        for (m, (_, v)) in mean.iter_mut().zip(by_label(scores)) {
+            *m += v * x["tokens"].as_f64().unwrap() / tokens;
+        }
+    }
+    for ((label, v), m) in overall.iter().zip(&mean) {
+        assert!((v - m).abs() < 1e-9, "{label}: {v} vs {m}");
+    }
+    // A sentence longer than a window is windowed like `chunk`.
+    let short = start(&["--max-input-tokens", "24", "--chunk-overlap", "4"]);
+    let (code, body) = short.post(
+        "/v1/sentiment",
+        &json!({"inputs": doc, "parameters": {"long_input": "sentences"}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        body[0]["sentences"].as_array().unwrap().len(),
+        sentences.len()
+    );
+    let (code, body) = short.post(
+        "/v1/sentiment",
+        &json!({"inputs": doc, "parameters": {"long_input": "sentences", "explain": true}}),
+    );
+    assert_eq!(code, 422, "{body}");
+}
+
+#[test]
+fn an_attribution_is_the_score_with_the_word_minus_without_it() {
+    let (s, _dir) = server(None, &["--max-explain-words", "20"]);
+    let text = "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn .";
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": text, "parameters": {"explain": true}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let words = body[0]["explanation"].as_array().unwrap();
+    assert_eq!(words.len(), text.split_whitespace().count());
+    let with = by_label(label_scores(&body[0]["scores"]));
+    assert_close(&with, &plain(&s, text, "{text}"), "the text itself");
+    let rose = &words[2];
+    assert_eq!(rose["word"], "rose");
+    assert_eq!(
+        (rose["start"].as_u64(), rose["end"].as_u64()),
+        (Some(17), Some(21))
+    );
+    let without = by_label(plain(
+        &s,
+        "Operating profit to EUR 13.1 mn from EUR 8.7 mn .",
+        "{text}",
+    ));
+    for a in rose["attributions"].as_array().unwrap() {
+        let label = a["label"].as_str().unwrap();
+        let w = with.iter().find(|x| x.0 == label).unwrap().1;
+        let wo = without.iter().find(|x| x.0 == label).unwrap().1;
+        assert!(
+            (a["score"].as_f64().unwrap() - (w - wo)).abs() < 1e-6,
+            "{label}"
+        );
+    }
+    // The last word takes the space before it.
+    let last = words.last().unwrap();
+    let without = by_label(plain(
+        &s,
+        "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn",
+        "{text}",
+    ));
+    let a = &last["attributions"][0];
+    let label = a["label"].as_str().unwrap();
+    let expected = with.iter().find(|x| x.0 == label).unwrap().1
+        - without.iter().find(|x| x.0 == label).unwrap().1;
+    assert!((a["score"].as_f64().unwrap() - expected).abs() < 1e-6);
+    // Per target: the words outside its mention, each removed from the marked prompt.
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Huhtamaki"], "explain": true}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let entry = &body[0][0];
+    let words = entry["explanation"].as_array().unwrap();
+    assert_eq!(words.len(), MIXED.split_whitespace().count() - 1);
+    let fell = words.iter().find(|w| w["word"] == "fell").unwrap();
+    let with = label_scores(&entry["scores"]);
+    let without = plain(
+        &s,
+        &MIXED.replacen("Huhtamaki fell", "<<Huhtamaki>>", 1),
+        "Huhtamaki : {text}",
+    );
+    let a = &fell["attributions"][0];
+    let label = a["label"].as_str().unwrap();
+    let expected = with.iter().find(|x| x.0 == label).unwrap().1
+        - without.iter().find(|x| x.0 == label).unwrap().1;
+    assert!((a["score"].as_f64().unwrap() - expected).abs() < 1e-6);
+    // Over --max-explain-words: 422 naming the field and the flag.
+    let long = "profit rose ".repeat(11);
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": long, "parameters": {"explain": true}}),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(error(&body).contains("parameters.explain"), "{body}");
+    assert!(error(&body).contains("--max-explain-words"), "{body}");
+}
