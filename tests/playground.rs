@@ -76,6 +76,42 @@ fn the_playground_scores_and_streams_in_a_browser() {
 }
 
 #[test]
+fn the_playground_highlights_each_target_with_its_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("target_template.json");
+    std::fs::write(
+        &template,
+        r#"{"template": "{target} : {text}", "mark": ["<<", ">>"]}"#,
+    )
+    .unwrap();
+    let s = start(&["--target-template", template.to_str().unwrap()]);
+    let text = "Siemens is rallying 6% after a boom in orders, while Huhtamaki fell 3%.";
+    let encoded: String = text
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let url = format!("{}/?text={encoded}&targets=Siemens,%20Huhtamaki", s.url);
+    let page = open(&url, None);
+    assert_eq!(page["errors"], json!([]), "{page}");
+    let (_, scored) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": text, "parameters": {"targets": ["Siemens", "Huhtamaki"]}}),
+    );
+    let marks = page["entities"].as_array().unwrap();
+    assert_eq!(marks.len(), 2, "{page}");
+    for (mark, want) in marks.iter().zip(scored[0].as_array().unwrap()) {
+        assert_eq!(mark["target"], want["target"], "{page}");
+        assert_eq!(mark["text"], want["target"], "{page}");
+        assert_eq!(mark["label"], want["scores"][0]["label"], "{page}");
+    }
+    let bars = page["bars"].as_array().unwrap();
+    assert_eq!(bars.len(), 2, "one bar per target: {page}");
+}
+
+#[test]
 fn the_playground_reports_a_missing_api_key() {
     let s = start(&["--api-key", "secret"]);
     let page = open(&format!("{}/", s.url), None);

@@ -27,6 +27,8 @@ STATE = """JSON.stringify({
   bars: [...document.querySelectorAll(".bar")].map((b) => ({
     label: b.dataset.label, width: b.querySelector(".fill").style.width,
     score: b.querySelector(".score").textContent })),
+  entities: [...document.querySelectorAll("mark.entity")].map((m) => ({
+    target: m.dataset.target, label: m.dataset.label, text: m.firstChild.textContent })),
   generated: document.getElementById("generated").textContent,
   errors: [...document.querySelectorAll(".error")].map((e) => e.textContent),
 })"""
