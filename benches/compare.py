@@ -12,7 +12,11 @@ tokenized by the same tokenizer.json for every engine, in sentences per second:
 - sentiment: finserve over HTTP (16 inputs per request, or 1) against the peers scoring the three
   label sequences (`negative`/`neutral`/`positive` + EOS) for a batch of 16 (or 1);
 - generate (3 new tokens, greedy): 16 concurrent HTTP clients (or 1) against the peers generating
-  for a batch of 16 (or 1).
+  for a batch of 16 (or 1);
+- finserve only (no peer has them): entity-level scoring, 4 targets per sentence (4 of its words,
+  as spans; 16 sentences per request) in targets/s, and `long_input: sentences` on a 3,000-token
+  document made of the same test sentences, in sentences/s; each next to plain scoring of the
+  same sentences, 16 per request.
 
 finserve runs the release binary (f32, then `--quantize q8`, then `--no-adapter`), the peers run
 in-process with every core (torch's default threads, CTranslate2 `intra_threads` = cores). Each
@@ -175,6 +179,62 @@ def finserve_rates(server: Server, texts: list[str], rounds: int) -> dict:
     }
 
 
+def target_spans(text: str) -> list[dict]:
+    """Four distinct words of `text` as character spans (the longest first)."""
+    import re
+    words = sorted({m.group(): m.span() for m in re.finditer(r"[A-Za-z]{3,}", text)}.values(),
+                   key=lambda s: s[0] - s[1])
+    return [{"start": a, "end": b} for a, b in words[:4]]
+
+
+def document(texts: list[str], tokens: int) -> tuple[str, list[str]]:
+    """Test sentences joined (cycling) until the text has `tokens` tokens: the text and its sentences."""
+    _, ids, _ = tokenize(texts)
+    parts, count, i = [], 0, 0
+    while count < tokens:
+        parts.append(texts[i % len(texts)])
+        count += len(ids[i % len(texts)])
+        i += 1
+    return " ".join(parts), parts
+
+
+def finserve_mode_rates(server: Server, texts: list[str], rounds: int) -> dict:
+    """Entity-level and sentence-mode throughput, each with plain scoring of the same sentences."""
+    conn = server.conn()
+    usable = [t for t in texts if len(target_spans(t)) == 4]
+    targets = 4 * len(usable)
+
+    def entity():
+        for i in range(0, len(usable), BATCH):
+            chunk = usable[i:i + BATCH]
+            out = server.post(conn, "/v1/sentiment", {
+                "inputs": chunk, "parameters": {"targets": [target_spans(t) for t in chunk]}})
+            assert all(len(o) == 4 for o in out)
+
+    def plain(sents):
+        def run():
+            for i in range(0, len(sents), BATCH):
+                server.post(conn, "/v1/sentiment", {"inputs": sents[i:i + BATCH]})
+        return run
+
+    doc, parts = document(texts, 3000)
+
+    def sentences_mode():
+        out = server.post(conn, "/v1/sentiment", {"inputs": doc, "parameters": {"long_input": "sentences"}})
+        found.append(len(out[0]["sentences"]))
+
+    found = []
+
+    return {
+        "targets": timed(entity, rounds, targets),
+        "targets_plain": timed(plain(usable), rounds, len(usable)),
+        "doc": timed(sentences_mode, rounds, len(parts)),
+        "doc_plain": timed(plain(parts), rounds, len(parts)),
+        "doc_sentences": len(parts),
+        "doc_found": found[0],
+    }
+
+
 def tokenize(texts: list[str]):
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(ROOT / "models/demo/base/tokenizer.json"))
@@ -276,8 +336,14 @@ def main() -> None:
     base, adapter, ct2 = build_model(work)
     texts = sentences(args.sentences)
 
-    results, rss = {}, {}
-    runs = [(binary, "finserve f32", ()), (binary, "finserve q8", ("--quantize", "q8")),
+    results, rss, modes = {}, {}, {}
+    # Entity-level scoring needs a target template; the random adapter was never trained with
+    # one, so this measures cost, not quality.
+    template = work / "target_template.json"
+    template.write_text(json.dumps({"template": "{target} : {text}", "mark": ["<<", ">>"]}))
+    with_template = ("--target-template", str(template))
+    runs = [(binary, "finserve f32", with_template),
+            (binary, "finserve q8", ("--quantize", "q8", *with_template)),
             (binary, "finserve f32 --no-adapter", ("--no-adapter",))]
     if args.baseline:
         runs[2:2] = [(Path(args.baseline), "baseline f32", ()),
@@ -286,6 +352,8 @@ def main() -> None:
         server = Server(exe, base, adapter, *extra)
         try:
             results[name] = finserve_rates(server, texts, args.rounds)
+            if name in ("finserve f32", "finserve q8"):
+                modes[name] = finserve_mode_rates(server, texts, args.rounds)
             rss[name] = server.rss_mb()
         finally:
             server.close()
@@ -314,6 +382,21 @@ def main() -> None:
             + f" | {r['finserve f32'] / r['CTranslate2 fp32']:.2f}x"
             + f" | {r['finserve f32'] / r['transformers fp32']:.2f}x"
             + f" | {r['finserve q8'] / r['CTranslate2 int8']:.2f}x |")
+    lines += [
+        "",
+        "finserve only, f32 / q8: entity-level scoring, 4 targets per sentence, 16 sentences per request; "
+        f"`long_input: sentences` on one 3,000-token document of {modes['finserve f32']['doc_sentences']} "
+        f"test sentences (the server found {modes['finserve f32']['doc_found']}); each against plain "
+        "scoring of the same sentences, 16 per request.",
+        "",
+        "| work | f32 | q8 | f32 vs plain | q8 vs plain |",
+        "|---|---|---|---|---|",
+    ]
+    for key, plain_key, title in [("targets", "targets_plain", "entity-level, targets/s"),
+                                  ("doc", "doc_plain", "sentences mode, document sentences/s")]:
+        f, q = modes["finserve f32"], modes["finserve q8"]
+        lines.append(f"| {title} | {f[key]:.1f} | {q[key]:.1f} | {f[key] / f[plain_key]:.2f}x "
+                     f"(plain {f[plain_key]:.1f}/s) | {q[key] / q[plain_key]:.2f}x (plain {q[plain_key]:.1f}/s) |")
     na = results["finserve f32 --no-adapter"]
     lines += [
         "",

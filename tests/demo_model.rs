@@ -52,6 +52,7 @@ fn engine(adapter: bool, quantize: Quantization) -> Engine {
         digest: "sha256:not-hashed".into(),
         backend: T5Backend::new(loaded.model),
         labels,
+        target_template: None,
     };
     Engine::start(
         vec![served],

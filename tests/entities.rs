@@ -32,8 +32,12 @@ fn server(context_words: Option<usize>, extra: &[&str]) -> (Server, tempfile::Te
     let path = dir.path().join("target_template.json");
     std::fs::write(
         &path,
-        json!({"template": "{target} : {text}", "mark": ["<<", ">>"], "context_words": context_words})
-            .to_string(),
+        match context_words {
+            Some(k) => json!({"template": "{target} : {context} | {text}", "mark": ["<<", ">>"],
+                              "context_words": k}),
+            None => json!({"template": "{target} : {text}", "mark": ["<<", ">>"]}),
+        }
+        .to_string(),
     )
     .unwrap();
     let path = path.display().to_string();
@@ -252,17 +256,20 @@ fn targets_follow_truncation_and_chunking() {
 }
 
 #[test]
-fn the_target_template_context_cuts_to_the_words_around_the_mention() {
+fn the_target_template_context_holds_the_words_around_the_mention() {
     let (s, _dir) = server(Some(3), &[]);
     let (code, body) = s.post(
         "/v1/sentiment",
         &json!({"inputs": MIXED, "parameters": {"targets": ["Huhtamaki"]}}),
     );
     assert_eq!(code, 200, "{body}");
-    let shown = "in orders, while <<Huhtamaki>> fell 3% on";
     assert_close(
         &label_scores(&body[0][0]["scores"]),
-        &plain(&s, shown, "Huhtamaki : {text}"),
+        &plain(
+            &s,
+            &MIXED.replacen("Huhtamaki", "<<Huhtamaki>>", 1),
+            "Huhtamaki : in orders, while <<Huhtamaki>> fell 3% on | {text}",
+        ),
         "context",
     );
 }

@@ -82,6 +82,7 @@ fn serve(model: Faulty, max_failed_batches: usize) -> String {
         digest: "sha256:not-hashed".into(),
         backend: model,
         labels,
+        target_template: None,
     };
     let engine = Engine::start(vec![served], Arc::new(tokenizer), EngineConfig::default()).unwrap();
     let state = AppState::new(HttpConfig {

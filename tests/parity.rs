@@ -282,6 +282,7 @@ fn engine(m: LoadedModel, labels: &[String]) -> Engine {
         digest: "sha256:not-hashed".into(),
         backend: T5Backend::new(m.model),
         labels,
+        target_template: None,
     };
     Engine::start(
         vec![served],

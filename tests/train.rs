@@ -17,7 +17,7 @@ use finserve::train::lora_t5::LoraT5;
 use finserve::train::{Recipe, gradients, optimizer, peft};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn checkpoint(dir: &Path) -> Checkpoint {
     let spec = ModelSpec {
@@ -232,6 +232,95 @@ fn the_same_seed_trains_the_same_adapter_in_peft_format() {
         n
     };
     assert_eq!(names(&a), names(&fixture));
+}
+
+/// Sentence rows and FinEntity rows train one adapter: PEFT's layout as above, with the target
+/// template beside it, which `serve` then reads to answer entity requests.
+#[test]
+fn entity_rows_train_into_the_same_adapter_with_its_target_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mixed");
+    let f = common::repo().join("tests/train/fixtures");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .current_dir(common::repo())
+        .args([
+            "train",
+            "--model",
+            "tests/parity/fixtures/mt5_base",
+            "--data",
+        ])
+        .arg(format!(
+            "{},{}",
+            f.join("tiny.csv").display(),
+            f.join("tiny_entities.jsonl").display()
+        ))
+        .arg("--eval-data")
+        .arg(f.join("tiny_entities.jsonl"))
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--target-modules",
+            "q,k,v,o",
+        ])
+        .args(["--lr", "5e-3", "--seed", "7"])
+        .env("FINSERVE_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let entities: usize = std::fs::read_to_string(f.join("tiny_entities.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["annotations"]
+                .as_array()
+                .unwrap()
+                .len()
+        })
+        .sum();
+    let rows = std::fs::read_to_string(f.join("tiny.csv"))
+        .unwrap()
+        .lines()
+        .count()
+        - 1;
+    assert!(
+        log.contains(&format!("examples={}", rows + entities)),
+        "{log}"
+    );
+    let fixture = f.join("trained");
+    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    assert_eq!(
+        read(&out, "adapter_config.json"),
+        read(&fixture, "adapter_config.json")
+    );
+    let template: Value = serde_json::from_slice(&read(&out, "target_template.json")).unwrap();
+    assert_eq!(
+        template,
+        json!({"template": "{target} : {text}", "mark": ["<<", ">>"], "context_words": null})
+    );
+    // Without entity rows no template is written.
+    let plain = dir.path().join("plain");
+    train(&plain, 7);
+    assert!(!plain.join("target_template.json").exists());
+    // A bad row names its file and line.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"content\": \"Acme rose\", \"annotations\": [{\"start\": 0, \"end\": 4, \"label\": \"up\"}]}\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .args(["train", "--model"])
+        .arg(common::fixtures().join("mt5_base"))
+        .arg("--data")
+        .arg(&bad)
+        .arg("--out")
+        .arg(dir.path().join("never"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("bad.jsonl: line 1: label `up`"), "{err}");
 }
 
 #[test]

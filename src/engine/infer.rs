@@ -448,9 +448,8 @@ impl Engine {
                 )
             })?;
             for (t, target) in located.iter().enumerate() {
-                let prompt = shown.prompt(&target.name);
                 let mentions = target.byte_spans(&text);
-                let (marked, ranges) = shown.mark(&text, &mentions);
+                let (prompt, marked, ranges) = shown.prompt(&target.name, &text, &mentions);
                 units.push(Unit {
                     role: Role::Target(t),
                     windows: self.windows(&marked, &prompt, long_input, Some(&ranges))?,
@@ -468,7 +467,7 @@ impl Engine {
                         .iter()
                         .map(|m| explain::shift(m.start, &cut)..explain::shift(m.end, &cut))
                         .collect();
-                    let (marked, ranges) = shown.mark(&occluded, &shifted);
+                    let (prompt, marked, ranges) = shown.prompt(&target.name, &occluded, &shifted);
                     units.push(Unit {
                         role: Role::Occluded(i, Some(t)),
                         windows: self.windows(&marked, &prompt, long_input, Some(&ranges))?,

@@ -465,8 +465,9 @@ fn entity_examples(path: &Path, p: &Prompts) -> anyhow::Result<Vec<(Vec<u32>, us
     for t in crate::entity_data::read(path, p.labels)? {
         for (target, label) in &t.entities {
             let shown = p.target_template;
-            let (marked, mentions) = shown.mark(&t.text, &target.byte_spans(&t.text));
-            let prompt = Prompt::new(p.tokenizer, &shown.prompt(&target.name), &marked)?;
+            let (template, marked, mentions) =
+                shown.prompt(&target.name, &t.text, &target.byte_spans(&t.text));
+            let prompt = Prompt::new(p.tokenizer, &template, &marked)?;
             let window = prompt
                 .fit(p.max_input_tokens, Some(TruncationDirection::Right))?
                 .with_context(|| {
