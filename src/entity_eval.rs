@@ -29,6 +29,9 @@ struct Outcome {
     copied: usize,
 }
 
+/// One way of predicting an entity's label from its outcome.
+type Pick<'a> = &'a dyn Fn(&Outcome) -> usize;
+
 /// What is reported for one way of predicting.
 struct Metrics {
     accuracy: f64,
@@ -61,11 +64,7 @@ fn metrics(
 
 /// The 2.5th and 97.5th percentiles of each metric over resamples of the texts (mixed and other
 /// texts resampled separately, so every resample has as many of each as the data).
-fn intervals(
-    labels: &[String],
-    texts: &[(bool, Vec<Outcome>)],
-    pick: &dyn Fn(&Outcome) -> usize,
-) -> [(f64, f64); 3] {
+fn intervals(labels: &[String], texts: &[(bool, Vec<Outcome>)], pick: Pick) -> [(f64, f64); 3] {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let (mixed, plain): (Vec<_>, Vec<_>) = texts.iter().partition(|(m, _)| *m);
     let mut samples: [Vec<f64>; 3] = Default::default();
@@ -216,7 +215,7 @@ pub fn run(
         "{:<34} {:>22} {:>22} {:>22}",
         "", "accuracy", "macro-F1", "mixed-text accuracy"
     );
-    let ways: [(String, &dyn Fn(&Outcome) -> usize); 3] = [
+    let ways: [(String, Pick); 3] = [
         ("targets (this model)".into(), &|o: &Outcome| o.target),
         ("text label copied (this model)".into(), &|o: &Outcome| {
             o.copied

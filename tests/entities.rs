@@ -32,12 +32,8 @@ fn server(context_words: Option<usize>, extra: &[&str]) -> (Server, tempfile::Te
     let path = dir.path().join("target_template.json");
     std::fs::write(
         &path,
-        match context_words {
-            Some(k) => json!({"template": "{target} : {context} | {text}", "mark": ["<<", ">>"],
-                              "context_words": k}),
-            None => json!({"template": "{target} : {text}", "mark": ["<<", ">>"]}),
-        }
-        .to_string(),
+        json!({"template": "{target} : {text}", "mark": ["<<", ">>"], "context_words": context_words})
+            .to_string(),
     )
     .unwrap();
     let path = path.display().to_string();
@@ -256,20 +252,17 @@ fn targets_follow_truncation_and_chunking() {
 }
 
 #[test]
-fn the_target_template_context_holds_the_words_around_the_mention() {
+fn the_target_template_context_cuts_to_the_words_around_the_mention() {
     let (s, _dir) = server(Some(3), &[]);
     let (code, body) = s.post(
         "/v1/sentiment",
         &json!({"inputs": MIXED, "parameters": {"targets": ["Huhtamaki"]}}),
     );
     assert_eq!(code, 200, "{body}");
+    let shown = "in orders, while <<Huhtamaki>> fell 3% on";
     assert_close(
         &label_scores(&body[0][0]["scores"]),
-        &plain(
-            &s,
-            &MIXED.replacen("Huhtamaki", "<<Huhtamaki>>", 1),
-            "Huhtamaki : in orders, while <<Huhtamaki>> fell 3% on | {text}",
-        ),
+        &plain(&s, shown, "Huhtamaki : {text}"),
         "context",
     );
 }
@@ -415,4 +408,30 @@ fn an_attribution_is_the_score_with_the_word_minus_without_it() {
     assert_eq!(code, 422, "{body}");
     assert!(error(&body).contains("parameters.explain"), "{body}");
     assert!(error(&body).contains("--max-explain-words"), "{body}");
+}
+
+/// The demo, served with no arguments at all (what `cargo run --release` does), answers entity
+/// requests with the target template its adapter was trained with.
+#[test]
+fn the_demo_answers_entity_requests_out_of_the_box() {
+    let s = common::start_with(
+        &["serve", "--host", "127.0.0.1", "--port", "0"].map(String::from),
+        &[],
+    );
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Siemens", "Huhtamaki"]}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let best = |i: usize| {
+        body[0][i]["scores"][0]["label"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        (best(0), best(1)),
+        ("positive".into(), "negative".into()),
+        "{body}"
+    );
 }

@@ -448,8 +448,9 @@ impl Engine {
                 )
             })?;
             for (t, target) in located.iter().enumerate() {
+                let prompt = shown.prompt(&target.name);
                 let mentions = target.byte_spans(&text);
-                let (prompt, marked, ranges) = shown.prompt(&target.name, &text, &mentions);
+                let (marked, ranges) = shown.mark(&text, &mentions);
                 units.push(Unit {
                     role: Role::Target(t),
                     windows: self.windows(&marked, &prompt, long_input, Some(&ranges))?,
@@ -467,7 +468,7 @@ impl Engine {
                         .iter()
                         .map(|m| explain::shift(m.start, &cut)..explain::shift(m.end, &cut))
                         .collect();
-                    let (prompt, marked, ranges) = shown.prompt(&target.name, &occluded, &shifted);
+                    let (marked, ranges) = shown.mark(&occluded, &shifted);
                     units.push(Unit {
                         role: Role::Occluded(i, Some(t)),
                         windows: self.windows(&marked, &prompt, long_input, Some(&ranges))?,

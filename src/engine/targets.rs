@@ -110,17 +110,16 @@ fn occurrences(chars: &[char], name: &str) -> Vec<(usize, usize)> {
 }
 
 /// How a target is shown to the model: `template` holds `{text}` once (the text with each
-/// mention wrapped in `mark`), `{target}` at least once (the target's name) and, with
-/// `context_words`, `{context}` (the marked text cut to that many words around each mention).
+/// mention wrapped in `mark`) and `{target}` at least once (the target's name).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetTemplate {
     pub template: String,
     /// What goes before and after each mention.
     pub mark: (String, String),
-    /// Words on each side of a mention that `{context}` holds (stretches between mentions that
-    /// are further apart are replaced by ` ... `). A small model that hardly tells where a word
-    /// is (the demo's) reads the mention's neighbourhood twice, once in `{context}`.
+    /// Show only this many words on each side of a mention (stretches between mentions that
+    /// are further apart are replaced by ` ... `); `None`: the whole text. A small model that
+    /// cannot learn where a mention is from its position (the demo's) reads its neighbourhood.
     #[serde(default)]
     pub context_words: Option<usize>,
 }
@@ -158,51 +157,33 @@ impl TargetTemplate {
                 self.template
             )));
         }
-        if self.template.contains("{context}") != self.context_words.is_some() {
-            return Err(Error::InvalidArgument(
-                "a target template's `{context}` and `context_words` go together: give both or \
-                 neither"
-                    .into(),
-            ));
-        }
         Ok(())
     }
 
-    /// The prompt for one target of `text` (mentions at `spans`: bytes, sorted, disjoint): the
-    /// template with the name and the context in place, and the marked text that goes into its
-    /// `{text}`, with the byte range of each marked mention in it. A name or context that itself
-    /// holds a placeholder stays literal.
-    pub fn prompt(
-        &self,
-        name: &str,
-        text: &str,
-        spans: &[Range<usize>],
-    ) -> (Template, String, Vec<Range<usize>>) {
-        let (marked, ranges) = self.mark(text, spans);
-        let context = match self.context_words {
-            Some(k) => context(&marked, &ranges, k),
-            None => String::new(),
-        };
-        let fill = |part: &str| {
-            part.split("{context}")
-                .map(|piece| piece.replace("{target}", name))
-                .collect::<Vec<_>>()
-                .join(&context)
-        };
+    /// The prompt template for one target: its name in place of `{target}`, `{text}` left for
+    /// the marked text (a name that itself holds `{text}` stays literal).
+    pub fn prompt(&self, name: &str) -> Template {
         let (before, after) = self
             .template
             .split_once("{text}")
             .unwrap_or((&self.template, ""));
-        (
-            Template::from_parts(fill(before), fill(after)),
-            marked,
-            ranges,
+        Template::from_parts(
+            before.replace("{target}", name),
+            after.replace("{target}", name),
         )
     }
 
-    /// `text` with each of `spans` (bytes, sorted, disjoint) wrapped in the marks, and the byte
-    /// range of each marked mention (marks included) in the result.
-    fn mark(&self, text: &str, spans: &[Range<usize>]) -> (String, Vec<Range<usize>>) {
+    /// `text` with each of `spans` (bytes, sorted, disjoint) wrapped in the marks (and cut to
+    /// their context), and the byte range of each marked mention (marks included) in the result.
+    pub fn mark(&self, text: &str, spans: &[Range<usize>]) -> (String, Vec<Range<usize>>) {
+        let (marked, ranges) = self.wrap(text, spans);
+        match self.context_words {
+            Some(k) => context(&marked, &ranges, k),
+            None => (marked, ranges),
+        }
+    }
+
+    fn wrap(&self, text: &str, spans: &[Range<usize>]) -> (String, Vec<Range<usize>>) {
         let mut marked = String::with_capacity(text.len() + spans.len() * 8);
         let mut ranges = Vec::with_capacity(spans.len());
         let mut last = 0;
@@ -221,11 +202,11 @@ impl TargetTemplate {
 }
 
 /// `text` cut to `k` words on each side of each of `mentions` (byte ranges, sorted), the cut
-/// stretches replaced by ` ... `.
-fn context(text: &str, mentions: &[Range<usize>], k: usize) -> String {
+/// stretches replaced by ` ... `, and where the mentions lie in the result.
+fn context(text: &str, mentions: &[Range<usize>], k: usize) -> (String, Vec<Range<usize>>) {
     let words = super::explain::words(text);
     if words.is_empty() {
-        return text.to_string();
+        return (text.to_string(), mentions.to_vec());
     }
     // Inclusive word-index ranges to keep, merged where they touch.
     let mut keep: Vec<(usize, usize)> = Vec::new();
@@ -238,10 +219,23 @@ fn context(text: &str, mentions: &[Range<usize>], k: usize) -> String {
             _ => keep.push((lo, hi)),
         }
     }
-    keep.iter()
-        .map(|&(lo, hi)| &text[words[lo].start..words[hi].end])
-        .collect::<Vec<_>>()
-        .join(" ... ")
+    let mut out = String::new();
+    let mut ranges = Vec::with_capacity(mentions.len());
+    for (i, &(lo, hi)) in keep.iter().enumerate() {
+        if i > 0 {
+            out.push_str(" ... ");
+        }
+        let (start, end) = (words[lo].start, words[hi].end);
+        let at = out.len();
+        out.push_str(&text[start..end]);
+        ranges.extend(
+            mentions
+                .iter()
+                .filter(|m| m.start >= start && m.end <= end)
+                .map(|m| m.start - start + at..m.end - start + at),
+        );
+    }
+    (out, ranges)
 }
 
 impl Located {
@@ -294,36 +288,31 @@ mod tests {
     fn the_template_marks_every_mention_and_names_the_target() {
         let t = TargetTemplate::new("{target}: {text}", ("<<".into(), ">>".into()), None).unwrap();
         let located = locate(TEXT, &[Target::Name("Siemens".into())], 1).unwrap();
-        let (prompt, marked, ranges) = t.prompt("Siemens", TEXT, &located[0].byte_spans(TEXT));
+        let (marked, ranges) = t.mark(TEXT, &located[0].byte_spans(TEXT));
         assert!(marked.starts_with("<<Siemens>> rallied"));
         assert!(marked.contains("; <<Siemens>> AG"));
         assert!(ranges.iter().all(|r| &marked[r.clone()] == "<<Siemens>>"));
-        let (whole, at) = prompt.place(&marked);
+        let (prompt, at) = t.prompt("Siemens").place(&marked);
         assert_eq!(at, "Siemens: ".len());
-        assert!(whole.starts_with("Siemens: <<Siemens>>"));
+        assert!(prompt.starts_with("Siemens: <<Siemens>>"));
         let marks = || ("[".to_string(), "]".to_string());
         assert!(TargetTemplate::new("{text}", marks(), None).is_err());
         assert!(TargetTemplate::new("{target}", marks(), None).is_err());
-        assert!(TargetTemplate::new("{target} {context} {text}", marks(), None).is_err());
-        assert!(TargetTemplate::new("{target} {text}", marks(), Some(3)).is_err());
     }
 
     #[test]
-    fn the_context_holds_the_words_around_each_mention() {
-        let t = TargetTemplate::new(
-            "{target} : {context} | {text}",
-            ("<".into(), ">".into()),
-            Some(1),
-        )
-        .unwrap();
+    fn context_keeps_the_words_around_each_mention() {
+        let t = TargetTemplate::new("{target}: {text}", ("<".into(), ">".into()), Some(1)).unwrap();
         let text = "a b Acme c d e f g h Acme i";
         let located = locate(text, &[Target::Name("Acme".into())], 1).unwrap();
-        let (prompt, marked, _) = t.prompt("Acme", text, &located[0].byte_spans(text));
-        assert_eq!(marked, "a b <Acme> c d e f g h <Acme> i");
-        assert_eq!(prompt.place("X").0, "Acme : b <Acme> c ... h <Acme> i | X");
+        let (shown, ranges) = t.mark(text, &located[0].byte_spans(text));
+        assert_eq!(shown, "b <Acme> c ... h <Acme> i");
+        assert!(ranges.iter().all(|r| &shown[r.clone()] == "<Acme>"));
         let near = "x Acme y Acme z";
         let located = locate(near, &[Target::Name("Acme".into())], 1).unwrap();
-        let (prompt, _, _) = t.prompt("Acme", near, &located[0].byte_spans(near));
-        assert_eq!(prompt.place("X").0, "Acme : x <Acme> y <Acme> z | X");
+        assert_eq!(
+            t.mark(near, &located[0].byte_spans(near)).0,
+            "x <Acme> y <Acme> z"
+        );
     }
 }

@@ -465,9 +465,8 @@ fn entity_examples(path: &Path, p: &Prompts) -> anyhow::Result<Vec<(Vec<u32>, us
     for t in crate::entity_data::read(path, p.labels)? {
         for (target, label) in &t.entities {
             let shown = p.target_template;
-            let (template, marked, mentions) =
-                shown.prompt(&target.name, &t.text, &target.byte_spans(&t.text));
-            let prompt = Prompt::new(p.tokenizer, &template, &marked)?;
+            let (marked, mentions) = shown.mark(&t.text, &target.byte_spans(&t.text));
+            let prompt = Prompt::new(p.tokenizer, &shown.prompt(&target.name), &marked)?;
             let window = prompt
                 .fit(p.max_input_tokens, Some(TruncationDirection::Right))?
                 .with_context(|| {
