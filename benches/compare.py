@@ -235,6 +235,25 @@ def finserve_mode_rates(server: Server, texts: list[str], rounds: int) -> dict:
     }
 
 
+def modes_table(modes: dict) -> list[str]:
+    """The finserve-only rows: entity-level and sentences-mode throughput against plain scoring."""
+    f, q = modes["finserve f32"], modes["finserve q8"]
+    lines = [
+        "finserve only, f32 / q8: entity-level scoring, 4 targets per sentence, 16 sentences per request; "
+        f"`long_input: sentences` on one 3,000-token document of {f['doc_sentences']} test sentences "
+        f"(the server found {f['doc_found']}); each against plain scoring of the same sentences, 16 per "
+        "request.",
+        "",
+        "| work | f32 | q8 | f32 vs plain | q8 vs plain |",
+        "|---|---|---|---|---|",
+    ]
+    for key, plain_key, title in [("targets", "targets_plain", "entity-level, targets/s"),
+                                  ("doc", "doc_plain", "sentences mode, document sentences/s")]:
+        lines.append(f"| {title} | {f[key]:.1f} | {q[key]:.1f} | {f[key] / f[plain_key]:.2f}x "
+                     f"(plain {f[plain_key]:.1f}/s) | {q[key] / q[plain_key]:.2f}x (plain {q[plain_key]:.1f}/s) |")
+    return lines
+
+
 def tokenize(texts: list[str]):
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(ROOT / "models/demo/base/tokenizer.json"))
@@ -329,6 +348,8 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=64)
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--baseline", help="another finserve binary to compare with (f32 and q8)")
+    ap.add_argument("--only-modes", action="store_true",
+                    help="measure only finserve's entity-level and sentences rows (no peers)")
     args = ap.parse_args()
     binary = Path(args.finserve)
     work = Path(args.work)
@@ -348,16 +369,23 @@ def main() -> None:
     if args.baseline:
         runs[2:2] = [(Path(args.baseline), "baseline f32", ()),
                      (Path(args.baseline), "baseline q8", ("--quantize", "q8"))]
+    if args.only_modes:
+        runs = runs[:2]
     for exe, name, extra in runs:
         server = Server(exe, base, adapter, *extra)
         try:
-            results[name] = finserve_rates(server, texts, args.rounds)
+            if not args.only_modes:
+                results[name] = finserve_rates(server, texts, args.rounds)
             if name in ("finserve f32", "finserve q8"):
                 modes[name] = finserve_mode_rates(server, texts, args.rounds)
             rss[name] = server.rss_mb()
         finally:
             server.close()
-        print(f"{name}: {results[name]}", file=sys.stderr)
+        print(f"{name}: {results.get(name)} {modes.get(name)}", file=sys.stderr)
+    if args.only_modes:
+        print(f"Machine: {cpu_flags()}; {len(texts)} sentences, median of {args.rounds} rounds.\n")
+        print("\n".join(modes_table(modes)))
+        return
     results["transformers fp32"] = transformers_rates(base, texts, args.rounds)
     print(f"transformers: {results['transformers fp32']}", file=sys.stderr)
     results["CTranslate2 fp32"] = ctranslate2_rates(ct2, texts, args.rounds, "float32")
@@ -382,21 +410,7 @@ def main() -> None:
             + f" | {r['finserve f32'] / r['CTranslate2 fp32']:.2f}x"
             + f" | {r['finserve f32'] / r['transformers fp32']:.2f}x"
             + f" | {r['finserve q8'] / r['CTranslate2 int8']:.2f}x |")
-    lines += [
-        "",
-        "finserve only, f32 / q8: entity-level scoring, 4 targets per sentence, 16 sentences per request; "
-        f"`long_input: sentences` on one 3,000-token document of {modes['finserve f32']['doc_sentences']} "
-        f"test sentences (the server found {modes['finserve f32']['doc_found']}); each against plain "
-        "scoring of the same sentences, 16 per request.",
-        "",
-        "| work | f32 | q8 | f32 vs plain | q8 vs plain |",
-        "|---|---|---|---|---|",
-    ]
-    for key, plain_key, title in [("targets", "targets_plain", "entity-level, targets/s"),
-                                  ("doc", "doc_plain", "sentences mode, document sentences/s")]:
-        f, q = modes["finserve f32"], modes["finserve q8"]
-        lines.append(f"| {title} | {f[key]:.1f} | {q[key]:.1f} | {f[key] / f[plain_key]:.2f}x "
-                     f"(plain {f[plain_key]:.1f}/s) | {q[key] / q[plain_key]:.2f}x (plain {q[plain_key]:.1f}/s) |")
+    lines += [""] + modes_table(modes)
     na = results["finserve f32 --no-adapter"]
     lines += [
         "",

@@ -677,15 +677,15 @@ pub struct TrainArgs {
     pub base: BaseArgs,
     /// Training data: CSV files with a header row (sentence-level rows) and entity-level JSON
     /// Lines (`.jsonl`, FinEntity's shape: each annotated entity is one example, shown through
-    /// --target-template). Repeat (or comma-separate) to mix files; a file given twice is seen
-    /// twice per epoch.
+    /// --target-template). Repeat the flag (or comma-separate) to mix files; `FILE:N` goes
+    /// through FILE N times per epoch.
     #[arg(
         long,
         env = "FINSERVE_TRAIN_DATA",
         value_delimiter = ',',
         required = true
     )]
-    pub data: Vec<PathBuf>,
+    pub data: Vec<crate::train::DataFile>,
     /// Data scored after each epoch (accuracy, macro-F1 over all its rows), CSV or JSON Lines as
     /// --data; the best epoch's adapter is kept.
     #[arg(long, env = "FINSERVE_TRAIN_EVAL_DATA", value_delimiter = ',')]
@@ -781,18 +781,27 @@ impl TrainArgs {
             target_template: &target_template,
             max_input_tokens: self.max_input_tokens,
         };
-        let read = |paths: &[PathBuf]| -> anyhow::Result<Vec<_>> {
-            let mut rows = Vec::new();
-            for path in paths {
-                rows.extend(crate::train::read(path, &prompts)?);
+        let mut train = Vec::new();
+        for file in &self.data {
+            let rows = crate::train::read(&file.path, &prompts)?;
+            for _ in 0..file.repeat {
+                train.extend(rows.iter().cloned());
             }
-            Ok(rows)
+        }
+        let eval = match self.eval_data.as_slice() {
+            [] => None,
+            paths => Some(
+                paths
+                    .iter()
+                    .map(|p| crate::train::read(p, &prompts))
+                    .collect::<anyhow::Result<Vec<_>>>()?
+                    .concat(),
+            ),
         };
-        let train = read(&self.data)?;
-        let eval = (!self.eval_data.is_empty())
-            .then(|| read(&self.eval_data))
-            .transpose()?;
-        let entities = self.data.iter().any(|p| crate::entity_data::is_jsonl(p));
+        let entities = self
+            .data
+            .iter()
+            .any(|f| crate::entity_data::is_jsonl(&f.path));
         let recipe = crate::train::Recipe {
             lora: crate::train::peft::LoraSettings {
                 r: self.r,

@@ -434,6 +434,35 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A training file and how many times an epoch goes through it (`FILE` or `FILE:N`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataFile {
+    pub path: PathBuf,
+    pub repeat: usize,
+}
+
+impl std::str::FromStr for DataFile {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Some((path, n)) = s.rsplit_once(':')
+            && let Ok(repeat) = n.parse::<usize>()
+        {
+            if repeat == 0 {
+                return Err(format!("`{s}`: a file is repeated at least once"));
+            }
+            return Ok(Self {
+                path: path.into(),
+                repeat,
+            });
+        }
+        Ok(Self {
+            path: s.into(),
+            repeat: 1,
+        })
+    }
+}
+
 /// How a training file's rows become prompts.
 pub struct Prompts<'a> {
     /// The CSV columns of the text and the label.
