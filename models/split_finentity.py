@@ -7,8 +7,6 @@ Input : models/data/finentity/finentity_train.jsonl (the shared training split o
 Outputs: models/data/finentity_test.jsonl        20 % of the texts: the held-out rows README's scores come from
          models/data/finentity_dev.jsonl         10 %: picks the adapter's epoch, never trained on
          models/data/finentity_train_pool.jsonl  the rest
-         models/data/finentity_train_mixed.jsonl the texts of the train pool that mix sentiments (the demo's
-                                                 recipe repeats them: they are what entity-level training is for)
 
 Split by text (every entity of a text lands on the same side), stratified by whether the text mixes sentiments
 (its entities do not all carry one label), seed 20261206.
@@ -47,10 +45,6 @@ def main():
         entities = [a["label"] for r in rows for a in r["annotations"]]
         print(f"{name}: {len(rows)} texts ({sum(map(mixed, rows))} mixed), {len(entities)} entities "
               f"{ {l: entities.count(l) for l in ('negative', 'neutral', 'positive')} }")
-    with open(HERE / "data" / "finentity_train_mixed.jsonl", "w", encoding="utf-8") as f:
-        for r in parts["train_pool"]:
-            if mixed(r):
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     texts = [{r["content"] for r in rows} for rows in parts.values()]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
 

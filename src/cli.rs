@@ -265,6 +265,10 @@ pub struct ServeArgs {
     /// Most sentences of one input with `long_input: sentences`; more get 422.
     #[arg(long, env = "FINSERVE_MAX_SENTENCES_PER_INPUT", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_sentences_per_input)]
     pub max_sentences_per_input: usize,
+    /// Most windows one /v1/sentiment request may need over all its inputs, targets, sentences,
+    /// chunks and explained words (each is scored like one input); more get 422.
+    #[arg(long, env = "FINSERVE_MAX_WINDOWS_PER_REQUEST", value_parser = at_least::<1>, default_value_t = RequestLimits::default().max_windows_per_request)]
+    pub max_windows_per_request: usize,
     /// Which end `truncate` cuts when a request does not say: right (keep the start) or left.
     #[arg(long, env = "FINSERVE_TRUNCATION_DIRECTION", default_value = "right")]
     pub truncation_direction: TruncationDirection,
@@ -430,6 +434,7 @@ impl ServeArgs {
             max_targets_per_input: self.max_targets_per_input,
             max_explain_words: self.max_explain_words,
             max_sentences_per_input: self.max_sentences_per_input,
+            max_windows_per_request: self.max_windows_per_request,
         })
     }
 

@@ -39,10 +39,10 @@ impl EntityText {
     }
 }
 
-/// Whether `path` holds JSON Lines (by its extension).
+/// Whether `path` holds JSON Lines (by its extension, `.jsonl`).
 pub fn is_jsonl(path: &Path) -> bool {
     path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("json"))
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"))
 }
 
 /// Reads every text of a FinEntity-shaped file; any line that does not parse, a span outside its

@@ -56,6 +56,7 @@ pub enum Limit {
     MaxTargetsPerInput,
     MaxExplainWords,
     MaxSentencesPerInput,
+    MaxWindowsPerRequest,
 }
 
 impl Limit {
@@ -75,6 +76,7 @@ impl Limit {
             Self::MaxTargetsPerInput => "max_targets_per_input",
             Self::MaxExplainWords => "max_explain_words",
             Self::MaxSentencesPerInput => "max_sentences_per_input",
+            Self::MaxWindowsPerRequest => "max_windows_per_request",
         }
     }
 }

@@ -240,6 +240,9 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
         if calibration_out.is_some() {
             bail!("--calibrate fits sentence-level scores: give it a CSV, not entity JSON Lines");
         }
+        if long_input == LongInput::Sentences {
+            bail!("entity JSON Lines are scored per target: --long-input sentences does not apply");
+        }
         let texts = crate::entity_data::read(&data, &names)?;
         let name = model.spec.model.clone();
         let (served, tokenizer) = model.load(false)?.served(name);

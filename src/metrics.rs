@@ -103,7 +103,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     ),
     input_tokens: counts(
         "finserve_input_tokens",
-        "Input tokens per request input",
+        "Tokens the encoder read per request input (all its windows, targets, sentences and explained words)",
         &["route"],
     ),
     generated_tokens: register_int_counter_vec!(

@@ -131,7 +131,15 @@ fn a_name_marks_every_whole_word_mention_and_lists_batch_like_singles() {
 
 #[test]
 fn bad_targets_are_refused_naming_the_field() {
-    let (s, _dir) = server(None, &["--max-targets-per-input", "2"]);
+    let (s, _dir) = server(
+        None,
+        &[
+            "--max-targets-per-input",
+            "2",
+            "--max-windows-per-request",
+            "8",
+        ],
+    );
     let cases = [
         (json!({"targets": ["siemens"]}), "whole word"),
         (json!({"targets": ["Siem"]}), "whole word"),
@@ -148,6 +156,11 @@ fn bad_targets_are_refused_naming_the_field() {
             json!({"targets": ["Siemens"], "long_input": "sentences"}),
             "sentences",
         ),
+        (json!({"targets": [{"start": 0, "end": 8}]}), "whitespace"),
+        (
+            json!({"targets": ["Siemens"], "return_chunks": true}),
+            "return_chunks",
+        ),
     ];
     for (params, needle) in cases {
         let (code, body) = s.post(
@@ -158,6 +171,13 @@ fn bad_targets_are_refused_naming_the_field() {
         assert!(error(&body).contains("targets"), "{params}: {body}");
         assert!(error(&body).contains(needle), "{params}: {body}");
     }
+    // One request's work is bounded: 16 words explained for one target are 16 windows.
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Siemens"], "explain": true}}),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(error(&body).contains("--max-windows-per-request"), "{body}");
     let (code, body) = s.post(
         "/v1/sentiment",
         &json!({"inputs": [MIXED, MIXED], "parameters": {"targets": ["Siemens"]}}),
@@ -315,6 +335,11 @@ fn a_document_is_scored_sentence_by_sentence() {
     for ((label, v), m) in overall.iter().zip(&mean) {
         assert!((v - m).abs() < 1e-9, "{label}: {v} vs {m}");
     }
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": " \n ", "parameters": {"long_input": "sentences"}}),
+    );
+    assert_eq!(code, 422, "{body}");
     // A sentence longer than a window is windowed like `chunk`.
     let short = start(&["--max-input-tokens", "24", "--chunk-overlap", "4"]);
     let (code, body) = short.post(
@@ -434,4 +459,71 @@ fn the_demo_answers_entity_requests_out_of_the_box() {
         ("positive".into(), "negative".into()),
         "{body}"
     );
+}
+
+/// A target template without its placeholders stops the server at start-up, naming the file.
+#[test]
+fn a_target_template_without_its_placeholders_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("target_template.json");
+    std::fs::write(&path, r#"{"template": "{text}", "mark": ["[", "]"]}"#).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .args(["serve", "--port", "0", "--model"])
+        .arg(common::fixtures().join("mt5_base"))
+        .arg("--target-template")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("target_template.json") && err.contains("{target}"),
+        "{err}"
+    );
+}
+
+/// `finserve eval` on FinEntity's JSON Lines scores every entity as a target and prints the
+/// three ways side by side with their intervals, and the confusion matrix.
+#[test]
+fn eval_reports_entity_metrics_against_both_baselines() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("entities.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .current_dir(common::repo())
+        .args(["eval", "--data", "models/data/finentity_dev.jsonl", "--out"])
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "137 entities of 68 texts",
+        "targets (this model)",
+        "text label copied (this model)",
+        "majority label (neutral)",
+        "mixed-text accuracy",
+        "confusion (rows gold, columns predicted)",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle}: {stdout}");
+    }
+    let lines: Vec<Value> = std::fs::read_to_string(&out_path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 137);
+    let right = lines
+        .iter()
+        .filter(|l| l["label"] == l["prediction"])
+        .count();
+    let accuracy = format!("{:.4}", right as f64 / 137.0);
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("targets (this model)"))
+        .unwrap();
+    assert!(row.contains(&accuracy), "{row} vs {accuracy}");
 }

@@ -26,6 +26,9 @@ pub struct RequestLimits {
     pub max_explain_words: usize,
     /// Sentences of one text in `sentences` mode.
     pub max_sentences_per_input: usize,
+    /// Windows one scoring request may need, over all its texts, targets, sentences, chunks and
+    /// explained words: the bound on one request's work.
+    pub max_windows_per_request: usize,
 }
 
 impl Default for RequestLimits {
@@ -44,6 +47,7 @@ impl Default for RequestLimits {
             max_targets_per_input: 16,
             max_explain_words: 64,
             max_sentences_per_input: 256,
+            max_windows_per_request: 1024,
         }
     }
 }

@@ -343,6 +343,23 @@ impl Engine {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        let windows: usize = texts
+            .iter()
+            .flat_map(|t| &t.units)
+            .map(|u| u.windows.len())
+            .sum();
+        let max = limits.max_windows_per_request;
+        if windows > max {
+            return Err(Error::over_limit(
+                Field::Inputs,
+                Limit::MaxWindowsPerRequest,
+                max,
+                format!(
+                    "the request needs {windows} scored windows (over its inputs, targets, \
+                     sentences, chunks and explained words), more than {max}"
+                ),
+            ));
+        }
         Ok(Prepared {
             variant,
             priority: query.priority,
@@ -365,6 +382,12 @@ impl Engine {
         variant: &Variant,
         long_input: LongInput,
     ) -> Result<PreparedText> {
+        if super::is_blank(&text) {
+            return Err(Error::invalid(
+                Field::Inputs,
+                "every text must contain a non-blank character",
+            ));
+        }
         let chars = |b: usize| text[..b].chars().count();
         let mut units = Vec::new();
         let mut sentence_spans = Vec::new();
@@ -455,14 +478,15 @@ impl Engine {
                     role: Role::Target(t),
                     windows: self.windows(&marked, &prompt, long_input, Some(&ranges))?,
                 });
-                for (i, word) in words.iter().enumerate() {
+                for i in 0..words.len() {
+                    // The cut takes whitespace beside the word too: a mention it touches stays.
+                    let cut = explain::cut(&text, &words, i);
                     if mentions
                         .iter()
-                        .any(|m| m.start < word.end && word.start < m.end)
+                        .any(|m| m.start < cut.end && cut.start < m.end)
                     {
                         continue;
                     }
-                    let cut = explain::cut(&text, &words, i);
                     let occluded = explain::without(&text, &cut);
                     let shifted: Vec<_> = mentions
                         .iter()

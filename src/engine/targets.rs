@@ -54,8 +54,11 @@ pub fn locate(text: &str, targets: &[Target], max: usize) -> Result<Vec<Located>
         .iter()
         .map(|target| match target {
             Target::Name(name) => {
-                if super::is_blank(name) {
-                    return Err(Error::invalid(Field::Targets, "a target name is blank"));
+                if super::is_blank(name) || name.trim() != name {
+                    return Err(Error::invalid(
+                        Field::Targets,
+                        format!("target name {name:?} is blank or starts or ends with whitespace"),
+                    ));
                 }
                 let spans = occurrences(&chars, name);
                 if spans.is_empty() {
@@ -83,10 +86,13 @@ pub fn locate(text: &str, targets: &[Target], max: usize) -> Result<Vec<Located>
                     ));
                 }
                 let name: String = chars[start..end].iter().collect();
-                if super::is_blank(&name) {
+                if super::is_blank(&name) || name.trim() != name {
                     return Err(Error::invalid(
                         Field::Targets,
-                        format!("span [{start}, {end}) holds only whitespace"),
+                        format!(
+                            "span [{start}, {end}) ({name:?}) is blank or starts or ends with \
+                             whitespace"
+                        ),
                     ));
                 }
                 Ok(Located {
@@ -98,15 +104,23 @@ pub fn locate(text: &str, targets: &[Target], max: usize) -> Result<Vec<Located>
         .collect()
 }
 
-/// Character spans where `name` occurs with no letter or digit right before or after it.
+/// Character spans where `name` occurs with no letter or digit right before or after it,
+/// leftmost first and never overlapping ("ABC ABC" in "ABC ABC ABC" once).
 fn occurrences(chars: &[char], name: &str) -> Vec<(usize, usize)> {
     let needle: Vec<char> = name.chars().collect();
     let word = |i: usize| chars.get(i).is_some_and(|c| c.is_alphanumeric());
-    (0..chars.len())
-        .filter(|&i| chars[i..].starts_with(&needle))
-        .filter(|&i| (i == 0 || !word(i - 1)) && !word(i + needle.len()))
-        .map(|i| (i, i + needle.len()))
-        .collect()
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    for i in 0..chars.len() {
+        let free = spans.last().is_none_or(|&(_, end)| i >= end);
+        if free
+            && chars[i..].starts_with(&needle)
+            && (i == 0 || !word(i - 1))
+            && !word(i + needle.len())
+        {
+            spans.push((i, i + needle.len()));
+        }
+    }
+    spans
 }
 
 /// How a target is shown to the model: `template` holds `{text}` once (the text with each
@@ -213,7 +227,10 @@ fn context(text: &str, mentions: &[Range<usize>], k: usize) -> (String, Vec<Rang
     for m in mentions {
         let first = words.iter().position(|w| w.end > m.start).unwrap_or(0);
         let last = words.iter().rposition(|w| w.start < m.end).unwrap_or(first);
-        let (lo, hi) = (first.saturating_sub(k), (last + k).min(words.len() - 1));
+        let (lo, hi) = (
+            first.saturating_sub(k),
+            last.saturating_add(k).min(words.len() - 1),
+        );
         match keep.last_mut() {
             Some(prev) if lo <= prev.1 + 1 => prev.1 = prev.1.max(hi),
             _ => keep.push((lo, hi)),
@@ -258,6 +275,9 @@ mod tests {
         assert_eq!(t[0].spans, vec![(0, 7), (38, 45)]);
         assert!(locate(TEXT, &[Target::Name("siemens".into())], 4).is_err());
         assert!(locate(TEXT, &[Target::Name("Huhta".into())], 4).is_err());
+        assert!(locate(TEXT, &[Target::Name("Siemens ".into())], 4).is_err());
+        let t = locate("ABC ABC ABC", &[Target::Name("ABC ABC".into())], 1).unwrap();
+        assert_eq!(t[0].spans, vec![(0, 7)]);
         let span = locate(TEXT, &[Target::Span { start: 22, end: 31 }], 4).unwrap();
         assert_eq!(span[0].name, "Huhtamaki");
     }
@@ -267,7 +287,7 @@ mod tests {
         let text = "Ökofonds € gains";
         let t = locate(text, &[Target::Span { start: 0, end: 8 }], 1).unwrap();
         assert_eq!(t[0].name, "Ökofonds");
-        for bad in [(3, 3), (5, 2), (0, 17), (8, 9)] {
+        for bad in [(3, 3), (5, 2), (0, 17), (8, 9), (0, 9)] {
             let target = Target::Span {
                 start: bad.0,
                 end: bad.1,

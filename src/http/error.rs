@@ -100,6 +100,7 @@ fn flag(limit: Limit) -> &'static str {
         Limit::MaxTargetsPerInput => "--max-targets-per-input",
         Limit::MaxExplainWords => "--max-explain-words",
         Limit::MaxSentencesPerInput => "--max-sentences-per-input",
+        Limit::MaxWindowsPerRequest => "--max-windows-per-request",
     }
 }
 

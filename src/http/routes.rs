@@ -71,6 +71,13 @@ pub async fn sentiment(
         sentences: long_input == LongInput::Sentences,
         explain: params.explain.unwrap_or(false),
     };
+    if params.targets.is_some() && (shape.chunks || params.prompt_template.is_some()) {
+        return Err(ApiError::validation(
+            "`parameters.targets`: a target is shown through the model's target template and \
+             scored in the windows that hold its mentions: `prompt_template` and `return_chunks` \
+             do not apply",
+        ));
+    }
     let targets = match (&req.inputs, params.targets) {
         (_, None) => None,
         (Inputs::One(_), Some(Targets::One(list))) => Some(vec![engine_targets(list)]),

@@ -325,7 +325,7 @@ pub struct SentenceScores {
 }
 
 /// One word's attribution (`explain`): per label, the score with the word minus the score
-/// without it (positive: the word raised the label), labels in the order of `scores`.
+/// without it (positive: the word raised the label), every label in the label set's order.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct WordAttribution {
     pub word: String,
@@ -585,6 +585,7 @@ pub struct Limits {
     pub max_targets_per_input: usize,
     pub max_explain_words: usize,
     pub max_sentences_per_input: usize,
+    pub max_windows_per_request: usize,
     pub truncation_direction: TruncationDirection,
 }
 
@@ -613,6 +614,7 @@ impl Limits {
             max_targets_per_input: request.max_targets_per_input,
             max_explain_words: request.max_explain_words,
             max_sentences_per_input: request.max_sentences_per_input,
+            max_windows_per_request: request.max_windows_per_request,
             truncation_direction: http.default_truncation_direction,
         }
     }
