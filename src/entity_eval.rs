@@ -12,11 +12,11 @@ use futures::StreamExt;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::classification::Report;
 use crate::engine::Engine;
 use crate::engine::infer::{LongInput, ScoreQuery};
 use crate::engine::targets::Target;
 use crate::entity_data::EntityText;
-use crate::eval::Report;
 
 /// Bootstrap resamples of the confidence intervals.
 const RESAMPLES: usize = 2000;

@@ -9,6 +9,7 @@
 
 pub mod audit;
 pub mod calibration;
+pub mod classification;
 pub mod cli;
 pub mod engine;
 pub mod entity_data;

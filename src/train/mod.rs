@@ -25,10 +25,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
+use crate::classification::Report;
 use crate::engine::prompt::{Prompt, Template, TruncationDirection};
 use crate::engine::sentiment::{LabelSet, score};
 use crate::engine::targets::{self, TargetTemplate};
-use crate::eval::Report;
 use crate::model::linear::SharedLayers;
 use crate::model::lora::{AdapterConfig, merge_weight};
 use crate::model::t5::{Config, T5Model};
