@@ -62,7 +62,7 @@ def cpu_flags() -> str:
     return f"{model}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in flags)
 
 
-def build_model(work: Path) -> tuple[Path, Path, Path]:
+def build_model(work: Path, convert: bool = True) -> tuple[Path, Path, Path]:
     base, adapter, ct2 = work / "base", work / "adapter", work / "ct2"
     tokenizer = ROOT / "models/demo/base/tokenizer.json"
     # The cache is only valid for the tokenizer it was built with: finserve reads the copy in
@@ -73,7 +73,7 @@ def build_model(work: Path) -> tuple[Path, Path, Path]:
     if not (base / "model.safetensors").exists():
         subprocess.run([sys.executable, str(ROOT / "benches/make_mt0_small.py"), str(work),
                         str(tokenizer)], check=True)
-    if not (ct2 / "model.bin").exists():
+    if convert and not (ct2 / "model.bin").exists():
         import ctranslate2.converters
         ctranslate2.converters.TransformersConverter(str(base)).convert(str(ct2), force=True)
     return base, adapter, ct2
@@ -354,7 +354,7 @@ def main() -> None:
     binary = Path(args.finserve)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    base, adapter, ct2 = build_model(work)
+    base, adapter, ct2 = build_model(work, convert=not args.only_modes)
     texts = sentences(args.sentences)
 
     results, rss, modes = {}, {}, {}
