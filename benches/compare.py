@@ -25,6 +25,7 @@ server's resident memory after its run and its peak (loading and merging include
 With `--baseline BINARY` (e.g. a release build of the previous commit) the same f32 and q8 runs
 are repeated with that binary right after the current one's, and the report adds their ratios:
 how a change moved finserve's own speed on this machine, in the same run.
+`--only-modes` measures only the finserve-only rows (no peers, no CTranslate2 conversion).
 Not a test: it reports, it asserts nothing.
 """
 
