@@ -39,7 +39,7 @@ COPY deploy/docker/cargo-stub-targets /usr/local/bin/cargo-stub-targets
 # README, and /usr/share/licenses/finserve: finserve's licence (Apache-2.0, the text from
 # Debian's base-files) and the licence files and notices of every dataset the demo model was
 # trained on (Financial PhraseBank: CC BY-NC-SA 3.0, so the model is non-commercial; finance
-# tweets: MIT per their card). deploy/docker/licenses/NOTICE is the overview.
+# tweets: MIT per their card; FinEntity: ODC-BY). deploy/docker/licenses/NOTICE is the overview.
 FROM ${RUNTIME_IMAGE} AS demo-model
 COPY models/demo/base /opt/finserve/models/demo/base
 COPY models/demo/adapter /opt/finserve/models/demo/adapter
@@ -50,6 +50,7 @@ COPY models/data/financial_phrasebank/License.txt models/data/financial_phraseba
      models/data/financial_phrasebank/PROVENANCE.md /usr/share/licenses/finserve/financial_phrasebank/
 COPY models/data/twitter_financial_news_sentiment/PROVENANCE.md \
      /usr/share/licenses/finserve/twitter_financial_news_sentiment/
+COPY models/data/finentity/PROVENANCE.md /usr/share/licenses/finserve/finentity/
 RUN cp /usr/share/common-licenses/Apache-2.0 /usr/share/licenses/finserve/LICENSE-Apache-2.0 \
  && chmod -R u=rwX,go=rX /opt/finserve/models /usr/share/licenses/finserve
 
