@@ -204,8 +204,16 @@ fn adapter_paths_stay_under_the_root_and_memory_returns() {
     .map(String::from)
     .into();
     // One malloc arena: glibc's per-thread arenas (a new one for each new blocking-pool thread
-    // that merges) would add resident memory that no variant holds; a leak still shows.
-    let s = common::start_with(&args, &[("MALLOC_ARENA_MAX", "1")]);
+    // that merges) would add resident memory that no variant holds. A fixed mmap threshold: glibc
+    // otherwise raises it after the first large free, so later weight buffers land in the heap,
+    // whose top is returned only now and then. A leak still shows either way.
+    let s = common::start_with(
+        &args,
+        &[
+            ("MALLOC_ARENA_MAX", "1"),
+            ("MALLOC_MMAP_THRESHOLD_", "131072"),
+        ],
+    );
     for path in [
         "../outside",
         outside.to_str().unwrap(),
@@ -259,14 +267,13 @@ fn adapter_paths_stay_under_the_root_and_memory_returns() {
         .collect();
     let before = *samples[..10].iter().min().unwrap();
     let after = *samples[30..].iter().min().unwrap();
-    // Were each cycle to leave its variant's weights behind, that would be well over 5 %.
+    // A variant left behind per cycle would add 30 variants' weights; the allocator's own moves
+    // (a few MiB, once) stay far below a third of that.
+    let allowed = 10 * unshared / 1024;
     assert!(
-        30 * unshared / 1024 > before / 10,
-        "{unshared} bytes per variant, {before} KiB"
-    );
-    assert!(
-        after as f64 <= before as f64 * 1.05,
-        "resident memory grew from {before} KiB to {after} KiB over 30 loads and unloads: {samples:?}"
+        after <= before + allowed,
+        "resident memory grew from {before} KiB to {after} KiB over 30 loads and unloads \
+         (a variant holds {unshared} bytes): {samples:?}"
     );
     assert_eq!(weights(), before_weights);
 }
