@@ -12,6 +12,7 @@ use crate::audit::{AuditConfig, Sink};
 use crate::engine::prompt::{Template, TruncationDirection};
 use crate::engine::sentiment::LabelSet;
 use crate::engine::targets::TargetTemplate;
+use crate::engine::validation::GenerateOptions;
 use crate::engine::{EngineConfig, RequestLimits};
 use crate::http::{ApiKeys, HttpConfig};
 use crate::hub::HubConfig;
@@ -589,10 +590,103 @@ pub enum EvalLongInput {
     Sentences,
 }
 
+/// What a bulk command does with each row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BulkTask {
+    /// Label scores, as `/v1/sentiment`.
+    Sentiment,
+    /// Generated text, as `/v1/generate`, with the --max-new-tokens ... --stop options.
+    Generate,
+}
+
+/// The decoding options of `--task generate`: a request's `parameters`, as flags.
+#[derive(Debug, Clone, Args)]
+pub struct GenerationArgs {
+    /// Most tokens generated per row (default: the server's default for a request).
+    #[arg(long, env = "FINSERVE_GENERATE_MAX_NEW_TOKENS", value_parser = at_least::<1>)]
+    pub max_new_tokens: Option<usize>,
+    /// Sample instead of decoding greedily.
+    #[arg(long, env = "FINSERVE_GENERATE_DO_SAMPLE")]
+    pub do_sample: bool,
+    #[arg(long, env = "FINSERVE_GENERATE_TEMPERATURE")]
+    pub temperature: Option<f64>,
+    #[arg(long, env = "FINSERVE_GENERATE_TOP_K")]
+    pub top_k: Option<i64>,
+    #[arg(long, env = "FINSERVE_GENERATE_TOP_P")]
+    pub top_p: Option<f64>,
+    #[arg(long, env = "FINSERVE_GENERATE_REPETITION_PENALTY")]
+    pub repetition_penalty: Option<f64>,
+    /// The first row's sampling seed; row I (0 = the first data row) uses SEED + I, so a run
+    /// gives the same texts however it is sharded or resumed.
+    #[arg(long, env = "FINSERVE_GENERATE_SEED")]
+    pub seed: Option<u64>,
+    /// Stop sequences (comma-separated).
+    #[arg(long, env = "FINSERVE_GENERATE_STOP", value_delimiter = ',')]
+    pub stop: Vec<String>,
+}
+
+impl GenerationArgs {
+    /// The first of these flags that is given, if any: they mean nothing without generation.
+    fn first_given(&self) -> Option<&'static str> {
+        [
+            (self.max_new_tokens.is_some(), "--max-new-tokens"),
+            (self.do_sample, "--do-sample"),
+            (self.temperature.is_some(), "--temperature"),
+            (self.top_k.is_some(), "--top-k"),
+            (self.top_p.is_some(), "--top-p"),
+            (self.repetition_penalty.is_some(), "--repetition-penalty"),
+            (self.seed.is_some(), "--seed"),
+            (!self.stop.is_empty(), "--stop"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
+
+    /// The options, and the engine limits that let `max_new_tokens` through (a bulk run is
+    /// bounded by its flags, not by a server's per-request limits).
+    fn options(
+        &self,
+        limits: &mut RequestLimits,
+        max_input_tokens: usize,
+    ) -> anyhow::Result<GenerateOptions> {
+        let seed = self
+            .seed
+            .map(|s| i64::try_from(s).context("--seed must be at most 9223372036854775807"))
+            .transpose()?;
+        if let Some(n) = self.max_new_tokens {
+            limits.max_new_tokens = limits.max_new_tokens.max(n);
+        }
+        limits.max_total_tokens = max_input_tokens + limits.max_new_tokens;
+        limits.max_stop_sequences = limits.max_stop_sequences.max(self.stop.len());
+        let longest = self
+            .stop
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(0);
+        limits.max_stop_length = limits.max_stop_length.max(longest);
+        Ok(GenerateOptions {
+            max_new_tokens: self.max_new_tokens.map(|n| n as i64),
+            do_sample: Some(self.do_sample),
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed,
+            stop: self.stop.clone(),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct PredictArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// What to write per row: label scores, or generated text.
+    #[arg(long, env = "FINSERVE_PREDICT_TASK", default_value = "sentiment")]
+    pub task: BulkTask,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
     /// The texts: CSV with a header row (.csv) or JSON Lines (.jsonl, one object per line).
     #[arg(long, env = "FINSERVE_PREDICT_DATA")]
     pub data: PathBuf,
@@ -602,8 +696,10 @@ pub struct PredictArgs {
     /// A column (or member) carried into every output record as `id`.
     #[arg(long, env = "FINSERVE_PREDICT_ID_COLUMN")]
     pub id_column: Option<String>,
-    /// JSON Lines output: per row `{"row", "id", "scores": [{"label", "score"}...] best first,
-    /// "digest"}`, one flushed record per line.
+    /// JSON Lines output, one flushed record per line: per row `{"row", "id", "scores":
+    /// [{"label", "score"}...] best first, "digest"}` (and `"sentences"`, each with its `span`
+    /// and `scores`, with --long-input sentences); with --task generate `{"row", "id",
+    /// "generated_text", "finish_reason", "generated_tokens", "seed", "digest"}`.
     #[arg(long, env = "FINSERVE_PREDICT_OUT")]
     pub out: PathBuf,
     /// Where rows that cannot be scored go, `{"row", "id", "error"}` (default: OUT.errors).
@@ -638,7 +734,18 @@ pub struct PredictArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// CSV file with a header row.
+    /// What is measured: label accuracy (sentiment), or generated text against --target-column
+    /// (generate: teacher-forced loss and perplexity of the references, exact match, ROUGE-L F1
+    /// as `rouge-score` computes it, corpus BLEU as `sacrebleu` does).
+    #[arg(long, env = "FINSERVE_EVAL_TASK", default_value = "sentiment")]
+    pub task: BulkTask,
+    /// With --task generate: the column (or JSON member) holding each row's reference output.
+    #[arg(long, env = "FINSERVE_EVAL_TARGET_COLUMN")]
+    pub target_column: Option<String>,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+    /// CSV file with a header row; entity-level JSON Lines (FinEntity's shape) for sentiment;
+    /// CSV or JSON Lines for --task generate.
     #[arg(long, env = "FINSERVE_EVAL_DATA")]
     pub data: PathBuf,
     #[arg(long, env = "FINSERVE_EVAL_TEXT_COLUMN", default_value = "sentence")]
@@ -882,10 +989,31 @@ impl PredictArgs {
         if errors == self.out {
             bail!("--errors must be another file than --out");
         }
+        let mut engine = m.bulk_engine_config(self.chunk_overlap, self.max_chunks_per_input);
+        let task = match self.task {
+            BulkTask::Sentiment => {
+                if let Some(flag) = self.generation.first_given() {
+                    bail!("{flag} is for --task generate");
+                }
+                crate::predict::Task::Sentiment(long_input)
+            }
+            BulkTask::Generate => {
+                if long_input != crate::engine::infer::LongInput::Refuse {
+                    bail!(
+                        "--truncate and --long-input are for --task sentiment; a generation's \
+                         input must fit --max-input-tokens"
+                    );
+                }
+                crate::predict::Task::Generate(
+                    self.generation
+                        .options(&mut engine.limits, m.max_input_tokens)?,
+                )
+            }
+        };
         Ok(crate::predict::PredictJob {
             model: m.job(Vec::new())?,
-            engine: m.bulk_engine_config(self.chunk_overlap, self.max_chunks_per_input),
-            long_input,
+            engine,
+            task,
             data: self.data,
             text_column: self.text_column,
             id_column: self.id_column,
@@ -917,15 +1045,51 @@ impl EvalArgs {
             self.chunk_overlap,
             m.max_input_tokens,
         )?;
+        let mut engine = m.bulk_engine_config(self.chunk_overlap, self.max_chunks_per_input);
+        let task = match (self.task, self.target_column) {
+            (BulkTask::Sentiment, target) => {
+                if let Some(flag) = self.generation.first_given() {
+                    bail!("{flag} is for --task generate");
+                }
+                if target.is_some() {
+                    bail!(
+                        "--target-column is for --task generate (sentiment reads --label-column)"
+                    );
+                }
+                crate::eval::Task::Sentiment {
+                    long_input,
+                    label_column: self.label_column,
+                    calibration_out,
+                }
+            }
+            (BulkTask::Generate, None) => {
+                bail!("--task generate needs --target-column: the column of reference outputs")
+            }
+            (BulkTask::Generate, Some(target_column)) => {
+                if long_input != crate::engine::infer::LongInput::Refuse {
+                    bail!(
+                        "--truncate and --long-input are for --task sentiment; a generation's \
+                         input must fit --max-input-tokens"
+                    );
+                }
+                if calibration_out.is_some() {
+                    bail!("--calibrate and --calibration-out are for --task sentiment");
+                }
+                crate::eval::Task::Generate {
+                    options: self
+                        .generation
+                        .options(&mut engine.limits, m.max_input_tokens)?,
+                    target_column,
+                }
+            }
+        };
         Ok(crate::eval::EvalJob {
             model,
-            engine: m.bulk_engine_config(self.chunk_overlap, self.max_chunks_per_input),
-            long_input,
+            engine,
+            task,
             data: self.data,
             text_column: self.text_column,
-            label_column: self.label_column,
             out: self.out,
-            calibration_out,
         })
     }
 }

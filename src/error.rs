@@ -38,6 +38,8 @@ pub enum Field {
     Targets,
     /// The request for occlusion explanations.
     Explain,
+    /// The output whose likelihood is asked for.
+    Reference,
 }
 
 /// A server limit that a request went over.

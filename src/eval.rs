@@ -17,6 +17,7 @@ use futures::StreamExt;
 use crate::calibration::{Calibration, quality};
 use crate::classification::Report;
 use crate::engine::infer::{LongInput, ScoreQuery};
+use crate::engine::validation::GenerateOptions;
 use crate::engine::{Engine, EngineConfig};
 use crate::served::ModelJob;
 
@@ -60,20 +61,34 @@ pub fn read_rows(
     Ok(rows)
 }
 
+/// What an eval run measures.
+pub enum Task {
+    /// Label scores against `label_column`.
+    Sentiment {
+        /// What happens to rows over `max_input_tokens`, as a request's `truncate` /
+        /// `long_input`.
+        long_input: LongInput,
+        label_column: String,
+        /// Where a temperature fitted on this data is written, if anywhere.
+        calibration_out: Option<PathBuf>,
+    },
+    /// Generations with `options` against the references in `target_column`.
+    Generate {
+        options: GenerateOptions,
+        target_column: String,
+    },
+}
+
 /// One `finserve eval` run, as the command line resolved it.
 pub struct EvalJob {
     pub model: ModelJob,
     /// The batching the server would use; the queue is sized here to hold the whole file.
     pub engine: EngineConfig,
-    /// What happens to rows over `max_input_tokens`, as a request's `truncate` / `long_input`.
-    pub long_input: LongInput,
+    pub task: Task,
     pub data: PathBuf,
     pub text_column: String,
-    pub label_column: String,
-    /// Where one JSON line per sentence goes, if anywhere.
+    /// Where one JSON line per row goes, if anywhere.
     pub out: Option<PathBuf>,
-    /// Where a temperature fitted on this data is written, if anywhere.
-    pub calibration_out: Option<PathBuf>,
 }
 
 /// What became of one row: its scores (probabilities and log-likelihoods), or the refusal.
@@ -151,13 +166,36 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
     let EvalJob {
         model,
         engine: config,
-        long_input,
+        task,
         data,
         text_column,
-        label_column,
         out,
-        calibration_out,
     } = job;
+    let (long_input, label_column, calibration_out) = match task {
+        Task::Sentiment {
+            long_input,
+            label_column,
+            calibration_out,
+        } => (long_input, label_column, calibration_out),
+        Task::Generate {
+            options,
+            target_column,
+        } => {
+            let columns = crate::data_file::Columns {
+                text: &text_column,
+                id: None,
+                target: Some(&target_column),
+            };
+            return crate::generation_eval::run(
+                model,
+                config,
+                &data,
+                columns,
+                options,
+                out.as_deref(),
+            );
+        }
+    };
     let names = model.labels.clone();
     if crate::entity_data::is_jsonl(&data) {
         if calibration_out.is_some() {

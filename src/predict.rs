@@ -1,5 +1,6 @@
 //! `finserve predict`: scores a file of texts (CSV with a header row, or JSON Lines) into a JSON
-//! Lines file, through the same engine, batching and validation as the server. Each output line
+//! Lines file, or generates from each (`--task generate`), through the same engine, batching and
+//! validation as the server. Each output line
 //! is one complete, flushed record, so a run killed at any point resumes (`--resume`) from what
 //! is on disk with no row written twice; `--shard I/N` takes the rows whose index is I modulo N,
 //! so N jobs over one file write disjoint outputs whose union is the whole file. A row that is
@@ -8,17 +9,20 @@
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, Write};
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::engine::infer::{LongInput, ScoreQuery};
-use crate::engine::{Engine, EngineConfig};
+use crate::data_file::{self, Columns};
+use crate::engine::infer::{GenerateQuery, LongInput, ScoreQuery, Scored, TextScores};
+use crate::engine::sentiment::LabelScores;
+use crate::engine::validation::GenerateOptions;
+use crate::engine::{Engine, EngineConfig, GenerateOutput};
 use crate::error::Error;
 use crate::served::ModelJob;
 
@@ -55,11 +59,22 @@ impl Shard {
     }
 }
 
+/// What is done with each row.
+#[derive(Debug, Clone)]
+pub enum Task {
+    /// Label scores, with over-long rows handled as this says.
+    Sentiment(LongInput),
+    /// A generation with these options; a seed among them is the first row's, and row `i`'s
+    /// is that plus `i`, so a sampled run is reproducible row by row, however it is sharded or
+    /// resumed.
+    Generate(GenerateOptions),
+}
+
 /// One `finserve predict` run, as the command line resolved it.
 pub struct PredictJob {
     pub model: ModelJob,
     pub engine: EngineConfig,
-    pub long_input: LongInput,
+    pub task: Task,
     pub data: PathBuf,
     pub text_column: String,
     pub id_column: Option<String>,
@@ -67,86 +82,6 @@ pub struct PredictJob {
     pub errors: PathBuf,
     pub resume: bool,
     pub shard: Option<Shard>,
-}
-
-/// One input row: its index in the file (0 = the first data row), its id if asked for, and its
-/// text, or why it has none.
-struct Row {
-    index: usize,
-    id: Value,
-    text: Result<String, String>,
-}
-
-/// The rows of `data` (CSV with a header row, or JSON Lines by extension), lazily; an error
-/// stops the run.
-fn read_rows(
-    data: &Path,
-    text_column: &str,
-    id_column: Option<&str>,
-) -> anyhow::Result<Box<dyn Iterator<Item = anyhow::Result<Row>>>> {
-    let name = data.display().to_string();
-    let ext = data.extension().and_then(|e| e.to_str()).unwrap_or("");
-    match ext {
-        "csv" => {
-            let mut reader =
-                csv::Reader::from_path(data).with_context(|| format!("cannot open {name}"))?;
-            let headers = reader
-                .headers()
-                .with_context(|| format!("{name}: cannot read the header row"))?
-                .clone();
-            let column = |c: &str| {
-                headers
-                    .iter()
-                    .position(|h| h == c)
-                    .with_context(|| format!("{name} has no column `{c}` (columns: {headers:?})"))
-            };
-            let text_at = column(text_column)?;
-            let id_at = id_column.map(column).transpose()?;
-            let text_column = text_column.to_string();
-            Ok(Box::new(reader.into_records().enumerate().map(
-                move |(index, record)| {
-                    // Row numbers as a spreadsheet shows them: the header is row 1.
-                    let record = record
-                        .with_context(|| format!("{name}: row {} cannot be read", index + 2))?;
-                    let field = |at: usize| record.get(at).map(str::to_string);
-                    Ok(Row {
-                        index,
-                        id: id_at.and_then(field).map_or(Value::Null, Value::String),
-                        text: field(text_at).ok_or_else(|| format!("no `{text_column}` field")),
-                    })
-                },
-            )))
-        }
-        "jsonl" | "ndjson" => {
-            let file = File::open(data).with_context(|| format!("cannot open {name}"))?;
-            let text_column = text_column.to_string();
-            let id_column = id_column.map(str::to_string);
-            Ok(Box::new(BufReader::new(file).lines().enumerate().map(
-                move |(index, line)| {
-                    let line =
-                        line.with_context(|| format!("{name}: line {} cannot be read", index + 1))?;
-                    let value: Value = serde_json::from_str(&line)
-                        .with_context(|| format!("{name}: line {} is not JSON", index + 1))?;
-                    let Value::Object(object) = value else {
-                        bail!("{name}: line {} is not a JSON object", index + 1);
-                    };
-                    let id = id_column
-                        .as_ref()
-                        .and_then(|c| object.get(c).cloned())
-                        .unwrap_or(Value::Null);
-                    let text = match object.get(&text_column) {
-                        Some(Value::String(t)) => Ok(t.clone()),
-                        Some(other) => Err(format!("`{text_column}` is not a string: {other}")),
-                        None => Err(format!("no `{text_column}` field")),
-                    };
-                    Ok(Row { index, id, text })
-                },
-            )))
-        }
-        other => {
-            bail!("{name}: unknown input format `.{other}` (.csv with a header row, or .jsonl)")
-        }
-    }
 }
 
 /// The rows a previous run finished (written to `out` or to `errors`), after cutting a record
@@ -203,20 +138,125 @@ fn write_record(file: &mut File, record: &Value, path: &Path) -> anyhow::Result<
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// One row's outcome: its record, or why it was refused.
+type Outcome = Result<Value, String>;
+
+/// The labels and scores of `scores`, best first.
+fn ranked(names: &[String], scores: &LabelScores) -> Value {
+    let mut ranked: Vec<(&String, f64)> = names.iter().zip(scores.probs.iter().copied()).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked
+        .into_iter()
+        .map(|(label, score)| json!({"label": label, "score": score}))
+        .collect()
+}
+
+/// A scored row's record: its scores, and each sentence's in `sentences` mode.
+fn scores_record(scored: &Scored, text: &TextScores) -> Value {
+    let names = &scored.labels.names;
+    let mut record = json!({
+        "scores": ranked(names, &LabelScores {
+            probs: text.probs.clone(),
+            log_probs: text.log_probs.clone(),
+        }),
+        "digest": scored.digest,
+    });
+    if !text.sentences.is_empty() {
+        record["sentences"] = text
+            .sentences
+            .iter()
+            .map(|s| json!({"span": [s.span.0, s.span.1], "scores": ranked(names, &s.scores)}))
+            .collect();
+    }
+    record
+}
+
+/// A generated row's record.
+fn generation_record(out: &GenerateOutput, digest: &str) -> Value {
+    json!({
+        "generated_text": out.generated_text,
+        "finish_reason": out.finish_reason,
+        "generated_tokens": out.tokens.len(),
+        "seed": out.seed,
+        "digest": digest,
+    })
+}
+
+/// The seed of row `index` when the first row's is `seed`.
+pub fn row_seed(seed: Option<i64>, index: usize) -> Option<i64> {
+    // Kept within what a request may give (0 to i64::MAX).
+    seed.map(|s| ((s as u64).wrapping_add(index as u64) & i64::MAX as u64) as i64)
+}
+
+/// Runs `task` on one text.
+async fn process(
+    engine: &Engine,
+    task: &Task,
+    index: usize,
+    text: String,
+) -> anyhow::Result<Outcome> {
+    let result = match task {
+        Task::Sentiment(long_input) => {
+            let query = ScoreQuery {
+                texts: vec![text],
+                long_input: *long_input,
+                ..Default::default()
+            };
+            engine.score(query, None).await.and_then(|scored| {
+                let first = scored
+                    .texts
+                    .first()
+                    .ok_or_else(|| Error::Inference("the engine returned no scores".into()))?;
+                Ok(scores_record(&scored, first))
+            })
+        }
+        Task::Generate(options) => {
+            let query = GenerateQuery {
+                text,
+                options: GenerateOptions {
+                    seed: row_seed(options.seed, index),
+                    ..options.clone()
+                },
+                ..Default::default()
+            };
+            match engine.generate_text(query).await {
+                Ok(generation) => {
+                    let digest = generation.digest.clone();
+                    generation
+                        .collect(None)
+                        .await
+                        .map(|out| generation_record(&out, &digest))
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(record) => Ok(Ok(record)),
+        Err(e @ Error::Invalid { .. }) => Ok(Err(e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub fn run(job: PredictJob) -> anyhow::Result<()> {
     let done = if job.resume {
         finished_rows(&[&job.out, &job.errors])?
     } else {
         BTreeSet::new()
     };
+    let columns = Columns {
+        text: &job.text_column,
+        id: job.id_column.as_deref(),
+        target: None,
+    };
+    let shard = job.shard;
+    let wanted = |r: &anyhow::Result<data_file::Row>| match r {
+        Ok(row) => shard.is_none_or(|s| s.takes(row.index)) && !done.contains(&row.index),
+        Err(_) => true,
+    };
     // Read the whole file's rows up front only to count them for the progress bar and ETA;
     // texts are read again, lazily, while scoring.
-    let total = read_rows(&job.data, &job.text_column, job.id_column.as_deref())?
-        .filter(|r| match r {
-            Ok(row) => job.shard.is_none_or(|s| s.takes(row.index)) && !done.contains(&row.index),
-            Err(_) => true,
-        })
-        .count();
+    let total = data_file::read(&job.data, columns)?.filter(wanted).count();
     let name = job.model.spec.model.clone();
     let loaded = job.model.load(false)?;
     let (served, tokenizer) = loaded.served(name);
@@ -229,7 +269,7 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
             ..job.engine
         },
     )?;
-    if job.long_input == LongInput::Chunk {
+    if matches!(job.task, Task::Sentiment(LongInput::Chunk)) {
         crate::served::check_chunk_overlap(&engine)?;
     }
     let mut out = open_output(&job.out, job.resume)?;
@@ -238,61 +278,33 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows ({per_sec}, eta {eta})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let shard = job.shard;
-    let rows = read_rows(&job.data, &job.text_column, job.id_column.as_deref())?.filter(|r| {
-        r.as_ref().map_or(true, |row| {
-            shard.is_none_or(|s| s.takes(row.index)) && !done.contains(&row.index)
-        })
-    });
-    let long_input = job.long_input;
+    let rows = data_file::read(&job.data, columns)?.filter(wanted);
+    let task = &job.task;
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let start = Instant::now();
-    let (mut scored, mut refused) = (0usize, 0usize);
+    let (mut processed, mut refused) = (0usize, 0usize);
     rt.block_on(async {
         let mut results = futures::stream::iter(rows)
             .map(|row| {
                 let engine = engine.clone();
                 async move {
                     let row = row?;
-                    let text = match row.text {
-                        Ok(t) => t,
-                        Err(why) => return anyhow::Ok((row.index, row.id, Err(why))),
+                    let outcome = match row.text {
+                        Ok(text) => process(&engine, task, row.index, text).await?,
+                        Err(why) => Err(why),
                     };
-                    let query = ScoreQuery {
-                        texts: vec![text],
-                        long_input,
-                        ..Default::default()
-                    };
-                    match engine.score(query, None).await {
-                        Ok(s) => Ok((row.index, row.id, Ok(s))),
-                        Err(e @ Error::Invalid { .. }) => {
-                            Ok((row.index, row.id, Err(e.to_string())))
-                        }
-                        Err(e) => Err(e.into()),
-                    }
+                    anyhow::Ok((row.index, row.id, outcome))
                 }
             })
             .buffered(in_flight);
         while let Some(result) = results.next().await {
-            let (index, id, result) = result?;
-            match result {
-                Ok(s) => {
-                    let text = s.texts.first().context("the engine returned no scores")?;
-                    let mut ranked: Vec<(&String, f64)> = s
-                        .labels
-                        .names
-                        .iter()
-                        .zip(text.probs.iter().copied())
-                        .collect();
-                    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-                    let scores: Vec<Value> = ranked
-                        .into_iter()
-                        .map(|(label, score)| json!({"label": label, "score": score}))
-                        .collect();
-                    let record =
-                        json!({"row": index, "id": id, "scores": scores, "digest": s.digest});
+            let (index, id, outcome) = result?;
+            match outcome {
+                Ok(mut record) => {
+                    record["row"] = json!(index);
+                    record["id"] = id;
                     write_record(&mut out, &record, &job.out)?;
-                    scored += 1;
+                    processed += 1;
                 }
                 Err(why) => {
                     let record = json!({"row": index, "id": id, "error": why});
@@ -306,12 +318,16 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
+    let verb = match task {
+        Task::Sentiment(_) => "scored",
+        Task::Generate(_) => "generated",
+    };
     println!(
-        "{scored} rows scored into {}, {refused} refused into {} ({} done before), {elapsed:.1} s ({:.1} rows/s)",
+        "{processed} rows {verb} into {}, {refused} refused into {} ({} done before), {elapsed:.1} s ({:.1} rows/s)",
         job.out.display(),
         job.errors.display(),
         done.len(),
-        (scored + refused) as f64 / elapsed.max(1e-9)
+        (processed + refused) as f64 / elapsed.max(1e-9)
     );
     if let Some(s) = shard {
         println!(

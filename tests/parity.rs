@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use finserve::engine::backend::T5Backend;
 use finserve::engine::generate::GenerateParams;
+use finserve::engine::likelihood::LikelihoodQuery;
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::engine::{Engine, EngineConfig, GenerateEvent, Served};
 use finserve::hub::HubConfig;
@@ -341,6 +342,35 @@ fn greedy_generation_is_token_identical_alone_and_batched() {
                 r.greedy[i],
                 "{case} input {i} (alone)"
             );
+        }
+    }
+}
+
+/// The teacher-forced likelihood of a reference (`eval --task generate`'s loss) is PEFT's summed
+/// log-probability of that sequence; the fixture's label sequences serve as references.
+#[test]
+fn reference_likelihoods_match_peft() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for case in CASES {
+        let r = reference(case);
+        let e = engine(load_case(&r), &r.labels);
+        for (i, text) in r.inputs.iter().enumerate() {
+            for (l, label) in r.labels.iter().enumerate() {
+                let got = rt
+                    .block_on(e.likelihood(LikelihoodQuery {
+                        text: text.clone(),
+                        reference: label.clone(),
+                        ..Default::default()
+                    }))
+                    .unwrap();
+                let want = r.label_logprobs[i][l];
+                assert_eq!(got.tokens, r.label_ids[l].len(), "{case} label {l}");
+                assert!(
+                    (got.log_prob - want).abs() < 1e-4,
+                    "{case} input {i} label {l}: log-prob {} vs {want}",
+                    got.log_prob
+                );
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod generate;
 mod health;
 pub mod infer;
 pub mod job;
+pub mod likelihood;
 pub mod prompt;
 mod sentences;
 pub mod sentiment;

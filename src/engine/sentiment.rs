@@ -49,11 +49,13 @@ impl LabelSet {
         Self::from_targets(names.to_vec(), targets)
     }
 
-    /// A label set from already tokenized targets.
+    /// A label set from already tokenized targets. One label is a likelihood (its probability
+    /// is 1; its log-probability is what counts); a classification needs two or more, which
+    /// the callers that classify check.
     pub fn from_targets(names: Vec<String>, targets: Vec<Vec<u32>>) -> Result<Self> {
-        if names.len() < 2 || names.len() != targets.len() {
+        if names.is_empty() || names.len() != targets.len() {
             return Err(Error::InvalidArgument(
-                "at least two labels, each with its target tokens, are needed".into(),
+                "at least one label, each with its target tokens, is needed".into(),
             ));
         }
         for (i, (name, ids)) in names.iter().zip(&targets).enumerate() {
@@ -94,10 +96,15 @@ impl LabelSet {
         })
     }
 
-    /// Refuses labels the tokenizer cannot tell apart (e.g. both only unknown-token): they
-    /// would always score the same. The server's own labels must pass; a request's may not,
-    /// its scores are exact either way.
+    /// Refuses fewer than two labels (nothing to classify), and labels the tokenizer cannot
+    /// tell apart (e.g. both only unknown-token): they would always score the same. The
+    /// server's own labels must pass; a request's may not, its scores are exact either way.
     pub fn check_distinct(&self) -> Result<()> {
+        if self.names.len() < 2 {
+            return Err(Error::InvalidArgument(
+                "at least two labels are needed to classify".into(),
+            ));
+        }
         for (i, ids) in self.targets.iter().enumerate() {
             if self.targets[..i].contains(ids) {
                 return Err(Error::InvalidArgument(format!(

@@ -146,6 +146,7 @@ impl Dialect {
             Field::Adapters => "adapters",
             Field::Targets => "parameters.targets",
             Field::Explain => "parameters.explain",
+            Field::Reference => "reference",
         }
     }
 
