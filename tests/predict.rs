@@ -275,3 +275,45 @@ fn bad_rows_go_to_the_errors_file_and_a_broken_file_stops_the_run() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("line 2 is not JSON"), "{stderr}");
 }
+
+#[test]
+fn sentences_mode_writes_each_sentence_with_its_span_and_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let text = "Quarterly profit rose by 5 %. Sales fell by 3 % in Q2.";
+    std::fs::write(&input, format!("{}\n", json!({"sentence": text}))).unwrap();
+    let out = dir.path().join("out.jsonl");
+    ok(&predict(&[
+        "--long-input",
+        "sentences",
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let record = &records(&out)[0];
+    let sentences = record["sentences"].as_array().unwrap();
+    let spans: Vec<(usize, usize)> = sentences
+        .iter()
+        .map(|s| {
+            (
+                s["span"][0].as_u64().unwrap() as usize,
+                s["span"][1].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
+    let piece = |(s, e): (usize, usize)| text.chars().skip(s).take(e - s).collect::<String>();
+    assert_eq!(
+        spans
+            .iter()
+            .map(|&s| piece(s).trim().to_string())
+            .collect::<Vec<_>>(),
+        ["Quarterly profit rose by 5 %.", "Sales fell by 3 % in Q2."]
+    );
+    for s in sentences.iter().chain([record]) {
+        let scores = s["scores"].as_array().unwrap();
+        assert_eq!(scores.len(), 3, "{s}");
+        let sum: f64 = scores.iter().map(|x| x["score"].as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "{s}");
+    }
+}

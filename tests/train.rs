@@ -384,3 +384,81 @@ fn a_trained_adapter_is_served_as_peft_computes_it() {
         );
     }
 }
+
+/// Each epoch reports the eval set's perplexity of its gold labels, which is what `finserve eval
+/// --task generate` measures for the trained adapter with those labels as references.
+#[test]
+fn each_epoch_reports_the_eval_perplexity_that_eval_generate_measures() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("adapter");
+    let data = common::repo().join("tests/train/fixtures/tiny.csv");
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+            .current_dir(common::repo())
+            .args(args)
+            .env("FINSERVE_LOG", "info")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "{text}");
+        text
+    };
+    let (data, out_dir) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let log = run(&[
+        "train",
+        "--model",
+        "tests/parity/fixtures/mt5_base",
+        "--data",
+        data,
+        "--eval-data",
+        data,
+        "--out",
+        out_dir,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-3",
+        "--seed",
+        "7",
+    ]);
+    let number_after = |text: &str, key: &str| -> f64 {
+        let at = text
+            .find(key)
+            .unwrap_or_else(|| panic!("no `{key}` in\n{text}"));
+        text[at + key.len()..]
+            .split(|c: char| c.is_whitespace() || c == ',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let trained = number_after(&log, "eval_perplexity=");
+    assert!(trained.is_finite() && trained > 1.0, "{trained}");
+    let report = run(&[
+        "eval",
+        "--model",
+        "tests/parity/fixtures/mt5_base",
+        "--adapter",
+        out_dir,
+        "--task",
+        "generate",
+        "--target-column",
+        "label",
+        "--max-new-tokens",
+        "4",
+        "--data",
+        data,
+    ]);
+    let measured = number_after(&report, "perplexity           ");
+    assert!(
+        (measured - trained).abs() <= 1e-3 * trained,
+        "train says {trained}, eval --task generate {measured}"
+    );
+}

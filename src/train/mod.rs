@@ -274,13 +274,23 @@ pub fn merged_model(
     )?)
 }
 
-/// Accuracy and macro-F1 of `model` on `data`, scored as `serve` scores.
+/// How a model does on the eval data.
+pub struct Evaluation {
+    /// Accuracy and macro-F1, scored as `serve` scores.
+    pub report: Report,
+    /// Perplexity of the gold labels' token sequences (EOS included), teacher-forced: the
+    /// exponential of the mean per-token loss that training minimises, over the whole set.
+    pub perplexity: f64,
+}
+
+/// How `model` does on `data`.
 pub fn evaluate(
     model: &T5Model,
     labels: &LabelSet,
     data: &[(Vec<u32>, usize)],
-) -> anyhow::Result<Report> {
+) -> anyhow::Result<Evaluation> {
     let mut pairs = Vec::with_capacity(data.len());
+    let (mut nll, mut tokens) = (0.0, 0usize);
     for chunk in data.chunks(32) {
         let inputs: Vec<&[u32]> = chunk.iter().map(|(ids, _)| ids.as_slice()).collect();
         for (s, (_, gold)) in score(model, &inputs, labels)?.iter().zip(chunk) {
@@ -288,9 +298,14 @@ pub fn evaluate(
                 .max_by(|&a, &b| s.probs[a].total_cmp(&s.probs[b]))
                 .context("no label scores")?;
             pairs.push((*gold, best));
+            nll -= s.log_probs[*gold];
+            tokens += labels.targets[*gold].len();
         }
     }
-    Ok(Report::new(labels.names.clone(), &pairs))
+    Ok(Evaluation {
+        report: Report::new(labels.names.clone(), &pairs),
+        perplexity: (nll / tokens.max(1) as f64).exp(),
+    })
 }
 
 /// Sets the returned flag on Ctrl-C, so training stops after the running step and saves.
@@ -416,13 +431,14 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
             continue;
         };
         let merged = merged_model(&job.config, &job.base, &model.loras())?;
-        let report = evaluate(&merged, &job.labels, eval)?;
-        let (f1, acc) = (report.macro_f1(), report.accuracy());
+        let evaluation = evaluate(&merged, &job.labels, eval)?;
+        let (f1, acc) = (evaluation.report.macro_f1(), evaluation.report.accuracy());
         tracing::info!(
             epoch,
             loss = mean_loss,
             eval_accuracy = acc,
             eval_macro_f1 = f1,
+            eval_perplexity = evaluation.perplexity,
             "epoch done"
         );
         if best.is_none_or(|b| (f1, acc) > b) {
