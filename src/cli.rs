@@ -687,7 +687,8 @@ pub struct PredictArgs {
     pub task: BulkTask,
     #[command(flatten)]
     pub generation: GenerationArgs,
-    /// The texts: CSV with a header row (.csv) or JSON Lines (.jsonl, one object per line).
+    /// The texts: CSV with a header row (.csv), JSON Lines (.jsonl, one object per line) or
+    /// Parquet (.parquet; Snappy or uncompressed).
     #[arg(long, env = "FINSERVE_PREDICT_DATA")]
     pub data: PathBuf,
     /// The column (or JSON member) holding the text.
@@ -696,13 +697,19 @@ pub struct PredictArgs {
     /// A column (or member) carried into every output record as `id`.
     #[arg(long, env = "FINSERVE_PREDICT_ID_COLUMN")]
     pub id_column: Option<String>,
-    /// JSON Lines output, one flushed record per line: per row `{"row", "id", "scores":
+    /// `.parquet`: a directory of Parquet part files (--part-rows rows each; columns `row`,
+    /// `id`, `label`, `score_<label>`..., `sentences` as JSON, `digest`; or the generation's).
+    /// Otherwise JSON Lines, one flushed record per line: per row `{"row", "id", "scores":
     /// [{"label", "score"}...] best first, "digest"}` (and `"sentences"`, each with its `span`
     /// and `scores`, with --long-input sentences); with --task generate `{"row", "id",
     /// "generated_text", "finish_reason", "generated_tokens", "seed", "digest"}`.
     #[arg(long, env = "FINSERVE_PREDICT_OUT")]
     pub out: PathBuf,
-    /// Where rows that cannot be scored go, `{"row", "id", "error"}` (default: OUT.errors).
+    /// Rows per Parquet part file: a kill loses at most the part being written.
+    #[arg(long, env = "FINSERVE_PREDICT_PART_ROWS", value_parser = at_least::<1>, default_value_t = 10_000)]
+    pub part_rows: usize,
+    /// Where rows that cannot be scored go, JSON Lines `{"row", "id", "error"}` (default:
+    /// OUT.errors).
     #[arg(long, env = "FINSERVE_PREDICT_ERRORS")]
     pub errors: Option<PathBuf>,
     /// Continue a run that stopped: rows already in --out or --errors are skipped (a record cut
@@ -1018,6 +1025,7 @@ impl PredictArgs {
             text_column: self.text_column,
             id_column: self.id_column,
             out: self.out,
+            part_rows: self.part_rows,
             errors,
             resume: self.resume,
             shard: self.shard,

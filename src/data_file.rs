@@ -1,5 +1,6 @@
 //! The rows of a bulk command's input file (`predict`, `eval --task generate`): CSV with a header
-//! row or JSON Lines, chosen by extension, read lazily. A row that is readable but lacks a field
+//! row, JSON Lines or Parquet (only the columns asked for are read; Snappy is the one codec
+//! built in, what pandas, pyarrow and Spark write by default), chosen by extension, read lazily. A row that is readable but lacks a field
 //! is still a row (its field holds why), so that the command can report it and go on; a file
 //! that cannot be read or parsed stops the command, naming the file and the row.
 
@@ -7,7 +8,12 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef};
+use arrow_schema::DataType;
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 
 /// The columns (or JSON members) a command reads.
@@ -110,8 +116,121 @@ pub fn read(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
                 },
             )))
         }
-        other => {
-            bail!("{name}: unknown input format `.{other}` (.csv with a header row, or .jsonl)")
-        }
+        "parquet" => read_parquet(data, columns),
+        other => bail!(
+            "{name}: unknown input format `.{other}` (.csv with a header row, .jsonl or .parquet)"
+        ),
     }
+}
+
+/// The string at `i` of a text column (`None` when null).
+fn string_at(array: &dyn Array, i: usize) -> Option<String> {
+    if array.is_null(i) {
+        return None;
+    }
+    match array.data_type() {
+        DataType::Utf8 => Some(array.as_string::<i32>().value(i).to_string()),
+        DataType::LargeUtf8 => Some(array.as_string::<i64>().value(i).to_string()),
+        DataType::Utf8View => Some(array.as_string_view().value(i).to_string()),
+        _ => None,
+    }
+}
+
+fn is_text(t: &DataType) -> bool {
+    matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
+}
+
+/// The id at `i`: a string or an integer as JSON, null when null.
+fn id_at(array: &dyn Array, i: usize) -> Value {
+    use arrow_array::types::*;
+    if array.is_null(i) {
+        return Value::Null;
+    }
+    match array.data_type() {
+        DataType::Int8 => array.as_primitive::<Int8Type>().value(i).into(),
+        DataType::Int16 => array.as_primitive::<Int16Type>().value(i).into(),
+        DataType::Int32 => array.as_primitive::<Int32Type>().value(i).into(),
+        DataType::Int64 => array.as_primitive::<Int64Type>().value(i).into(),
+        DataType::UInt8 => array.as_primitive::<UInt8Type>().value(i).into(),
+        DataType::UInt16 => array.as_primitive::<UInt16Type>().value(i).into(),
+        DataType::UInt32 => array.as_primitive::<UInt32Type>().value(i).into(),
+        DataType::UInt64 => array.as_primitive::<UInt64Type>().value(i).into(),
+        _ => string_at(array, i).map_or(Value::Null, Value::String),
+    }
+}
+
+/// The rows of the Parquet file `data`, reading only the columns asked for.
+fn read_parquet(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
+    let name = data.display().to_string();
+    let file = File::open(data).with_context(|| format!("cannot open {name}"))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{name} is not a readable Parquet file"))?;
+    let schema = builder.schema().clone();
+    // Each column read, with whether it may hold integers (an id) or only strings.
+    let wanted = [Some((columns.text, false)), columns.id.map(|c| (c, true))]
+        .into_iter()
+        .chain([columns.target.map(|c| (c, false))])
+        .flatten();
+    let mut indices = Vec::new();
+    for (column, integers) in wanted {
+        let at = schema.index_of(column).map_err(|_| {
+            let names: Vec<&String> = schema.fields().iter().map(|f| f.name()).collect();
+            anyhow!("{name} has no column `{column}` (columns: {names:?})")
+        })?;
+        let t = schema.field(at).data_type();
+        if !(is_text(t) || integers && t.is_integer()) {
+            let what = if integers {
+                "a string or an integer"
+            } else {
+                "a string"
+            };
+            bail!("{name}: column `{column}` holds {t}, not {what}");
+        }
+        indices.push(at);
+    }
+    let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
+    let reader = builder
+        .with_projection(mask)
+        .build()
+        .with_context(|| format!("cannot read {name}"))?;
+    let text_column = columns.text.to_string();
+    let id_column = columns.id.map(str::to_string);
+    let target_column = columns.target.map(str::to_string);
+    let mut first = 0usize;
+    Ok(Box::new(reader.flat_map(
+        move |batch| -> Box<dyn Iterator<Item = anyhow::Result<Row>>> {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    return Box::new(std::iter::once(Err(anyhow!(
+                        "{name}: the rows from row {first} (0 = the first) cannot be read: {e} \
+                         (finserve reads Snappy-compressed and uncompressed Parquet)"
+                    ))));
+                }
+            };
+            let start = first;
+            first += batch.num_rows();
+            let column = |c: &str| batch.column_by_name(c).cloned();
+            let (text, id, target) = (
+                column(&text_column),
+                id_column.as_deref().and_then(column),
+                target_column.as_deref().map(|c| (c.to_string(), column(c))),
+            );
+            let text_column = text_column.clone();
+            Box::new((0..batch.num_rows()).map(move |i| {
+                let field = |array: &Option<ArrayRef>, c: &str| {
+                    array
+                        .as_deref()
+                        .and_then(|a| string_at(a, i))
+                        .ok_or_else(|| format!("`{c}` is null"))
+                };
+                Ok(Row {
+                    index: start + i,
+                    id: id.as_deref().map_or(Value::Null, |a| id_at(a, i)),
+                    text: field(&text, &text_column),
+                    target: target.as_ref().map(|(c, a)| field(a, c)),
+                })
+            }))
+        },
+    )))
 }

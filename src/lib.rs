@@ -24,6 +24,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod model;
+pub mod parquet_output;
 pub mod predict;
 pub mod served;
 pub mod server;

@@ -24,6 +24,7 @@ use crate::engine::sentiment::LabelScores;
 use crate::engine::validation::GenerateOptions;
 use crate::engine::{Engine, EngineConfig, GenerateOutput};
 use crate::error::Error;
+use crate::parquet_output::{self, PartWriter};
 use crate::served::ModelJob;
 
 /// `--shard I/N`: this job's part of the rows.
@@ -78,7 +79,9 @@ pub struct PredictJob {
     pub data: PathBuf,
     pub text_column: String,
     pub id_column: Option<String>,
+    /// JSON Lines, or (`.parquet`) a directory of Parquet part files of `part_rows` rows.
     pub out: PathBuf,
+    pub part_rows: usize,
     pub errors: PathBuf,
     pub resume: bool,
     pub shard: Option<Shard>,
@@ -86,7 +89,7 @@ pub struct PredictJob {
 
 /// The rows a previous run finished (written to `out` or to `errors`), after cutting a record
 /// that a kill left half written off the end of each file.
-fn finished_rows(paths: &[&Path]) -> anyhow::Result<BTreeSet<usize>> {
+fn finished_jsonl_rows(paths: &[&Path]) -> anyhow::Result<BTreeSet<usize>> {
     let mut done = BTreeSet::new();
     for path in paths {
         let Ok(mut file) = OpenOptions::new().read(true).write(true).open(path) else {
@@ -129,6 +132,32 @@ fn open_output(path: &Path, resume: bool) -> anyhow::Result<File> {
     options
         .open(path)
         .with_context(|| format!("cannot open {} for writing", path.display()))
+}
+
+/// Where records go: JSON Lines, or Parquet parts.
+enum Output {
+    Jsonl(File),
+    Parquet(PartWriter),
+}
+
+fn is_parquet(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "parquet")
+}
+
+impl Output {
+    fn write(&mut self, record: Value, path: &Path) -> anyhow::Result<()> {
+        match self {
+            Self::Jsonl(file) => write_record(file, &record, path),
+            Self::Parquet(parts) => parts.write(record),
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Self::Jsonl(_) => Ok(()),
+            Self::Parquet(mut parts) => parts.flush(),
+        }
+    }
 }
 
 /// Appends `record` as one line in one write, so a kill leaves at most that line cut short.
@@ -240,7 +269,13 @@ async fn process(
 
 pub fn run(job: PredictJob) -> anyhow::Result<()> {
     let done = if job.resume {
-        finished_rows(&[&job.out, &job.errors])?
+        let mut done = finished_jsonl_rows(&[&job.errors])?;
+        if is_parquet(&job.out) {
+            done.extend(parquet_output::finished_rows(&job.out)?);
+        } else {
+            done.extend(finished_jsonl_rows(&[&job.out])?);
+        }
+        done
     } else {
         BTreeSet::new()
     };
@@ -272,7 +307,21 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
     if matches!(job.task, Task::Sentiment(LongInput::Chunk)) {
         crate::served::check_chunk_overlap(&engine)?;
     }
-    let mut out = open_output(&job.out, job.resume)?;
+    let mut out = if is_parquet(&job.out) {
+        let columns = parquet_output::output_columns(
+            matches!(job.task, Task::Generate(_)),
+            &engine.labels().names,
+            matches!(job.task, Task::Sentiment(LongInput::Sentences)),
+        );
+        Output::Parquet(PartWriter::open(
+            &job.out,
+            columns,
+            job.part_rows,
+            job.resume,
+        )?)
+    } else {
+        Output::Jsonl(open_output(&job.out, job.resume)?)
+    };
     let mut errors = open_output(&job.errors, job.resume)?;
     let bar = indicatif::ProgressBar::new(total as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows ({per_sec}, eta {eta})")
@@ -303,7 +352,7 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
                 Ok(mut record) => {
                     record["row"] = json!(index);
                     record["id"] = id;
-                    write_record(&mut out, &record, &job.out)?;
+                    out.write(record, &job.out)?;
                     processed += 1;
                 }
                 Err(why) => {
@@ -316,6 +365,7 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
+    out.finish()?;
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
     let verb = match task {

@@ -317,3 +317,184 @@ fn sentences_mode_writes_each_sentence_with_its_span_and_scores() {
         assert!((sum - 1.0).abs() < 1e-9, "{s}");
     }
 }
+
+/// Runs `script` with the test venv's Python (pyarrow), `args` as `sys.argv[1:]`; its stdout.
+fn pyarrow(script: &str, args: &[&Path]) -> String {
+    let out = Command::new(common::python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn parquet_in_and_out_as_pyarrow_writes_and_reads_it_and_a_killed_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.parquet");
+    let zstd = dir.path().join("zstd.parquet");
+    let n = 3000;
+    // pandas' shapes: an int64 id, large strings, a null text, several row groups, Snappy.
+    pyarrow(
+        &format!(
+            r#"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+words = ["profit", "sales", "loss", "orders", "margin", "guidance"]
+moves = ["rose", "fell", "were flat", "doubled", "halved"]
+texts = [f"Quarterly {{words[i % 6]}} {{moves[i % 5]}} by {{i % 37}} % ." for i in range({n})]
+texts[5] = None
+table = pa.table({{"doc_id": pa.array([1000 + i for i in range({n})], pa.int64()),
+                   "sentence": pa.array(texts, pa.large_string()),
+                   "other": pa.array([i * 0.5 for i in range({n})])}})
+pq.write_table(table, sys.argv[1], row_group_size=500, compression="snappy")
+pq.write_table(table, sys.argv[2], compression="zstd")
+"#
+        ),
+        &[&input, &zstd],
+    );
+    let out = dir.path().join("out.parquet");
+    let errors = dir.path().join("errors.jsonl");
+    let f = common::fixtures();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .args(["predict", "--model"])
+        .arg(f.join("mt5_base"))
+        .arg("--adapter")
+        .arg(f.join("adapters/qv"))
+        .args([
+            "--data",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(["--errors", errors.to_str().unwrap()])
+        .args(["--id-column", "doc_id", "--part-rows", "100"])
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let parts = || {
+        std::fs::read_dir(&out).map_or(0, |d| {
+            d.filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_str().unwrap();
+                name.starts_with("part-") && name.ends_with(".parquet")
+            })
+            .count()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while parts() < 3 {
+        assert!(Instant::now() < deadline, "predict wrote no parts");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "predict ended before it was killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(parts() < n / 100, "the run finished before the kill");
+    // Without --resume, a directory with parts is refused rather than mixed into.
+    let again = predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    ok(&predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--errors",
+        errors.to_str().unwrap(),
+        "--id-column",
+        "doc_id",
+        "--part-rows",
+        "100",
+        "--resume",
+    ]));
+    // pyarrow reads the directory as one table.
+    let table = pyarrow(
+        r#"
+import sys, json, pyarrow.parquet as pq
+t = pq.read_table(sys.argv[1])
+print(json.dumps(t.schema.names))
+for r in t.to_pylist():
+    print(json.dumps(r))
+"#,
+        &[&out],
+    );
+    let mut lines = table.lines();
+    let names: Vec<String> = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(
+        names,
+        [
+            "row",
+            "id",
+            "label",
+            "score_negative",
+            "score_neutral",
+            "score_positive",
+            "digest"
+        ]
+    );
+    let rows: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut seen: Vec<u64> = rows.iter().map(|r| r["row"].as_u64().unwrap()).collect();
+    seen.sort();
+    let want: Vec<u64> = (0..n as u64).filter(|&r| r != 5).collect();
+    assert_eq!(seen, want, "a row missing or written twice");
+    // The same scores as JSON Lines output from the same file.
+    let jsonl = dir.path().join("out.jsonl");
+    ok(&predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        jsonl.to_str().unwrap(),
+        "--id-column",
+        "doc_id",
+    ]));
+    let by_row: BTreeMap<u64, Value> = records(&jsonl)
+        .into_iter()
+        .map(|r| (r["row"].as_u64().unwrap(), r))
+        .collect();
+    for r in &rows {
+        let row = r["row"].as_u64().unwrap();
+        let j = &by_row[&row];
+        assert_eq!(r["id"], (1000 + row).to_string(), "{r}");
+        assert_eq!(j["id"], 1000 + row);
+        assert_eq!(r["label"], j["scores"][0]["label"]);
+        for s in j["scores"].as_array().unwrap() {
+            let column = format!("score_{}", s["label"].as_str().unwrap());
+            assert_eq!(r[&column], s["score"], "row {row} {column}");
+        }
+        assert_eq!(r["digest"], j["digest"]);
+    }
+    let bad = records(&errors);
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0]["row"], 5);
+    assert!(
+        bad[0]["error"].as_str().unwrap().contains("null"),
+        "{}",
+        bad[0]
+    );
+    // A codec that is not built in stops the run, naming it.
+    let refused = predict(&[
+        "--data",
+        zstd.to_str().unwrap(),
+        "--out",
+        "/tmp/never.jsonl",
+    ]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert!(why.contains("zstd"), "{why}");
+}
