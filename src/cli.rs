@@ -697,6 +697,11 @@ pub struct PredictArgs {
     /// A column (or member) carried into every output record as `id`.
     #[arg(long, env = "FINSERVE_PREDICT_ID_COLUMN")]
     pub id_column: Option<String>,
+    /// A column (or member) of entity-level targets: a list of names and `{"start", "end"}`
+    /// spans, as `parameters.targets` takes them (JSON text in CSV and Parquet). Each record then
+    /// has `targets`, each with its `target`, `spans` and `scores`, beside the text's `scores`.
+    #[arg(long, env = "FINSERVE_PREDICT_TARGETS_COLUMN")]
+    pub targets_column: Option<String>,
     /// `.parquet`: a directory of Parquet part files (--part-rows rows each; columns `row`,
     /// `id`, `label`, `score_<label>`..., `sentences` as JSON, `digest`; or the generation's).
     /// Otherwise JSON Lines, one flushed record per line: per row `{"row", "id", "scores":
@@ -1002,9 +1007,20 @@ impl PredictArgs {
                 if let Some(flag) = self.generation.first_given() {
                     bail!("{flag} is for --task generate");
                 }
+                if self.targets_column.is_some()
+                    && long_input == crate::engine::infer::LongInput::Sentences
+                {
+                    bail!(
+                        "--targets-column and --long-input sentences exclude each other (use \
+                         --long-input chunk: a target is scored in the windows that hold it)"
+                    );
+                }
                 crate::predict::Task::Sentiment(long_input)
             }
             BulkTask::Generate => {
+                if self.targets_column.is_some() {
+                    bail!("--targets-column is for --task sentiment");
+                }
                 if long_input != crate::engine::infer::LongInput::Refuse {
                     bail!(
                         "--truncate and --long-input are for --task sentiment; a generation's \
@@ -1023,6 +1039,7 @@ impl PredictArgs {
             task,
             data: self.data,
             text_column: self.text_column,
+            targets_column: self.targets_column,
             id_column: self.id_column,
             out: self.out,
             part_rows: self.part_rows,

@@ -16,6 +16,8 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 
+use crate::engine::targets::Target;
+
 /// The columns (or JSON members) a command reads.
 #[derive(Debug, Clone, Copy)]
 pub struct Columns<'a> {
@@ -23,19 +25,55 @@ pub struct Columns<'a> {
     /// Carried through to the output as it is.
     pub id: Option<&'a str>,
     /// A second text, e.g. the reference output of `eval --task generate`.
-    pub target: Option<&'a str>,
+    pub reference: Option<&'a str>,
+    /// Entity-level targets: a list of names and `{"start", "end"}` spans (in CSV and Parquet,
+    /// that list as JSON text).
+    pub targets: Option<&'a str>,
 }
 
 /// A string field of a row, or why it has none.
 pub type Field = Result<String, String>;
 
 /// One input row: its index in the file (0 = the first data row), its id if asked for (JSON
-/// null otherwise), its text and its target if asked for.
+/// null otherwise), its text, and its reference and targets if asked for.
 pub struct Row {
     pub index: usize,
     pub id: Value,
     pub text: Field,
-    pub target: Option<Field>,
+    pub reference: Option<Field>,
+    pub targets: Option<Result<Vec<Target>, String>>,
+}
+
+/// A row's targets from their column: a JSON list (or JSON text of one) of names and
+/// `{"start", "end"}` code-point spans.
+fn targets(value: Option<&Value>, column: &str) -> Result<Vec<Target>, String> {
+    let parsed;
+    let value = match value {
+        None | Some(Value::Null) => return Err(format!("no `{column}` field")),
+        Some(Value::String(text)) => {
+            parsed = serde_json::from_str::<Value>(text)
+                .map_err(|e| format!("`{column}` is not a JSON list of targets: {e}"))?;
+            &parsed
+        }
+        Some(v) => v,
+    };
+    let bad =
+        || format!("`{column}` must be a list of names and {{\"start\", \"end\"}} spans: {value}");
+    let items = value.as_array().ok_or_else(bad)?;
+    items
+        .iter()
+        .map(|item| match item {
+            Value::String(name) => Ok(Target::Name(name.clone())),
+            Value::Object(span) if span.len() == 2 => {
+                let at = |k: &str| span.get(k).and_then(Value::as_u64).map(|v| v as usize);
+                match (at("start"), at("end")) {
+                    (Some(start), Some(end)) => Ok(Target::Span { start, end }),
+                    _ => Err(bad()),
+                }
+            }
+            _ => Err(bad()),
+        })
+        .collect()
 }
 
 pub type Rows = Box<dyn Iterator<Item = anyhow::Result<Row>>>;
@@ -46,7 +84,8 @@ pub fn read(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
     let ext = data.extension().and_then(|e| e.to_str()).unwrap_or("");
     let text_column = columns.text.to_string();
     let id_column = columns.id.map(str::to_string);
-    let target_column = columns.target.map(str::to_string);
+    let reference_column = columns.reference.map(str::to_string);
+    let targets_column = columns.targets.map(str::to_string);
     match ext {
         "csv" => {
             let mut reader =
@@ -63,7 +102,8 @@ pub fn read(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
             };
             let text_at = column(&text_column)?;
             let id_at = id_column.as_deref().map(column).transpose()?;
-            let target_at = target_column.as_deref().map(column).transpose()?;
+            let reference_at = reference_column.as_deref().map(column).transpose()?;
+            let targets_at = targets_column.as_deref().map(column).transpose()?;
             Ok(Box::new(reader.into_records().enumerate().map(
                 move |(index, record)| {
                     // Row numbers as a spreadsheet shows them: the header is row 1.
@@ -81,9 +121,12 @@ pub fn read(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
                             .and_then(|at| record.get(at))
                             .map_or(Value::Null, |id| Value::String(id.to_string())),
                         text: field(text_at, &text_column),
-                        target: target_at
-                            .zip(target_column.as_deref())
+                        reference: reference_at
+                            .zip(reference_column.as_deref())
                             .map(|(at, c)| field(at, c)),
+                        targets: targets_at.zip(targets_column.as_deref()).map(|(at, c)| {
+                            targets(record.get(at).map(|t| Value::String(t.into())).as_ref(), c)
+                        }),
                     })
                 },
             )))
@@ -111,7 +154,8 @@ pub fn read(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
                             .and_then(|c| object.get(c).cloned())
                             .unwrap_or(Value::Null),
                         text: field(&text_column),
-                        target: target_column.as_deref().map(field),
+                        reference: reference_column.as_deref().map(field),
+                        targets: targets_column.as_deref().map(|c| targets(object.get(c), c)),
                     })
                 },
             )))
@@ -169,7 +213,10 @@ fn read_parquet(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
     // Each column read, with whether it may hold integers (an id) or only strings.
     let wanted = [Some((columns.text, false)), columns.id.map(|c| (c, true))]
         .into_iter()
-        .chain([columns.target.map(|c| (c, false))])
+        .chain([
+            columns.reference.map(|c| (c, false)),
+            columns.targets.map(|c| (c, false)),
+        ])
         .flatten();
     let mut indices = Vec::new();
     for (column, integers) in wanted {
@@ -195,7 +242,8 @@ fn read_parquet(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
         .with_context(|| format!("cannot read {name}"))?;
     let text_column = columns.text.to_string();
     let id_column = columns.id.map(str::to_string);
-    let target_column = columns.target.map(str::to_string);
+    let reference_column = columns.reference.map(str::to_string);
+    let targets_column = columns.targets.map(str::to_string);
     let mut first = 0usize;
     Ok(Box::new(reader.flat_map(
         move |batch| -> Box<dyn Iterator<Item = anyhow::Result<Row>>> {
@@ -211,11 +259,13 @@ fn read_parquet(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
             let start = first;
             first += batch.num_rows();
             let column = |c: &str| batch.column_by_name(c).cloned();
-            let (text, id, target) = (
-                column(&text_column),
-                id_column.as_deref().and_then(column),
-                target_column.as_deref().map(|c| (c.to_string(), column(c))),
-            );
+            let (text, id) = (column(&text_column), id_column.as_deref().and_then(column));
+            let reference = reference_column
+                .as_deref()
+                .map(|c| (c.to_string(), column(c)));
+            let targets_of = targets_column
+                .as_deref()
+                .map(|c| (c.to_string(), column(c)));
             let text_column = text_column.clone();
             Box::new((0..batch.num_rows()).map(move |i| {
                 let field = |array: &Option<ArrayRef>, c: &str| {
@@ -228,7 +278,11 @@ fn read_parquet(data: &Path, columns: Columns<'_>) -> anyhow::Result<Rows> {
                     index: start + i,
                     id: id.as_deref().map_or(Value::Null, |a| id_at(a, i)),
                     text: field(&text, &text_column),
-                    target: target.as_ref().map(|(c, a)| field(a, c)),
+                    reference: reference.as_ref().map(|(c, a)| field(a, c)),
+                    targets: targets_of.as_ref().map(|(c, a)| {
+                        let text = a.as_deref().and_then(|a| string_at(a, i));
+                        targets(text.map(Value::String).as_ref(), c)
+                    }),
                 })
             }))
         },

@@ -184,7 +184,8 @@ pub fn run(job: EvalJob) -> anyhow::Result<()> {
             let columns = crate::data_file::Columns {
                 text: &text_column,
                 id: None,
-                target: Some(&target_column),
+                reference: Some(&target_column),
+                targets: None,
             };
             return crate::generation_eval::run(
                 model,

@@ -166,7 +166,7 @@ pub fn run(
             .map(|row| {
                 let (engine, options, bar) = (&engine, &options, bar.clone());
                 async move {
-                    let outcome = match (&row.text, &row.target) {
+                    let outcome = match (&row.text, &row.reference) {
                         (Ok(text), Some(Ok(reference))) => {
                             evaluate(engine, options, row.index, text.clone(), reference.clone())
                                 .await
@@ -193,7 +193,7 @@ pub fn run(
     let mut refused = Vec::new();
     let mut generated_tokens = 0usize;
     for (row, outcome) in rows.iter().zip(outcomes) {
-        let reference = row.target.clone().and_then(Result::ok);
+        let reference = row.reference.clone().and_then(Result::ok);
         let text = row.text.clone().ok();
         let line = match outcome? {
             Ok((generation, likelihood)) => {

@@ -36,7 +36,12 @@ pub enum Source {
 }
 
 /// The columns of a `predict` output.
-pub fn output_columns(generate: bool, labels: &[String], sentences: bool) -> Vec<(String, Source)> {
+pub fn output_columns(
+    generate: bool,
+    labels: &[String],
+    sentences: bool,
+    targets: bool,
+) -> Vec<(String, Source)> {
     let mut columns = vec![
         ("row".to_string(), Source::Count("row")),
         ("id".to_string(), Source::Text("id")),
@@ -60,6 +65,9 @@ pub fn output_columns(generate: bool, labels: &[String], sentences: bool) -> Vec
         );
         if sentences {
             columns.push(("sentences".to_string(), Source::Text("sentences")));
+        }
+        if targets {
+            columns.push(("targets".to_string(), Source::Text("targets")));
         }
     }
     columns.push(("digest".to_string(), Source::Text("digest")));

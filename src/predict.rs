@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use crate::data_file::{self, Columns};
 use crate::engine::infer::{GenerateQuery, LongInput, ScoreQuery, Scored, TextScores};
 use crate::engine::sentiment::LabelScores;
+use crate::engine::targets::Target;
 use crate::engine::validation::GenerateOptions;
 use crate::engine::{Engine, EngineConfig, GenerateOutput};
 use crate::error::Error;
@@ -78,6 +79,8 @@ pub struct PredictJob {
     pub task: Task,
     pub data: PathBuf,
     pub text_column: String,
+    /// Entity-level targets per row (sentiment only).
+    pub targets_column: Option<String>,
     pub id_column: Option<String>,
     /// JSON Lines, or (`.parquet`) a directory of Parquet part files of `part_rows` rows.
     pub out: PathBuf,
@@ -180,7 +183,7 @@ fn ranked(names: &[String], scores: &LabelScores) -> Value {
         .collect()
 }
 
-/// A scored row's record: its scores, and each sentence's in `sentences` mode.
+/// A scored row's record: its scores, each sentence's in `sentences` mode, and each target's.
 fn scores_record(scored: &Scored, text: &TextScores) -> Value {
     let names = &scored.labels.names;
     let mut record = json!({
@@ -195,6 +198,19 @@ fn scores_record(scored: &Scored, text: &TextScores) -> Value {
             .sentences
             .iter()
             .map(|s| json!({"span": [s.span.0, s.span.1], "scores": ranked(names, &s.scores)}))
+            .collect();
+    }
+    if !text.targets.is_empty() {
+        record["targets"] = text
+            .targets
+            .iter()
+            .map(|t| {
+                json!({
+                    "target": t.name,
+                    "spans": t.spans.iter().map(|&(s, e)| [s, e]).collect::<Vec<_>>(),
+                    "scores": ranked(names, &t.scores),
+                })
+            })
             .collect();
     }
     record
@@ -217,18 +233,21 @@ pub fn row_seed(seed: Option<i64>, index: usize) -> Option<i64> {
     seed.map(|s| ((s as u64).wrapping_add(index as u64) & i64::MAX as u64) as i64)
 }
 
-/// Runs `task` on one text.
+/// Runs `task` on one text (for `targets`, with the text's scores).
 async fn process(
     engine: &Engine,
     task: &Task,
     index: usize,
     text: String,
+    targets: Option<Vec<Target>>,
 ) -> anyhow::Result<Outcome> {
     let result = match task {
         Task::Sentiment(long_input) => {
             let query = ScoreQuery {
                 texts: vec![text],
                 long_input: *long_input,
+                text_scores_with_targets: targets.is_some(),
+                targets: targets.map(|t| vec![t]),
                 ..Default::default()
             };
             engine.score(query, None).await.and_then(|scored| {
@@ -282,7 +301,8 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
     let columns = Columns {
         text: &job.text_column,
         id: job.id_column.as_deref(),
-        target: None,
+        reference: None,
+        targets: job.targets_column.as_deref(),
     };
     let shard = job.shard;
     let wanted = |r: &anyhow::Result<data_file::Row>| match r {
@@ -312,6 +332,7 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
             matches!(job.task, Task::Generate(_)),
             &engine.labels().names,
             matches!(job.task, Task::Sentiment(LongInput::Sentences)),
+            job.targets_column.is_some(),
         );
         Output::Parquet(PartWriter::open(
             &job.out,
@@ -338,9 +359,11 @@ pub fn run(job: PredictJob) -> anyhow::Result<()> {
                 let engine = engine.clone();
                 async move {
                     let row = row?;
-                    let outcome = match row.text {
-                        Ok(text) => process(&engine, task, row.index, text).await?,
-                        Err(why) => Err(why),
+                    let outcome = match (row.text, row.targets.transpose()) {
+                        (Ok(text), Ok(targets)) => {
+                            process(&engine, task, row.index, text, targets).await?
+                        }
+                        (Err(why), _) | (_, Err(why)) => Err(why),
                     };
                     anyhow::Ok((row.index, row.id, outcome))
                 }

@@ -498,3 +498,94 @@ for r in t.to_pylist():
     let why = String::from_utf8_lossy(&refused.stderr).to_lowercase();
     assert!(why.contains("zstd"), "{why}");
 }
+
+/// Entity-level targets per row, as `parameters.targets` takes them: the demo model's scores for
+/// each equal the server's, beside the text's own; a row with a bad target goes to the errors.
+#[test]
+fn a_targets_column_scores_each_target_as_the_server_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        "Siemens is rallying 6% after a boom in orders, while Huhtamaki fell 3% on weak demand.";
+    let targets = json!(["Siemens", {"start": 53, "end": 62}]);
+    let jsonl = dir.path().join("in.jsonl");
+    let lines = [
+        json!({"sentence": text, "entities": targets}),
+        json!({"sentence": text, "entities": ["Nokia"]}),
+        json!({"sentence": text, "entities": "Siemens"}),
+    ];
+    std::fs::write(&jsonl, lines.map(|l| l.to_string()).join("\n") + "\n").unwrap();
+    let csv_in = dir.path().join("in.csv");
+    let mut w = csv::Writer::from_path(&csv_in).unwrap();
+    w.write_record(["sentence", "entities"]).unwrap();
+    w.write_record([text, &targets.to_string()]).unwrap();
+    w.flush().unwrap();
+    let run = |input: &Path, out: &Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_finserve"))
+            .current_dir(common::repo())
+            .args(["predict", "--targets-column", "entities", "--data"])
+            .arg(input)
+            .arg("--out")
+            .arg(out)
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("FINSERVE_MODEL")
+            .env_remove("FINSERVE_ADAPTER")
+            .output()
+            .unwrap();
+        ok(&output);
+        records(out)
+    };
+    let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    let from_jsonl = run(&jsonl, &a);
+    let from_csv = run(&csv_in, &b);
+    assert_eq!(from_jsonl.len(), 1);
+    let mut errors = dir.path().join("a.jsonl").into_os_string();
+    errors.push(".errors");
+    let bad = records(Path::new(&errors));
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    assert!(
+        bad[0]["error"].as_str().unwrap().contains("Nokia"),
+        "{}",
+        bad[0]
+    );
+    assert!(
+        bad[1]["error"].as_str().unwrap().contains("list"),
+        "{}",
+        bad[1]
+    );
+    // The demo model, as `predict` served it: the default when no --model is given.
+    let s = common::start_with(
+        &["serve", "--host", "127.0.0.1", "--port", "0"].map(String::from),
+        &[],
+    );
+    let (status, served) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": text, "parameters": {"targets": targets}}),
+    );
+    assert_eq!(status, 200, "{served}");
+    let (_, whole) = s.post("/v1/sentiment", &json!({"inputs": text}));
+    for record in [&from_jsonl[0], &from_csv[0]] {
+        let got = record["targets"].as_array().unwrap();
+        let want = served[0].as_array().unwrap();
+        assert_eq!(got.len(), 2);
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g["target"], w["target"]);
+            assert_eq!(g["spans"], w["spans"]);
+            let (g, w) = (
+                common::label_scores(&g["scores"]),
+                common::label_scores(&w["scores"]),
+            );
+            for ((gl, x), (wl, y)) in g.iter().zip(&w) {
+                assert_eq!(gl, wl);
+                assert!((x - y).abs() < 1e-6, "{gl}: {x} vs {y}");
+            }
+        }
+        let (g, w) = (
+            common::label_scores(&record["scores"]),
+            common::label_scores(&whole[0]),
+        );
+        for ((gl, x), (wl, y)) in g.iter().zip(&w) {
+            assert_eq!(gl, wl);
+            assert!((x - y).abs() < 1e-6, "text {gl}: {x} vs {y}");
+        }
+    }
+}
