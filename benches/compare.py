@@ -4,8 +4,10 @@
     cargo build --release
     .bench-venv/bin/python benches/compare.py [--rounds 3] [--out bench-results.md]
 
-Builds (once per tokenizer, cached under target/compare) a random mt0-small-shaped model (d_model 512, 8+8
-layers, 6x64 heads, d_ff 1024, vocab 250112) with a random q,v LoRA adapter, converts it to
+Builds (once per tokenizer, cached under target/compare-SHAPE) a random model of mt0-small's shape
+(d_model 512, 8+8 layers, 6x64 heads, d_ff 1024, vocab 250112), or with `--shape base` mt0-base's (768,
+12+12, 12x64, 2048) or `--shape large` mt0-large's (1024, 24+24, 16x64, 2816), with a random q,v LoRA
+adapter, converts it to
 CTranslate2, and measures on the same 64 Financial PhraseBank sentences (models/data/test.csv),
 tokenized by the same tokenizer.json for every engine, in sentences per second:
 
@@ -13,6 +15,12 @@ tokenized by the same tokenizer.json for every engine, in sentences per second:
   label sequences (`negative`/`neutral`/`positive` + EOS) for a batch of 16 (or 1);
 - generate (3 new tokens, greedy): 16 concurrent HTTP clients (or 1) against the peers generating
   for a batch of 16 (or 1);
+- bulk (`--only-bulk` measures only this): `finserve predict` on 1,024 PhraseBank sentences of the
+  training pool (models/data/train_pool.csv; CSV in, JSON Lines out, its own rows/s, which counts
+  reading, tokenizing, scoring and writing but not loading the model) against CTranslate2
+  `score_batch` of the three label sequences over the same sentences, pre-tokenized (its
+  tokenization is not timed), at its best `max_batch_size` of 8, 16, 32 and 64 sentences (one
+  pass each picks it, then the median of `--rounds` passes at it): f32 vs fp32, q8 vs int8;
 - finserve only (no peer has them): entity-level scoring, 4 targets per sentence (4 of its words,
   as spans; 16 sentences per request) in targets/s, and `long_input: sentences` on a 3,000-token
   document made of the same test sentences, in sentences/s; each next to plain scoring of the
@@ -25,7 +33,8 @@ server's resident memory after its run and its peak (loading and merging include
 With `--baseline BINARY` (e.g. a release build of the previous commit) the same f32 and q8 runs
 are repeated with that binary right after the current one's, and the report adds their ratios:
 how a change moved finserve's own speed on this machine, in the same run.
-`--only-modes` measures only the finserve-only rows (no peers, no CTranslate2 conversion).
+`--only-modes` measures only the finserve-only rows (no peers, no CTranslate2 conversion);
+`--only-bulk` only the bulk row.
 Not a test: it reports, it asserts nothing.
 """
 
@@ -63,7 +72,7 @@ def cpu_flags() -> str:
     return f"{model}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in flags)
 
 
-def build_model(work: Path, convert: bool = True) -> tuple[Path, Path, Path]:
+def build_model(work: Path, shape: str, convert: bool = True) -> tuple[Path, Path, Path]:
     base, adapter, ct2 = work / "base", work / "adapter", work / "ct2"
     tokenizer = ROOT / "models/demo/base/tokenizer.json"
     # The cache is only valid for the tokenizer it was built with: finserve reads the copy in
@@ -73,7 +82,7 @@ def build_model(work: Path, convert: bool = True) -> tuple[Path, Path, Path]:
         shutil.rmtree(work, ignore_errors=True)
     if not (base / "model.safetensors").exists():
         subprocess.run([sys.executable, str(ROOT / "benches/make_mt0_small.py"), str(work),
-                        str(tokenizer)], check=True)
+                        str(tokenizer)], check=True, env={**os.environ, "MT0_SHAPE": shape})
     if convert and not (ct2 / "model.bin").exists():
         import ctranslate2.converters
         ctranslate2.converters.TransformersConverter(str(base)).convert(str(ct2), force=True)
@@ -332,6 +341,80 @@ def ctranslate2_rates(ct2: Path, texts: list[str], rounds: int, compute_type: st
     }
 
 
+BULK = 1024
+
+
+def bulk_sentences() -> list[str]:
+    with (ROOT / "models/data/train_pool.csv").open(newline="", encoding="utf-8") as f:
+        return [r["sentence"] for r in csv.DictReader(f)][:BULK]
+
+
+def finserve_bulk(binary: Path, base: Path, adapter: Path, texts: list[str], rounds: int,
+                  *extra: str) -> float:
+    """Median rows/s that `finserve predict` reports over `rounds` runs (after one warm-up run)."""
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d) / "bulk.csv"
+        with data.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["sentence"])
+            w.writerows([t] for t in texts)
+        rates = []
+        for i in range(rounds + 1):
+            out = Path(d) / f"out-{i}.jsonl"
+            run = subprocess.run(
+                [str(binary), "predict", "--model", str(base), "--adapter", str(adapter),
+                 "--data", str(data), "--out", str(out), "--max-batch-size", "32", *extra],
+                capture_output=True, text=True, env={**os.environ, "FINSERVE_LOG": "warn"})
+            if run.returncode != 0:
+                raise RuntimeError(f"finserve predict failed: {run.stderr[-2000:]}")
+            rows = sum(1 for _ in out.open())
+            if rows != len(texts):
+                raise RuntimeError(f"finserve predict wrote {rows} rows of {len(texts)}")
+            # "N rows scored into ..., T s (R rows/s)"
+            rate = float(run.stdout.rsplit("(", 1)[1].split()[0])
+            if i > 0:
+                rates.append(rate)
+        return statistics.median(rates)
+
+
+def ctranslate2_bulk(ct2: Path, texts: list[str], rounds: int, compute_type: str) -> tuple[float, int]:
+    """(median sentences/s, the batch size of sentences that gave it) of CTranslate2 score_batch."""
+    import ctranslate2
+    tok, ids, labels = tokenize(texts)
+    tr = ctranslate2.Translator(str(ct2), device="cpu", compute_type=compute_type,
+                                intra_threads=os.cpu_count(), inter_threads=1)
+    src = [[tok.id_to_token(i) for i in r] for r in ids]
+    tgts = [[tok.id_to_token(i) for i in l] for l in labels]
+    pairs_src = [s for s in src for _ in tgts]
+    pairs_tgt = [t for _ in src for t in tgts]
+    n = len(src)
+
+    def rate(batch: int) -> float:
+        t = time.perf_counter()
+        # CTranslate2 sorts the examples by length and splits them into batches of this many.
+        tr.score_batch(pairs_src, pairs_tgt, max_batch_size=batch * len(tgts))
+        return n / (time.perf_counter() - t)
+
+    first = {batch: rate(batch) for batch in (8, 16, 32, 64)}
+    best = max(first, key=first.get)
+    return statistics.median([first[best]] + [rate(best) for _ in range(rounds - 1)]), best
+
+
+def bulk_table(bulk: dict) -> list[str]:
+    f32, q8 = bulk["finserve f32"], bulk["finserve q8"]
+    (fp32, b32), (int8, b8) = bulk["CTranslate2 fp32"], bulk["CTranslate2 int8"]
+    return [
+        f"Bulk: {BULK} sentences of models/data/train_pool.csv, sentences/s (finserve predict: CSV in, JSON Lines "
+        "out, model loading not counted; CTranslate2: score_batch of the 3 label sequences on pre-tokenized "
+        "input, its best max_batch_size).",
+        "",
+        "| bulk | finserve f32 | finserve q8 | CTranslate2 fp32 | CTranslate2 int8 | f32 vs CT2 fp32 | q8 vs CT2 int8 |",
+        "|---|---|---|---|---|---|---|",
+        f"| `finserve predict` / `score_batch` | {f32:.1f} | {q8:.1f} | {fp32:.1f} (batch {b32}) | "
+        f"{int8:.1f} (batch {b8}) | {f32 / fp32:.2f}x | {q8 / int8:.2f}x |",
+    ]
+
+
 ROWS = [
     ("sent16", "sentiment, 16 inputs per request / score 3 labels, batch 16"),
     ("sent1", "sentiment, 1 input per request / score, batch 1"),
@@ -344,19 +427,37 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
     ap.add_argument("--finserve", default=str(target / "release/finserve"))
-    ap.add_argument("--work", default=str(ROOT / "target/compare"))
+    ap.add_argument("--shape", choices=["small", "base", "large"], default="small",
+                    help="the random model's shape: mt0-small, mt0-base or mt0-large")
+    ap.add_argument("--work", help="where the model is built (default: target/compare-SHAPE)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sentences", type=int, default=64)
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--baseline", help="another finserve binary to compare with (f32 and q8)")
     ap.add_argument("--only-modes", action="store_true",
                     help="measure only finserve's entity-level and sentences rows (no peers)")
+    ap.add_argument("--only-bulk", action="store_true",
+                    help="measure only the bulk row (finserve predict against CTranslate2 score_batch)")
     args = ap.parse_args()
     binary = Path(args.finserve)
-    work = Path(args.work)
+    work = Path(args.work or ROOT / f"target/compare-{args.shape}")
     work.mkdir(parents=True, exist_ok=True)
-    base, adapter, ct2 = build_model(work, convert=not args.only_modes)
+    base, adapter, ct2 = build_model(work, args.shape, convert=not args.only_modes)
     texts = sentences(args.sentences)
+    bulk = {}
+    if not args.only_modes:
+        archive = bulk_sentences()
+        bulk["finserve f32"] = finserve_bulk(binary, base, adapter, archive, args.rounds)
+        bulk["finserve q8"] = finserve_bulk(binary, base, adapter, archive, args.rounds, "--quantize", "q8")
+        bulk["CTranslate2 fp32"] = ctranslate2_bulk(ct2, archive, args.rounds, "float32")
+        bulk["CTranslate2 int8"] = ctranslate2_bulk(ct2, archive, args.rounds, "int8")
+        print(f"bulk: {bulk}", file=sys.stderr)
+    if args.only_bulk:
+        import ctranslate2
+        print(f"Machine: {cpu_flags()}; CTranslate2 {ctranslate2.__version__}; {args.shape} shape; "
+              f"median of {args.rounds} rounds.\n")
+        print("\n".join(bulk_table(bulk)))
+        return
 
     results, rss, modes = {}, {}, {}
     # Entity-level scoring needs a target template; the random adapter was never trained with
@@ -397,7 +498,7 @@ def main() -> None:
     import transformers
     cols = ["finserve f32", "finserve q8", "transformers fp32", "CTranslate2 fp32", "CTranslate2 int8"]
     lines = [
-        f"Machine: {cpu_flags()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Machine: {cpu_flags()}; {args.shape} shape; torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, CTranslate2 {ctranslate2.__version__}; "
         f"{len(texts)} sentences, median of {args.rounds} rounds, sentences/s.",
         "",
@@ -411,7 +512,7 @@ def main() -> None:
             + f" | {r['finserve f32'] / r['CTranslate2 fp32']:.2f}x"
             + f" | {r['finserve f32'] / r['transformers fp32']:.2f}x"
             + f" | {r['finserve q8'] / r['CTranslate2 int8']:.2f}x |")
-    lines += [""] + modes_table(modes)
+    lines += [""] + bulk_table(bulk) + [""] + modes_table(modes)
     na = results["finserve f32 --no-adapter"]
     lines += [
         "",

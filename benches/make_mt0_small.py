@@ -2,6 +2,7 @@
 measuring load/merge time and peak memory at a realistic size without downloading mt0-small.
 
     python benches/make_mt0_small.py OUT_DIR [TOKENIZER_JSON]
+    MT0_SHAPE=base python benches/make_mt0_small.py OUT_DIR [TOKENIZER_JSON]    (mt0-base: 768/2048/12x64, 12+12)
     MT0_SHAPE=large python benches/make_mt0_small.py OUT_DIR [TOKENIZER_JSON]   (mt0-large: 1024/2816/16x64, 24+24)
 
 OUT_DIR/base: config.json (mt5, 512/1024/6x64, 8+8 layers, vocab 250112, untied lm_head),
@@ -26,6 +27,7 @@ def main() -> None:
     torch.manual_seed(0)
     shapes = {
         "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
+        "base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
         "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
     }
     shape = shapes[os.environ.get("MT0_SHAPE", "small")]
