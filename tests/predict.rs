@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -24,6 +24,22 @@ fn predict(args: &[&str]) -> Output {
         .env_remove("FINSERVE_MODEL")
         .env_remove("FINSERVE_ADAPTER")
         .output()
+        .unwrap()
+}
+
+/// `predict` on the fixture model, running in the background (to be killed).
+fn spawn_predict(args: &[&str]) -> Child {
+    let f = common::fixtures();
+    Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .args(["predict", "--model"])
+        .arg(f.join("mt5_base"))
+        .arg("--adapter")
+        .arg(f.join("adapters/qv"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
         .unwrap()
 }
 
@@ -169,23 +185,12 @@ fn a_killed_run_resumes_without_a_duplicate_or_a_gap() {
     let n = 5000;
     write_csv(&input, &texts(n));
     let out = dir.path().join("out.jsonl");
-    let f = common::fixtures();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_finserve"))
-        .args(["predict", "--model"])
-        .arg(f.join("mt5_base"))
-        .arg("--adapter")
-        .arg(f.join("adapters/qv"))
-        .args([
-            "--data",
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .env("HF_HUB_OFFLINE", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let deadline = Instant::now() + Duration::from_secs(120);
     while std::fs::read_to_string(&out).map_or(0, |t| t.lines().count()) < 200 {
         assert!(Instant::now() < deadline, "predict wrote nothing");
@@ -360,25 +365,18 @@ pq.write_table(table, sys.argv[2], compression="zstd")
     );
     let out = dir.path().join("out.parquet");
     let errors = dir.path().join("errors.jsonl");
-    let f = common::fixtures();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_finserve"))
-        .args(["predict", "--model"])
-        .arg(f.join("mt5_base"))
-        .arg("--adapter")
-        .arg(f.join("adapters/qv"))
-        .args([
-            "--data",
-            input.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .args(["--errors", errors.to_str().unwrap()])
-        .args(["--id-column", "doc_id", "--part-rows", "100"])
-        .env("HF_HUB_OFFLINE", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_predict(&[
+        "--data",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--errors",
+        errors.to_str().unwrap(),
+        "--id-column",
+        "doc_id",
+        "--part-rows",
+        "100",
+    ]);
     let parts = || {
         std::fs::read_dir(&out).map_or(0, |d| {
             d.filter(|e| {
