@@ -238,17 +238,13 @@ enum Role {
     Occluded(usize, Option<usize>),
 }
 
-/// Runs CPU-bound `f` on the async runtime's blocking pool when there is a runtime (batch work
-/// on the low-priority threads of [`super::background`]), in a `tokenize` span of the caller's.
+/// Runs CPU-bound `f` on the async runtime's blocking pool when there is a runtime, in a
+/// `tokenize` span of the caller's.
 pub async fn off_runtime<T: Send + 'static>(
-    priority: Priority,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
     let span = tracing::info_span!("tokenize");
     match tokio::runtime::Handle::try_current() {
-        Ok(_) if priority == Priority::Batch => {
-            super::background::run(move || span.in_scope(f)).await
-        }
         Ok(rt) => rt
             .spawn_blocking(move || span.in_scope(f))
             .await
@@ -262,7 +258,7 @@ impl Engine {
     /// engine.
     pub async fn score(&self, query: ScoreQuery, timeout: Option<Duration>) -> Result<Scored> {
         let engine = self.clone();
-        let prepared = off_runtime(query.priority, move || engine.prepare(query)).await?;
+        let prepared = off_runtime(move || engine.prepare(query)).await?;
         let (receivers, submitted) = self.submit_windows(&prepared)?;
         let all = futures::future::join_all(receivers);
         let results = match timeout {
@@ -691,7 +687,7 @@ impl Engine {
         let engine = self.clone();
         let text = query.text;
         let start = Instant::now();
-        let ids = off_runtime(query.priority, move || engine.tokenize(&text, truncate)).await?;
+        let ids = off_runtime(move || engine.tokenize(&text, truncate)).await?;
         let tokenize = start.elapsed();
         let params = validation::generate_params(&query.options, ids.len(), &self.config.limits)?;
         let submitted = SystemTime::now();

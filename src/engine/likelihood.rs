@@ -34,7 +34,7 @@ impl Engine {
         let variant = self.variant(query.variant.as_deref())?;
         let engine = self.clone();
         let reference = query.reference.clone();
-        let (ids, labels) = off_runtime(query.priority, move || {
+        let (ids, labels) = off_runtime(move || {
             let ids = engine.tokenize(&query.text, None)?;
             Ok((ids, engine.reference(&query.reference)?))
         })

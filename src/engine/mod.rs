@@ -8,7 +8,6 @@
 //! [`Error::Invalid`] naming the part of the request at fault.
 
 pub mod backend;
-mod background;
 mod backlog;
 pub mod batcher;
 pub mod config;

@@ -105,7 +105,7 @@ pub(super) async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> crate::error::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     let start = Instant::now();
-    let out = crate::engine::infer::off_runtime(crate::engine::Priority::Interactive, f).await?;
+    let out = crate::engine::infer::off_runtime(f).await?;
     METRICS
         .tokenization_duration
         .with_label_values(&[route.as_str()])
