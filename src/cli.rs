@@ -643,12 +643,20 @@ impl GenerationArgs {
     }
 
     /// The options, and the engine limits that let `max_new_tokens` through (a bulk run is
-    /// bounded by its flags, not by a server's per-request limits).
+    /// bounded by its flags, not by a server's per-request limits). `long_input` is what the
+    /// sentiment flags asked for: a generation's input must fit as it is.
     fn options(
         &self,
         limits: &mut RequestLimits,
         max_input_tokens: usize,
+        long_input: crate::engine::infer::LongInput,
     ) -> anyhow::Result<GenerateOptions> {
+        if long_input != crate::engine::infer::LongInput::Refuse {
+            bail!(
+                "--truncate and --long-input are for --task sentiment; a generation's input \
+                 must fit --max-input-tokens"
+            );
+        }
         let seed = self
             .seed
             .map(|s| i64::try_from(s).context("--seed must be at most 9223372036854775807"))
@@ -1021,16 +1029,11 @@ impl PredictArgs {
                 if self.targets_column.is_some() {
                     bail!("--targets-column is for --task sentiment");
                 }
-                if long_input != crate::engine::infer::LongInput::Refuse {
-                    bail!(
-                        "--truncate and --long-input are for --task sentiment; a generation's \
-                         input must fit --max-input-tokens"
-                    );
-                }
-                crate::predict::Task::Generate(
-                    self.generation
-                        .options(&mut engine.limits, m.max_input_tokens)?,
-                )
+                crate::predict::Task::Generate(self.generation.options(
+                    &mut engine.limits,
+                    m.max_input_tokens,
+                    long_input,
+                )?)
             }
         };
         Ok(crate::predict::PredictJob {
@@ -1091,19 +1094,15 @@ impl EvalArgs {
                 bail!("--task generate needs --target-column: the column of reference outputs")
             }
             (BulkTask::Generate, Some(target_column)) => {
-                if long_input != crate::engine::infer::LongInput::Refuse {
-                    bail!(
-                        "--truncate and --long-input are for --task sentiment; a generation's \
-                         input must fit --max-input-tokens"
-                    );
-                }
                 if calibration_out.is_some() {
                     bail!("--calibrate and --calibration-out are for --task sentiment");
                 }
                 crate::eval::Task::Generate {
-                    options: self
-                        .generation
-                        .options(&mut engine.limits, m.max_input_tokens)?,
+                    options: self.generation.options(
+                        &mut engine.limits,
+                        m.max_input_tokens,
+                        long_input,
+                    )?,
                     target_column,
                 }
             }

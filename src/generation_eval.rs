@@ -14,7 +14,6 @@ use futures::StreamExt;
 use serde_json::json;
 
 use crate::data_file::{self, Columns};
-use crate::engine::infer::GenerateQuery;
 use crate::engine::likelihood::{Likelihood, LikelihoodQuery};
 use crate::engine::validation::GenerateOptions;
 use crate::engine::{Engine, EngineConfig, GenerateOutput};
@@ -27,6 +26,8 @@ pub struct Evaluated {
     pub generated: String,
     pub reference: String,
     pub likelihood: Likelihood,
+    /// ROUGE-L F1 of `generated` against `reference`.
+    pub rouge_l: f64,
 }
 
 /// The measures over the evaluated rows.
@@ -61,11 +62,7 @@ impl Summary {
                 .filter(|r| r.generated.trim() == r.reference.trim())
                 .count() as f64
                 / n,
-            rouge_l: rows
-                .iter()
-                .map(|r| rouge_l(&r.generated, &r.reference))
-                .sum::<f64>()
-                / n,
+            rouge_l: rows.iter().map(|r| r.rouge_l).sum::<f64>() / n,
             bleu: corpus_bleu(&generated, &references),
         }
     }
@@ -81,14 +78,7 @@ async fn evaluate(
     text: String,
     reference: String,
 ) -> anyhow::Result<Outcome> {
-    let generation = GenerateQuery {
-        text: text.clone(),
-        options: GenerateOptions {
-            seed: crate::predict::row_seed(options.seed, index),
-            ..options.clone()
-        },
-        ..Default::default()
-    };
+    let generation = crate::predict::row_query(text.clone(), options, index);
     let likelihood = LikelihoodQuery {
         text,
         reference,
@@ -198,6 +188,7 @@ pub fn run(
         let line = match outcome? {
             Ok((generation, likelihood)) => {
                 let reference = reference.unwrap_or_default();
+                let rouge = rouge_l(&generation.generated_text, &reference);
                 generated_tokens += generation.tokens.len();
                 let line = json!({
                     "row": row.index,
@@ -209,12 +200,13 @@ pub fn run(
                     "reference_log_prob": likelihood.log_prob,
                     "reference_tokens": likelihood.tokens,
                     "exact_match": generation.generated_text.trim() == reference.trim(),
-                    "rouge_l": rouge_l(&generation.generated_text, &reference),
+                    "rouge_l": rouge,
                 });
                 evaluated.push(Evaluated {
                     generated: generation.generated_text,
                     reference,
                     likelihood,
+                    rouge_l: rouge,
                 });
                 line
             }

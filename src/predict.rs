@@ -227,10 +227,21 @@ fn generation_record(out: &GenerateOutput, digest: &str) -> Value {
     })
 }
 
-/// The seed of row `index` when the first row's is `seed`.
-pub fn row_seed(seed: Option<i64>, index: usize) -> Option<i64> {
+/// The generation of row `index` from `text`: `options`, with the row's seed when the first
+/// row's is given.
+pub fn row_query(text: String, options: &GenerateOptions, index: usize) -> GenerateQuery {
     // Kept within what a request may give (0 to i64::MAX).
-    seed.map(|s| ((s as u64).wrapping_add(index as u64) & i64::MAX as u64) as i64)
+    let seed = options
+        .seed
+        .map(|s| ((s as u64).wrapping_add(index as u64) & i64::MAX as u64) as i64);
+    GenerateQuery {
+        text,
+        options: GenerateOptions {
+            seed,
+            ..options.clone()
+        },
+        ..Default::default()
+    }
 }
 
 /// Runs `task` on one text (for `targets`, with the text's scores).
@@ -259,24 +270,15 @@ async fn process(
             })
         }
         Task::Generate(options) => {
-            let query = GenerateQuery {
-                text,
-                options: GenerateOptions {
-                    seed: row_seed(options.seed, index),
-                    ..options.clone()
-                },
-                ..Default::default()
-            };
-            match engine.generate_text(query).await {
-                Ok(generation) => {
-                    let digest = generation.digest.clone();
-                    generation
-                        .collect(None)
-                        .await
-                        .map(|out| generation_record(&out, &digest))
-                }
-                Err(e) => Err(e),
+            async {
+                let generation = engine
+                    .generate_text(row_query(text, options, index))
+                    .await?;
+                let digest = generation.digest.clone();
+                let out = generation.collect(None).await?;
+                Ok(generation_record(&out, &digest))
             }
+            .await
         }
     };
     match result {

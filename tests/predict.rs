@@ -365,7 +365,7 @@ pq.write_table(table, sys.argv[2], compression="zstd")
     );
     let out = dir.path().join("out.parquet");
     let errors = dir.path().join("errors.jsonl");
-    let mut child = spawn_predict(&[
+    let run = [
         "--data",
         input.to_str().unwrap(),
         "--out",
@@ -376,7 +376,8 @@ pq.write_table(table, sys.argv[2], compression="zstd")
         "doc_id",
         "--part-rows",
         "100",
-    ]);
+    ];
+    let mut child = spawn_predict(&run);
     let parts = || {
         std::fs::read_dir(&out).map_or(0, |d| {
             d.filter(|e| {
@@ -408,19 +409,7 @@ pq.write_table(table, sys.argv[2], compression="zstd")
     ]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
-    ok(&predict(&[
-        "--data",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--errors",
-        errors.to_str().unwrap(),
-        "--id-column",
-        "doc_id",
-        "--part-rows",
-        "100",
-        "--resume",
-    ]));
+    ok(&predict(&[&run[..], &["--resume"]].concat()));
     // pyarrow reads the directory as one table.
     let table = pyarrow(
         r#"
