@@ -1,6 +1,7 @@
 //! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
 //! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32 and
-//! with `--quantize q8`.
+//! with `--quantize q8`, at 1, 4 and 16 rows; and the machine's read bandwidth next to the
+//! bandwidth each f32 projection reaches in a decode step.
 //! These are the engine's own numbers; `benches/compare.py` compares the whole server with
 //! transformers and CTranslate2.
 
@@ -10,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::model::decode_batch::DecodeBatch;
-use finserve::model::linear::{Quantization, SharedLayers};
+use finserve::model::linear::{Linear, Quantization, SharedLayers};
 use finserve::model::t5::{Config, T5Model};
 use finserve::model::weights::Weights;
 
@@ -95,9 +96,57 @@ fn started(model: &T5Model, inputs: &[&[u32]], prefix: usize) -> (DecodeBatch, V
 }
 
 fn bench(c: &mut Criterion) {
+    bench_memory(c);
     for q in [Quantization::None, Quantization::Q8] {
         bench_model(c, q);
     }
+}
+
+/// What a decode step is bound by: the machine's read bandwidth, and the bandwidth each f32
+/// projection of mt0-small reaches on 1, 4 and 16 rows (its weight bytes over the time per
+/// call; the 1-row figure is the one to hold against the read bandwidth).
+fn bench_memory(c: &mut Criterion) {
+    let mut group = c.benchmark_group("memory");
+    group.sample_size(10);
+    let buffer = vec![1f32; 128 << 20];
+    group.throughput(Throughput::Bytes((buffer.len() * 4) as u64));
+    group.bench_function("read_512MiB", |b| b.iter(|| read_all(&buffer)));
+    let projections = [
+        ("q", 384, 512),
+        ("kv", 768, 512),
+        ("o", 512, 384),
+        ("wi", 2048, 512),
+        ("wo", 512, 1024),
+        ("lm_head", 250112, 512),
+    ];
+    for (name, out, input) in projections {
+        let w = Tensor::randn(0f32, 0.05, (out, input), &Device::Cpu).expect("randn");
+        let mut layer = Linear::new(w);
+        layer.pack().expect("pack");
+        group.throughput(Throughput::Bytes((out * input * 4) as u64));
+        for rows in [1, 4, 16] {
+            let x = Tensor::randn(0f32, 1.0, (rows, input), &Device::Cpu).expect("randn");
+            group.bench_with_input(BenchmarkId::new(format!("f32_{name}"), rows), &x, |b, x| {
+                b.iter(|| layer.forward(x).expect("forward"))
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Sums `xs` across rayon's pool with enough independent accumulators that the loop runs at
+/// the speed memory delivers (a STREAM-like read).
+fn read_all(xs: &[f32]) -> f32 {
+    use rayon::prelude::*;
+    xs.par_chunks(1 << 16)
+        .map(|chunk| {
+            let mut acc = [0f32; 64];
+            for block in chunk.chunks_exact(64) {
+                acc.iter_mut().zip(block).for_each(|(a, x)| *a += x);
+            }
+            acc.iter().sum::<f32>()
+        })
+        .sum()
 }
 
 fn bench_model(c: &mut Criterion, quantization: Quantization) {
@@ -110,7 +159,7 @@ fn bench_model(c: &mut Criterion, quantization: Quantization) {
     .expect("labels");
     let mut group = c.benchmark_group(format!("mt0-small-{}", quantization.as_str()));
     group.sample_size(10);
-    for (batch, len) in [(1, 32), (16, 40)] {
+    for (batch, len) in [(1, 32), (4, 36), (16, 40)] {
         let ids: Vec<Vec<u32>> = (0..batch)
             .map(|b| (0..len).map(|i| (100 + b * 7 + i) as u32).collect())
             .collect();

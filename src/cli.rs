@@ -166,7 +166,8 @@ pub struct ModelArgs {
     /// Merge no adapter at all (serve the base model as is).
     #[arg(long, env = "FINSERVE_NO_ADAPTER")]
     pub no_adapter: bool,
-    /// Serving dtype: f32, or bf16 on GPU.
+    /// Serving dtype: f32, or bf16 (on a GPU; on a CPU with AVX512-BF16, the linear layers'
+    /// weights are bf16 and everything else stays f32).
     #[arg(long, env = "FINSERVE_DTYPE", default_value = "f32")]
     pub dtype: String,
     /// Quantize the linear layers and lm_head after the merge: `none`, or `q8` (int8 blocks, CPU).

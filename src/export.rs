@@ -35,7 +35,7 @@ pub fn run(mut spec: ModelSpec, out: &Path) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot copy {} to {}", src.display(), out.display()))?;
         }
     }
-    let tensors: HashMap<String, Tensor> = merged.weights.into_tensors();
+    let tensors: HashMap<String, Tensor> = merged.weights.into_tensors()?;
     let n = tensors.len();
     let path = out.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &path)

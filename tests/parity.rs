@@ -619,8 +619,8 @@ fn merged_weights_equal_runtime_low_rank_update() {
             .next()
             .unwrap();
         let w_name = format!("{module}.weight");
-        let w0 = base.weights.get(&w_name).unwrap();
-        let w1 = merged.weights.get(&w_name).unwrap();
+        let w0 = base.weights.get(&w_name).unwrap().unwrap();
+        let w1 = merged.weights.get(&w_name).unwrap().unwrap();
         let x = Tensor::randn(0f32, 1.0, (5, w0.dim(1).unwrap()), &Device::Cpu).unwrap();
         let runtime = (x.matmul(&w0.t().unwrap()).unwrap()
             + (x.matmul(&a.t().unwrap())

@@ -1,8 +1,9 @@
-//! A bias-free projection `y = x·Wᵀ` whose weight is either dense (f32, or bf16 on GPU) or
-//! int8 (`--quantize q8`, see [`super::int8`]).
+//! A bias-free projection `y = x·Wᵀ` whose weight is f32 packed for the CPU kernels (see
+//! [`super::f32_linear`]), int8 (`--quantize q8`, see [`super::int8`]) or dense as loaded (f32
+//! or bf16 on a GPU).
 //!
-//! Quantization happens after the LoRA merge, on the merged f32 weight, so an adapter is never
-//! applied to rounded weights.
+//! Packing and quantization happen after the LoRA merge, on the merged f32 weight, so an adapter
+//! is never applied to rounded weights.
 //!
 //! [`SharedLayers`] builds the layers of every merged variant of one base: a layer whose
 //! checkpoint tensors no adapter of the variant changed is the base's own, built (and quantized)
@@ -14,6 +15,8 @@ use std::sync::Arc;
 use candle_core::{DType, Module, Tensor, TensorId};
 
 use crate::error::{Error, Result};
+use crate::model::bf16_linear::{self, Bf16Linear};
+use crate::model::f32_linear::F32Linear;
 use crate::model::int8::Int8Linear;
 use crate::model::weights::Weights;
 
@@ -25,6 +28,8 @@ pub enum Quantization {
     None,
     /// int8 with one scale per output channel and block of 128 inputs (CPU).
     Q8,
+    /// bf16, rounded from the f32 weights (`--dtype bf16` on the CPU).
+    Bf16,
 }
 
 impl Quantization {
@@ -42,6 +47,7 @@ impl Quantization {
         match self {
             Self::None => "none",
             Self::Q8 => "q8",
+            Self::Bf16 => "bf16",
         }
     }
 }
@@ -52,13 +58,51 @@ const FEW_ROWS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub enum Linear {
+    /// As loaded: bf16 or f32 on a GPU, or f32 on a CPU [`Linear::pack`] was not asked of.
     Dense(Tensor),
+    /// f32 on the CPU, packed for [`F32Linear`]'s kernels.
+    F32(Arc<F32Linear>),
+    /// bf16 on the CPU (`--dtype bf16`), packed for [`Bf16Linear`]'s kernel.
+    Bf16(Arc<Bf16Linear>),
     Q8(Arc<Int8Linear>),
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         Self::Dense(weight)
+    }
+
+    /// Packs a dense f32 CPU weight for the CPU kernels (see [`super::f32_linear`]); other
+    /// weights stay as they are.
+    pub fn pack(&mut self) -> Result<()> {
+        let Self::Dense(w) = self else {
+            return Ok(());
+        };
+        if w.dtype() != DType::F32 || !w.device().is_cpu() {
+            return Ok(());
+        }
+        let (out, input) = w.dims2()?;
+        let packed = with_cpu_values(w, |values| F32Linear::pack(values, out, input))?;
+        *self = Self::F32(Arc::new(packed));
+        Ok(())
+    }
+
+    /// Replaces a dense f32 CPU weight by its bf16 form (see [`super::bf16_linear`]).
+    pub fn round_to_bf16(&mut self, name: &str) -> Result<()> {
+        let Self::Dense(w) = self else {
+            return Ok(());
+        };
+        if w.dtype() != DType::F32 || !w.device().is_cpu() || !bf16_linear::available() {
+            return Err(Error::InvalidArgument(format!(
+                "bf16 weights on the CPU need f32 weights and AVX512-BF16 (`{name}` is {:?} on {:?})",
+                w.dtype(),
+                w.device().location()
+            )));
+        }
+        let (out, input) = w.dims2()?;
+        let rounded = with_cpu_values(w, |values| Bf16Linear::pack(values, out, input))?;
+        *self = Self::Bf16(Arc::new(rounded));
+        Ok(())
     }
 
     /// Replaces a dense f32 weight by its int8 form. `name` is for the error message.
@@ -74,19 +118,7 @@ impl Linear {
             )));
         }
         let (out, input) = w.dims2()?;
-        let w = w.contiguous()?;
-        let q = {
-            // Read in place: a copy of `lm_head` alone is 0.5 GB of peak memory for mt0-small.
-            let (storage, layout) = w.storage_and_layout();
-            let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-                (&*storage, layout.contiguous_offsets())
-            else {
-                return Err(Error::InvalidArgument(format!(
-                    "`{name}` is not a contiguous CPU tensor"
-                )));
-            };
-            Int8Linear::quantize(&cpu.as_slice::<f32>()?[start..end], out, input)
-        };
+        let q = with_cpu_values(w, |values| Int8Linear::quantize(values, out, input))?;
         *self = Self::Q8(Arc::new(q));
         Ok(())
     }
@@ -95,8 +127,16 @@ impl Linear {
     pub fn storage(&self) -> (Storage, usize) {
         match self {
             Self::Dense(w) => Storage::of(w),
+            Self::F32(weight) => (
+                Storage::Packed(Arc::as_ptr(weight) as usize),
+                weight.size_in_bytes(),
+            ),
+            Self::Bf16(weight) => (
+                Storage::Packed(Arc::as_ptr(weight) as usize),
+                weight.size_in_bytes(),
+            ),
             Self::Q8(weight) => (
-                Storage::Quantized(Arc::as_ptr(weight) as usize),
+                Storage::Packed(Arc::as_ptr(weight) as usize),
                 weight.size_in_bytes(),
             ),
         }
@@ -118,26 +158,44 @@ impl Linear {
                 let y = self.forward_wide(&x.reshape((rows, width))?)?;
                 y.contiguous()?.reshape(dims)
             }
+            Self::F32(weight) => x.contiguous()?.apply_op1_no_bwd(weight.as_ref()),
+            Self::Bf16(weight) => x.contiguous()?.apply_op1_no_bwd(weight.as_ref()),
             Self::Q8(weight) => x.contiguous()?.apply_op1_no_bwd(weight.as_ref()),
         }
     }
 
     /// `rows·Wᵀ` for a 2-D `rows`, in the order that is fastest for a very wide `W` (`lm_head`):
-    /// with few rows the dense CPU kernels are far faster as `W·rowsᵀ` (the weight is read in its
-    /// stored layout instead of being repacked per call).
+    /// a dense weight with few rows runs as `W·rowsᵀ` (candle's kernels then read it in its
+    /// stored layout instead of repacking it per call).
     pub fn forward_wide(&self, rows: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => w.matmul(&rows.t()?)?.t(),
-            Self::Q8(_) => self.forward(rows),
+            Self::F32(_) | Self::Bf16(_) | Self::Q8(_) => self.forward(rows),
         }
     }
+}
+
+/// Calls `f` with the f32 values of the contiguous CPU tensor `w`, read in place: a copy of
+/// `lm_head` alone is 0.5 GB of peak memory for mt0-small.
+fn with_cpu_values<T>(w: &Tensor, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Err(Error::InvalidArgument(
+            "a weight to pack is not a contiguous CPU tensor".into(),
+        ));
+    };
+    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
 }
 
 /// The identity of a weight allocation, to count memory shared between models once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Storage {
     Dense(TensorId),
-    Quantized(usize),
+    /// A packed weight ([`F32Linear`], [`Bf16Linear`] or [`Int8Linear`]), by address.
+    Packed(usize),
 }
 
 impl Storage {
@@ -149,12 +207,15 @@ impl Storage {
     }
 }
 
-/// The linear layers of one base checkpoint, built once and reused by every model built from
-/// it whose tensors for that layer are unmodified (see [`Weights::is_modified`]).
+/// The linear layers (and other tensors) of one base checkpoint, built once and reused by every
+/// model built from it whose tensors for that layer are unmodified (see
+/// [`Weights::is_modified`]).
 #[derive(Debug, Default)]
 pub struct SharedLayers {
     quantization: Quantization,
     built: HashMap<String, Linear>,
+    /// The base's other tensors, by checkpoint name.
+    tensors: HashMap<String, Tensor>,
     /// Base layers stacked from several checkpoint tensors: their key, sources and the rows of
     /// each source.
     stacked: Vec<(String, Vec<String>, usize)>,
@@ -165,6 +226,7 @@ impl SharedLayers {
         Self {
             quantization,
             built: HashMap::new(),
+            tensors: HashMap::new(),
             stacked: Vec::new(),
         }
     }
@@ -194,6 +256,10 @@ impl SharedLayers {
         in_dim: usize,
     ) -> Result<Linear> {
         let base = sources.iter().all(|s| !w.is_modified(s));
+        if base && let Some(layer) = self.built.get(key) {
+            sources.iter().for_each(|s| w.discard(s));
+            return Ok(layer.clone());
+        }
         let parts = sources
             .iter()
             .map(|s| w.take(s, &[out_dim, in_dim]))
@@ -208,11 +274,38 @@ impl SharedLayers {
         })
     }
 
+    /// The tensor `name` of `shape` that is not a linear layer (an embedding, a norm), shared
+    /// like the layers: the base's is read once for every model built from it.
+    pub fn tensor(&mut self, w: &mut Weights, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.tensor_optional(w, name, shape)?
+            .ok_or_else(|| Error::weights(w.source(), format!("missing tensor `{name}`")))
+    }
+
+    /// Like [`SharedLayers::tensor`], for tensors a checkpoint may leave out.
+    pub fn tensor_optional(
+        &mut self,
+        w: &mut Weights,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<Tensor>> {
+        let base = !w.is_modified(name);
+        if base && let Some(t) = self.tensors.get(name) {
+            w.discard(name);
+            return Ok(Some(t.clone()));
+        }
+        let t = w.take_optional(name, shape)?;
+        if let (true, Some(t)) = (base, &t) {
+            self.tensors.insert(name.to_string(), t.clone());
+        }
+        Ok(t)
+    }
+
     /// The layer `key` with the weight `weight` builds; `base` says whether that weight is the
-    /// base checkpoint's, in which case a layer built earlier is reused. With q8 the first
-    /// encoder block stays dense: it reads the raw embeddings, whose outliers make it the most
-    /// sensitive to rounding (on the demo model, quantizing it too moves label probabilities by
-    /// up to 0.063 against 0.010 without it).
+    /// base checkpoint's, in which case a layer built earlier is reused. With q8 or bf16 the
+    /// first encoder block stays f32: it reads the raw embeddings, whose outliers make it the
+    /// most sensitive to rounding (on the demo model, quantizing it too moves label
+    /// probabilities by up to 0.063 against 0.010 without it; rounding it to bf16, by 0.0078
+    /// against 0.0034).
     pub fn layer(
         &mut self,
         key: &str,
@@ -223,8 +316,12 @@ impl SharedLayers {
             return Ok(layer.clone());
         }
         let mut layer = Linear::new(weight()?);
-        if self.quantization == Quantization::Q8 && !key.starts_with("encoder.block.0.") {
-            layer.quantize(key)?;
+        match self.quantization {
+            Quantization::Q8 if !key.starts_with("encoder.block.0.") => layer.quantize(key)?,
+            Quantization::Bf16 if !key.starts_with("encoder.block.0.") => {
+                layer.round_to_bf16(key)?
+            }
+            Quantization::None | Quantization::Q8 | Quantization::Bf16 => layer.pack()?,
         }
         if base {
             self.built.insert(key.to_string(), layer.clone());

@@ -433,10 +433,15 @@ impl Adapter {
         for module in &planned {
             let pair = &pairs[module];
             let name = format!("{module}.weight");
-            let base = weights
-                .get(&name)
-                .ok_or_else(|| self.refuse(format!("base has no `{name}`")))?;
-            let (out_dim, in_dim) = base.dims2()?;
+            let (out_dim, in_dim) = match weights.shape(&name) {
+                Some(&[out_dim, in_dim]) => (out_dim, in_dim),
+                Some(dims) => {
+                    return Err(self.refuse(format!(
+                        "base tensor `{name}` has shape {dims:?}, not a matrix"
+                    )));
+                }
+                None => return Err(self.refuse(format!("base has no `{name}`"))),
+            };
             let r = self.pattern_value(&c.rank_pattern, module, c.r)?;
             let alpha = self.pattern_value(&c.alpha_pattern, module, c.lora_alpha)?;
             let (a_dims, b_dims) = (pair.a.dims().to_vec(), pair.b.dims().to_vec());
@@ -458,16 +463,15 @@ impl Adapter {
         }
         let mut replacements = Vec::new();
         for (module, t) in &saved {
-            let base = weights.get(module).ok_or_else(|| {
+            let base = weights.shape(module).ok_or_else(|| {
                 self.refuse(format!(
                     "tensor `{module}` (modules_to_save) does not exist in the base model"
                 ))
             })?;
-            if base.dims() != t.dims() {
+            if base != t.dims() {
                 return Err(self.refuse(format!(
-                    "tensor `{module}` has shape {:?}, the base has {:?}",
+                    "tensor `{module}` has shape {:?}, the base has {base:?}",
                     t.dims(),
-                    base.dims()
                 )));
             }
             replacements.push((module.clone(), t.clone()));
@@ -475,9 +479,9 @@ impl Adapter {
 
         for (name, scale, pair) in updates {
             let base = weights
-                .get(&name)
+                .get(&name)?
                 .ok_or_else(|| self.refuse(format!("base has no `{name}`")))?;
-            let merged = merge_weight(base, &pair.a, &pair.b, scale)?;
+            let merged = merge_weight(&base, &pair.a, &pair.b, scale)?;
             weights.replace(&name, merged);
         }
         let dtype = weights.dtype();

@@ -3,8 +3,10 @@
 //! quantize its linear layers. Each `--variant` is merged from the same base weights and shares
 //! with the others every tensor its adapters leave alone.
 
+pub mod bf16_linear;
 pub mod decode_batch;
 pub mod digest;
+pub mod f32_linear;
 pub mod int8;
 pub mod linear;
 pub mod lora;
@@ -42,6 +44,25 @@ pub struct ModelSpec {
     pub dtype: DType,
     pub device: Device,
     pub quantize: Quantization,
+}
+
+impl ModelSpec {
+    /// The dtype tensors are read in: bf16 on the CPU keeps f32 activations, norms and
+    /// embeddings and rounds only the linear layers' weights (see [`ModelSpec::layer_storage`]).
+    fn tensor_dtype(&self) -> DType {
+        match (self.dtype, self.device.is_cpu()) {
+            (DType::BF16, true) => DType::F32,
+            (dtype, _) => dtype,
+        }
+    }
+
+    /// How the linear layers store their weights.
+    fn layer_storage(&self) -> Quantization {
+        match (self.dtype, self.device.is_cpu()) {
+            (DType::BF16, true) => Quantization::Bf16,
+            _ => self.quantize,
+        }
+    }
 }
 
 /// `--variant NAME=ADAPTER[:WEIGHT][+ADAPTER[:WEIGHT]...]`: a named merge of the base; no
@@ -122,13 +143,17 @@ pub struct LoadedModel {
     pub merge_seconds: f64,
 }
 
-/// Parses `--dtype` for `device`: f32 anywhere, bf16 on GPU only, never f16 (T5 overflows to NaN).
+/// Parses `--dtype` for `device`: f32 anywhere, bf16 on a GPU or on a CPU with AVX512-BF16
+/// (where only the linear layers' weights are bf16), never f16 (T5 overflows to NaN).
 pub fn parse_dtype(name: &str, device: &Device) -> Result<DType> {
     match (name, device.is_cpu()) {
         ("f32" | "float32", _) => Ok(DType::F32),
         ("bf16" | "bfloat16", false) => Ok(DType::BF16),
+        ("bf16" | "bfloat16", true) if bf16_linear::available() => Ok(DType::BF16),
         ("bf16" | "bfloat16", true) => Err(Error::InvalidArgument(
-            "bf16 is only supported on GPU; serve f32 on CPU".into(),
+            "bf16 on the CPU needs AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids and later; \
+             AMD Zen 4 and later), which this CPU lacks; serve f32 or --quantize q8"
+                .into(),
         )),
         ("f16" | "float16", _) => Err(Error::InvalidArgument(
             "f16 is not supported: T5/mT5 activations overflow to NaN in f16; use bf16 on GPU or f32"
@@ -171,7 +196,7 @@ pub fn read_config(dir: &Path) -> Result<Config> {
 
 /// Resolves, loads and merges, without building the model.
 pub fn load_merged(spec: &ModelSpec, hub: &HubConfig) -> Result<MergedCheckpoint> {
-    let (dir, config, mut weights) = load_base(spec, hub)?;
+    let (dir, config, mut weights) = load_base(spec, hub, Reading::Whole)?;
     let reports = merge(&mut weights, &spec.adapters, &spec.model, hub)?;
     Ok(MergedCheckpoint {
         dir,
@@ -191,7 +216,20 @@ pub struct Checkpoint {
 
 /// Resolves and reads `spec.model` with its tokenizer, merging nothing.
 pub fn load_checkpoint(spec: &ModelSpec, hub: &HubConfig) -> Result<Checkpoint> {
-    let (dir, config, weights) = load_base(spec, hub)?;
+    checkpoint(spec, hub, Reading::Whole)
+}
+
+/// When a checkpoint's tensors are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// All at once ([`Weights::load`]).
+    Whole,
+    /// Each when it is taken ([`Weights::open`]).
+    OnDemand,
+}
+
+fn checkpoint(spec: &ModelSpec, hub: &HubConfig, reading: Reading) -> Result<Checkpoint> {
+    let (dir, config, weights) = load_base(spec, hub, reading)?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
@@ -223,12 +261,19 @@ fn base_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-fn load_base(spec: &ModelSpec, hub: &HubConfig) -> Result<(PathBuf, Config, Weights)> {
+fn load_base(
+    spec: &ModelSpec,
+    hub: &HubConfig,
+    reading: Reading,
+) -> Result<(PathBuf, Config, Weights)> {
     let dir = hub.resolve(&spec.model, spec.revision.as_deref(), RepoKind::Model)?;
     let config = read_config(&dir)?;
     let files = WeightFiles::discover(&dir)?;
     tracing::info!(model = %spec.model, dir = %dir.display(), files = ?files.paths(), "loading weights");
-    let weights = Weights::load(&files, spec.dtype, &spec.device)?;
+    let weights = match reading {
+        Reading::Whole => Weights::load(&files, spec.tensor_dtype(), &spec.device)?,
+        Reading::OnDemand => Weights::open(&files, spec.tensor_dtype(), &spec.device)?,
+    };
     Ok((dir, config, weights))
 }
 
@@ -292,11 +337,11 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig, keep_base: bool) -> Result<Loaded
         config,
         weights,
         tokenizer,
-    } = load_checkpoint(spec, hub)?;
+    } = checkpoint(spec, hub, Reading::OnDemand)?;
     let mut base = Base {
         config,
         weights,
-        layers: SharedLayers::new(spec.quantize),
+        layers: SharedLayers::new(spec.layer_storage()),
         model: spec.model.clone(),
     };
     let (model, reports) = base.build(&spec.adapters, hub)?;

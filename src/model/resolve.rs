@@ -40,6 +40,11 @@ impl ModelChoice {
                 "--quantize q8 runs on the CPU only; on a GPU serve --dtype bf16 instead".into(),
             ));
         }
+        if quantize == Quantization::Q8 && dtype != candle_core::DType::F32 {
+            return Err(Error::InvalidArgument(
+                "--quantize q8 rounds f32 weights; it does not combine with --dtype bf16".into(),
+            ));
+        }
         let mut adapters = self.adapters.clone();
         let model = match base(self.model.as_deref())? {
             Base::Given(m) => m,

@@ -308,9 +308,9 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(w: &mut Weights, name: &str, cfg: &Config) -> Result<Self> {
+    fn load(w: &mut Weights, l: &mut SharedLayers, name: &str, cfg: &Config) -> Result<Self> {
         Ok(Self {
-            weight: w.take(&format!("{name}.weight"), &[cfg.d_model])?,
+            weight: l.tensor(w, &format!("{name}.weight"), &[cfg.d_model])?,
             eps: cfg.layer_norm_epsilon as f32,
         })
     }
@@ -542,31 +542,42 @@ impl T5Model {
         config.validate()?;
         let cfg = &config;
         let device = w.device().clone();
-        let shared = w.take("shared.weight", &[cfg.vocab_size, cfg.d_model])?;
+        let vocab = [cfg.vocab_size, cfg.d_model];
+        // An untied `lm_head` is built before the embedding is read: with q8 its f32 weight is
+        // rounded and freed first, so loading never holds both at full size.
+        let untied_head = match cfg.tie_word_embeddings() {
+            true => None,
+            false => {
+                Some(layers.linear(w, "lm_head", &["lm_head.weight".into()], vocab[0], vocab[1])?)
+            }
+        };
+        let shared = layers.tensor(w, "shared.weight", &vocab)?;
         // mt0 checkpoints store only `shared.weight`; both stacks embed with it.
         let mut embed = |name: &str| -> Result<Embedding> {
-            let t = w
-                .take_optional(name, &[cfg.vocab_size, cfg.d_model])?
+            let t = layers
+                .tensor_optional(w, name, &vocab)?
                 .unwrap_or_else(|| shared.clone());
             Ok(Embedding::new(t, cfg.d_model))
         };
         let encoder_embed = embed("encoder.embed_tokens.weight")?;
         let decoder_embed = embed("decoder.embed_tokens.weight")?;
-        let lm_head = if cfg.tie_word_embeddings() {
-            w.discard("lm_head.weight");
-            layers.layer("lm_head", !w.is_modified("shared.weight"), || {
-                Ok(shared.clone())
-            })?
-        } else {
-            let shape = (cfg.vocab_size, cfg.d_model);
-            layers.linear(w, "lm_head", &["lm_head.weight".into()], shape.0, shape.1)?
+        let lm_head = match untied_head {
+            Some(head) => head,
+            None => {
+                w.discard("lm_head.weight");
+                layers.layer("lm_head", !w.is_modified("shared.weight"), || {
+                    Ok(shared.clone())
+                })?
+            }
         };
         let bias_shape = [cfg.relative_attention_num_buckets, cfg.num_heads];
-        let encoder_bias = w.take(
+        let encoder_bias = layers.tensor(
+            w,
             "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
             &bias_shape,
         )?;
-        let decoder_bias = w.take(
+        let decoder_bias = layers.tensor(
+            w,
             "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
             &bias_shape,
         )?;
@@ -575,9 +586,9 @@ impl T5Model {
                 let p = format!("encoder.block.{i}.layer");
                 Ok(EncoderBlock {
                     self_attn: Attention::load(w, layers, &format!("{p}.0.SelfAttention"), cfg)?,
-                    attn_norm: LayerNorm::load(w, &format!("{p}.0.layer_norm"), cfg)?,
+                    attn_norm: LayerNorm::load(w, layers, &format!("{p}.0.layer_norm"), cfg)?,
                     ff: FeedForward::load(w, layers, &format!("{p}.1.DenseReluDense"), cfg)?,
-                    ff_norm: LayerNorm::load(w, &format!("{p}.1.layer_norm"), cfg)?,
+                    ff_norm: LayerNorm::load(w, layers, &format!("{p}.1.layer_norm"), cfg)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -586,17 +597,17 @@ impl T5Model {
                 let p = format!("decoder.block.{i}.layer");
                 Ok(DecoderBlock {
                     self_attn: Attention::load(w, layers, &format!("{p}.0.SelfAttention"), cfg)?,
-                    self_attn_norm: LayerNorm::load(w, &format!("{p}.0.layer_norm"), cfg)?,
+                    self_attn_norm: LayerNorm::load(w, layers, &format!("{p}.0.layer_norm"), cfg)?,
                     cross_attn: Attention::load(w, layers, &format!("{p}.1.EncDecAttention"), cfg)?,
-                    cross_attn_norm: LayerNorm::load(w, &format!("{p}.1.layer_norm"), cfg)?,
+                    cross_attn_norm: LayerNorm::load(w, layers, &format!("{p}.1.layer_norm"), cfg)?,
                     ff: FeedForward::load(w, layers, &format!("{p}.2.DenseReluDense"), cfg)?,
-                    ff_norm: LayerNorm::load(w, &format!("{p}.2.layer_norm"), cfg)?,
+                    ff_norm: LayerNorm::load(w, layers, &format!("{p}.2.layer_norm"), cfg)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            encoder_norm: LayerNorm::load(w, "encoder.final_layer_norm", cfg)?,
-            decoder_norm: LayerNorm::load(w, "decoder.final_layer_norm", cfg)?,
+            encoder_norm: LayerNorm::load(w, layers, "encoder.final_layer_norm", cfg)?,
+            decoder_norm: LayerNorm::load(w, layers, "decoder.final_layer_norm", cfg)?,
             config,
             encoder_embed,
             decoder_embed,

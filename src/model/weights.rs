@@ -1,13 +1,20 @@
-//! Checkpoint tensors by name, and their loading from safetensors (memory-mapped, single or
-//! sharded) or a PyTorch `pytorch_model.bin`.
+//! Checkpoint tensors by name, and their loading from safetensors (single or sharded) or a
+//! PyTorch `pytorch_model.bin`.
 //!
 //! The model takes each tensor it needs out of a [`Weights`] (checking its shape), so whatever is
 //! left afterwards was not used; the LoRA merge rewrites entries in place before that.
+//!
+//! [`Weights::open`] reads a safetensors tensor only when it is taken: a server that rounds its
+//! layers to int8 builds them one at a time and never holds the whole f32 checkpoint, and a base
+//! kept to merge variants from at runtime holds no memory for tensors no variant changes.
 
 use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, WithDType};
 
 use crate::error::{Error, Result};
 
@@ -132,12 +139,119 @@ fn read_safetensors(path: &Path, f: &mut impl FnMut(String, Tensor) -> Result<()
     Ok(())
 }
 
+/// Where each tensor of one safetensors file lies, from its header.
+fn stored_tensors(path: &Path) -> Result<Vec<(String, Stored)>> {
+    let err = |e: &dyn std::fmt::Display| Error::weights(path.display(), e);
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let stamp = (meta.len(), meta.modified().ok());
+    // SAFETY: read-only map, used only to parse the header (the library checks every tensor's
+    // extent against the file's length) and dropped before this returns.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let (header, metadata) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| err(&e))?;
+    let data_start = 8 + header as u64;
+    metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let dtype =
+                DType::try_from(info.dtype).map_err(|e| err(&format!("tensor `{name}`: {e}")))?;
+            Ok((
+                name,
+                Stored {
+                    path: path.to_path_buf(),
+                    offset: data_start + info.data_offsets.0 as u64,
+                    dtype,
+                    shape: info.shape.clone(),
+                    stamp,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Where one safetensors tensor lies in its file, to read it when it is taken.
+#[derive(Debug)]
+struct Stored {
+    path: PathBuf,
+    offset: u64,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// The file's length and modification time when its header was read: a file replaced since
+    /// then is refused rather than mixed with what was read before.
+    stamp: (u64, Option<SystemTime>),
+}
+
+impl Stored {
+    fn read(&self) -> Result<Tensor> {
+        let file = std::fs::File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        if (meta.len(), meta.modified().ok()) != self.stamp {
+            return Err(Error::weights(
+                self.path.display(),
+                "the file changed since it was first read; restart to serve the new checkpoint",
+            ));
+        }
+        let mut file = file;
+        file.seek(std::io::SeekFrom::Start(self.offset))
+            .map_err(|e| Error::io(&self.path, e))?;
+        let read = match self.dtype {
+            DType::F32 => read_values::<f32>(&mut file, &self.shape),
+            DType::BF16 => read_values::<half::bf16>(&mut file, &self.shape),
+            DType::F16 => read_values::<half::f16>(&mut file, &self.shape),
+            DType::F64 => read_values::<f64>(&mut file, &self.shape),
+            other => read_values::<u8>(
+                &mut file,
+                &[self.shape.iter().product::<usize>() * other.size_in_bytes()],
+            )
+            .and_then(|bytes| {
+                let bytes = bytes.to_vec1::<u8>()?;
+                Tensor::from_raw_buffer(&bytes, other, &self.shape, &Device::Cpu)
+            }),
+        };
+        read.map_err(|e| {
+            Error::weights(
+                self.path.display(),
+                format!("reading a tensor at byte {}: {e}", self.offset),
+            )
+        })
+    }
+}
+
+/// Little-endian values of `T` for `shape`, read straight into the tensor's own buffer (no
+/// second copy of a tensor as large as `lm_head`).
+fn read_values<T: WithDType>(file: &mut impl Read, shape: &[usize]) -> candle_core::Result<Tensor> {
+    const {
+        assert!(
+            cfg!(target_endian = "little"),
+            "safetensors stores little-endian values"
+        )
+    };
+    let mut values = vec![T::zero(); shape.iter().product()];
+    // SAFETY: the bytes of a slice of plain numbers, for which every bit pattern is valid.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            values.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(values.as_slice()),
+        )
+    };
+    file.read_exact(bytes)?;
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+/// A tensor in memory, or still in its file.
+#[derive(Debug, Clone)]
+enum Entry {
+    Loaded(Tensor),
+    Stored(Arc<Stored>),
+}
+
 /// Named tensors, all on one device in one dtype, handed out once each. A clone shares every
 /// tensor with the original (candle tensors are reference-counted), so each merged variant of
 /// a base starts from a clone and replaces only what its adapters change.
 #[derive(Debug, Clone)]
 pub struct Weights {
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Entry>,
     /// Names whose tensor [`Weights::replace`] changed since loading.
     modified: HashSet<String>,
     source: String,
@@ -156,13 +270,37 @@ impl Weights {
             .unwrap_or_default();
         let mut tensors = HashMap::new();
         for_each_tensor(files, |name, t| {
-            tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+            tensors.insert(name, Entry::Loaded(t.to_dtype(dtype)?.to_device(device)?));
             Ok(())
         })?;
         Ok(Self {
             tensors,
             modified: HashSet::new(),
             source,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Opens a checkpoint whose safetensors tensors are read (and converted to `dtype` on
+    /// `device`) only when taken; a `pytorch_model.bin` is read whole, as [`Weights::load`] does.
+    pub fn open(files: &WeightFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let WeightFiles::Safetensors(paths) = files else {
+            return Self::load(files, dtype, device);
+        };
+        let mut tensors = HashMap::new();
+        for path in paths {
+            for (name, stored) in stored_tensors(path)? {
+                tensors.insert(name, Entry::Stored(Arc::new(stored)));
+            }
+        }
+        Ok(Self {
+            tensors,
+            modified: HashSet::new(),
+            source: paths
+                .first()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             device: device.clone(),
             dtype,
         })
@@ -176,7 +314,10 @@ impl Weights {
         device: &Device,
     ) -> Self {
         Self {
-            tensors,
+            tensors: tensors
+                .into_iter()
+                .map(|(name, t)| (name, Entry::Loaded(t)))
+                .collect(),
             modified: HashSet::new(),
             source: source.to_string(),
             device: device.clone(),
@@ -196,8 +337,27 @@ impl Weights {
         &self.source
     }
 
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.tensors.get(name)
+    /// `name`'s tensor, read from its file if it is still there.
+    pub fn get(&self, name: &str) -> Result<Option<Tensor>> {
+        self.tensors
+            .get(name)
+            .map(|entry| self.tensor(entry))
+            .transpose()
+    }
+
+    /// `name`'s shape, without reading it.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|entry| match entry {
+            Entry::Loaded(t) => t.dims(),
+            Entry::Stored(s) => s.shape.as_slice(),
+        })
+    }
+
+    fn tensor(&self, entry: &Entry) -> Result<Tensor> {
+        match entry {
+            Entry::Loaded(t) => Ok(t.clone()),
+            Entry::Stored(s) => Ok(s.read()?.to_dtype(self.dtype)?.to_device(&self.device)?),
+        }
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -205,14 +365,14 @@ impl Weights {
     }
 
     pub fn replace(&mut self, name: &str, tensor: Tensor) {
-        self.tensors.insert(name.to_string(), tensor);
+        self.tensors.insert(name.to_string(), Entry::Loaded(tensor));
         self.modified.insert(name.to_string());
     }
 
     /// Holds `name`'s values in `tensor` instead (another allocation of the same values, e.g. a
     /// view into a layer built from it): not a modification.
     pub fn share(&mut self, name: &str, tensor: Tensor) {
-        self.tensors.insert(name.to_string(), tensor);
+        self.tensors.insert(name.to_string(), Entry::Loaded(tensor));
     }
 
     /// Whether `name` was replaced (by a LoRA merge) since the checkpoint was read.
@@ -228,27 +388,30 @@ impl Weights {
 
     /// Like [`Weights::take`], for tensors a checkpoint may leave out.
     pub fn take_optional(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        let Some(t) = self.tensors.remove(name) else {
-            return Ok(None);
-        };
-        if t.dims() != shape {
-            return Err(Error::weights(
-                &self.source,
-                format!(
-                    "tensor `{name}` has shape {:?}, the config implies {shape:?}",
-                    t.dims()
-                ),
-            ));
+        match self.shape(name) {
+            None => return Ok(None),
+            Some(dims) if dims != shape => {
+                return Err(Error::weights(
+                    &self.source,
+                    format!("tensor `{name}` has shape {dims:?}, the config implies {shape:?}"),
+                ));
+            }
+            Some(_) => {}
         }
-        Ok(Some(t))
+        let entry = self.tensors.remove(name);
+        entry.map(|entry| self.tensor(&entry)).transpose()
     }
 
     pub fn discard(&mut self, name: &str) {
         self.tensors.remove(name);
     }
 
-    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+    /// Every tensor, read from its file where it is still there.
+    pub fn into_tensors(self) -> Result<HashMap<String, Tensor>> {
         self.tensors
+            .iter()
+            .map(|(name, entry)| Ok((name.clone(), self.tensor(entry)?)))
+            .collect()
     }
 
     /// Names not taken by the model, sorted.

@@ -262,9 +262,9 @@ pub fn merged_model(
     for l in loras {
         let name = format!("{}.weight", l.module);
         let weight = w
-            .get(&name)
+            .get(&name)?
             .with_context(|| format!("the base has no `{name}`"))?;
-        let merged = merge_weight(weight, l.a.as_tensor(), l.b.as_tensor(), l.scale)?;
+        let merged = merge_weight(&weight, l.a.as_tensor(), l.b.as_tensor(), l.scale)?;
         w.replace(&name, merged);
     }
     Ok(T5Model::load(

@@ -1,0 +1,321 @@
+//! The matrix product behind `--dtype bf16` on the CPU: `y = x·Wᵀ` with `W` rounded to bf16 once
+//! at load time and `x` rounded at every call, products summed in f32 by AVX512-BF16's
+//! `vdpbf16ps` (two products per f32 lane and instruction, twice f32's rate, half its bytes).
+//!
+//! The layout is [`super::f32_linear`]'s with pairs of inputs: panels of [`PANEL`] output
+//! channels, for each pair of inputs `(2j, 2j+1)` the panel's 64 weight pairs side by side (one
+//! 64-byte load feeds 16 channels), each activation pair broadcast to them. Every output is the
+//! same chain of pair sums in input order whatever the batch, so a row's output does not depend
+//! on which other rows share the call.
+//!
+//! Only CPUs with AVX512-BF16 run it (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4
+//! and later); [`available`] says whether this one does, and loading refuses bf16 elsewhere.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use half::bf16;
+use rayon::prelude::*;
+
+/// Output channels per packed panel (four AVX-512 registers).
+const PANEL: usize = 64;
+/// Rows one kernel pass holds sums for.
+const ROWS: usize = 6;
+
+/// Whether this CPU has the instructions the bf16 product needs.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A weight `(out, in)` rounded to bf16 and packed into panels of [`PANEL`] channels.
+#[derive(Debug)]
+pub struct Bf16Linear {
+    out: usize,
+    input: usize,
+    /// Input pairs, `input` rounded up to even.
+    pairs: usize,
+    /// `[panel][pair][channel in panel]`: the two inputs' bf16 bits, the even input low.
+    packed: Vec<u32>,
+}
+
+/// The bits of two bf16 values as `vdpbf16ps` reads a lane: `even` in the low half.
+fn pair(even: f32, odd: f32) -> u32 {
+    u32::from(bf16::from_f32(even).to_bits()) | (u32::from(bf16::from_f32(odd).to_bits()) << 16)
+}
+
+impl Bf16Linear {
+    /// Rounds (to nearest, ties to even) and packs the row-major f32 weight `w` of shape
+    /// `(out, input)`.
+    pub fn pack(w: &[f32], out: usize, input: usize) -> Self {
+        assert_eq!(w.len(), out * input, "weight of {out}x{input}");
+        let pairs = input.div_ceil(2);
+        let panels = out.div_ceil(PANEL);
+        let mut packed = vec![0u32; panels * pairs * PANEL];
+        packed
+            .par_chunks_mut(pairs * PANEL)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..PANEL.min(out - p * PANEL) {
+                    let row = &w[(p * PANEL + c) * input..(p * PANEL + c + 1) * input];
+                    for (j, two) in row.chunks(2).enumerate() {
+                        panel[j * PANEL + c] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+                    }
+                }
+            });
+        Self {
+            out,
+            input,
+            pairs,
+            packed,
+        }
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.packed.len() * 4
+    }
+
+    /// `x·Wᵀ` for the row-major `x` of shape `(rows, input)`, row-major `(rows, out)`.
+    ///
+    /// # Panics
+    /// On a CPU without AVX512-BF16 (see [`available`]; loading refuses bf16 there).
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        assert!(available(), "the bf16 product needs AVX512-BF16");
+        assert_eq!(x.len(), rows * self.input, "{rows} rows of {}", self.input);
+        let acts: Vec<u32> = x
+            .chunks_exact(self.input.max(1))
+            .flat_map(|row| {
+                row.chunks(2)
+                    .map(|two| pair(two[0], two.get(1).copied().unwrap_or(0.0)))
+            })
+            .collect();
+        let panels = self.out.div_ceil(PANEL);
+        let width = panels * PANEL;
+        let mut y = Vec::with_capacity(rows * width);
+        let out = SharedOut(y.as_mut_ptr());
+        (0..panels).into_par_iter().for_each(|p| {
+            let job = Job {
+                panel: &self.packed[p * self.pairs * PANEL..(p + 1) * self.pairs * PANEL],
+                acts: &acts,
+                pairs: self.pairs,
+                rows,
+                out: out.at(p * PANEL),
+                stride: width,
+            };
+            // SAFETY: panel `p` writes only columns `p*PANEL..(p+1)*PANEL` of `y` (row stride
+            // `width`), which no other task writes; `y` has capacity for `rows × width` floats
+            // and outlives the loop; the CPU has AVX512-BF16 (asserted above).
+            unsafe { run(&job) };
+        });
+        // SAFETY: the panels cover all `width` columns of all rows, and each pass stores every
+        // element of its rows and panel.
+        unsafe { y.set_len(rows * width) };
+        if width != self.out {
+            for r in 1..rows {
+                y.copy_within(r * width..r * width + self.out, r * self.out);
+            }
+            y.truncate(rows * self.out);
+        }
+        y
+    }
+}
+
+/// `x·Wᵀ` over the last dimension of a contiguous f32 CPU tensor, as a candle op.
+impl CustomOp1 for Bf16Linear {
+    fn name(&self) -> &'static str {
+        "bf16-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("bf16-linear needs a contiguous input".into())
+        })?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let mut dims = layout.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == self.input => *last = self.out,
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "bf16-linear expects {} inputs, got shape {:?}",
+                    self.input,
+                    layout.dims()
+                )));
+            }
+        }
+        let rows = x.len() / self.input.max(1);
+        Ok((CpuStorage::F32(self.matmul(x, rows)), Shape::from(dims)))
+    }
+}
+
+/// One panel times every row of the rounded activations.
+struct Job<'a> {
+    /// `[pair][channel]`, `pairs × PANEL`.
+    panel: &'a [u32],
+    /// `[row][pair]`.
+    acts: &'a [u32],
+    pairs: usize,
+    rows: usize,
+    out: *mut f32,
+    stride: usize,
+}
+
+/// The output pointer shared by the rayon tasks, each of which writes its own columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `Bf16Linear::matmul`).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX512-BF16, and `job.out` be valid for writes of `job.rows` rows of
+/// [`PANEL`] floats at `job.stride`.
+unsafe fn run(job: &Job) {
+    let mut r0 = 0;
+    while r0 < job.rows {
+        let n = (job.rows - r0).min(ROWS);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
+        unsafe {
+            match n {
+                1 => avx512::pass::<1>(job, r0),
+                2 => avx512::pass::<2>(job, r0),
+                3 => avx512::pass::<3>(job, r0),
+                4 => avx512::pass::<4>(job, r0),
+                5 => avx512::pass::<5>(job, r0),
+                _ => avx512::pass::<ROWS>(job, r0),
+            }
+        }
+        r0 += n;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Job, PANEL};
+
+    const VECTORS: usize = PANEL / 16;
+
+    /// Rows `r0..r0+R` times one panel.
+    ///
+    /// # Safety
+    /// As [`super::run`].
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn pass<const R: usize>(job: &Job, r0: usize) {
+        let (w, a) = (job.panel.as_ptr(), job.acts.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+        for j in 0..job.pairs {
+            // SAFETY: `j < pairs`: the panel's pair row `j` has `PANEL` lanes and row `r0 + r <
+            // rows` of the activations has `pairs`. A vector of 32 bf16 is 64 bytes like the
+            // integer vector it is loaded as.
+            unsafe {
+                let ws: [__m512bh; VECTORS] = std::array::from_fn(|v| {
+                    std::mem::transmute(_mm512_loadu_si512(w.add(j * PANEL + 16 * v).cast()))
+                });
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xs: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                        *a.add((r0 + r) * job.pairs + j) as i32,
+                    ));
+                    for (acc, ws) in acc.iter_mut().zip(&ws) {
+                        *acc = _mm512_dpbf16_ps(*acc, *ws, xs);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                // SAFETY: row `r0 + r < rows`, columns `16v..16v+16 <= PANEL`.
+                unsafe { _mm512_storeu_ps(job.out.add((r0 + r) * job.stride + 16 * v), *acc) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    const SHAPES: [(usize, usize, usize); 5] = [
+        (1, 64, 512),
+        (3, 70, 385),
+        (5, 130, 100),
+        (16, 200, 1024),
+        (75, 67, 33),
+    ];
+
+    /// The rounded operands' products summed in f64: what the kernel computes but for its f32
+    /// sums.
+    fn rounded_product(x: &[f32], w: &[f32], r: usize, o: usize, input: usize) -> (f64, f64) {
+        let round = |v: f32| f64::from(bf16::from_f32(v).to_f32());
+        (0..input).fold((0.0, 0.0), |(s, m), k| {
+            let p = round(x[r * input + k]) * round(w[o * input + k]);
+            (s + p, m + p.abs())
+        })
+    }
+
+    #[test]
+    fn the_product_is_the_rounded_operands_summed_in_f32() {
+        if !available() {
+            eprintln!("this CPU has no AVX512-BF16: the bf16 product cannot run here");
+            return;
+        }
+        for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
+            let (x, w) = (
+                random(rows * input, i as u64),
+                random(out * input, 50 + i as u64),
+            );
+            let y = Bf16Linear::pack(&w, out, input).matmul(&x, rows);
+            for r in 0..rows {
+                for o in 0..out {
+                    let (exact, magnitude) = rounded_product(&x, &w, r, o, input);
+                    // Products of bf16 values are exact in f32; `input` f32 additions round.
+                    let bound = input as f64 * f64::from(f32::EPSILON) * magnitude;
+                    let got = f64::from(y[r * out + o]);
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "{rows}x{out}x{input} [{r},{o}]: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        if !available() {
+            eprintln!("this CPU has no AVX512-BF16: the bf16 product cannot run here");
+            return;
+        }
+        let (rows, out, input) = (13, 130, 96);
+        let (x, w) = (random(rows * input, 1), random(out * input, 2));
+        let linear = Bf16Linear::pack(&w, out, input);
+        let batch = linear.matmul(&x, rows);
+        for r in 0..rows {
+            let alone = linear.matmul(&x[r * input..(r + 1) * input], 1);
+            assert_eq!(alone, batch[r * out..(r + 1) * out], "row {r}");
+        }
+    }
+}

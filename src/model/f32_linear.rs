@@ -1,0 +1,402 @@
+//! The dense f32 matrix product `y = x·Wᵀ` on the CPU, with `W` packed once at load time.
+//!
+//! `W` is stored in panels of [`PANEL`] output channels: for each input `k`, the panel's 64
+//! weights lie side by side, so one 64-byte load feeds 16 channels and each activation is
+//! broadcast to them. A kernel call keeps `R × 4` registers of sums (up to 6 rows × 64
+//! channels) while it walks the panel once per group of rows, which reaches most of the CPU's
+//! multiply-add rate on many rows and the memory bandwidth on the one row of a decode step
+//! (where the work is reading `W`, 0.5 GB for mt0's `lm_head`). candle's own product (the `gemm`
+//! crate, AVX2 only on stable Rust) repacks `W` on every call and reaches about half of either.
+//!
+//! Every output is the chain `s ← fma(w[k], x[k], s)` for `k = 0, 1, …` from `s = 0`: the
+//! AVX-512, AVX2 and portable kernels give the same bits, and a row's output does not depend
+//! on which other rows share the call (batched equals one at a time, by construction). A unit
+//! test holds all of it.
+//! Work is split across rayon's pool by panel, so each weight byte is read once per call.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use rayon::prelude::*;
+
+/// Output channels per packed panel (four AVX-512 registers).
+const PANEL: usize = 64;
+/// Rows one kernel pass holds sums for (`ROWS × 4` registers of 16 channels).
+const ROWS: usize = 6;
+
+/// A weight `(out, in)` packed into panels of [`PANEL`] channels, zeros past `out`.
+#[derive(Debug)]
+pub struct F32Linear {
+    out: usize,
+    input: usize,
+    /// `[panel][k][channel in panel]`.
+    packed: Vec<f32>,
+}
+
+impl F32Linear {
+    /// Packs the row-major f32 weight `w` of shape `(out, input)`.
+    pub fn pack(w: &[f32], out: usize, input: usize) -> Self {
+        assert_eq!(w.len(), out * input, "weight of {out}x{input}");
+        let panels = out.div_ceil(PANEL);
+        let mut packed = vec![0f32; panels * input * PANEL];
+        packed
+            .par_chunks_mut(input * PANEL)
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..PANEL.min(out - p * PANEL) {
+                    let row = &w[(p * PANEL + c) * input..(p * PANEL + c + 1) * input];
+                    for (k, &v) in row.iter().enumerate() {
+                        panel[k * PANEL + c] = v;
+                    }
+                }
+            });
+        Self { out, input, packed }
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.packed.len() * 4
+    }
+
+    /// `x·Wᵀ` for the row-major `x` of shape `(rows, input)`, row-major `(rows, out)`.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_with(x, rows, Kernel::detect())
+    }
+
+    fn matmul_with(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
+        assert_eq!(x.len(), rows * self.input, "{rows} rows of {}", self.input);
+        let panels = self.out.div_ceil(PANEL);
+        let width = panels * PANEL;
+        let mut y = Vec::with_capacity(rows * width);
+        let out = SharedOut(y.as_mut_ptr());
+        (0..panels).into_par_iter().for_each(|p| {
+            let job = Job {
+                panel: &self.packed[p * self.input * PANEL..(p + 1) * self.input * PANEL],
+                x,
+                input: self.input,
+                rows,
+                out: out.at(p * PANEL),
+                stride: width,
+            };
+            // SAFETY: panel `p` writes only columns `p*PANEL..(p+1)*PANEL` of `y` (row stride
+            // `width`), which no other task writes; `y` has capacity for `rows × width` floats
+            // and outlives the loop, and `kernel` runs on this CPU.
+            unsafe { kernel.run(&job) };
+        });
+        // SAFETY: the panels cover all `width` columns of all rows, and each pass stores every
+        // element of its rows and panel.
+        unsafe { y.set_len(rows * width) };
+        if width != self.out {
+            for r in 1..rows {
+                y.copy_within(r * width..r * width + self.out, r * self.out);
+            }
+            y.truncate(rows * self.out);
+        }
+        y
+    }
+}
+
+/// `x·Wᵀ` over the last dimension of a contiguous f32 CPU tensor, as a candle op.
+impl CustomOp1 for F32Linear {
+    fn name(&self) -> &'static str {
+        "f32-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("f32-linear needs a contiguous input".into()))?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let mut dims = layout.dims().to_vec();
+        match dims.last_mut() {
+            Some(last) if *last == self.input => *last = self.out,
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "f32-linear expects {} inputs, got shape {:?}",
+                    self.input,
+                    layout.dims()
+                )));
+            }
+        }
+        let rows = x.len() / self.input.max(1);
+        Ok((CpuStorage::F32(self.matmul(x, rows)), Shape::from(dims)))
+    }
+}
+
+/// One panel times every row of `x`.
+struct Job<'a> {
+    /// `[k][channel]`, `input × PANEL` floats.
+    panel: &'a [f32],
+    x: &'a [f32],
+    input: usize,
+    rows: usize,
+    /// Row 0, the panel's first channel, of `y`; rows `stride` floats apart.
+    out: *mut f32,
+    stride: usize,
+}
+
+/// Which implementation of the panel kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Self::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// # Safety
+    /// `job.out` must be valid for writes of `job.rows` rows of [`PANEL`] floats at
+    /// `job.stride`, and this CPU must support `self`.
+    unsafe fn run(self, job: &Job) {
+        let mut r0 = 0;
+        while r0 < job.rows {
+            let n = (job.rows - r0).min(ROWS);
+            // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
+            unsafe {
+                match n {
+                    1 => self.pass::<1>(job, r0),
+                    2 => self.pass::<2>(job, r0),
+                    3 => self.pass::<3>(job, r0),
+                    4 => self.pass::<4>(job, r0),
+                    5 => self.pass::<5>(job, r0),
+                    _ => self.pass::<ROWS>(job, r0),
+                }
+            }
+            r0 += n;
+        }
+    }
+
+    /// # Safety
+    /// As [`Kernel::run`], for rows `r0..r0+R`.
+    unsafe fn pass<const R: usize>(self, job: &Job, r0: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match self {
+                #[cfg(target_arch = "x86_64")]
+                Self::Avx512 => avx512::pass::<R>(job, r0),
+                #[cfg(target_arch = "x86_64")]
+                Self::Avx2 => avx2::pass::<R>(job, r0),
+                Self::Portable => portable_pass::<R>(job, r0),
+            }
+        }
+    }
+}
+
+/// The output pointer shared by the rayon tasks, each of which writes its own columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `F32Linear::matmul_with`).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// The scalar kernel: the same fused multiply-add chain per output as the SIMD kernels.
+///
+/// # Safety
+/// As [`Kernel::run`], for rows `r0..r0+R`.
+unsafe fn portable_pass<const R: usize>(job: &Job, r0: usize) {
+    for r in r0..r0 + R {
+        let mut acc = [0f32; PANEL];
+        let x = &job.x[r * job.input..(r + 1) * job.input];
+        for (k, &xk) in x.iter().enumerate() {
+            let w = &job.panel[k * PANEL..(k + 1) * PANEL];
+            for (acc, &w) in acc.iter_mut().zip(w) {
+                *acc = w.mul_add(xk, *acc);
+            }
+        }
+        // SAFETY: row `r < rows`, `PANEL` columns, as the caller guarantees.
+        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), job.out.add(r * job.stride), PANEL) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Job, PANEL};
+
+    const VECTORS: usize = PANEL / 16;
+
+    /// Rows `r0..r0+R` times one panel.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `job.out` valid as in [`super::Kernel::run`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pass<const R: usize>(job: &Job, r0: usize) {
+        let (w, x) = (job.panel.as_ptr(), job.x.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+        for k in 0..job.input {
+            // SAFETY: `k < input`: the panel's row `k` has `PANEL` floats and row `r0 + r <
+            // rows` of `x` has `input`.
+            unsafe {
+                let ws: [__m512; VECTORS] =
+                    std::array::from_fn(|v| _mm512_loadu_ps(w.add(k * PANEL + 16 * v)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let xs = _mm512_set1_ps(*x.add((r0 + r) * job.input + k));
+                    for (acc, ws) in acc.iter_mut().zip(&ws) {
+                        *acc = _mm512_fmadd_ps(*ws, xs, *acc);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                // SAFETY: row `r0 + r < rows`, columns `16v..16v+16 <= PANEL`.
+                unsafe { _mm512_storeu_ps(job.out.add((r0 + r) * job.stride + 16 * v), *acc) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Job, PANEL};
+
+    /// Channels per pass: `R × 2` registers of sums fit the 16 registers with the weights.
+    const HALF: usize = 16;
+
+    /// Rows `r0..r0+R` times one panel, 16 channels at a time.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `job.out` valid as in [`super::Kernel::run`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pass<const R: usize>(job: &Job, r0: usize) {
+        let (w, x) = (job.panel.as_ptr(), job.x.as_ptr());
+        for c0 in (0..PANEL).step_by(HALF) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for k in 0..job.input {
+                // SAFETY: `k < input` and `c0 + 16 <= PANEL`; row `r0 + r < rows` of `x`.
+                unsafe {
+                    let ws = [
+                        _mm256_loadu_ps(w.add(k * PANEL + c0)),
+                        _mm256_loadu_ps(w.add(k * PANEL + c0 + 8)),
+                    ];
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xs = _mm256_set1_ps(*x.add((r0 + r) * job.input + k));
+                        for (acc, ws) in acc.iter_mut().zip(&ws) {
+                            *acc = _mm256_fmadd_ps(*ws, xs, *acc);
+                        }
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (v, acc) in acc.iter().enumerate() {
+                    // SAFETY: row `r0 + r < rows`, columns `c0 + 8v .. +8 <= PANEL`.
+                    unsafe {
+                        _mm256_storeu_ps(job.out.add((r0 + r) * job.stride + c0 + 8 * v), *acc)
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Shapes with partial panels, partial row passes and many rows.
+    const SHAPES: [(usize, usize, usize); 6] = [
+        (1, 64, 512),
+        (3, 70, 384),
+        (5, 130, 100),
+        (16, 200, 1024),
+        (7, 1, 6),
+        (75, 67, 33),
+    ];
+
+    fn kernels() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::detect()];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            kernels.push(Kernel::Avx2);
+        }
+        kernels.retain(|&k| k != Kernel::Portable);
+        kernels.dedup();
+        eprintln!("comparing {kernels:?} with the portable kernel");
+        kernels
+    }
+
+    #[test]
+    fn the_product_is_the_fused_chain_over_the_inputs() {
+        for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
+            let (x, w) = (
+                random(rows * input, i as u64),
+                random(out * input, 50 + i as u64),
+            );
+            let y = F32Linear::pack(&w, out, input).matmul_with(&x, rows, Kernel::Portable);
+            for r in 0..rows {
+                for o in 0..out {
+                    let chain =
+                        (0..input).fold(0f32, |s, k| w[o * input + k].mul_add(x[r * input + k], s));
+                    assert_eq!(
+                        y[r * out + o].to_bits(),
+                        chain.to_bits(),
+                        "{rows}x{out}x{input} [{r},{o}]"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_this_cpu_has_equals_the_portable_one_bit_for_bit() {
+        for kernel in kernels() {
+            for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
+                let (x, w) = (
+                    random(rows * input, i as u64),
+                    random(out * input, 50 + i as u64),
+                );
+                let linear = F32Linear::pack(&w, out, input);
+                assert_eq!(
+                    linear.matmul_with(&x, rows, kernel),
+                    linear.matmul_with(&x, rows, Kernel::Portable),
+                    "{kernel:?} on {rows}x{out}x{input}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        let (rows, out, input) = (13, 130, 96);
+        let (x, w) = (random(rows * input, 1), random(out * input, 2));
+        let linear = F32Linear::pack(&w, out, input);
+        let batch = linear.matmul(&x, rows);
+        for r in 0..rows {
+            let alone = linear.matmul(&x[r * input..(r + 1) * input], 1);
+            assert_eq!(alone, batch[r * out..(r + 1) * out], "row {r}");
+        }
+    }
+}
