@@ -26,15 +26,16 @@ tokenized by the same tokenizer.json for every engine, in sentences per second:
   document made of the same test sentences, in sentences/s; each next to plain scoring of the
   same sentences, 16 per request.
 
-finserve runs the release binary (f32, then `--quantize q8`, then `--no-adapter`), the peers run
+finserve runs the release binary (f32, then `--quantize q8`, then `--dtype bf16` where the CPU has
+AVX512-BF16, then `--no-adapter`), the peers run
 in-process with every core (torch's default threads, CTranslate2 `intra_threads` = cores). Each
-server's resident memory after its run and its peak (loading and merging included) are read from
-/proc. Numbers are medians of `--rounds` passes over the sentences.
+server's resident memory once ready and its peak until then (loading and merging), and both again
+after its run, are read from /proc. Numbers are medians of `--rounds` passes over the sentences.
 With `--baseline BINARY` (e.g. a release build of the previous commit) the same f32 and q8 runs
 are repeated with that binary right after the current one's, and the report adds their ratios:
 how a change moved finserve's own speed on this machine, in the same run.
 `--only-modes` measures only the finserve-only rows (no peers, no CTranslate2 conversion);
-`--only-bulk` only the bulk row.
+`--only-bulk` only the bulk row, `--no-bulk` all but it.
 Not a test: it reports, it asserts nothing.
 """
 
@@ -70,6 +71,11 @@ def cpu_flags() -> str:
             model = line.split(":", 1)[1].strip()
     wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"]
     return f"{model}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in flags)
+
+
+def has_bf16() -> bool:
+    """Whether finserve can serve `--dtype bf16` on this CPU (AVX512-BF16)."""
+    return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
 
 
 def build_model(work: Path, shape: str, convert: bool = True) -> tuple[Path, Path, Path]:
@@ -125,6 +131,7 @@ class Server:
                 raise RuntimeError(f"finserve exited: {self.log.read().decode()[-2000:]}")
             try:
                 if self.get("/ready")[0] == 200:
+                    self.ready_mb = self.rss_mb()
                     return
             except OSError:
                 pass
@@ -149,7 +156,8 @@ class Server:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
 
     def rss_mb(self) -> tuple[float, float]:
-        """(resident now, peak since start including loading and merging), in MB."""
+        """(resident now, peak since start), in MB; `ready_mb` holds both as they were once ready,
+        where the peak is loading's and merging's."""
         status = dict(line.split(":", 1) for line in
                       Path(f"/proc/{self.proc.pid}/status").read_text().splitlines() if ":" in line)
         mb = lambda key: int(status[key].split()[0]) / 1024
@@ -403,15 +411,18 @@ def ctranslate2_bulk(ct2: Path, texts: list[str], rounds: int, compute_type: str
 def bulk_table(bulk: dict) -> list[str]:
     f32, q8 = bulk["finserve f32"], bulk["finserve q8"]
     (fp32, b32), (int8, b8) = bulk["CTranslate2 fp32"], bulk["CTranslate2 int8"]
+    bf16 = bulk.get("finserve bf16")
     return [
         f"Bulk: {BULK} sentences of models/data/train_pool.csv, sentences/s (finserve predict: CSV in, JSON Lines "
         "out, model loading not counted; CTranslate2: score_batch of the 3 label sequences on pre-tokenized "
         "input, its best max_batch_size).",
         "",
-        "| bulk | finserve f32 | finserve q8 | CTranslate2 fp32 | CTranslate2 int8 | f32 vs CT2 fp32 | q8 vs CT2 int8 |",
-        "|---|---|---|---|---|---|---|",
-        f"| `finserve predict` / `score_batch` | {f32:.1f} | {q8:.1f} | {fp32:.1f} (batch {b32}) | "
-        f"{int8:.1f} (batch {b8}) | {f32 / fp32:.2f}x | {q8 / int8:.2f}x |",
+        "| bulk | finserve f32 | finserve q8 | finserve bf16 | CTranslate2 fp32 | CTranslate2 int8 | f32 vs CT2 fp32 "
+        "| q8 vs CT2 int8 |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| `finserve predict` / `score_batch` | {f32:.1f} | {q8:.1f} | "
+        + (f"{bf16:.1f}" if bf16 else "(no AVX512-BF16)")
+        + f" | {fp32:.1f} (batch {b32}) | {int8:.1f} (batch {b8}) | {f32 / fp32:.2f}x | {q8 / int8:.2f}x |",
     ]
 
 
@@ -436,6 +447,8 @@ def main() -> None:
     ap.add_argument("--baseline", help="another finserve binary to compare with (f32 and q8)")
     ap.add_argument("--only-modes", action="store_true",
                     help="measure only finserve's entity-level and sentences rows (no peers)")
+    ap.add_argument("--no-bulk", action="store_true",
+                    help="leave out the bulk row (the slowest part at the larger shapes)")
     ap.add_argument("--only-bulk", action="store_true",
                     help="measure only the bulk row (finserve predict against CTranslate2 score_batch)")
     args = ap.parse_args()
@@ -445,10 +458,12 @@ def main() -> None:
     base, adapter, ct2 = build_model(work, args.shape, convert=not args.only_modes)
     texts = sentences(args.sentences)
     bulk = {}
-    if not args.only_modes:
+    if not args.only_modes and not args.no_bulk:
         archive = bulk_sentences()
         bulk["finserve f32"] = finserve_bulk(binary, base, adapter, archive, args.rounds)
         bulk["finserve q8"] = finserve_bulk(binary, base, adapter, archive, args.rounds, "--quantize", "q8")
+        if has_bf16():
+            bulk["finserve bf16"] = finserve_bulk(binary, base, adapter, archive, args.rounds, "--dtype", "bf16")
         bulk["CTranslate2 fp32"] = ctranslate2_bulk(ct2, archive, args.rounds, "float32")
         bulk["CTranslate2 int8"] = ctranslate2_bulk(ct2, archive, args.rounds, "int8")
         print(f"bulk: {bulk}", file=sys.stderr)
@@ -468,6 +483,8 @@ def main() -> None:
     runs = [(binary, "finserve f32", with_template),
             (binary, "finserve q8", ("--quantize", "q8", *with_template)),
             (binary, "finserve f32 --no-adapter", ("--no-adapter",))]
+    if has_bf16() and not args.only_modes:
+        runs.insert(2, (binary, "finserve bf16", ("--dtype", "bf16")))
     if args.baseline:
         runs[2:2] = [(Path(args.baseline), "baseline f32", ()),
                      (Path(args.baseline), "baseline q8", ("--quantize", "q8"))]
@@ -480,7 +497,7 @@ def main() -> None:
                 results[name] = finserve_rates(server, texts, args.rounds)
             if name in ("finserve f32", "finserve q8"):
                 modes[name] = finserve_mode_rates(server, texts, args.rounds)
-            rss[name] = server.rss_mb()
+            rss[name] = (*server.ready_mb, *server.rss_mb())
         finally:
             server.close()
         print(f"{name}: {results.get(name)} {modes.get(name)}", file=sys.stderr)
@@ -497,6 +514,8 @@ def main() -> None:
     import torch
     import transformers
     cols = ["finserve f32", "finserve q8", "transformers fp32", "CTranslate2 fp32", "CTranslate2 int8"]
+    if "finserve bf16" in results:
+        cols.insert(2, "finserve bf16")
     lines = [
         f"Machine: {cpu_flags()}; {args.shape} shape; torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, CTranslate2 {ctranslate2.__version__}; "
@@ -512,7 +531,7 @@ def main() -> None:
             + f" | {r['finserve f32'] / r['CTranslate2 fp32']:.2f}x"
             + f" | {r['finserve f32'] / r['transformers fp32']:.2f}x"
             + f" | {r['finserve q8'] / r['CTranslate2 int8']:.2f}x |")
-    lines += [""] + bulk_table(bulk) + [""] + modes_table(modes)
+    lines += ([""] + bulk_table(bulk) if bulk else []) + [""] + modes_table(modes)
     na = results["finserve f32 --no-adapter"]
     lines += [
         "",
@@ -528,8 +547,9 @@ def main() -> None:
                 f"({results['finserve ' + kind][key] / results['baseline ' + kind][key]:.2f}x)"
                 for kind in ("f32", "q8") for key, _ in ROWS) + ".")
     lines += [
-        "RSS after the run (peak while loading and merging): "
-        + ", ".join(f"{k} {now:.0f} MB ({peak:.0f} MB)" for k, (now, peak) in rss.items()) + ".",
+        "Resident memory once ready / peak while loading and merging / after the run / peak of the run: "
+        + ", ".join(f"{k} {ready:.0f} / {load:.0f} / {now:.0f} / {peak:.0f} MB"
+                    for k, (ready, load, now, peak) in rss.items()) + ".",
     ]
     report = "\n".join(lines)
     print(report)

@@ -1,6 +1,6 @@
 //! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
-//! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32 and
-//! with `--quantize q8`, at 1, 4 and 16 rows; and the machine's read bandwidth next to the
+//! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32, with
+//! `--quantize q8` and (on CPUs with AVX512-BF16) bf16 weights, at 1, 4 and 16 rows; and the machine's read bandwidth next to the
 //! bandwidth each f32 projection reaches in a decode step.
 //! These are the engine's own numbers; `benches/compare.py` compares the whole server with
 //! transformers and CTranslate2.
@@ -97,7 +97,11 @@ fn started(model: &T5Model, inputs: &[&[u32]], prefix: usize) -> (DecodeBatch, V
 
 fn bench(c: &mut Criterion) {
     bench_memory(c);
-    for q in [Quantization::None, Quantization::Q8] {
+    for q in [Quantization::None, Quantization::Q8, Quantization::Bf16] {
+        if q == Quantization::Bf16 && !finserve::model::bf16_linear::available() {
+            eprintln!("this CPU has no AVX512-BF16: no bf16 figures");
+            continue;
+        }
         bench_model(c, q);
     }
 }

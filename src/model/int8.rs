@@ -11,7 +11,8 @@
 //! packed so that one 64-byte load feeds 16 output channels with 4 inputs each. An AVX2 kernel
 //! (for CPUs without VNNI) and a portable one walk the same layout with the same integer sums
 //! and the same float steps (no fused multiply-add), so all give bit-identical outputs; a unit
-//! test holds them to it.
+//! test holds them to it. On CPUs with Intel AMX (Sapphire Rapids and later) the same i32 sums
+//! come from AMX tiles, 16 rows × 64 channels × 64 inputs per step (see [`amx`]).
 //! Work is split across rayon's pool by tiles of [`TILE`] output channels, so each weight byte
 //! is read once per call however many rows there are (decode steps read `lm_head` once).
 
@@ -98,21 +99,23 @@ impl Int8Linear {
     }
 
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
+        let kernel = kernel.for_dims(self.dims);
+        let step = kernel.rows();
         let acts = Activations::quantize(x, rows, self.dims, kernel);
         let tiles = self.out.div_ceil(TILE);
         let width = tiles * TILE;
         let mut y = Vec::with_capacity(rows * width);
         let out = SharedOut(y.as_mut_ptr());
         (0..tiles).into_par_iter().for_each(|tile| {
-            for r0 in (0..rows).step_by(ROWS) {
+            for r0 in (0..rows).step_by(step) {
                 // SAFETY: `tile` writes only columns `tile*TILE..(tile+1)*TILE` of rows
-                // `r0..r0+ROWS` (clipped to `rows`) of `y`, which has capacity `rows × width`;
+                // `r0..r0+step` (clipped to `rows`) of `y`, which has capacity `rows × width`;
                 // no other task writes them and `y` outlives the parallel loop.
                 unsafe {
                     self.tile(
                         tile,
                         r0,
-                        (rows - r0).min(ROWS),
+                        (rows - r0).min(step),
                         &acts,
                         out.at(r0 * width + tile * TILE),
                         width,
@@ -167,6 +170,8 @@ impl Int8Linear {
         // SAFETY: forwarded from the caller.
         unsafe {
             match n {
+                #[cfg(target_arch = "x86_64")]
+                _ if kernel == Kernel::Amx => amx::tile(&job, n),
                 1 => run_tile::<1>(kernel, &job),
                 2 => run_tile::<2>(kernel, &job),
                 3 => run_tile::<3>(kernel, &job),
@@ -257,9 +262,9 @@ impl Activations {
             .zip(scales.par_chunks_mut(ROUND_ROWS * dims.blocks()))
             .zip(x.par_chunks(ROUND_ROWS * dims.input))
             .for_each(|((codes, scales), x)| match kernel {
-                // SAFETY: `Kernel::Vnni` is only detected on CPUs with AVX-512.
+                // SAFETY: `Kernel::Vnni` and `Kernel::Amx` are only detected on CPUs with AVX-512.
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Vnni => unsafe { vnni::round_rows(x, codes, scales, dims) },
+                Kernel::Vnni | Kernel::Amx => unsafe { vnni::round_rows(x, codes, scales, dims) },
                 // SAFETY: `Kernel::Avx2` is only detected on CPUs with AVX2.
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2 => unsafe { avx2::round_rows(x, codes, scales, dims) },
@@ -310,6 +315,10 @@ struct TileJob<'a> {
 /// Which implementation of the tile kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
+    /// Intel AMX tiles (`tdpbusd`) for weights whose blocks are whole 64-input steps, the
+    /// [`Kernel::Vnni`] kernel for the rest.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
     #[cfg(target_arch = "x86_64")]
     Vnni,
     /// For x86-64 CPUs with AVX2 but without AVX-512 VNNI.
@@ -325,13 +334,34 @@ impl Kernel {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vnni")
         {
-            return Self::Vnni;
+            return if amx::ready() { Self::Amx } else { Self::Vnni };
         }
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
             return Self::Avx2;
         }
         Self::Portable
+    }
+}
+
+impl Kernel {
+    /// The kernel that runs weights of `dims`: AMX steps through 64 inputs at a time, so a
+    /// weight whose blocks are not whole steps runs on [`Kernel::Vnni`].
+    fn for_dims(self, dims: Dims) -> Self {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Amx if !dims.block.is_multiple_of(amx::STEP) => Self::Vnni,
+            other => other,
+        }
+    }
+
+    /// Rows one kernel call takes.
+    fn rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Amx => amx::ROWS,
+            _ => ROWS,
+        }
     }
 }
 
@@ -344,7 +374,7 @@ unsafe fn run_tile<const R: usize>(kernel: Kernel, job: &TileJob) {
     unsafe {
         match kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Vnni => vnni::tile::<R>(job),
+            Kernel::Vnni | Kernel::Amx => vnni::tile::<R>(job),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => avx2::tile::<R>(job),
             Kernel::Portable => portable_tile::<R>(job),
@@ -549,6 +579,197 @@ mod vnni {
     }
 }
 
+/// The AMX tile kernel: per block, `n <= 16` activation rows times the tile's four panels of 16
+/// channels, summed exactly in i32 by `tdpbusd` (the same sums `vpdpbusd` forms) and turned into
+/// f32 by the same vector steps as [`vnni::tile`], so both give the same bits. Stable Rust has no
+/// AMX intrinsics: the tile instructions are written in `asm!`, and Linux must first grant the
+/// process the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, Linux 5.16 and later).
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    use super::{GROUP, GROUP_BYTES, LANES, PANELS, TILE, TileJob};
+
+    /// Inputs per `tdpbusd`: a tile row holds 64 bytes.
+    pub(super) const STEP: usize = 64;
+    /// Rows per kernel call: a tile holds 16.
+    pub(super) const ROWS: usize = 16;
+
+    /// Whether this CPU has AMX-INT8 and the OS has granted this process the tile state.
+    pub(super) fn ready() -> bool {
+        static READY: OnceLock<bool> = OnceLock::new();
+        *READY.get_or_init(|| {
+            // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+            let leaf = __cpuid_count(7, 0);
+            if leaf.edx & (0b11 << 24) != 0b11 << 24 {
+                return false;
+            }
+            let granted = request_tile_state();
+            if !granted {
+                tracing::info!("the CPU has AMX but the OS did not grant the tile state; q8 runs on AVX-512 VNNI");
+            }
+            granted
+        })
+    }
+
+    /// Asks Linux for the AMX tile data state (`ARCH_REQ_XCOMP_PERM`, feature 18) and checks
+    /// that XCR0 has it enabled.
+    #[cfg(target_os = "linux")]
+    fn request_tile_state() -> bool {
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let rc: i64;
+        // SAFETY: the arch_prctl system call with integer arguments; it changes no memory of
+        // this process, and `syscall` clobbers only rcx and r11.
+        unsafe {
+            asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => rc,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        if rc != 0 {
+            return false;
+        }
+        let (low, _high): (u32, u32);
+        // SAFETY: XGETBV 0 reads XCR0; AVX-512 being detected means the OS enabled XSAVE.
+        unsafe {
+            asm!("xgetbv", in("ecx") 0, out("eax") low, out("edx") _high, options(nomem, nostack))
+        };
+        // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA).
+        low & (0b11 << 17) == 0b11 << 17
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_tile_state() -> bool {
+        false
+    }
+
+    /// Palette 1 with tiles 0-3 the four panels' sums (`n` rows of 16 i32), tile 4 the
+    /// activations (`n` rows of 64 bytes) and tiles 5-7 weights (16 groups of 4 inputs × 16
+    /// channels).
+    fn config(n: usize) -> [u8; 64] {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for t in 0..8 {
+            cfg[16 + 2 * t] = 64;
+            cfg[48 + t] = if t < 5 { n as u8 } else { 16 };
+        }
+        cfg
+    }
+
+    /// `n <= 16` rows × one tile.
+    ///
+    /// # Safety
+    /// [`ready`] must be true, the weight's block a multiple of [`STEP`], and `job.out` valid
+    /// for writes of `n` rows of [`TILE`] floats at `job.stride`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(job: &TileJob, n: usize) {
+        let cfg = config(n);
+        let mut sums = [[[0i32; LANES]; ROWS]; PANELS];
+        let (codes, weights) = (job.codes.as_ptr(), job.weights.as_ptr());
+        // SAFETY: `cfg` is a valid palette-1 configuration, read once by `ldtilecfg`.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack)) };
+        for b in 0..job.blocks {
+            // SAFETY: zeroing the four sum tiles configured above.
+            unsafe {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                )
+            };
+            let groups = b * job.groups_per_block..(b + 1) * job.groups_per_block;
+            for g in groups.step_by(STEP / GROUP) {
+                // SAFETY: the activation tile reads `n` rows of 64 bytes from column `g*4` at
+                // stride `k_pad` (`g*4 + 64 <= k_pad`: the block is whole steps); each weight
+                // tile reads 16 groups of one 64-byte panel at the group stride, inside the
+                // tile's packed weights.
+                unsafe {
+                    let a = codes.add(g * GROUP);
+                    let w = weights.add(g * GROUP_BYTES);
+                    asm!(
+                        "tileloadd tmm4, [{a} + {ka}*1]",
+                        "tileloadd tmm5, [{w0} + {kw}*1]",
+                        "tdpbusd tmm0, tmm4, tmm5",
+                        "tileloadd tmm6, [{w1} + {kw}*1]",
+                        "tdpbusd tmm1, tmm4, tmm6",
+                        "tileloadd tmm7, [{w2} + {kw}*1]",
+                        "tdpbusd tmm2, tmm4, tmm7",
+                        "tileloadd tmm5, [{w3} + {kw}*1]",
+                        "tdpbusd tmm3, tmm4, tmm5",
+                        a = in(reg) a,
+                        ka = in(reg) job.k_pad,
+                        w0 = in(reg) w,
+                        w1 = in(reg) w.add(LANES * GROUP),
+                        w2 = in(reg) w.add(2 * LANES * GROUP),
+                        w3 = in(reg) w.add(3 * LANES * GROUP),
+                        kw = in(reg) GROUP_BYTES,
+                        options(nostack, readonly),
+                    );
+                }
+            }
+            // SAFETY: each store writes `n <= 16` rows of 64 bytes into its panel of `sums`.
+            unsafe {
+                asm!(
+                    "tilestored [{s0} + {stride}*1], tmm0",
+                    "tilestored [{s1} + {stride}*1], tmm1",
+                    "tilestored [{s2} + {stride}*1], tmm2",
+                    "tilestored [{s3} + {stride}*1], tmm3",
+                    s0 = in(reg) sums[0].as_mut_ptr(),
+                    s1 = in(reg) sums[1].as_mut_ptr(),
+                    s2 = in(reg) sums[2].as_mut_ptr(),
+                    s3 = in(reg) sums[3].as_mut_ptr(),
+                    stride = in(reg) LANES * 4,
+                    options(nostack),
+                );
+            }
+            for (p, panel) in sums.iter().enumerate() {
+                let at = b * TILE + p * LANES;
+                let offsets = &job.offsets[at..at + LANES];
+                let scales = &job.scales[at..at + LANES];
+                // SAFETY: both slices hold 16 elements.
+                let (offsets, scales) = unsafe {
+                    (
+                        _mm512_loadu_si512(offsets.as_ptr().cast()),
+                        _mm512_loadu_ps(scales.as_ptr()),
+                    )
+                };
+                for (r, sum) in panel.iter().take(n).enumerate() {
+                    let row_scale = _mm512_set1_ps(job.row_scales[r * job.blocks + b]);
+                    // SAFETY: `sum` holds 16 i32; the same steps as `vnni::tile`.
+                    unsafe {
+                        let acc = _mm512_loadu_si512(sum.as_ptr().cast());
+                        let value = _mm512_mul_ps(
+                            _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, offsets)),
+                            _mm512_mul_ps(scales, row_scale),
+                        );
+                        // Row `r < n`, columns `p*16..p*16+16 <= TILE`, as the caller guarantees.
+                        let out = job.out.add(r * job.stride + p * LANES);
+                        let total = if b == 0 {
+                            value
+                        } else {
+                            _mm512_add_ps(_mm512_loadu_ps(out), value)
+                        };
+                        _mm512_storeu_ps(out, total);
+                    }
+                }
+            }
+        }
+        // SAFETY: returns the tile state to its initial configuration.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
 /// `x·Wᵀ` over the last dimension of a contiguous f32 CPU tensor, as a candle op.
 impl CustomOp1 for Int8Linear {
     fn name(&self) -> &'static str {
@@ -603,12 +824,14 @@ mod tests {
     }
 
     /// Shapes that exercise partial tiles, partial row groups, partial blocks and padding.
-    const SHAPES: [(usize, usize, usize); 5] = [
+    const SHAPES: [(usize, usize, usize); 7] = [
         (1, 64, 128),
         (3, 70, 384),
         (5, 130, 100),
         (16, 200, 1024),
         (7, 1, 6),
+        (40, 130, 256),
+        (17, 64, 640),
     ];
 
     #[test]
@@ -636,8 +859,15 @@ mod tests {
     fn every_kernel_this_cpu_has_equals_the_portable_one_bit_for_bit() {
         let mut kernels = vec![Kernel::detect()];
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            kernels.push(Kernel::Avx2);
+        {
+            if kernels[0] == Kernel::Amx {
+                kernels.push(Kernel::Vnni);
+            } else {
+                eprintln!("this CPU (or OS) has no AMX-INT8: the AMX kernel is not compared");
+            }
+            if is_x86_feature_detected!("avx2") {
+                kernels.push(Kernel::Avx2);
+            }
         }
         kernels.retain(|&k| k != Kernel::Portable);
         eprintln!("comparing {kernels:?} with the portable kernel");

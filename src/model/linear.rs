@@ -216,9 +216,6 @@ pub struct SharedLayers {
     built: HashMap<String, Linear>,
     /// The base's other tensors, by checkpoint name.
     tensors: HashMap<String, Tensor>,
-    /// Base layers stacked from several checkpoint tensors: their key, sources and the rows of
-    /// each source.
-    stacked: Vec<(String, Vec<String>, usize)>,
 }
 
 impl SharedLayers {
@@ -227,22 +224,7 @@ impl SharedLayers {
             quantization,
             built: HashMap::new(),
             tensors: HashMap::new(),
-            stacked: Vec::new(),
         }
-    }
-
-    /// Makes `w` hold the sources of every dense base layer stacked from several tensors as
-    /// views into that layer, so a base kept to merge from does not hold those values twice.
-    pub fn share_stacked_sources(&self, w: &mut Weights) -> Result<()> {
-        for (key, sources, rows) in &self.stacked {
-            let Some(Linear::Dense(stacked)) = self.built.get(key) else {
-                continue;
-            };
-            for (i, source) in sources.iter().enumerate() {
-                w.share(source, stacked.narrow(0, i * rows, *rows)?);
-            }
-        }
-        Ok(())
     }
 
     /// The layer `key` made of the checkpoint tensors `sources` (stacked along the output
@@ -264,10 +246,6 @@ impl SharedLayers {
             .iter()
             .map(|s| w.take(s, &[out_dim, in_dim]))
             .collect::<Result<Vec<_>>>()?;
-        if base && sources.len() > 1 && !self.built.contains_key(key) {
-            self.stacked
-                .push((key.to_string(), sources.to_vec(), out_dim));
-        }
         self.layer(key, base, || match parts.as_slice() {
             [one] => Ok(one.clone()),
             _ => Ok(Tensor::cat(&parts, 0)?),

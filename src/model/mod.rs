@@ -299,8 +299,9 @@ fn merge(
     Ok(reports)
 }
 
-/// A base checkpoint kept in memory to merge variants from: the tensors every variant starts
-/// from and the layers built from them, which a variant shares where its adapters leave them alone.
+/// A base checkpoint kept to merge variants from: its tensors (safetensors ones stay in the file
+/// until a merge reads them) and the layers and tensors built from them, which a variant shares
+/// where its adapters leave them alone.
 pub struct Base {
     config: Config,
     weights: Weights,
@@ -355,12 +356,7 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig, keep_base: bool) -> Result<Loaded
             unshared_bytes: 0,
         });
     }
-    let base = if keep_base {
-        base.layers.share_stacked_sources(&mut base.weights)?;
-        Some(base)
-    } else {
-        None
-    };
+    let base = keep_base.then_some(base);
     let hashing = Instant::now();
     let files = digest::files(&base_files(&dir)?)?;
     tracing::info!(

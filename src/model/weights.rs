@@ -369,12 +369,6 @@ impl Weights {
         self.modified.insert(name.to_string());
     }
 
-    /// Holds `name`'s values in `tensor` instead (another allocation of the same values, e.g. a
-    /// view into a layer built from it): not a modification.
-    pub fn share(&mut self, name: &str, tensor: Tensor) {
-        self.tensors.insert(name.to_string(), Entry::Loaded(tensor));
-    }
-
     /// Whether `name` was replaced (by a LoRA merge) since the checkpoint was read.
     pub fn is_modified(&self, name: &str) -> bool {
         self.modified.contains(name)
