@@ -11,9 +11,10 @@
 //! Only CPUs with AVX512-BF16 run it (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4
 //! and later); [`available`] says whether this one does, and loading refuses bf16 elsewhere.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::bf16;
 use rayon::prelude::*;
+
+use super::product::{PaddedOut, Product};
 
 /// Output channels per packed panel (four AVX-512 registers).
 const PANEL: usize = 64;
@@ -78,12 +79,22 @@ impl Bf16Linear {
     pub fn size_in_bytes(&self) -> usize {
         self.packed.len() * 4
     }
+}
 
-    /// `x·Wᵀ` for the row-major `x` of shape `(rows, input)`, row-major `(rows, out)`.
-    ///
+impl Product for Bf16Linear {
+    const NAME: &'static str = "bf16-linear";
+
+    fn input(&self) -> usize {
+        self.input
+    }
+
+    fn out(&self) -> usize {
+        self.out
+    }
+
     /// # Panics
     /// On a CPU without AVX512-BF16 (see [`available`]; loading refuses bf16 there).
-    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+    fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert!(available(), "the bf16 product needs AVX512-BF16");
         assert_eq!(x.len(), rows * self.input, "{rows} rows of {}", self.input);
         let acts: Vec<u32> = x
@@ -95,8 +106,8 @@ impl Bf16Linear {
             .collect();
         let panels = self.out.div_ceil(PANEL);
         let width = panels * PANEL;
-        let mut y = Vec::with_capacity(rows * width);
-        let out = SharedOut(y.as_mut_ptr());
+        let mut y = PaddedOut::new(rows, width);
+        let out = y.shared();
         (0..panels).into_par_iter().for_each(|p| {
             let job = Job {
                 panel: &self.packed[p * self.pairs * PANEL..(p + 1) * self.pairs * PANEL],
@@ -107,51 +118,13 @@ impl Bf16Linear {
                 stride: width,
             };
             // SAFETY: panel `p` writes only columns `p*PANEL..(p+1)*PANEL` of `y` (row stride
-            // `width`), which no other task writes; `y` has capacity for `rows × width` floats
-            // and outlives the loop; the CPU has AVX512-BF16 (asserted above).
+            // `width`), which no other task writes; `y` has room for `rows × width` floats and
+            // outlives the loop; the CPU has AVX512-BF16 (asserted above).
             unsafe { run(&job) };
         });
         // SAFETY: the panels cover all `width` columns of all rows, and each pass stores every
         // element of its rows and panel.
-        unsafe { y.set_len(rows * width) };
-        if width != self.out {
-            for r in 1..rows {
-                y.copy_within(r * width..r * width + self.out, r * self.out);
-            }
-            y.truncate(rows * self.out);
-        }
-        y
-    }
-}
-
-/// `x·Wᵀ` over the last dimension of a contiguous f32 CPU tensor, as a candle op.
-impl CustomOp1 for Bf16Linear {
-    fn name(&self) -> &'static str {
-        "bf16-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("bf16-linear needs a contiguous input".into())
-        })?;
-        let x = &storage.as_slice::<f32>()?[start..end];
-        let mut dims = layout.dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == self.input => *last = self.out,
-            _ => {
-                return Err(candle_core::Error::Msg(format!(
-                    "bf16-linear expects {} inputs, got shape {:?}",
-                    self.input,
-                    layout.dims()
-                )));
-            }
-        }
-        let rows = x.len() / self.input.max(1);
-        Ok((CpuStorage::F32(self.matmul(x, rows)), Shape::from(dims)))
+        unsafe { y.finish(self.out) }
     }
 }
 
@@ -165,21 +138,6 @@ struct Job<'a> {
     rows: usize,
     out: *mut f32,
     stride: usize,
-}
-
-/// The output pointer shared by the rayon tasks, each of which writes its own columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: tasks write disjoint elements (see `Bf16Linear::matmul`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 /// # Safety

@@ -14,8 +14,9 @@
 //! test holds all of it.
 //! Work is split across rayon's pool by panel, so each weight byte is read once per call.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
+
+use super::product::{PaddedOut, Product};
 
 /// Output channels per packed panel (four AVX-512 registers).
 const PANEL: usize = 64;
@@ -55,17 +56,12 @@ impl F32Linear {
         self.packed.len() * 4
     }
 
-    /// `x·Wᵀ` for the row-major `x` of shape `(rows, input)`, row-major `(rows, out)`.
-    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        self.matmul_with(x, rows, Kernel::detect())
-    }
-
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.input, "{rows} rows of {}", self.input);
         let panels = self.out.div_ceil(PANEL);
         let width = panels * PANEL;
-        let mut y = Vec::with_capacity(rows * width);
-        let out = SharedOut(y.as_mut_ptr());
+        let mut y = PaddedOut::new(rows, width);
+        let out = y.shared();
         (0..panels).into_par_iter().for_each(|p| {
             let job = Job {
                 panel: &self.packed[p * self.input * PANEL..(p + 1) * self.input * PANEL],
@@ -76,51 +72,29 @@ impl F32Linear {
                 stride: width,
             };
             // SAFETY: panel `p` writes only columns `p*PANEL..(p+1)*PANEL` of `y` (row stride
-            // `width`), which no other task writes; `y` has capacity for `rows × width` floats
-            // and outlives the loop, and `kernel` runs on this CPU.
+            // `width`), which no other task writes; `y` has room for `rows × width` floats and
+            // outlives the loop, and `kernel` runs on this CPU.
             unsafe { kernel.run(&job) };
         });
         // SAFETY: the panels cover all `width` columns of all rows, and each pass stores every
         // element of its rows and panel.
-        unsafe { y.set_len(rows * width) };
-        if width != self.out {
-            for r in 1..rows {
-                y.copy_within(r * width..r * width + self.out, r * self.out);
-            }
-            y.truncate(rows * self.out);
-        }
-        y
+        unsafe { y.finish(self.out) }
     }
 }
 
-/// `x·Wᵀ` over the last dimension of a contiguous f32 CPU tensor, as a candle op.
-impl CustomOp1 for F32Linear {
-    fn name(&self) -> &'static str {
-        "f32-linear"
+impl Product for F32Linear {
+    const NAME: &'static str = "f32-linear";
+
+    fn input(&self) -> usize {
+        self.input
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("f32-linear needs a contiguous input".into()))?;
-        let x = &storage.as_slice::<f32>()?[start..end];
-        let mut dims = layout.dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == self.input => *last = self.out,
-            _ => {
-                return Err(candle_core::Error::Msg(format!(
-                    "f32-linear expects {} inputs, got shape {:?}",
-                    self.input,
-                    layout.dims()
-                )));
-            }
-        }
-        let rows = x.len() / self.input.max(1);
-        Ok((CpuStorage::F32(self.matmul(x, rows)), Shape::from(dims)))
+    fn out(&self) -> usize {
+        self.out
+    }
+
+    fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_with(x, rows, Kernel::detect())
     }
 }
 
@@ -195,21 +169,6 @@ impl Kernel {
                 Self::Portable => portable_pass::<R>(job, r0),
             }
         }
-    }
-}
-
-/// The output pointer shared by the rayon tasks, each of which writes its own columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: tasks write disjoint elements (see `F32Linear::matmul_with`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 

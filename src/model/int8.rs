@@ -16,8 +16,9 @@
 //! Work is split across rayon's pool by tiles of [`TILE`] output channels, so each weight byte
 //! is read once per call however many rows there are (decode steps read `lm_head` once).
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use rayon::prelude::*;
+
+use super::product::{PaddedOut, Product};
 
 /// Output channels per `vpdpbusd` register.
 const LANES: usize = 16;
@@ -93,19 +94,14 @@ impl Int8Linear {
         self.packed.len() + 4 * (self.scales.len() + self.offsets.len())
     }
 
-    /// `x·Wᵀ` for the row-major `x` of shape `(rows, input)`, row-major `(rows, out)`.
-    pub fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        self.matmul_with(x, rows, Kernel::detect())
-    }
-
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
         let kernel = kernel.for_dims(self.dims);
         let step = kernel.rows();
         let acts = Activations::quantize(x, rows, self.dims, kernel);
         let tiles = self.out.div_ceil(TILE);
         let width = tiles * TILE;
-        let mut y = Vec::with_capacity(rows * width);
-        let out = SharedOut(y.as_mut_ptr());
+        let mut y = PaddedOut::new(rows, width);
+        let out = y.shared();
         (0..tiles).into_par_iter().for_each(|tile| {
             for r0 in (0..rows).step_by(step) {
                 // SAFETY: `tile` writes only columns `tile*TILE..(tile+1)*TILE` of rows
@@ -126,14 +122,7 @@ impl Int8Linear {
         });
         // SAFETY: the tiles cover all `width` columns of all rows, and each wrote every element
         // of its part (its first block stores, see `tile`).
-        unsafe { y.set_len(rows * width) };
-        if width != self.out {
-            for r in 1..rows {
-                y.copy_within(r * width..r * width + self.out, r * self.out);
-            }
-            y.truncate(rows * self.out);
-        }
-        y
+        unsafe { y.finish(self.out) }
     }
 
     /// Writes rows `r0..r0+n` times tile `tile` to `out` (row stride `stride`): the first
@@ -379,21 +368,6 @@ unsafe fn run_tile<const R: usize>(kernel: Kernel, job: &TileJob) {
             Kernel::Avx2 => avx2::tile::<R>(job),
             Kernel::Portable => portable_tile::<R>(job),
         }
-    }
-}
-
-/// The output pointer shared by the rayon tasks, each of which writes its own columns.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: tasks write disjoint elements (see `Int8Linear::matmul_with`).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 
@@ -770,34 +744,19 @@ mod amx {
     }
 }
 
-/// `x·Wᵀ` over the last dimension of a contiguous f32 CPU tensor, as a candle op.
-impl CustomOp1 for Int8Linear {
-    fn name(&self) -> &'static str {
-        "int8-linear"
+impl Product for Int8Linear {
+    const NAME: &'static str = "int8-linear";
+
+    fn input(&self) -> usize {
+        self.dims.input
     }
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("int8-linear needs a contiguous input".into())
-        })?;
-        let x = &storage.as_slice::<f32>()?[start..end];
-        let mut dims = layout.dims().to_vec();
-        match dims.last_mut() {
-            Some(last) if *last == self.dims.input => *last = self.out,
-            _ => {
-                return Err(candle_core::Error::Msg(format!(
-                    "int8-linear expects {} inputs, got shape {:?}",
-                    self.dims.input,
-                    layout.dims()
-                )));
-            }
-        }
-        let rows = x.len() / self.dims.input.max(1);
-        Ok((CpuStorage::F32(self.matmul(x, rows)), Shape::from(dims)))
+    fn out(&self) -> usize {
+        self.out
+    }
+
+    fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_with(x, rows, Kernel::detect())
     }
 }
 

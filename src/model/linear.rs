@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::model::bf16_linear::{self, Bf16Linear};
 use crate::model::f32_linear::F32Linear;
 use crate::model::int8::Int8Linear;
+use crate::model::product::AsOp;
 use crate::model::weights::Weights;
 
 /// How the linear layers store their weights.
@@ -158,9 +159,9 @@ impl Linear {
                 let y = self.forward_wide(&x.reshape((rows, width))?)?;
                 y.contiguous()?.reshape(dims)
             }
-            Self::F32(weight) => x.contiguous()?.apply_op1_no_bwd(weight.as_ref()),
-            Self::Bf16(weight) => x.contiguous()?.apply_op1_no_bwd(weight.as_ref()),
-            Self::Q8(weight) => x.contiguous()?.apply_op1_no_bwd(weight.as_ref()),
+            Self::F32(weight) => x.contiguous()?.apply_op1_no_bwd(&AsOp(weight.as_ref())),
+            Self::Bf16(weight) => x.contiguous()?.apply_op1_no_bwd(&AsOp(weight.as_ref())),
+            Self::Q8(weight) => x.contiguous()?.apply_op1_no_bwd(&AsOp(weight.as_ref())),
         }
     }
 

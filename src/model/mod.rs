@@ -12,6 +12,7 @@ pub mod linear;
 pub mod lora;
 pub mod ops;
 pub mod packed_attention;
+pub mod product;
 pub mod resolve;
 pub mod t5;
 pub mod weights;
