@@ -43,6 +43,10 @@ fn millis(s: &str) -> Result<u64, String> {
     }
 }
 
+/// The default `--backfill-batch-size`: the largest that keeps interactive p99 within 1.5x of idle
+/// beside a saturating backfill (`benches/priority.py`, README "Priority").
+const DEFAULT_BACKFILL_BATCH_SIZE: usize = 2;
+
 /// A secret given as a flag: parsed like a string, never shown by `Debug`.
 #[derive(Clone)]
 pub struct Secret(String);
@@ -224,9 +228,9 @@ pub struct ServeArgs {
     /// --max-batch-size).
     #[arg(long, env = "FINSERVE_INTERACTIVE_SLOTS")]
     pub interactive_slots: Option<usize>,
-    /// Most inputs of a sentiment batch of batch-priority work (default: a quarter of
-    /// --max-batch-size): an interactive request that arrives while one runs waits for it, so
-    /// smaller keeps interactive latency lower and a backfill slower.
+    /// Most inputs of a sentiment batch of batch-priority work (default: 2, or --max-batch-size if
+    /// smaller): an interactive request that arrives while one runs waits for it, so smaller keeps
+    /// interactive latency lower and a backfill slower.
     #[arg(long, env = "FINSERVE_BACKFILL_BATCH_SIZE", value_parser = at_least::<1>)]
     pub backfill_batch_size: Option<usize>,
     /// How long the engine may wait for more sentiment requests to fill a batch.
@@ -463,7 +467,7 @@ impl ServeArgs {
         let interactive_slots = self.interactive_slots.unwrap_or(m.max_batch_size / 4);
         let backfill_batch_size = self
             .backfill_batch_size
-            .unwrap_or((m.max_batch_size / 4).max(1));
+            .unwrap_or(DEFAULT_BACKFILL_BATCH_SIZE.min(m.max_batch_size));
         if backfill_batch_size > m.max_batch_size {
             bail!(
                 "--backfill-batch-size ({backfill_batch_size}) must be at most --max-batch-size ({})",

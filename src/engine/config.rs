@@ -84,7 +84,7 @@ impl Default for EngineConfig {
             prompt_template: "{text}".into(),
             limits: RequestLimits::default(),
             interactive_slots: 8,
-            backfill_batch_size: 8,
+            backfill_batch_size: 2,
         }
     }
 }
