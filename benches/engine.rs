@@ -1,7 +1,8 @@
 //! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
 //! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32, with
 //! `--quantize q8` and (on CPUs with AVX512-BF16) bf16 weights, at 1, 4 and 16 rows; and the machine's read bandwidth next to the
-//! bandwidth each f32 projection reaches in a decode step.
+//! bandwidth each f32 projection reaches in a decode step; and a greedy step's token choice with
+//! and without `lm_head`'s bf16 screen.
 //! These are the engine's own numbers; `benches/compare.py` compares the whole server with
 //! transformers and CTranslate2.
 
@@ -12,6 +13,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::model::decode_batch::DecodeBatch;
 use finserve::model::linear::{Linear, Quantization, SharedLayers};
+use finserve::model::ops::row_stats;
 use finserve::model::t5::{Config, T5Model};
 use finserve::model::weights::Weights;
 
@@ -78,7 +80,8 @@ fn mt0_small(quantization: Quantization) -> T5Model {
         }
     }
     let mut w = Weights::from_tensors(t, "random", DType::F32, &dev);
-    T5Model::load(config, &mut w, &mut SharedLayers::new(quantization)).expect("model")
+    let mut layers = SharedLayers::new(quantization).with_greedy_screen(true);
+    T5Model::load(config, &mut w, &mut layers).expect("model")
 }
 
 /// Encodes `inputs`, starts a decoder per input and feeds each `prefix` tokens.
@@ -199,6 +202,40 @@ fn bench_model(c: &mut Criterion, quantization: Quantization) {
             &inputs,
             |b, inputs| b.iter(|| score(&model, inputs, &labels).expect("score")),
         );
+    }
+    group.finish();
+    if quantization == Quantization::None {
+        bench_greedy(c, &model);
+    }
+}
+
+/// A greedy decode step's token choice after the decoder: every logit in f32 and its argmax,
+/// against the bf16 screen of `lm_head` with the few tokens it leaves computed in f32
+/// (`model::greedy`; the same tokens). Up to `GREEDY_SCREEN_ROWS` rows the server takes the
+/// screen; beyond, `greedy_tokens` declines and the step computes the logits.
+fn bench_greedy(c: &mut Criterion, model: &T5Model) {
+    let mut group = c.benchmark_group("mt0-small-f32-greedy");
+    group.sample_size(10);
+    for rows in [1, 4, 8, 16] {
+        let ids: Vec<Vec<u32>> = (0..rows)
+            .map(|b| (0..32).map(|i| (100 + b * 7 + i) as u32).collect())
+            .collect();
+        let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let (mut state, slots) = started(model, &inputs, 16);
+        let next: Vec<(usize, Vec<u32>)> = slots.iter().map(|&s| (s, vec![5])).collect();
+        let hidden = model
+            .decode(&mut state, &next)
+            .and_then(|h| h.squeeze(1))
+            .expect("step");
+        group.throughput(Throughput::Elements(rows as u64));
+        group.bench_function(BenchmarkId::new("logits_argmax", rows), |b| {
+            b.iter(|| row_stats(&model.logits(&hidden).expect("logits"), false).expect("argmax"))
+        });
+        if model.greedy_tokens(&hidden).expect("screen").is_some() {
+            group.bench_function(BenchmarkId::new("screened_argmax", rows), |b| {
+                b.iter(|| model.greedy_tokens(&hidden).expect("screen"))
+            });
+        }
     }
     group.finish();
 }

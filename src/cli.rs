@@ -177,6 +177,13 @@ pub struct ModelArgs {
     /// Quantize the linear layers and lm_head after the merge: `none`, or `q8` (int8 blocks, CPU).
     #[arg(long, env = "FINSERVE_QUANTIZE", default_value = "none")]
     pub quantize: String,
+    /// Keep no bf16 copy of an f32 `lm_head` for greedy decoding. By default, on CPUs with
+    /// AVX512-BF16, greedy steps of up to 8 sequences that ask for no log-probabilities screen
+    /// the vocabulary with that copy (half the bytes to read) and compute in f32 only the tokens
+    /// it cannot rule out: the same tokens, about twice as fast, for half of `lm_head`'s size in
+    /// memory (256 MB at mt0-small's vocabulary and width).
+    #[arg(long, env = "FINSERVE_NO_GREEDY_SCREEN")]
+    pub no_greedy_screen: bool,
     #[command(flatten)]
     pub prompt: PromptArgs,
     /// Calibration file (from `finserve eval --calibrate`) applied to the sentiment scores.
@@ -687,6 +694,8 @@ impl GenerationArgs {
             repetition_penalty: self.repetition_penalty,
             seed,
             stop: self.stop.clone(),
+            // The output files carry the text, not log-probabilities.
+            logprobs: false,
         })
     }
 }
@@ -899,6 +908,7 @@ impl TrainArgs {
             device: self.base.device.clone(),
             dtype: "f32".into(),
             quantize: "none".into(),
+            greedy_screen: false,
         }
         .resolve()?;
         let name = spec.model.clone();
@@ -1134,6 +1144,7 @@ impl ModelArgs {
             device: self.base.device.clone(),
             dtype: self.dtype.clone(),
             quantize: self.quantize.clone(),
+            greedy_screen: !self.no_greedy_screen,
         };
         Ok(choice.resolve()?)
     }

@@ -37,6 +37,7 @@ fn engine_in(adapter: bool, quantize: Quantization, dtype: DType) -> Engine {
         dtype,
         device: Device::Cpu,
         quantize,
+        greedy_screen: true,
     };
     let hub = HubConfig {
         cache_dir: std::env::temp_dir(),

@@ -53,7 +53,7 @@ impl Backend for Faulty {
             .iter()
             .map(|_| Choice {
                 id: 1,
-                logprob: 0.0,
+                logprob: Some(0.0),
             })
             .collect())
     }

@@ -80,6 +80,7 @@ fn spec(model: &Path, adapters: &[PathBuf]) -> ModelSpec {
         dtype: DType::F32,
         device: Device::Cpu,
         quantize: Quantization::None,
+        greedy_screen: true,
     }
 }
 
@@ -298,16 +299,26 @@ fn engine(m: LoadedModel, labels: &[String]) -> Engine {
     .unwrap()
 }
 
-fn generated_ids(rx: &mut tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>) -> Vec<u32> {
+/// The generated ids, checking that each token carries a log-probability exactly when asked.
+fn generated_ids(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
+    logprobs: bool,
+) -> Vec<u32> {
     loop {
         match rx.blocking_recv().expect("engine hung up") {
-            GenerateEvent::End(out) => return out.tokens.iter().map(|t| t.id).collect(),
+            GenerateEvent::End(out) => {
+                assert!(out.tokens.iter().all(|t| t.logprob.is_some() == logprobs));
+                return out.tokens.iter().map(|t| t.id).collect();
+            }
             GenerateEvent::Error(e) => panic!("generation failed: {e}"),
             GenerateEvent::Token(_) => {}
         }
     }
 }
 
+/// Without log-probabilities a greedy step of few rows takes the bf16 screen of `lm_head` where
+/// the CPU has AVX512-BF16 (`model::greedy`); with them, the full f32 logits. Both must give
+/// transformers' tokens.
 #[test]
 fn greedy_generation_is_token_identical_alone_and_batched() {
     for case in CASES {
@@ -317,31 +328,38 @@ fn greedy_generation_is_token_identical_alone_and_batched() {
             "{case}: fixture needs >= 24 tokens"
         );
         let e = engine(load_case(&r), &r.labels);
-        let params = GenerateParams {
-            max_new_tokens: r.greedy_max_new_tokens,
-            ..Default::default()
-        };
-        // All inputs at once: they share decode steps (continuous batching).
-        let mut batched: Vec<_> = r
-            .input_ids
-            .iter()
-            .map(|ids| {
-                e.generate(ids.clone(), params.clone(), &e.variant(None).unwrap())
-                    .unwrap()
-            })
-            .collect();
-        for (i, rx) in batched.iter_mut().enumerate() {
-            assert_eq!(generated_ids(rx), r.greedy[i], "{case} input {i} (batched)");
-        }
-        for (i, ids) in r.input_ids.iter().enumerate() {
-            let mut rx = e
-                .generate(ids.clone(), params.clone(), &e.variant(None).unwrap())
-                .unwrap();
-            assert_eq!(
-                generated_ids(&mut rx),
-                r.greedy[i],
-                "{case} input {i} (alone)"
-            );
+        for logprobs in [false, true] {
+            let params = GenerateParams {
+                max_new_tokens: r.greedy_max_new_tokens,
+                logprobs,
+                ..Default::default()
+            };
+            // All inputs at once: they share decode steps (continuous batching).
+            let mut batched: Vec<_> = r
+                .input_ids
+                .iter()
+                .map(|ids| {
+                    e.generate(ids.clone(), params.clone(), &e.variant(None).unwrap())
+                        .unwrap()
+                })
+                .collect();
+            for (i, rx) in batched.iter_mut().enumerate() {
+                assert_eq!(
+                    generated_ids(rx, logprobs),
+                    r.greedy[i],
+                    "{case} input {i} (batched, logprobs {logprobs})"
+                );
+            }
+            for (i, ids) in r.input_ids.iter().enumerate() {
+                let mut rx = e
+                    .generate(ids.clone(), params.clone(), &e.variant(None).unwrap())
+                    .unwrap();
+                assert_eq!(
+                    generated_ids(&mut rx, logprobs),
+                    r.greedy[i],
+                    "{case} input {i} (alone, logprobs {logprobs})"
+                );
+            }
         }
     }
 }

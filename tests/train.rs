@@ -28,6 +28,7 @@ fn checkpoint(dir: &Path) -> Checkpoint {
         dtype: candle_core::DType::F32,
         device: Device::Cpu,
         quantize: Quantization::None,
+        greedy_screen: false,
     };
     let hub = common::offline_hub();
     model::load_checkpoint(&spec, &hub).unwrap()
@@ -338,6 +339,7 @@ fn a_trained_adapter_is_served_as_peft_computes_it() {
         dtype: candle_core::DType::F32,
         device: Device::Cpu,
         quantize: Quantization::None,
+        greedy_screen: false,
     };
     let hub = common::offline_hub();
     let loaded = model::load(&spec, &hub, false).unwrap();

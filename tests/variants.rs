@@ -35,6 +35,7 @@ fn load(adapters: Vec<AdapterSpec>, variants: Vec<VariantSpec>, q: Quantization)
         dtype: DType::F32,
         device: Device::Cpu,
         quantize: q,
+        greedy_screen: true,
     };
     let hub = common::offline_hub();
     model::load(&spec, &hub, false).unwrap()

@@ -21,11 +21,12 @@ pub struct StepRow<'a> {
     pub sampler: &'a mut Sampler,
 }
 
-/// A chosen token and its model log-probability.
+/// A chosen token and its model log-probability (computed unless the step needed only the
+/// argmax, see [`Sampler::needs_only_argmax`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Choice {
     pub id: u32,
-    pub logprob: f32,
+    pub logprob: Option<f32>,
 }
 
 /// What the engine thread needs from a model.
@@ -89,6 +90,12 @@ impl Backend for T5Backend {
             })
             .collect::<Result<Vec<_>>>()?;
         let hidden = self.model.decode(&mut self.batch, &tokens)?.squeeze(1)?;
+        if rows.iter().all(|r| r.sampler.needs_only_argmax())
+            && let Some(ids) = self.model.greedy_tokens(&hidden)?
+        {
+            let choice = |id| Choice { id, logprob: None };
+            return Ok(ids.into_iter().map(choice).collect());
+        }
         choose(&self.model.logits(&hidden)?, rows)
     }
 
@@ -110,8 +117,9 @@ impl Backend for T5Backend {
 }
 
 /// Picks each row's token from `logits` `(rows, vocab)` where they are: greedy rows take the
-/// argmax and its log-probability on the device (two numbers per row come back); only rows that
-/// sample or penalise repetition copy their logits row to the host for their [`Sampler`].
+/// argmax (and, when asked, its log-probability) on the device (two numbers per row come back);
+/// only rows that sample or penalise repetition copy their logits row to the host for their
+/// [`Sampler`].
 fn choose(logits: &Tensor, rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
     let greedy: Vec<u32> = (0..rows.len() as u32)
         .filter(|&i| rows[i as usize].sampler.is_plain_greedy())
@@ -124,29 +132,48 @@ fn choose(logits: &Tensor, rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
             let n = greedy.len();
             logits.index_select(&Tensor::from_vec(greedy.clone(), n, logits.device())?, 0)?
         };
-        let stats = row_stats(&g)?;
-        let logprobs = stats.max.iter().zip(&stats.log_z).map(|(m, z)| m - z);
-        let ids = stats.argmax.iter().copied();
-        for ((&row, id), logprob) in greedy.iter().zip(ids).zip(logprobs) {
-            choices[row as usize] = Some(Choice { id, logprob });
+        let wants = |row: u32| !rows[row as usize].sampler.needs_only_argmax();
+        let stats = row_stats(&g, greedy.iter().any(|&row| wants(row)))?;
+        for (i, &row) in greedy.iter().enumerate() {
+            let max = stats.max[i];
+            if !max.is_finite() {
+                return Err(non_finite(stats.argmax[i], max));
+            }
+            let logprob = match &stats.log_z {
+                Some(log_z) if wants(row) => Some(max - log_z[i]),
+                _ => None,
+            };
+            choices[row as usize] = Some(Choice {
+                id: stats.argmax[i],
+                logprob,
+            });
         }
     }
     for (i, r) in rows.iter_mut().enumerate() {
         if choices[i].is_none() {
             let row: Vec<f32> = logits.get(i)?.to_vec1()?;
             let (id, logprob) = r.sampler.next(&row, r.context);
-            choices[i] = Some(Choice { id, logprob });
+            choices[i] = Some(Choice {
+                id,
+                logprob: Some(logprob),
+            });
         }
     }
     let choices: Vec<Choice> = choices.into_iter().flatten().collect();
-    // NaN logits have no argmax (the token would be an arbitrary 0): refuse them instead.
-    if let Some(c) = choices.iter().find(|c| !c.logprob.is_finite()) {
-        return Err(Error::Inference(format!(
-            "the model produced non-finite logits (token {} with log-probability {})",
-            c.id, c.logprob
-        )));
+    if let Some((id, logprob)) = choices
+        .iter()
+        .find_map(|c| c.logprob.filter(|l| !l.is_finite()).map(|l| (c.id, l)))
+    {
+        return Err(non_finite(id, logprob));
     }
     Ok(choices)
+}
+
+/// NaN logits have no argmax (the token would be an arbitrary 0): refused instead.
+fn non_finite(id: u32, value: f32) -> Error {
+    Error::Inference(format!(
+        "the model produced non-finite logits (token {id}: {value})"
+    ))
 }
 
 #[cfg(test)]
@@ -161,6 +188,10 @@ mod tests {
         let logits = Tensor::new(&[[0.5f32, 2.0, 1.0], [f32::NAN; 3]], &Device::Cpu).unwrap();
         for params in [
             GenerateParams::default(),
+            GenerateParams {
+                logprobs: true,
+                ..Default::default()
+            },
             GenerateParams {
                 do_sample: true,
                 seed: Some(1),
@@ -182,7 +213,7 @@ mod tests {
             assert!(err.to_string().contains("non-finite logits"), "{err}");
             let mut first = rows.into_iter().take(1).collect::<Vec<_>>();
             let ok = choose(&logits.narrow(0, 0, 1).unwrap(), &mut first).unwrap();
-            assert!(ok[0].logprob.is_finite());
+            assert!(ok[0].logprob.is_none_or(f32::is_finite));
         }
     }
 }

@@ -685,7 +685,7 @@ mod tests {
                 .iter()
                 .map(|r| Choice {
                     id: 10 + r.context.len() as u32,
-                    logprob: -1.0,
+                    logprob: Some(-1.0),
                 })
                 .collect())
         }

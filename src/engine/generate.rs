@@ -19,6 +19,9 @@ pub struct GenerateParams {
     pub repetition_penalty: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Report each token's log-probability. Without it a greedy step may skip the normaliser
+    /// over the whole vocabulary, and with it every logit (see `model::greedy`).
+    pub logprobs: bool,
 }
 
 impl Default for GenerateParams {
@@ -32,6 +35,7 @@ impl Default for GenerateParams {
             repetition_penalty: None,
             seed: None,
             stop: Vec::new(),
+            logprobs: false,
         }
     }
 }
@@ -83,6 +87,11 @@ impl Sampler {
     /// take on the device without copying the logits.
     pub fn is_plain_greedy(&self) -> bool {
         self.rng.is_none() && self.params.repetition_penalty.is_none()
+    }
+
+    /// Plain greedy, and no log-probability asked for: the argmax is all this row needs.
+    pub fn needs_only_argmax(&self) -> bool {
+        self.is_plain_greedy() && !self.params.logprobs
     }
 
     /// Chooses the next token from `logits` (raw, f32, full vocabulary) given the decoder tokens so

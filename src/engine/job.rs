@@ -53,7 +53,8 @@ pub struct SentimentOutput {
 pub struct TokenInfo {
     pub id: u32,
     pub text: String,
-    pub logprob: f32,
+    /// The model's log-probability of the token, when the request asked for it.
+    pub logprob: Option<f32>,
     pub special: bool,
 }
 

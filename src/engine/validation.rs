@@ -21,6 +21,8 @@ pub struct GenerateOptions {
     pub repetition_penalty: Option<f64>,
     pub seed: Option<i64>,
     pub stop: Vec<String>,
+    /// Report each token's log-probability.
+    pub logprobs: bool,
 }
 
 /// A count that must be at least 1.
@@ -170,6 +172,7 @@ pub fn generate_params(
         repetition_penalty: p.repetition_penalty,
         seed,
         stop: p.stop.clone(),
+        logprobs: p.logprobs,
     })
 }
 

@@ -151,16 +151,19 @@ struct Sampling {
     seed: Option<i64>,
     stop: Option<Stop>,
     n: Option<i64>,
+    /// Whether the answer reports log-probabilities (each route has its own field for it).
+    logprobs: bool,
 }
 
 macro_rules! sampling {
-    ($req:expr) => {
+    ($req:expr, $logprobs:expr) => {
         Sampling {
             temperature: $req.temperature,
             top_p: $req.top_p,
             seed: $req.seed,
             stop: $req.stop.clone(),
             n: $req.n,
+            logprobs: $logprobs,
         }
     };
 }
@@ -431,6 +434,7 @@ fn options(max_tokens: Option<i64>, s: &Sampling) -> Result<GenerateOptions, Api
             Some(Stop::One(s)) => vec![s.0],
             Some(Stop::Many(StopList(v))) => v.into_iter().map(|s| s.0).collect(),
         },
+        logprobs: s.logprobs,
         ..Default::default()
     })
 }
@@ -693,7 +697,7 @@ pub async fn completions(
     let with_usage = include_usage(stream, &req.stream_options);
     if let Some(choices) = guided(req.guided_choice, req.structured_outputs)? {
         // Nothing is sampled, but what the request says must still be valid.
-        let options = options(req.max_tokens, &sampling!(req))?;
+        let options = options(req.max_tokens, &sampling!(req, with_logprobs))?;
         validation::generate_params(&options, 0, &state.config.limits)
             .map_err(|e| Dialect::OpenAi.error(e))?;
         let c = choose(&state, req.model.clone(), prompt, choices, Dialect::OpenAi).await?;
@@ -716,7 +720,7 @@ pub async fn completions(
             shapes,
         ));
     }
-    let sampling = sampling!(req);
+    let sampling = sampling!(req, with_logprobs);
     let run = start(
         &state,
         req.model,
@@ -810,7 +814,7 @@ pub async fn chat(
     if let Some(choices) = guided(req.guided_choice, req.structured_outputs)? {
         // Nothing is sampled, but what the request says must still be valid.
         let max = req.max_completion_tokens.or(req.max_tokens);
-        let options = options(max, &sampling!(req))?;
+        let options = options(max, &sampling!(req, with_logprobs))?;
         validation::generate_params(&options, 0, &state.config.limits)
             .map_err(|e| Dialect::Chat.error(e))?;
         let c = choose(&state, req.model.clone(), prompt, choices, Dialect::Chat).await?;
@@ -841,7 +845,7 @@ pub async fn chat(
         ));
     }
     let max = req.max_completion_tokens.or(req.max_tokens);
-    let sampling = sampling!(req);
+    let sampling = sampling!(req, with_logprobs);
     let run = start(
         &state,
         req.model,

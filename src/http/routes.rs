@@ -326,6 +326,8 @@ pub async fn generate(
             repetition_penalty: p.repetition_penalty,
             seed: p.seed,
             stop: p.stop.into_iter().flatten().map(|s| s.0).collect(),
+            // TGI reports them with `details` and in every streamed token.
+            logprobs: details || req.stream.unwrap_or(false),
         },
     };
     let request = tracing::Span::current();

@@ -444,7 +444,7 @@ impl From<&TokenInfo> for Token {
         Self {
             id: t.id,
             text: t.text.clone(),
-            logprob: Some(t.logprob),
+            logprob: t.logprob,
             special: t.special,
         }
     }

@@ -54,6 +54,15 @@ impl Bf16Linear {
     /// `(out, input)`.
     pub fn pack(w: &[f32], out: usize, input: usize) -> Self {
         assert_eq!(w.len(), out * input, "weight of {out}x{input}");
+        Self::pack_with(out, input, |c, k| w[c * input + k])
+    }
+
+    /// Like [`Bf16Linear::pack`], reading `W[c][k]` from `weight(c, k)`.
+    pub fn pack_with(
+        out: usize,
+        input: usize,
+        weight: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Self {
         let pairs = input.div_ceil(2);
         let panels = out.div_ceil(PANEL);
         let mut packed = vec![0u32; panels * pairs * PANEL];
@@ -62,9 +71,15 @@ impl Bf16Linear {
             .enumerate()
             .for_each(|(p, panel)| {
                 for c in 0..PANEL.min(out - p * PANEL) {
-                    let row = &w[(p * PANEL + c) * input..(p * PANEL + c + 1) * input];
-                    for (j, two) in row.chunks(2).enumerate() {
-                        panel[j * PANEL + c] = pair(two[0], two.get(1).copied().unwrap_or(0.0));
+                    let w = |k: usize| {
+                        if k < input {
+                            weight(p * PANEL + c, k)
+                        } else {
+                            0.0
+                        }
+                    };
+                    for j in 0..pairs {
+                        panel[j * PANEL + c] = pair(w(2 * j), w(2 * j + 1));
                     }
                 }
             });

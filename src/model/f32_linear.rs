@@ -56,6 +56,19 @@ impl F32Linear {
         self.packed.len() * 4
     }
 
+    /// `W[c][k]`.
+    pub fn weight(&self, c: usize, k: usize) -> f32 {
+        self.packed[(c / PANEL * self.input + k) * PANEL + c % PANEL]
+    }
+
+    /// Output channel `c` of one row `x`: the same chain as [`Product::matmul`], so the same
+    /// bits (unit test), for when only a few channels of a very wide `W` are needed.
+    pub fn output(&self, c: usize, x: &[f32]) -> f32 {
+        x.iter()
+            .enumerate()
+            .fold(0.0, |s, (k, &xk)| self.weight(c, k).mul_add(xk, s))
+    }
+
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.input, "{rows} rows of {}", self.input);
         let panels = self.out.div_ceil(PANEL);
@@ -308,21 +321,27 @@ mod tests {
     }
 
     #[test]
-    fn the_product_is_the_fused_chain_over_the_inputs() {
+    fn the_product_and_a_single_output_are_the_fused_chain_over_the_inputs() {
         for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
             let (x, w) = (
                 random(rows * input, i as u64),
                 random(out * input, 50 + i as u64),
             );
-            let y = F32Linear::pack(&w, out, input).matmul_with(&x, rows, Kernel::Portable);
+            let linear = F32Linear::pack(&w, out, input);
+            let y = linear.matmul_with(&x, rows, Kernel::Portable);
             for r in 0..rows {
+                let row = &x[r * input..(r + 1) * input];
                 for o in 0..out {
-                    let chain =
-                        (0..input).fold(0f32, |s, k| w[o * input + k].mul_add(x[r * input + k], s));
+                    let chain = (0..input).fold(0f32, |s, k| w[o * input + k].mul_add(row[k], s));
                     assert_eq!(
                         y[r * out + o].to_bits(),
                         chain.to_bits(),
                         "{rows}x{out}x{input} [{r},{o}]"
+                    );
+                    assert_eq!(
+                        linear.output(o, row).to_bits(),
+                        chain.to_bits(),
+                        "output({o})"
                     );
                 }
             }

@@ -17,6 +17,7 @@ use candle_core::{DType, Module, Tensor, TensorId};
 use crate::error::{Error, Result};
 use crate::model::bf16_linear::{self, Bf16Linear};
 use crate::model::f32_linear::F32Linear;
+use crate::model::greedy::GreedyHead;
 use crate::model::int8::Int8Linear;
 use crate::model::product::AsOp;
 use crate::model::weights::Weights;
@@ -214,18 +215,48 @@ impl Storage {
 #[derive(Debug, Default)]
 pub struct SharedLayers {
     quantization: Quantization,
+    /// Whether an f32 `lm_head` gets the bf16 screen of [`GreedyHead`].
+    greedy_screen: bool,
     built: HashMap<String, Linear>,
     /// The base's other tensors, by checkpoint name.
     tensors: HashMap<String, Tensor>,
+    /// The screen of the base's `lm_head`, once built.
+    greedy: Option<Arc<GreedyHead>>,
 }
 
 impl SharedLayers {
     pub fn new(quantization: Quantization) -> Self {
         Self {
             quantization,
-            built: HashMap::new(),
-            tensors: HashMap::new(),
+            ..Self::default()
         }
+    }
+
+    /// Asks for [`GreedyHead`]'s screen on packed f32 `lm_head`s (where the CPU has AVX512-BF16).
+    pub fn with_greedy_screen(self, on: bool) -> Self {
+        Self {
+            greedy_screen: on,
+            ..self
+        }
+    }
+
+    /// The greedy screen of `head` (see [`super::greedy`]), if asked for and possible; `base`
+    /// says whether `head` is the base checkpoint's, whose screen is built once.
+    pub fn greedy_head(&mut self, head: &Linear, base: bool) -> Option<Arc<GreedyHead>> {
+        let Linear::F32(exact) = head else {
+            return None;
+        };
+        if !self.greedy_screen {
+            return None;
+        }
+        if base && let Some(g) = &self.greedy {
+            return Some(g.clone());
+        }
+        let g = Arc::new(GreedyHead::new(exact.clone())?);
+        if base {
+            self.greedy = Some(g.clone());
+        }
+        Some(g)
     }
 
     /// The layer `key` made of the checkpoint tensors `sources` (stacked along the output

@@ -7,6 +7,7 @@ pub mod bf16_linear;
 pub mod decode_batch;
 pub mod digest;
 pub mod f32_linear;
+pub mod greedy;
 pub mod int8;
 pub mod linear;
 pub mod lora;
@@ -45,6 +46,8 @@ pub struct ModelSpec {
     pub dtype: DType,
     pub device: Device,
     pub quantize: Quantization,
+    /// Keep a bf16 screen of an f32 `lm_head` for exact greedy steps (see [`greedy`]).
+    pub greedy_screen: bool,
 }
 
 impl ModelSpec {
@@ -343,7 +346,7 @@ pub fn load(spec: &ModelSpec, hub: &HubConfig, keep_base: bool) -> Result<Loaded
     let mut base = Base {
         config,
         weights,
-        layers: SharedLayers::new(spec.layer_storage()),
+        layers: SharedLayers::new(spec.layer_storage()).with_greedy_screen(spec.greedy_screen),
         model: spec.model.clone(),
     };
     let (model, reports) = base.build(&spec.adapters, hub)?;

@@ -19,8 +19,9 @@ pub struct RowStats {
     pub max: Vec<f32>,
     /// First index of the maximum, like `torch.argmax`.
     pub argmax: Vec<u32>,
-    /// `log Σ exp(logits)`: a token's log-probability is its logit minus this.
-    pub log_z: Vec<f32>,
+    /// `log Σ exp(logits)`: a token's log-probability is its logit minus this. Computed on
+    /// request (see [`row_stats`]).
+    pub log_z: Option<Vec<f32>>,
 }
 
 /// How a CPU `(rows, vocab)` f32 tensor lies in its buffer.
@@ -53,10 +54,16 @@ fn with_cpu_data<T>(
     Ok(Some(f(data, lay, rows, vocab)))
 }
 
-/// Max, argmax and `log Σ exp` of every row.
-pub fn row_stats(logits: &Tensor) -> candle_core::Result<RowStats> {
+/// Max, argmax and, with `with_log_z` (or off the CPU), `log Σ exp` of every row. Without it a
+/// row holding a NaN or an infinity gets a NaN maximum, so non-finite logits still show.
+pub fn row_stats(logits: &Tensor, with_log_z: bool) -> candle_core::Result<RowStats> {
     if let Some(stats) = with_cpu_data(logits, |data, lay, rows, vocab| {
-        let (max, log_z) = cpu_max_log_z(data, &lay, rows, vocab);
+        let (max, log_z) = if with_log_z {
+            let (max, log_z) = cpu_max_log_z(data, &lay, rows, vocab);
+            (max, Some(log_z))
+        } else {
+            (cpu_max_or_nan(data, &lay, rows, vocab), None)
+        };
         let argmax = cpu_first_index_of(data, &lay, rows, vocab, &max);
         RowStats { max, argmax, log_z }
     })? {
@@ -66,7 +73,7 @@ pub fn row_stats(logits: &Tensor) -> candle_core::Result<RowStats> {
     let max = logits.max_keepdim(D::Minus1)?;
     Ok(RowStats {
         argmax: logits.argmax(D::Minus1)?.to_vec1()?,
-        log_z: generic_log_z(&logits, &max)?,
+        log_z: Some(generic_log_z(&logits, &max)?),
         max: max.squeeze(D::Minus1)?.to_vec1()?,
     })
 }
@@ -123,33 +130,56 @@ fn merge(f: fn(f32, f32) -> f32) -> impl Fn(Vec<f32>, Vec<f32>) -> Vec<f32> {
     }
 }
 
-/// Per-row maximum and `log Σ exp`, in two passes that vectorize (no branches, no indexing).
-fn cpu_max_log_z(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> (Vec<f32>, Vec<f32>) {
+/// Per-row fold of `f` from `init` over every value, in either layout, vectorizable.
+fn cpu_fold(
+    data: &[f32],
+    lay: &Lay,
+    rows: usize,
+    vocab: usize,
+    init: f32,
+    f: fn(f32, f32) -> f32,
+) -> Vec<f32> {
     let data = &data[..rows * vocab];
     match lay {
         Lay::RowMajor => data
             .par_chunks(vocab)
-            .map(|row| {
-                let max = lanes(row, f32::NEG_INFINITY, bigger)
-                    .into_iter()
-                    .fold(f32::NEG_INFINITY, bigger);
+            .map(|row| lanes(row, init, f).into_iter().fold(init, f))
+            .collect(),
+        Lay::ColMajor => data
+            .par_chunks(BLOCK * rows)
+            .map(|chunk| {
+                let mut acc = vec![init; rows];
+                for entry in chunk.chunks_exact(rows) {
+                    acc.iter_mut().zip(entry).for_each(|(a, &x)| *a = f(*a, x));
+                }
+                acc
+            })
+            .reduce(|| vec![init; rows], merge(f)),
+    }
+}
+
+/// Per-row maximum, NaN where a row holds a NaN or an infinity (`x·0` is NaN only for those):
+/// the check `log Σ exp` makes for free, without its exponentials.
+fn cpu_max_or_nan(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> Vec<f32> {
+    let poison = cpu_fold(data, lay, rows, vocab, 0.0, |s, x| s + x * 0.0);
+    let max = cpu_fold(data, lay, rows, vocab, f32::NEG_INFINITY, bigger);
+    max.into_iter().zip(poison).map(|(m, p)| m + p).collect()
+}
+
+/// Per-row maximum and `log Σ exp`, in two passes that vectorize (no branches, no indexing).
+fn cpu_max_log_z(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> (Vec<f32>, Vec<f32>) {
+    let max = cpu_fold(data, lay, rows, vocab, f32::NEG_INFINITY, bigger);
+    let data = &data[..rows * vocab];
+    match lay {
+        Lay::RowMajor => data
+            .par_chunks(vocab)
+            .zip(max)
+            .map(|(row, max)| {
                 let sum: f32 = lanes(row, 0.0, |s, x| s + exp(x - max)).iter().sum();
                 (max, max + sum.ln())
             })
             .unzip(),
         Lay::ColMajor => {
-            let max = data
-                .par_chunks(BLOCK * rows)
-                .map(|chunk| {
-                    let mut m = vec![f32::NEG_INFINITY; rows];
-                    for entry in chunk.chunks_exact(rows) {
-                        m.iter_mut()
-                            .zip(entry)
-                            .for_each(|(m, &x)| *m = bigger(*m, x));
-                    }
-                    m
-                })
-                .reduce(|| vec![f32::NEG_INFINITY; rows], merge(bigger));
             let sum = data
                 .par_chunks(BLOCK * rows)
                 .map(|chunk| {
@@ -373,15 +403,33 @@ mod tests {
         .unwrap();
         let lse0 = (1f64.exp() + 2. * 3f64.exp() + 2f64.exp()).ln() as f32;
         for t in [&row_major, &col_major, &strided] {
-            let s = row_stats(t).unwrap();
+            let s = row_stats(t, true).unwrap();
             assert_eq!(s.argmax, [1, 2], "first index of the maximum");
             assert_eq!(s.max, [3.0, 1000.0]);
-            assert!((s.log_z[0] - lse0).abs() < 1e-6);
-            assert!((s.log_z[1] - 1000.0).abs() < 1e-3);
+            let log_z = s.log_z.unwrap();
+            assert!((log_z[0] - lse0).abs() < 1e-6);
+            assert!((log_z[1] - 1000.0).abs() < 1e-3);
+            // The CPU layouts skip the normaliser on request; the generic path computes it.
+            let s = row_stats(t, false).unwrap();
+            assert_eq!((s.argmax, s.max), (vec![1, 2], vec![3.0, 1000.0]));
+            assert_eq!(s.log_z.is_none(), !std::ptr::eq(t, &strided));
             assert_eq!(
                 pick(t, &[(0, 2), (1, 3), (1, 0)]).unwrap(),
                 [2.0, 5.0, -1000.0]
             );
+        }
+    }
+
+    /// Without `log Σ exp`, a NaN or an infinity anywhere in a row still makes it non-finite.
+    #[test]
+    fn a_non_finite_logit_shows_without_the_normaliser() {
+        let rows = [[1f32, f32::NAN, 2.], [f32::INFINITY, 0., 1.], [0.5, 2., 1.]];
+        let row_major = Tensor::new(&rows, &Device::Cpu).unwrap();
+        let col_major = row_major.t().unwrap().contiguous().unwrap().t().unwrap();
+        for t in [&row_major, &col_major] {
+            let s = row_stats(t, false).unwrap();
+            assert!(s.max[0].is_nan() && s.max[1].is_nan(), "{:?}", s.max);
+            assert_eq!((s.max[2], s.argmax[2]), (2.0, 1));
         }
     }
 }

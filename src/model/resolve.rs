@@ -28,6 +28,8 @@ pub struct ModelChoice {
     pub device: String,
     pub dtype: String,
     pub quantize: String,
+    /// See [`ModelSpec::greedy_screen`].
+    pub greedy_screen: bool,
 }
 
 impl ModelChoice {
@@ -74,6 +76,7 @@ impl ModelChoice {
             dtype,
             device,
             quantize,
+            greedy_screen: self.greedy_screen,
         })
     }
 }
@@ -134,6 +137,7 @@ mod tests {
             device: "cpu".into(),
             dtype: "f32".into(),
             quantize: "none".into(),
+            greedy_screen: true,
         }
     }
 

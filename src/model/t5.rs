@@ -15,15 +15,23 @@
 //! - with tied embeddings (T5 v1.0) the decoder output is scaled by `d_model^-0.5` before the
 //!   shared embedding matrix projects it onto the vocabulary.
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::decode_batch::{CacheShape, DecodeBatch};
+use crate::model::greedy::GreedyHead;
 use crate::model::linear::{Linear, SharedLayers, Storage};
 use crate::model::packed_attention;
 use crate::model::weights::Weights;
+
+/// Decode rows up to which [`T5Model::greedy_tokens`] screens `lm_head` in bf16: on few rows the
+/// product reads the weight (half the bytes in bf16), on more it computes, where `vdpbf16ps` is
+/// no faster than f32's multiply-adds here (README, Benchmarks).
+pub const GREEDY_SCREEN_ROWS: usize = 8;
 
 /// `config.json` of a T5-family checkpoint. Unknown fields are ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -520,6 +528,8 @@ pub struct T5Model {
     decoder_blocks: Vec<DecoderBlock>,
     decoder_norm: LayerNorm,
     lm_head: Linear,
+    /// `lm_head`'s bf16 screen, for greedy steps that need no log-probabilities.
+    greedy: Option<Arc<GreedyHead>>,
     device: Device,
 }
 
@@ -543,6 +553,11 @@ impl T5Model {
         let cfg = &config;
         let device = w.device().clone();
         let vocab = [cfg.vocab_size, cfg.d_model];
+        let head_is_base = !w.is_modified(if cfg.tie_word_embeddings() {
+            "shared.weight"
+        } else {
+            "lm_head.weight"
+        });
         // An untied `lm_head` is built before the embedding is read: with q8 its f32 weight is
         // rounded and freed first, so loading never holds both at full size.
         let untied_head = match cfg.tie_word_embeddings() {
@@ -570,6 +585,7 @@ impl T5Model {
                 })?
             }
         };
+        let greedy = layers.greedy_head(&lm_head, head_is_base);
         let bias_shape = [cfg.relative_attention_num_buckets, cfg.num_heads];
         let encoder_bias = layers.tensor(
             w,
@@ -616,6 +632,7 @@ impl T5Model {
             decoder_bias,
             decoder_blocks,
             lm_head,
+            greedy,
             device,
         })
     }
@@ -646,6 +663,9 @@ impl T5Model {
             Storage::of(&self.decoder_norm.weight),
             self.lm_head.storage(),
         ];
+        if let Some(g) = &self.greedy {
+            all.push((Storage::Packed(Arc::as_ptr(g) as usize), g.size_in_bytes()));
+        }
         for b in &self.encoder_blocks {
             all.extend(attn(&b.self_attn));
             all.extend(ff(&b.ff));
@@ -972,12 +992,37 @@ impl T5Model {
 
     /// Vocabulary logits, f32, of decoder hidden states `(rows, d_model)` -> `(rows, vocab)`.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let hidden = if self.config.tie_word_embeddings() {
-            (hidden * (self.config.d_model as f64).powf(-0.5))?
+        self.lm_head
+            .forward_wide(&self.head_input(hidden)?)?
+            .to_dtype(DType::F32)
+    }
+
+    /// What `lm_head` multiplies: tied embeddings are scaled first, as transformers does.
+    fn head_input(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        if self.config.tie_word_embeddings() {
+            hidden * (self.config.d_model as f64).powf(-0.5)
         } else {
-            hidden.clone()
+            Ok(hidden.clone())
+        }
+    }
+
+    /// Each row's greedy token, the first argmax of [`Self::logits`], when `lm_head` has its
+    /// bf16 screen and this step has at most [`GREEDY_SCREEN_ROWS`] rows (see
+    /// [`super::greedy`]); `None` where the logits must be computed.
+    pub fn greedy_tokens(&self, hidden: &Tensor) -> candle_core::Result<Option<Vec<u32>>> {
+        let Some(head) = &self.greedy else {
+            return Ok(None);
         };
-        self.lm_head.forward_wide(&hidden)?.to_dtype(DType::F32)
+        let rows = hidden.dim(0)?;
+        if rows > GREEDY_SCREEN_ROWS {
+            return Ok(None);
+        }
+        let x: Vec<f32> = self
+            .head_input(hidden)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        Ok(head.argmax(&x, rows))
     }
 }
 
