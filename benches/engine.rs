@@ -211,8 +211,8 @@ fn bench_model(c: &mut Criterion, quantization: Quantization) {
 
 /// A greedy decode step's token choice after the decoder: every logit in f32 and its argmax,
 /// against the bf16 screen of `lm_head` with the few tokens it leaves computed in f32
-/// (`model::greedy`; the same tokens). Up to `GREEDY_SCREEN_ROWS` rows the server takes the
-/// screen; beyond, `greedy_tokens` declines and the step computes the logits.
+/// (`model::greedy`; the same tokens). Where the screen does not pay (more than 8 rows without
+/// AMX tiles), `greedy_tokens` declines and the step computes the logits.
 fn bench_greedy(c: &mut Criterion, model: &T5Model) {
     let mut group = c.benchmark_group("mt0-small-f32-greedy");
     group.sample_size(10);

@@ -110,6 +110,32 @@ impl Product for Bf16Linear {
     /// # Panics
     /// On a CPU without AVX512-BF16 (see [`available`]; loading refuses bf16 there).
     fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_on(x, rows, false)
+    }
+}
+
+impl Bf16Linear {
+    /// `x·Wᵀ` like [`Product::matmul`], on AMX-BF16 tiles where the CPU has them (many rows at
+    /// the memory's pace). The tiles round their pair sums their own way, so the result may
+    /// differ from `matmul`'s in the last bits: for callers that bound the product's error
+    /// rather than need its exact bits (the greedy screen, [`super::greedy`]).
+    pub fn matmul_any_rounding(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_on(x, rows, true)
+    }
+
+    /// Whether [`Bf16Linear::matmul_any_rounding`] runs on AMX tiles on this CPU.
+    pub fn has_tiles(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.pairs.is_multiple_of(amx::STEP) && amx::ready()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    fn matmul_on(&self, x: &[f32], rows: usize, tiles: bool) -> Vec<f32> {
         assert!(available(), "the bf16 product needs AVX512-BF16");
         assert_eq!(x.len(), rows * self.input, "{rows} rows of {}", self.input);
         let acts: Vec<u32> = x
@@ -119,6 +145,7 @@ impl Product for Bf16Linear {
                     .map(|two| pair(two[0], two.get(1).copied().unwrap_or(0.0)))
             })
             .collect();
+        let tiles = tiles && self.has_tiles();
         let panels = self.out.div_ceil(PANEL);
         let width = panels * PANEL;
         let mut y = PaddedOut::new(rows, width);
@@ -134,8 +161,9 @@ impl Product for Bf16Linear {
             };
             // SAFETY: panel `p` writes only columns `p*PANEL..(p+1)*PANEL` of `y` (row stride
             // `width`), which no other task writes; `y` has room for `rows × width` floats and
-            // outlives the loop; the CPU has AVX512-BF16 (asserted above).
-            unsafe { run(&job) };
+            // outlives the loop; the CPU has AVX512-BF16 (asserted above), and AMX-BF16 with
+            // whole tile steps where `tiles` holds.
+            unsafe { run(&job, tiles) };
         });
         // SAFETY: the panels cover all `width` columns of all rows, and each pass stores every
         // element of its rows and panel.
@@ -156,9 +184,18 @@ struct Job<'a> {
 }
 
 /// # Safety
-/// The CPU must have AVX512-BF16, and `job.out` be valid for writes of `job.rows` rows of
-/// [`PANEL`] floats at `job.stride`.
-unsafe fn run(job: &Job) {
+/// The CPU must have AVX512-BF16 (and with `tiles`, AMX-BF16 granted and `job.pairs` whole tile
+/// steps), and `job.out` be valid for writes of `job.rows` rows of [`PANEL`] floats at
+/// `job.stride`.
+unsafe fn run(job: &Job, tiles: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if tiles {
+        for r0 in (0..job.rows).step_by(amx::ROWS) {
+            // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
+            unsafe { amx::pass(job, r0, (job.rows - r0).min(amx::ROWS)) };
+        }
+        return;
+    }
     let mut r0 = 0;
     while r0 < job.rows {
         let n = (job.rows - r0).min(ROWS);
@@ -175,6 +212,106 @@ unsafe fn run(job: &Job) {
             }
         }
         r0 += n;
+    }
+}
+
+/// The AMX-BF16 kernel: `n <= 16` rows times the panel's four groups of 16 channels, 16 input
+/// pairs per `tdpbf16ps`. The packed panel is already the tiles' layout (a weight tile row is one
+/// pair of inputs for 16 channels, 64 bytes; rows 256 bytes apart), and so are the rounded
+/// activations (a row of 16 pairs), so the tiles load both in place.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use std::arch::asm;
+
+    use super::{Job, PANEL};
+    use crate::model::amx::Feature;
+
+    /// Input pairs per `tdpbf16ps`: a tile row holds 64 bytes.
+    pub(super) const STEP: usize = 16;
+    /// Rows per pass: a tile holds 16.
+    pub(super) const ROWS: usize = 16;
+
+    pub(super) fn ready() -> bool {
+        crate::model::amx::ready(Feature::Bf16)
+    }
+
+    /// Palette 1: tiles 0-3 the four channel groups' sums (`n` rows of 16 f32), tile 4 the
+    /// activations (`n` rows of 16 pairs), tiles 5-7 weights (16 pairs × 16 channels).
+    fn config(n: usize) -> [u8; 64] {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for t in 0..8 {
+            cfg[16 + 2 * t] = 64;
+            cfg[48 + t] = if t < 5 { n as u8 } else { 16 };
+        }
+        cfg
+    }
+
+    /// Rows `r0..r0 + n` (`n <= 16`) of the panel.
+    ///
+    /// # Safety
+    /// [`ready`] must be true, `job.pairs` a multiple of [`STEP`], and `job.out` valid for
+    /// writes of rows `r0..r0 + n` of [`PANEL`] floats at `job.stride`.
+    pub(super) unsafe fn pass(job: &Job, r0: usize, n: usize) {
+        let cfg = config(n);
+        let (w, a) = (job.panel.as_ptr(), job.acts[r0 * job.pairs..].as_ptr());
+        // SAFETY: `cfg` is a valid palette-1 configuration, read once by `ldtilecfg`; then the
+        // four sum tiles it configures are zeroed.
+        unsafe {
+            asm!(
+                "ldtilecfg [{}]",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                in(reg) cfg.as_ptr(),
+                options(nostack, readonly),
+            )
+        };
+        for j in (0..job.pairs).step_by(STEP) {
+            // SAFETY: the activation tile reads `n` rows of 64 bytes from pair `j` at stride
+            // `pairs` (`j + 16 <= pairs`, rows `r0..r0+n` exist); each weight tile reads 16 pair
+            // rows `j..j+16` of 64 bytes at the panel's row stride, inside the panel.
+            unsafe {
+                asm!(
+                    "tileloadd tmm4, [{a} + {ka}*1]",
+                    "tileloadd tmm5, [{w0} + {kw}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm5",
+                    "tileloadd tmm6, [{w1} + {kw}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm6",
+                    "tileloadd tmm7, [{w2} + {kw}*1]",
+                    "tdpbf16ps tmm2, tmm4, tmm7",
+                    "tileloadd tmm5, [{w3} + {kw}*1]",
+                    "tdpbf16ps tmm3, tmm4, tmm5",
+                    a = in(reg) a.add(j),
+                    ka = in(reg) job.pairs * 4,
+                    w0 = in(reg) w.add(j * PANEL),
+                    w1 = in(reg) w.add(j * PANEL + 16),
+                    w2 = in(reg) w.add(j * PANEL + 32),
+                    w3 = in(reg) w.add(j * PANEL + 48),
+                    kw = in(reg) PANEL * 4,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        // SAFETY: each store writes `n` rows of 16 floats (64 bytes) at the output's row stride,
+        // inside rows `r0..r0+n` and the panel's columns; then the tile state is released.
+        unsafe {
+            let out = job.out.add(r0 * job.stride);
+            asm!(
+                "tilestored [{o0} + {stride}*1], tmm0",
+                "tilestored [{o1} + {stride}*1], tmm1",
+                "tilestored [{o2} + {stride}*1], tmm2",
+                "tilestored [{o3} + {stride}*1], tmm3",
+                "tilerelease",
+                o0 = in(reg) out,
+                o1 = in(reg) out.add(16),
+                o2 = in(reg) out.add(32),
+                o3 = in(reg) out.add(48),
+                stride = in(reg) job.stride * 4,
+                options(nostack),
+            );
+        }
     }
 }
 
@@ -231,11 +368,12 @@ mod tests {
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
     }
 
-    const SHAPES: [(usize, usize, usize); 5] = [
+    const SHAPES: [(usize, usize, usize); 6] = [
         (1, 64, 512),
         (3, 70, 385),
         (5, 130, 100),
         (16, 200, 1024),
+        (20, 70, 64),
         (75, 67, 33),
     ];
 
@@ -260,19 +398,29 @@ mod tests {
                 random(rows * input, i as u64),
                 random(out * input, 50 + i as u64),
             );
-            let y = Bf16Linear::pack(&w, out, input).matmul(&x, rows);
-            for r in 0..rows {
-                for o in 0..out {
-                    let (exact, magnitude) = rounded_product(&x, &w, r, o, input);
-                    // Products of bf16 values are exact in f32; `input` f32 additions round.
-                    let bound = input as f64 * f64::from(f32::EPSILON) * magnitude;
-                    let got = f64::from(y[r * out + o]);
-                    assert!(
-                        (got - exact).abs() <= bound,
-                        "{rows}x{out}x{input} [{r},{o}]: {got} vs {exact}"
-                    );
+            let linear = Bf16Linear::pack(&w, out, input);
+            let products = [
+                linear.matmul(&x, rows),
+                linear.matmul_any_rounding(&x, rows),
+            ];
+            for (y, kind) in products.iter().zip(["matmul", "tiles"]) {
+                for r in 0..rows {
+                    for o in 0..out {
+                        let (exact, magnitude) = rounded_product(&x, &w, r, o, input);
+                        // Products of bf16 values are exact in f32; `input` f32 additions round.
+                        let bound = input as f64 * f64::from(f32::EPSILON) * magnitude;
+                        let got = f64::from(y[r * out + o]);
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{kind} {rows}x{out}x{input} [{r},{o}]: {got} vs {exact}"
+                        );
+                    }
                 }
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if !amx::ready() {
+            eprintln!("this CPU has no AMX-BF16: `matmul_any_rounding` ran on AVX512-BF16");
         }
     }
 

@@ -1,7 +1,8 @@
-//! Exact greedy tokens for half of `lm_head`'s bytes: a decode step of a few rows is bound by
-//! reading `W` (0.5 GB in f32 for mt0-small's 250k-token vocabulary), so the logits are first
-//! screened with a bf16 copy of `W` ([`Bf16Linear`], half the bytes), and only the tokens the
-//! screen cannot rule out are computed again in f32, with the very chain the f32 product uses.
+//! Exact greedy tokens for half of `lm_head`'s bytes: a decode step is bound by reading `W`
+//! (0.5 GB in f32 for mt0-small's 250k-token vocabulary) on few rows and by multiplying on many,
+//! so the logits are first screened with a bf16 copy of `W` ([`Bf16Linear`] on AMX-BF16 tiles,
+//! half the bytes and many times f32's multiply rate), and only the tokens the screen cannot rule
+//! out are computed again in f32, with the very chain the f32 product uses.
 //!
 //! Why that is exact: for a row `x` and token `c`, the screen's logit `s_c` and the f32 logit
 //! `l_c` differ by at most `b_c = C·‖x‖·‖W_c‖` (bf16 rounding of `x` and `W_c`, f32 summation on
@@ -19,6 +20,11 @@ use super::product::Product;
 
 /// Candidates per row beyond which the screen gives up (the full product is then cheaper).
 const MAX_CANDIDATES: usize = 1024;
+/// Rows up to which the screen beats the f32 product without AMX tiles (`cargo bench --bench
+/// engine -- greedy`): `vdpbf16ps` multiplies at about half f32's rate on the CPUs measured, so
+/// it pays only while reading `W` dominates. On AMX-BF16 tiles it reads at the memory's pace at
+/// any batch (2x at 1 to 64 rows).
+const MAX_ROWS_WITHOUT_TILES: usize = 8;
 
 /// `lm_head` with its bf16 screen and the row norms the bounds need.
 #[derive(Debug)]
@@ -72,6 +78,11 @@ impl GreedyHead {
         })
     }
 
+    /// Whether screening `rows` rows is faster than the f32 product.
+    pub fn pays_for(&self, rows: usize) -> bool {
+        rows <= MAX_ROWS_WITHOUT_TILES || self.screen.has_tiles()
+    }
+
     pub fn size_in_bytes(&self) -> usize {
         self.screen.size_in_bytes() + self.norms.len() * 8
     }
@@ -84,7 +95,7 @@ impl GreedyHead {
         if x.len() != rows * input || x.iter().any(|v| !v.is_finite()) {
             return None;
         }
-        let screened = self.screen.matmul(x, rows);
+        let screened = self.screen.matmul_any_rounding(x, rows);
         let out = self.exact.out();
         screened
             .par_chunks(out)
@@ -216,7 +227,7 @@ mod tests {
         let Some(head) = GreedyHead::new(exact.clone()) else {
             return;
         };
-        let screened = head.screen.matmul(&x, 1);
+        let screened = head.screen.matmul_any_rounding(&x, 1);
         assert_eq!(
             first_argmax(&screened),
             9,

@@ -562,7 +562,6 @@ mod vnni {
 mod amx {
     use std::arch::asm;
     use std::arch::x86_64::*;
-    use std::sync::OnceLock;
 
     use super::{GROUP, GROUP_BYTES, LANES, PANELS, TILE, TileJob};
 
@@ -573,57 +572,7 @@ mod amx {
 
     /// Whether this CPU has AMX-INT8 and the OS has granted this process the tile state.
     pub(super) fn ready() -> bool {
-        static READY: OnceLock<bool> = OnceLock::new();
-        *READY.get_or_init(|| {
-            // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
-            let leaf = __cpuid_count(7, 0);
-            if leaf.edx & (0b11 << 24) != 0b11 << 24 {
-                return false;
-            }
-            let granted = request_tile_state();
-            if !granted {
-                tracing::info!("the CPU has AMX but the OS did not grant the tile state; q8 runs on AVX-512 VNNI");
-            }
-            granted
-        })
-    }
-
-    /// Asks Linux for the AMX tile data state (`ARCH_REQ_XCOMP_PERM`, feature 18) and checks
-    /// that XCR0 has it enabled.
-    #[cfg(target_os = "linux")]
-    fn request_tile_state() -> bool {
-        const SYS_ARCH_PRCTL: i64 = 158;
-        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
-        const XFEATURE_XTILEDATA: i64 = 18;
-        let rc: i64;
-        // SAFETY: the arch_prctl system call with integer arguments; it changes no memory of
-        // this process, and `syscall` clobbers only rcx and r11.
-        unsafe {
-            asm!(
-                "syscall",
-                inlateout("rax") SYS_ARCH_PRCTL => rc,
-                in("rdi") ARCH_REQ_XCOMP_PERM,
-                in("rsi") XFEATURE_XTILEDATA,
-                lateout("rcx") _,
-                lateout("r11") _,
-                options(nostack),
-            );
-        }
-        if rc != 0 {
-            return false;
-        }
-        let (low, _high): (u32, u32);
-        // SAFETY: XGETBV 0 reads XCR0; AVX-512 being detected means the OS enabled XSAVE.
-        unsafe {
-            asm!("xgetbv", in("ecx") 0, out("eax") low, out("edx") _high, options(nomem, nostack))
-        };
-        // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA).
-        low & (0b11 << 17) == 0b11 << 17
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn request_tile_state() -> bool {
-        false
+        crate::model::amx::ready(crate::model::amx::Feature::Int8)
     }
 
     /// Palette 1 with tiles 0-3 the four panels' sums (`n` rows of 16 i32), tile 4 the

@@ -3,6 +3,7 @@
 //! quantize its linear layers. Each `--variant` is merged from the same base weights and shares
 //! with the others every tensor its adapters leave alone.
 
+pub mod amx;
 pub mod bf16_linear;
 pub mod decode_batch;
 pub mod digest;

@@ -28,11 +28,6 @@ use crate::model::linear::{Linear, SharedLayers, Storage};
 use crate::model::packed_attention;
 use crate::model::weights::Weights;
 
-/// Decode rows up to which [`T5Model::greedy_tokens`] screens `lm_head` in bf16: on few rows the
-/// product reads the weight (half the bytes in bf16), on more it computes, where `vdpbf16ps` is
-/// no faster than f32's multiply-adds here (README, Benchmarks).
-pub const GREEDY_SCREEN_ROWS: usize = 8;
-
 /// `config.json` of a T5-family checkpoint. Unknown fields are ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
@@ -1007,16 +1002,13 @@ impl T5Model {
     }
 
     /// Each row's greedy token, the first argmax of [`Self::logits`], when `lm_head` has its
-    /// bf16 screen and this step has at most [`GREEDY_SCREEN_ROWS`] rows (see
-    /// [`super::greedy`]); `None` where the logits must be computed.
+    /// bf16 screen and it pays for this many rows (see [`super::greedy`]); `None` where the
+    /// logits must be computed.
     pub fn greedy_tokens(&self, hidden: &Tensor) -> candle_core::Result<Option<Vec<u32>>> {
-        let Some(head) = &self.greedy else {
+        let rows = hidden.dim(0)?;
+        let Some(head) = self.greedy.as_ref().filter(|h| h.pays_for(rows)) else {
             return Ok(None);
         };
-        let rows = hidden.dim(0)?;
-        if rows > GREEDY_SCREEN_ROWS {
-            return Ok(None);
-        }
         let x: Vec<f32> = self
             .head_input(hidden)?
             .to_dtype(DType::F32)?
