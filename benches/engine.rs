@@ -216,7 +216,7 @@ fn bench_model(c: &mut Criterion, quantization: Quantization) {
 fn bench_greedy(c: &mut Criterion, model: &T5Model) {
     let mut group = c.benchmark_group("mt0-small-f32-greedy");
     group.sample_size(10);
-    for rows in [1, 4, 8, 16] {
+    for rows in [1, 4, 8, 16, 32, 64] {
         let ids: Vec<Vec<u32>> = (0..rows)
             .map(|b| (0..32).map(|i| (100 + b * 7 + i) as u32).collect())
             .collect();

@@ -1,12 +1,16 @@
-//! The matrix product behind `--dtype bf16` on the CPU: `y = x·Wᵀ` with `W` rounded to bf16 once
-//! at load time and `x` rounded at every call, products summed in f32 by AVX512-BF16's
-//! `vdpbf16ps` (two products per f32 lane and instruction, twice f32's rate, half its bytes).
+//! The matrix product behind `--dtype bf16` on the CPU (and `lm_head`'s greedy screen,
+//! [`super::greedy`]): `y = x·Wᵀ` with `W` rounded to bf16 once at load time and `x` rounded at
+//! every call, products summed in f32 by AMX-BF16's `tdpbf16ps` tiles where the CPU has them
+//! (Sapphire Rapids and later), else by AVX512-BF16's `vdpbf16ps`.
 //!
 //! The layout is [`super::f32_linear`]'s with pairs of inputs: panels of [`PANEL`] output
 //! channels, for each pair of inputs `(2j, 2j+1)` the panel's 64 weight pairs side by side (one
-//! 64-byte load feeds 16 channels), each activation pair broadcast to them. Every output is the
-//! same chain of pair sums in input order whatever the batch, so a row's output does not depend
-//! on which other rows share the call.
+//! 64-byte load feeds 16 channels), each activation pair broadcast to them; it is also the tiles'
+//! own layout. Each output's sums run the same way whatever the batch, so a row's output does not
+//! depend on which other rows share the call. The two instruction sets round their pair sums
+//! differently, so their last bits differ: a layer runs on one of them for every call (tiles
+//! wherever its input is whole tile steps of 32), and both stay within f32 summation's error of
+//! the rounded operands' exact product (unit test).
 //!
 //! Only CPUs with AVX512-BF16 run it (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4
 //! and later); [`available`] says whether this one does, and loading refuses bf16 elsewhere.
@@ -110,20 +114,12 @@ impl Product for Bf16Linear {
     /// # Panics
     /// On a CPU without AVX512-BF16 (see [`available`]; loading refuses bf16 there).
     fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        self.matmul_on(x, rows, false)
+        self.matmul_on(x, rows, self.has_tiles())
     }
 }
 
 impl Bf16Linear {
-    /// `x·Wᵀ` like [`Product::matmul`], on AMX-BF16 tiles where the CPU has them (many rows at
-    /// the memory's pace). The tiles round their pair sums their own way, so the result may
-    /// differ from `matmul`'s in the last bits: for callers that bound the product's error
-    /// rather than need its exact bits (the greedy screen, [`super::greedy`]).
-    pub fn matmul_any_rounding(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        self.matmul_on(x, rows, true)
-    }
-
-    /// Whether [`Bf16Linear::matmul_any_rounding`] runs on AMX tiles on this CPU.
+    /// Whether [`Product::matmul`] runs on AMX tiles on this CPU.
     pub fn has_tiles(&self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -145,7 +141,6 @@ impl Bf16Linear {
                     .map(|two| pair(two[0], two.get(1).copied().unwrap_or(0.0)))
             })
             .collect();
-        let tiles = tiles && self.has_tiles();
         let panels = self.out.div_ceil(PANEL);
         let width = panels * PANEL;
         let mut y = PaddedOut::new(rows, width);
@@ -400,10 +395,10 @@ mod tests {
             );
             let linear = Bf16Linear::pack(&w, out, input);
             let products = [
-                linear.matmul(&x, rows),
-                linear.matmul_any_rounding(&x, rows),
+                linear.matmul_on(&x, rows, false),
+                linear.matmul_on(&x, rows, linear.has_tiles()),
             ];
-            for (y, kind) in products.iter().zip(["matmul", "tiles"]) {
+            for (y, kind) in products.iter().zip(["vdpbf16ps", "tiles"]) {
                 for r in 0..rows {
                     for o in 0..out {
                         let (exact, magnitude) = rounded_product(&x, &w, r, o, input);
@@ -420,7 +415,7 @@ mod tests {
         }
         #[cfg(target_arch = "x86_64")]
         if !amx::ready() {
-            eprintln!("this CPU has no AMX-BF16: `matmul_any_rounding` ran on AVX512-BF16");
+            eprintln!("this CPU has no AMX-BF16: only the AVX512-BF16 kernel ran");
         }
     }
 
@@ -430,13 +425,20 @@ mod tests {
             eprintln!("this CPU has no AVX512-BF16: the bf16 product cannot run here");
             return;
         }
-        let (rows, out, input) = (13, 130, 96);
+        // More rows than a tile holds, so some share a tile pass with others and some do not.
+        let (rows, out, input) = (21, 130, 96);
         let (x, w) = (random(rows * input, 1), random(out * input, 2));
         let linear = Bf16Linear::pack(&w, out, input);
-        let batch = linear.matmul(&x, rows);
-        for r in 0..rows {
-            let alone = linear.matmul(&x[r * input..(r + 1) * input], 1);
-            assert_eq!(alone, batch[r * out..(r + 1) * out], "row {r}");
+        for tiles in [false, linear.has_tiles()] {
+            let batch = linear.matmul_on(&x, rows, tiles);
+            for r in 0..rows {
+                let alone = linear.matmul_on(&x[r * input..(r + 1) * input], 1, tiles);
+                assert_eq!(
+                    alone,
+                    batch[r * out..(r + 1) * out],
+                    "row {r}, tiles {tiles}"
+                );
+            }
         }
     }
 }

@@ -95,7 +95,7 @@ impl GreedyHead {
         if x.len() != rows * input || x.iter().any(|v| !v.is_finite()) {
             return None;
         }
-        let screened = self.screen.matmul_any_rounding(x, rows);
+        let screened = self.screen.matmul(x, rows);
         let out = self.exact.out();
         screened
             .par_chunks(out)
@@ -227,7 +227,7 @@ mod tests {
         let Some(head) = GreedyHead::new(exact.clone()) else {
             return;
         };
-        let screened = head.screen.matmul_any_rounding(&x, 1);
+        let screened = head.screen.matmul(&x, 1);
         assert_eq!(
             first_argmax(&screened),
             9,
