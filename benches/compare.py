@@ -70,7 +70,7 @@ def cpu_flags() -> str:
             flags.update(line.split(":", 1)[1].split())
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
-    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"]
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
     return f"{model}, {os.cpu_count()} cores, " + " ".join(f for f in wanted if f in flags)
 
 
