@@ -961,7 +961,7 @@ fn metric_labels_are_bounded_and_user_strings_stay_on_one_log_line() {
     let forged =
         json!({"inputs": SHORT, "parameters": {"adapter_id": "x\nFORGED request refused"}});
     assert_eq!(s.post("/v1/sentiment", &forged).0, 422);
-    let logs = s.log_text();
+    let logs = s.log_text_with("x\\nFORGED");
     assert!(logs.contains("x\\nFORGED"), "{logs}");
     assert!(!logs.lines().any(|l| l.starts_with("FORGED")), "{logs}");
 }
@@ -1079,7 +1079,10 @@ fn api_keys_rotate_without_a_restart() {
     hangup(&s);
     until("old-key", 401, "new-key");
     assert_eq!(ask("new-key"), 200);
-    assert!(s.log_text().contains("API keys reloaded"));
+    assert!(
+        s.log_text_with("API keys reloaded")
+            .contains("API keys reloaded")
+    );
     assert!(!s.log_text().contains("new-key"), "a key reached the logs");
     drop(s);
 

@@ -13,6 +13,19 @@ pub enum Feature {
     Bf16,
 }
 
+/// The tile configuration both kernels use (palette 1, every tile row 64 bytes): tiles 0-3 the
+/// sums of four groups of 16 output channels for `n <= 16` rows, tile 4 those rows'
+/// activations, tiles 5-7 weight tiles of 16 rows. `ldtilecfg` reads it.
+pub fn tile_config(n: usize) -> [u8; 64] {
+    let mut cfg = [0u8; 64];
+    cfg[0] = 1;
+    for t in 0..8 {
+        cfg[16 + 2 * t] = 64;
+        cfg[48 + t] = if t < 5 { n as u8 } else { 16 };
+    }
+    cfg
+}
+
 /// Whether this CPU has AMX-TILE and `feature`, and the OS granted this process the tile state
 /// (asked once, the first time).
 #[cfg(target_arch = "x86_64")]

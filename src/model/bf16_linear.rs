@@ -230,25 +230,15 @@ mod amx {
         crate::model::amx::ready(Feature::Bf16)
     }
 
-    /// Palette 1: tiles 0-3 the four channel groups' sums (`n` rows of 16 f32), tile 4 the
-    /// activations (`n` rows of 16 pairs), tiles 5-7 weights (16 pairs × 16 channels).
-    fn config(n: usize) -> [u8; 64] {
-        let mut cfg = [0u8; 64];
-        cfg[0] = 1;
-        for t in 0..8 {
-            cfg[16 + 2 * t] = 64;
-            cfg[48 + t] = if t < 5 { n as u8 } else { 16 };
-        }
-        cfg
-    }
-
     /// Rows `r0..r0 + n` (`n <= 16`) of the panel.
     ///
     /// # Safety
     /// [`ready`] must be true, `job.pairs` a multiple of [`STEP`], and `job.out` valid for
     /// writes of rows `r0..r0 + n` of [`PANEL`] floats at `job.stride`.
     pub(super) unsafe fn pass(job: &Job, r0: usize, n: usize) {
-        let cfg = config(n);
+        // Sums: `n` rows of 16 f32; activations: `n` rows of 16 pairs; weights: 16 pairs × 16
+        // channels.
+        let cfg = crate::model::amx::tile_config(n);
         let (w, a) = (job.panel.as_ptr(), job.acts[r0 * job.pairs..].as_ptr());
         // SAFETY: `cfg` is a valid palette-1 configuration, read once by `ldtilecfg`; then the
         // four sum tiles it configures are zeroed.

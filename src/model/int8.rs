@@ -575,19 +575,6 @@ mod amx {
         crate::model::amx::ready(crate::model::amx::Feature::Int8)
     }
 
-    /// Palette 1 with tiles 0-3 the four panels' sums (`n` rows of 16 i32), tile 4 the
-    /// activations (`n` rows of 64 bytes) and tiles 5-7 weights (16 groups of 4 inputs × 16
-    /// channels).
-    fn config(n: usize) -> [u8; 64] {
-        let mut cfg = [0u8; 64];
-        cfg[0] = 1;
-        for t in 0..8 {
-            cfg[16 + 2 * t] = 64;
-            cfg[48 + t] = if t < 5 { n as u8 } else { 16 };
-        }
-        cfg
-    }
-
     /// `n <= 16` rows × one tile.
     ///
     /// # Safety
@@ -595,7 +582,9 @@ mod amx {
     /// for writes of `n` rows of [`TILE`] floats at `job.stride`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile(job: &TileJob, n: usize) {
-        let cfg = config(n);
+        // Sums: `n` rows of 16 i32; activations: `n` rows of 64 bytes; weights: 16 groups of 4
+        // inputs × 16 channels.
+        let cfg = crate::model::amx::tile_config(n);
         let mut sums = [[[0i32; LANES]; ROWS]; PANELS];
         let (codes, weights) = (job.codes.as_ptr(), job.weights.as_ptr());
         // SAFETY: `cfg` is a valid palette-1 configuration, read once by `ldtilecfg`.

@@ -154,6 +154,19 @@ impl Server {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// The log once it holds `needle`, or as it is after 10 s: a request's line reaches the
+    /// reader thread a moment after its response reaches the client.
+    pub fn log_text_with(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let logs = self.log_text();
+            if logs.contains(needle) || std::time::Instant::now() > deadline {
+                return logs;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: sending a signal to our own child process.
         unsafe {
