@@ -482,7 +482,7 @@ mod avx2 {
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Dims, GROUP, GROUP_BYTES, LANES, PANELS, TILE, TileJob};
+    use super::{Dims, GROUP, GROUP_BYTES, LANES, PANELS, TileJob, store_block};
 
     /// [`super::round_rows`] compiled for AVX-512, where its loops vectorize 16 wide.
     ///
@@ -521,35 +521,54 @@ mod vnni {
                 }
             }
             for p in 0..PANELS {
-                let at = b * TILE + p * LANES;
-                let offsets = &job.offsets[at..at + LANES];
-                let scales = &job.scales[at..at + LANES];
-                // SAFETY: both slices hold 16 elements.
-                let (offsets, scales) = unsafe {
-                    (
-                        _mm512_loadu_si512(offsets.as_ptr().cast()),
-                        _mm512_loadu_ps(scales.as_ptr()),
-                    )
-                };
                 for (r, acc) in acc.iter().enumerate() {
-                    let row_scale = _mm512_set1_ps(job.row_scales[r * job.blocks + b]);
-                    let value = _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p], offsets)),
-                        _mm512_mul_ps(scales, row_scale),
-                    );
-                    // SAFETY: row `r < R`, columns `p*16..p*16+16 <= TILE`, as the caller guarantees.
-                    unsafe {
-                        let out = job.out.add(r * job.stride + p * LANES);
-                        let sum = if b == 0 {
-                            value
-                        } else {
-                            _mm512_add_ps(_mm512_loadu_ps(out), value)
-                        };
-                        _mm512_storeu_ps(out, sum);
-                    }
+                    // SAFETY: row `r < R`, block `b` and group `p` of this tile, as the caller
+                    // guarantees.
+                    unsafe { store_block(job, b, p, r, acc[p]) };
                 }
             }
         }
+    }
+}
+
+/// Turns row `r`'s i32 sums of block `b` and channel group `p` into f32 (the block's zero-point
+/// offsets removed, the weight and row scales applied) and adds them to the output row (the
+/// first block stores them). The VNNI and AMX kernels both end here, so they give the same bits.
+///
+/// # Safety
+/// The CPU must have AVX-512F, and row `r` of `job.out` be valid for writes of group `p`'s 16
+/// columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_block(
+    job: &TileJob,
+    b: usize,
+    p: usize,
+    r: usize,
+    sums: std::arch::x86_64::__m512i,
+) {
+    use std::arch::x86_64::*;
+    let at = b * TILE + p * LANES;
+    let (offsets, scales) = (&job.offsets[at..at + LANES], &job.scales[at..at + LANES]);
+    // SAFETY: both slices hold 16 elements; the output row is the caller's guarantee.
+    unsafe {
+        let value = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                sums,
+                _mm512_loadu_si512(offsets.as_ptr().cast()),
+            )),
+            _mm512_mul_ps(
+                _mm512_loadu_ps(scales.as_ptr()),
+                _mm512_set1_ps(job.row_scales[r * job.blocks + b]),
+            ),
+        );
+        let out = job.out.add(r * job.stride + p * LANES);
+        let total = if b == 0 {
+            value
+        } else {
+            _mm512_add_ps(_mm512_loadu_ps(out), value)
+        };
+        _mm512_storeu_ps(out, total);
     }
 }
 
@@ -563,7 +582,7 @@ mod amx {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{GROUP, GROUP_BYTES, LANES, PANELS, TILE, TileJob};
+    use super::{GROUP, GROUP_BYTES, LANES, PANELS, TileJob};
 
     /// Inputs per `tdpbusd`: a tile row holds 64 bytes.
     pub(super) const STEP: usize = 64;
@@ -646,33 +665,12 @@ mod amx {
                 );
             }
             for (p, panel) in sums.iter().enumerate() {
-                let at = b * TILE + p * LANES;
-                let offsets = &job.offsets[at..at + LANES];
-                let scales = &job.scales[at..at + LANES];
-                // SAFETY: both slices hold 16 elements.
-                let (offsets, scales) = unsafe {
-                    (
-                        _mm512_loadu_si512(offsets.as_ptr().cast()),
-                        _mm512_loadu_ps(scales.as_ptr()),
-                    )
-                };
                 for (r, sum) in panel.iter().take(n).enumerate() {
-                    let row_scale = _mm512_set1_ps(job.row_scales[r * job.blocks + b]);
-                    // SAFETY: `sum` holds 16 i32; the same steps as `vnni::tile`.
+                    // SAFETY: `sum` holds 16 i32; row `r < n`, block `b` and group `p` of this
+                    // tile, as the caller guarantees.
                     unsafe {
-                        let acc = _mm512_loadu_si512(sum.as_ptr().cast());
-                        let value = _mm512_mul_ps(
-                            _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, offsets)),
-                            _mm512_mul_ps(scales, row_scale),
-                        );
-                        // Row `r < n`, columns `p*16..p*16+16 <= TILE`, as the caller guarantees.
-                        let out = job.out.add(r * job.stride + p * LANES);
-                        let total = if b == 0 {
-                            value
-                        } else {
-                            _mm512_add_ps(_mm512_loadu_ps(out), value)
-                        };
-                        _mm512_storeu_ps(out, total);
+                        let sum = _mm512_loadu_si512(sum.as_ptr().cast());
+                        super::store_block(job, b, p, r, sum);
                     }
                 }
             }
