@@ -218,8 +218,9 @@ fn incremental_decoding_matches_full_decoding() {
     }
 }
 
-/// Sequences that join a running batch late, leave early, or reuse a freed slot see exactly the
-/// logits they would see alone: per-slot masks and the shared position bias are right.
+/// Sequences that join a running batch late, leave early, or reuse a freed slot (in the middle,
+/// or the last row after the step shrank) see exactly the logits they would see alone: per-slot
+/// masks and the shared position bias are right.
 #[test]
 fn sequences_joining_and_leaving_a_running_batch_match_the_reference() {
     let r = reference("mt5_all_patterns");
@@ -238,7 +239,7 @@ fn sequences_joining_and_leaving_a_running_batch_match_the_reference() {
     };
     let first = join(&mut batch, &mut running, 0);
     let mut checked = 0;
-    for round in 0..steps + 3 {
+    for round in 0..steps + 5 {
         match round {
             2 => {
                 join(&mut batch, &mut running, 1);
@@ -248,6 +249,15 @@ fn sequences_joining_and_leaving_a_running_batch_match_the_reference() {
                 running.retain(|&(i, _, _)| i != 0);
                 batch.free(first);
                 assert_eq!(join(&mut batch, &mut running, 2), first);
+            }
+            4 => {
+                // The last row's sequence leaves, so the step shrinks; input 1 starts again and
+                // moves into that row, whose storage still holds the old sequence's keys.
+                let (_, last, _) = running.iter().copied().max_by_key(|&(_, s, _)| s).unwrap();
+                running.retain(|&(_, s, _)| s != last);
+                batch.free(last);
+                assert_eq!(batch.num_slots(), last);
+                assert_eq!(join(&mut batch, &mut running, 1), last);
             }
             _ => {}
         }

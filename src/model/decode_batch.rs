@@ -197,7 +197,9 @@ impl DecodeBatch {
         Ok(slots)
     }
 
-    /// Frees a slot. When no slot is left active the cache is released entirely.
+    /// Frees a slot. Trailing free rows leave the step (the views [`Self::layer`] hands out end
+    /// before them) but keep their storage, so the next sequences move in without a copy. When no
+    /// slot is left active the cache is released entirely.
     pub fn free(&mut self, slot: usize) {
         if let Some(s) = self.slots.get_mut(slot) {
             *s = None;
@@ -207,20 +209,6 @@ impl DecodeBatch {
         }
         if self.slots.is_empty() {
             *self = Self::new(self.shape, self.dtype, &self.device);
-            return;
-        }
-        // Trailing free rows leave the step: a prefix along dim 0 is a contiguous view, no copy.
-        let rows = self.slots.len();
-        if let Some(t) = self.tensors.as_mut() {
-            for (k, v) in t.self_kv.iter_mut().chain(t.cross_kv.iter_mut()) {
-                if let (Ok(nk), Ok(nv)) = (k.narrow(0, 0, rows), v.narrow(0, 0, rows)) {
-                    *k = nk;
-                    *v = nv;
-                }
-            }
-            if let Ok(m) = t.cross_mask.narrow(0, 0, rows) {
-                t.cross_mask = m;
-            }
         }
     }
 
@@ -231,27 +219,28 @@ impl DecodeBatch {
             .tensors
             .as_mut()
             .ok_or_else(|| candle_core::Error::Msg("decode batch has no cache".into()))?;
-        let old = self.slots.len();
-        if slots > old {
+        // Rows past the active ones hold what earlier sequences left: a new sequence's cross K/V
+        // overwrite its row, and its self-attention masks every column before its first.
+        let stored = t.cross_kv.first().map_or(Ok(0), |(k, _)| k.dim(0))?;
+        if slots > stored {
             let grow = |x: &Tensor| -> candle_core::Result<Tensor> {
                 let mut dims = x.dims().to_vec();
-                dims[0] = slots - old;
+                dims[0] = slots - stored;
                 Tensor::cat(&[x, &Tensor::zeros(dims, x.dtype(), x.device())?], 0)
             };
             for (k, v) in t.self_kv.iter_mut().chain(t.cross_kv.iter_mut()) {
                 *k = grow(k)?;
                 *v = grow(v)?;
             }
+        }
+        let rows = stored.max(slots);
+        if slots > self.slots.len() {
             self.slots.resize(slots, None);
         }
         if src > self.src_capacity {
             let extra = src - self.src_capacity;
             for (k, v) in t.cross_kv.iter_mut() {
-                let pad = Tensor::zeros(
-                    (self.slots.len(), s.heads, extra, s.d_kv),
-                    k.dtype(),
-                    k.device(),
-                )?;
+                let pad = Tensor::zeros((rows, s.heads, extra, s.d_kv), k.dtype(), k.device())?;
                 *k = Tensor::cat(&[&*k, &pad], 2)?;
                 *v = Tensor::cat(&[&*v, &pad], 2)?;
             }
@@ -268,7 +257,6 @@ impl DecodeBatch {
                 .unwrap_or(self.columns);
             let used = self.columns - start;
             let capacity = columns.max(2 * used).max(MIN_COLUMNS);
-            let rows = self.slots.len();
             for (k, v) in t.self_kv.iter_mut() {
                 let pad = Tensor::zeros(
                     (rows, s.heads, capacity - used, s.d_kv),
@@ -342,15 +330,19 @@ impl DecodeBatch {
     }
 
     /// Layer `layer`'s caches: self K/V (whole capacity), cross K/V and the cross mask.
-    pub fn layer(&self, layer: usize) -> candle_core::Result<LayerCache<'_>> {
+    pub fn layer(&self, layer: usize) -> candle_core::Result<LayerCache> {
         let t = self
             .tensors
             .as_ref()
             .ok_or_else(|| candle_core::Error::Msg("decode batch is empty".into()))?;
+        let rows = self.slots.len();
+        let view = |(k, v): &(Tensor, Tensor)| -> candle_core::Result<(Tensor, Tensor)> {
+            Ok((k.narrow(0, 0, rows)?, v.narrow(0, 0, rows)?))
+        };
         Ok(LayerCache {
-            self_kv: &t.self_kv[layer],
-            cross_kv: &t.cross_kv[layer],
-            cross_mask: &t.cross_mask,
+            self_kv: view(&t.self_kv[layer])?,
+            cross_kv: view(&t.cross_kv[layer])?,
+            cross_mask: t.cross_mask.narrow(0, 0, rows)?,
         })
     }
 
@@ -364,8 +356,9 @@ impl DecodeBatch {
 }
 
 /// One layer's view of the batch caches.
-pub struct LayerCache<'a> {
-    pub self_kv: &'a (Tensor, Tensor),
-    pub cross_kv: &'a (Tensor, Tensor),
-    pub cross_mask: &'a Tensor,
+pub struct LayerCache {
+    /// Views of the active rows: a prefix along dim 0, contiguous, so written in place.
+    pub self_kv: (Tensor, Tensor),
+    pub cross_kv: (Tensor, Tensor),
+    pub cross_mask: Tensor,
 }

@@ -18,6 +18,7 @@ pub mod product;
 pub mod resolve;
 pub mod t5;
 pub mod weights;
+pub mod wide;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

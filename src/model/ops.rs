@@ -10,8 +10,12 @@
 //!
 //! Other devices (and layouts) use candle's own ops.
 
+use std::marker::PhantomData;
+
 use candle_core::{CpuStorage, D, Device, Storage, Tensor};
 use rayon::prelude::*;
+
+use crate::model::wide::{Kernel, wide};
 
 /// Per-row statistics of a `(rows, vocab)` logits tensor.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,13 +62,15 @@ fn with_cpu_data<T>(
 /// row holding a NaN or an infinity gets a NaN maximum, so non-finite logits still show.
 pub fn row_stats(logits: &Tensor, with_log_z: bool) -> candle_core::Result<RowStats> {
     if let Some(stats) = with_cpu_data(logits, |data, lay, rows, vocab| {
+        let best = cpu_best(data, &lay, rows, vocab);
+        let argmax = best.iter().map(|b| b.at).collect();
         let (max, log_z) = if with_log_z {
-            let (max, log_z) = cpu_max_log_z(data, &lay, rows, vocab);
+            let max: Vec<f32> = best.iter().map(|b| b.max).collect();
+            let log_z = cpu_log_z(data, &lay, rows, vocab, &max);
             (max, Some(log_z))
         } else {
-            (cpu_max_or_nan(data, &lay, rows, vocab), None)
+            (best.iter().map(|b| b.max + b.poison).collect(), None)
         };
-        let argmax = cpu_first_index_of(data, &lay, rows, vocab, &max);
         RowStats { max, argmax, log_z }
     })? {
         return Ok(stats);
@@ -81,7 +87,11 @@ pub fn row_stats(logits: &Tensor, with_log_z: bool) -> candle_core::Result<RowSt
 /// `log Σ exp` of every row: the normaliser of its log-softmax.
 pub fn log_z(logits: &Tensor) -> candle_core::Result<Vec<f32>> {
     if let Some(log_z) = with_cpu_data(logits, |data, lay, rows, vocab| {
-        cpu_max_log_z(data, &lay, rows, vocab).1
+        let max: Vec<f32> = cpu_best(data, &lay, rows, vocab)
+            .iter()
+            .map(|b| b.max)
+            .collect();
+        cpu_log_z(data, &lay, rows, vocab, &max)
     })? {
         return Ok(log_z);
     }
@@ -103,17 +113,225 @@ fn generic_log_z(logits: &Tensor, max: &Tensor) -> candle_core::Result<Vec<f32>>
 /// Vocabulary entries per parallel block of a column-major buffer.
 const BLOCK: usize = 4096;
 
-/// The larger of two values, as a select that vectorizes (no NaN handling needed here).
-fn bigger(a: f32, b: f32) -> f32 {
-    if b > a { b } else { a }
+/// Lanes of the one-pass scans: element `i` of a row goes to lane `i % LANES`, so the compiler
+/// turns the scan into vector operations (a single running value cannot be vectorized without
+/// reordering the arithmetic).
+const LANES: usize = 16;
+
+/// A row's largest value among those seen, its first index, and `poison`, the sum of `x·0`
+/// over every value seen: 0, or NaN once one was a NaN or an infinity.
+#[derive(Debug, Clone, Copy)]
+struct Best {
+    max: f32,
+    at: u32,
+    poison: f32,
 }
 
-/// Folds `row` into 16 independent accumulators (element `i` into lane `i % 16`), which the
-/// compiler turns into vector operations: a single running float accumulator cannot be
-/// vectorized without reordering the sum.
-fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 16] {
-    let mut acc = [init; 16];
-    let mut chunks = row.chunks_exact(16);
+impl Best {
+    const NONE: Self = Self {
+        max: f32::NEG_INFINITY,
+        at: 0,
+        poison: 0.0,
+    };
+
+    /// The best of two disjoint sets of indices: the larger maximum, on a tie the first index
+    /// (like `torch.argmax`).
+    fn or(self, other: Self) -> Self {
+        let wins = other.max > self.max || (other.max == self.max && other.at < self.at);
+        Self {
+            max: if wins { other.max } else { self.max },
+            at: if wins { other.at } else { self.at },
+            poison: self.poison + other.poison,
+        }
+    }
+}
+
+/// Scans `values` into lanes' best, value `l` into lane `l` at index `index(l)`, which is later
+/// than every index the lane has seen. A value moves its lane's index only when strictly
+/// greater, so a lane keeps the first of equal maxima (and a NaN never wins). Arithmetic on
+/// every lane rather than branches or conditional stores, so it vectorizes.
+#[inline(always)]
+fn scan(lanes: &mut Lanes, values: &[f32], index: impl Fn(usize) -> u32) {
+    let n = values.len();
+    let (max, at, poison) = (
+        &mut lanes.max[..n],
+        &mut lanes.at[..n],
+        &mut lanes.poison[..n],
+    );
+    for l in 0..n {
+        let x = values[l];
+        let wins = u32::from(x > max[l]);
+        at[l] = at[l].wrapping_add(wins.wrapping_mul(index(l).wrapping_sub(at[l])));
+        max[l] = max[l].max(x);
+        poison[l] += x * 0.0;
+    }
+}
+
+/// Lane-wise scan state of [`scan`], `n` lanes.
+struct Lanes {
+    max: Vec<f32>,
+    at: Vec<u32>,
+    poison: Vec<f32>,
+}
+
+impl Lanes {
+    fn new(n: usize) -> Self {
+        Self {
+            max: vec![f32::NEG_INFINITY; n],
+            at: vec![0; n],
+            poison: vec![0.0; n],
+        }
+    }
+
+    fn lane(&self, l: usize) -> Best {
+        Best {
+            max: self.max[l],
+            at: self.at[l],
+            poison: self.poison[l],
+        }
+    }
+}
+
+/// The best of one row: [`LANES`] lanes, merged.
+struct BestOfRow<'a>(&'a [f32]);
+
+impl Kernel for BestOfRow<'_> {
+    type Output = Best;
+
+    #[inline(always)]
+    fn run(self) -> Best {
+        let row = self.0;
+        let mut lanes = Lanes::new(LANES);
+        let mut chunks = row.chunks_exact(LANES);
+        for (c, chunk) in chunks.by_ref().enumerate() {
+            let first = (c * LANES) as u32;
+            scan(&mut lanes, chunk, |l| first + l as u32);
+        }
+        let first = (row.len() - chunks.remainder().len()) as u32;
+        scan(&mut lanes, chunks.remainder(), |l| first + l as u32);
+        (0..LANES).map(|l| lanes.lane(l)).fold(Best::NONE, Best::or)
+    }
+}
+
+/// The best of every row of a column-major block, `first` the vocabulary index of its first
+/// entry: each entry holds one value per row, so the rows are the lanes.
+struct BestOfBlock<'a> {
+    block: &'a [f32],
+    rows: usize,
+    first: usize,
+}
+
+impl Kernel for BestOfBlock<'_> {
+    type Output = Vec<Best>;
+
+    #[inline(always)]
+    fn run(self) -> Vec<Best> {
+        let mut lanes = Lanes::new(self.rows);
+        for (j, entry) in self.block.chunks_exact(self.rows).enumerate() {
+            let at = (self.first + j) as u32;
+            scan(&mut lanes, entry, |_| at);
+        }
+        (0..self.rows).map(|r| lanes.lane(r)).collect()
+    }
+}
+
+/// The best of every row in one pass over the logits, in either layout.
+fn cpu_best(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> Vec<Best> {
+    let data = &data[..rows * vocab];
+    match lay {
+        Lay::RowMajor => data
+            .par_chunks(vocab)
+            .map(|row| wide(BestOfRow(row)))
+            .collect(),
+        Lay::ColMajor => data
+            .par_chunks(BLOCK * rows)
+            .enumerate()
+            .map(|(b, block)| {
+                wide(BestOfBlock {
+                    block,
+                    rows,
+                    first: b * BLOCK,
+                })
+            })
+            .reduce(
+                || vec![Best::NONE; rows],
+                |a, b| a.into_iter().zip(b).map(|(a, b)| a.or(b)).collect(),
+            ),
+    }
+}
+
+/// Per-row `log Σ exp` around the rows' maxima, in a pass that vectorizes (no branches, no
+/// indexing).
+fn cpu_log_z(data: &[f32], lay: &Lay, rows: usize, vocab: usize, max: &[f32]) -> Vec<f32> {
+    let data = &data[..rows * vocab];
+    match lay {
+        Lay::RowMajor => data
+            .par_chunks(vocab)
+            .zip(max)
+            .map(|(row, &max)| {
+                let sum: f32 = wide(ExpLanes { row, max }).iter().sum();
+                max + sum.ln()
+            })
+            .collect(),
+        Lay::ColMajor => {
+            let sum = data
+                .par_chunks(BLOCK * rows)
+                .map(|block| wide(ExpSumsOfBlock { block, max }))
+                .reduce(
+                    || vec![0f32; rows],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                );
+            max.iter().zip(sum).map(|(m, s)| m + s.ln()).collect()
+        }
+    }
+}
+
+/// `Σ exp(x - max)` of a row in [`LANES`] lanes.
+struct ExpLanes<'a> {
+    row: &'a [f32],
+    max: f32,
+}
+
+impl Kernel for ExpLanes<'_> {
+    type Output = [f32; LANES];
+
+    #[inline(always)]
+    fn run(self) -> [f32; LANES] {
+        let max = self.max;
+        lanes(self.row, 0.0, |s, x| s + exp(x - max))
+    }
+}
+
+/// Per row, `Σ exp(x - max)` over a column-major block (`max` has one value per row).
+struct ExpSumsOfBlock<'a> {
+    block: &'a [f32],
+    max: &'a [f32],
+}
+
+impl Kernel for ExpSumsOfBlock<'_> {
+    type Output = Vec<f32>;
+
+    #[inline(always)]
+    fn run(self) -> Vec<f32> {
+        let mut s = vec![0f32; self.max.len()];
+        for entry in self.block.chunks_exact(self.max.len()) {
+            s.iter_mut()
+                .zip(entry)
+                .zip(self.max)
+                .for_each(|((s, &x), &m)| *s += exp(x - m));
+        }
+        s
+    }
+}
+
+/// Folds `row` into [`LANES`] independent accumulators (element `i` into lane `i % LANES`).
+#[inline(always)]
+fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; LANES] {
+    let mut acc = [init; LANES];
+    let mut chunks = row.chunks_exact(LANES);
     for chunk in chunks.by_ref() {
         acc.iter_mut().zip(chunk).for_each(|(a, &x)| *a = f(*a, x));
     }
@@ -121,109 +339,6 @@ fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 16] {
         .zip(chunks.remainder())
         .for_each(|(a, &x)| *a = f(*a, x));
     acc
-}
-
-fn merge(f: fn(f32, f32) -> f32) -> impl Fn(Vec<f32>, Vec<f32>) -> Vec<f32> {
-    move |mut a, b| {
-        a.iter_mut().zip(b).for_each(|(x, y)| *x = f(*x, y));
-        a
-    }
-}
-
-/// Per-row fold of `f` from `init` over every value, in either layout, vectorizable.
-fn cpu_fold(
-    data: &[f32],
-    lay: &Lay,
-    rows: usize,
-    vocab: usize,
-    init: f32,
-    f: fn(f32, f32) -> f32,
-) -> Vec<f32> {
-    let data = &data[..rows * vocab];
-    match lay {
-        Lay::RowMajor => data
-            .par_chunks(vocab)
-            .map(|row| lanes(row, init, f).into_iter().fold(init, f))
-            .collect(),
-        Lay::ColMajor => data
-            .par_chunks(BLOCK * rows)
-            .map(|chunk| {
-                let mut acc = vec![init; rows];
-                for entry in chunk.chunks_exact(rows) {
-                    acc.iter_mut().zip(entry).for_each(|(a, &x)| *a = f(*a, x));
-                }
-                acc
-            })
-            .reduce(|| vec![init; rows], merge(f)),
-    }
-}
-
-/// Per-row maximum, NaN where a row holds a NaN or an infinity (`x·0` is NaN only for those):
-/// the check `log Σ exp` makes for free, without its exponentials.
-fn cpu_max_or_nan(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> Vec<f32> {
-    let poison = cpu_fold(data, lay, rows, vocab, 0.0, |s, x| s + x * 0.0);
-    let max = cpu_fold(data, lay, rows, vocab, f32::NEG_INFINITY, bigger);
-    max.into_iter().zip(poison).map(|(m, p)| m + p).collect()
-}
-
-/// Per-row maximum and `log Σ exp`, in two passes that vectorize (no branches, no indexing).
-fn cpu_max_log_z(data: &[f32], lay: &Lay, rows: usize, vocab: usize) -> (Vec<f32>, Vec<f32>) {
-    let max = cpu_fold(data, lay, rows, vocab, f32::NEG_INFINITY, bigger);
-    let data = &data[..rows * vocab];
-    match lay {
-        Lay::RowMajor => data
-            .par_chunks(vocab)
-            .zip(max)
-            .map(|(row, max)| {
-                let sum: f32 = lanes(row, 0.0, |s, x| s + exp(x - max)).iter().sum();
-                (max, max + sum.ln())
-            })
-            .unzip(),
-        Lay::ColMajor => {
-            let sum = data
-                .par_chunks(BLOCK * rows)
-                .map(|chunk| {
-                    let mut s = vec![0f32; rows];
-                    for entry in chunk.chunks_exact(rows) {
-                        s.iter_mut()
-                            .zip(entry)
-                            .zip(&max)
-                            .for_each(|((s, &x), &m)| *s += exp(x - m));
-                    }
-                    s
-                })
-                .reduce(|| vec![0f32; rows], merge(|a, b| a + b));
-            let log_z = max.iter().zip(sum).map(|(m, s)| m + s.ln()).collect();
-            (max, log_z)
-        }
-    }
-}
-
-/// Per row, the first index holding that row's `max`. A row of NaNs has none and gets 0; its
-/// log-probability is NaN too, which the engine refuses (`engine::backend::choose`).
-fn cpu_first_index_of(data: &[f32], lay: &Lay, rows: usize, vocab: usize, max: &[f32]) -> Vec<u32> {
-    let data = &data[..rows * vocab];
-    match lay {
-        Lay::RowMajor => data
-            .par_chunks(vocab)
-            .zip(max)
-            .map(|(row, &m)| row.iter().position(|&x| x == m).unwrap_or(0) as u32)
-            .collect(),
-        Lay::ColMajor => {
-            let mut found = vec![u32::MAX; rows];
-            for (j, entry) in data.chunks_exact(rows).enumerate() {
-                for ((f, &x), &m) in found.iter_mut().zip(entry).zip(max) {
-                    if x == m && *f == u32::MAX {
-                        *f = j as u32;
-                    }
-                }
-            }
-            found
-                .into_iter()
-                .map(|f| if f == u32::MAX { 0 } else { f })
-                .collect()
-        }
-    }
 }
 
 /// The logits at `(row, token)` positions.
@@ -277,9 +392,7 @@ pub fn exp(x: f32) -> f32 {
 /// transformers' `gelu_new`: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
 pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     let width = x.dim(D::Minus1)?;
-    match map_rows(x, width, |row, out| {
-        out.iter_mut().zip(row).for_each(|(o, &x)| *o = gelu(x))
-    })? {
+    match map_rows::<Gelu>(x, width)? {
         Some(out) => Ok(out),
         None => x.gelu(),
     }
@@ -289,14 +402,37 @@ pub fn gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `gelu_new(first half) · second half`, `(.., d_ff)`.
 pub fn gated_gelu_tanh(x: &Tensor) -> candle_core::Result<Tensor> {
     let d_ff = x.dim(D::Minus1)? / 2;
-    match map_rows(x, d_ff, |row, out| {
-        let (gate, up) = row.split_at(d_ff);
+    match map_rows::<GatedGelu>(x, d_ff)? {
+        Some(out) => Ok(out),
+        None => x.narrow(D::Minus1, 0, d_ff)?.gelu()? * x.narrow(D::Minus1, d_ff, d_ff)?,
+    }
+}
+
+/// What [`map_rows`] does to one row.
+trait RowMap {
+    fn row(input: &[f32], out: &mut [f32]);
+}
+
+/// `gelu_new` of every value.
+struct Gelu;
+
+impl RowMap for Gelu {
+    #[inline(always)]
+    fn row(input: &[f32], out: &mut [f32]) {
+        out.iter_mut().zip(input).for_each(|(o, &x)| *o = gelu(x))
+    }
+}
+
+/// `out` is `d_ff` wide, `input` the gate's `d_ff` values, then the up projection's.
+struct GatedGelu;
+
+impl RowMap for GatedGelu {
+    #[inline(always)]
+    fn row(input: &[f32], out: &mut [f32]) {
+        let (gate, up) = input.split_at(out.len());
         for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
             *o = gelu(g) * u;
         }
-    })? {
-        Some(out) => Ok(out),
-        None => x.narrow(D::Minus1, 0, d_ff)?.gelu()? * x.narrow(D::Minus1, d_ff, d_ff)?,
     }
 }
 
@@ -307,13 +443,9 @@ fn gelu(x: f32) -> f32 {
     x * (1.0 - 1.0 / (exp(2.0 * y) + 1.0))
 }
 
-/// Applies `f(input row, output row)` to every row of a contiguous CPU f32 tensor in parallel,
-/// the output rows `out_width` wide; `None` for other tensors.
-fn map_rows(
-    x: &Tensor,
-    out_width: usize,
-    f: impl Fn(&[f32], &mut [f32]) + Sync,
-) -> candle_core::Result<Option<Tensor>> {
+/// Applies `M` to every row of a contiguous CPU f32 tensor in parallel, the output rows
+/// `out_width` wide; `None` for other tensors.
+fn map_rows<M: RowMap>(x: &Tensor, out_width: usize) -> candle_core::Result<Option<Tensor>> {
     let width = x.dim(D::Minus1)?;
     let out = {
         let (storage, layout) = x.storage_and_layout();
@@ -325,10 +457,14 @@ fn map_rows(
                 let per_block = (65536 / width.max(1)).max(1);
                 out.par_chunks_mut(per_block * out_width)
                     .zip(data[start..end].par_chunks(per_block * width))
-                    .for_each(|(o, i)| {
-                        for (o, i) in o.chunks_mut(out_width).zip(i.chunks(width)) {
-                            f(i, o);
-                        }
+                    .for_each(|(out, input)| {
+                        wide(Rows::<M> {
+                            input,
+                            out,
+                            width,
+                            out_width,
+                            map: PhantomData,
+                        })
                     });
                 Some(out)
             }
@@ -341,6 +477,27 @@ fn map_rows(
     }
     out.map(|o| Tensor::from_vec(o, dims, x.device()))
         .transpose()
+}
+
+/// [`map_rows`]' work on one block of whole rows.
+struct Rows<'a, M> {
+    input: &'a [f32],
+    out: &'a mut [f32],
+    width: usize,
+    out_width: usize,
+    map: PhantomData<M>,
+}
+
+impl<M: RowMap> Kernel for Rows<'_, M> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let rows = self.out.chunks_mut(self.out_width);
+        for (o, i) in rows.zip(self.input.chunks(self.width)) {
+            M::row(i, o);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -417,6 +574,49 @@ mod tests {
                 pick(t, &[(0, 2), (1, 3), (1, 0)]).unwrap(),
                 [2.0, 5.0, -1000.0]
             );
+        }
+    }
+
+    /// Over rows long enough for every lane and several parallel blocks: the maximum and its
+    /// first index, ties spread over lanes and blocks, as a plain scan finds them.
+    #[test]
+    fn the_one_pass_scan_finds_the_first_maximum_across_lanes_and_blocks() {
+        let (rows, vocab) = (5, 3 * BLOCK + 37);
+        let mut seed = 3u32;
+        let mut data: Vec<f32> = (0..rows * vocab)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1 << 20) as f32
+            })
+            .collect();
+        // Equal maxima: later lanes first, then another block, then the tail past the lanes.
+        let ties = [
+            [17, 5, BLOCK + 1],
+            [BLOCK * 2 + 3, BLOCK + 9, 40],
+            [vocab - 1, vocab - 3, vocab - 20],
+        ];
+        for (r, at) in ties.iter().enumerate() {
+            for &i in at {
+                data[r * vocab + i] = 1e6;
+            }
+        }
+        data[3 * vocab + 11] = f32::NAN;
+        let row_major = Tensor::from_vec(data.clone(), (rows, vocab), &Device::Cpu).unwrap();
+        let col_major = row_major.t().unwrap().contiguous().unwrap().t().unwrap();
+        for t in [&row_major, &col_major] {
+            for with_log_z in [false, true] {
+                let s = row_stats(t, with_log_z).unwrap();
+                for (r, row) in data.chunks_exact(vocab).enumerate() {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let first = row.iter().position(|&x| x == max).unwrap() as u32;
+                    assert_eq!(s.argmax[r], first, "row {r}");
+                    if r == 3 && !with_log_z {
+                        assert!(s.max[r].is_nan());
+                    } else {
+                        assert_eq!(s.max[r], max, "row {r}");
+                    }
+                }
+            }
         }
     }
 

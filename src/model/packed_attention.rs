@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::model::ops::exp;
+use crate::model::wide::{Kernel, wide};
 
 /// Shapes of one packed attention call.
 #[derive(Debug, Clone, Copy)]
@@ -115,43 +116,110 @@ fn one_head<'a>(
     d: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    // Keys transposed, `(d, n)`: a query's scores are then `d` multiply-adds over contiguous
-    // rows, which vectorize across keys.
-    let mut kt = vec![0f32; d * n];
-    for (j, key) in k.enumerate() {
-        for (c, &x) in key.iter().enumerate() {
-            kt[c * n + j] = x;
-        }
-    }
-    let values: Vec<&[f32]> = v.collect();
-    let mut out = Vec::new();
-    let mut scores = vec![0f32; n];
-    for (i, query) in q.enumerate() {
-        let at = out.len();
-        out.resize(at + d, 0.0);
-        let row = &mut out[at..];
-        if n > 0 {
-            scores.fill(0.0);
-            for (&a, keys) in query.iter().zip(kt.chunks_exact(n)) {
-                scores.iter_mut().zip(keys).for_each(|(s, &k)| *s += a * k);
+    wide(Head {
+        q,
+        k,
+        v,
+        n,
+        d,
+        bias,
+    })
+}
+
+/// Keys scored together, and output values summed together: one vector of accumulators.
+const BLOCK: usize = 16;
+
+/// [`one_head`]'s work. Every score is `Σ_c q_c·k_c` summed over `c` in order, and every output
+/// `Σ_j p_j·v_j` summed over `j` in order, each in a register across its whole sum.
+struct Head<'b, Q, K, V> {
+    q: Q,
+    k: K,
+    v: V,
+    n: usize,
+    d: usize,
+    bias: Option<&'b [f32]>,
+}
+
+impl<'a, Q, K, V> Kernel for Head<'_, Q, K, V>
+where
+    Q: Iterator<Item = &'a [f32]>,
+    K: Iterator<Item = &'a [f32]>,
+    V: Iterator<Item = &'a [f32]>,
+{
+    type Output = Vec<f32>;
+
+    #[inline(always)]
+    fn run(self) -> Vec<f32> {
+        let Self {
+            q,
+            k,
+            v,
+            n,
+            d,
+            bias,
+        } = self;
+        // Keys transposed, `(d, width)`, `width` the keys rounded up to whole blocks (the padding
+        // keys are zeros whose scores are never read): a block's scores are then `d` multiply-adds
+        // of one vector of keys.
+        let width = n.div_ceil(BLOCK) * BLOCK;
+        let mut kt = vec![0f32; d * width];
+        for (j, key) in k.enumerate() {
+            for (c, &x) in key.iter().enumerate() {
+                kt[c * width + j] = x;
             }
+        }
+        let values: Vec<&[f32]> = v.collect();
+        let mut out = Vec::new();
+        let mut scores = vec![0f32; width];
+        for (i, query) in q.enumerate() {
+            let at = out.len();
+            out.resize(at + d, 0.0);
+            if n == 0 {
+                continue;
+            }
+            for (b, block) in scores.chunks_exact_mut(BLOCK).enumerate() {
+                let mut acc = [0f32; BLOCK];
+                for (&a, keys) in query.iter().zip(kt.chunks_exact(width)) {
+                    let keys = &keys[b * BLOCK..][..BLOCK];
+                    acc.iter_mut().zip(keys).for_each(|(s, &k)| *s += a * k);
+                }
+                block.copy_from_slice(&acc);
+            }
+            let p = &mut scores[..n];
             if let Some(bias) = bias {
                 let zero = bias.len() / 2;
-                scores
-                    .iter_mut()
+                p.iter_mut()
                     .zip(&bias[zero - i..][..n])
                     .for_each(|(s, &b)| *s += b);
             }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            scores.iter_mut().for_each(|s| *s = exp(*s - max));
-            let sum: f32 = scores.iter().sum();
-            for (&e, value) in scores.iter().zip(&values) {
-                let p = e / sum;
-                row.iter_mut().zip(*value).for_each(|(o, &x)| *o += p * x);
+            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            p.iter_mut().for_each(|s| *s = exp(*s - max));
+            let sum: f32 = p.iter().sum();
+            p.iter_mut().for_each(|e| *e /= sum);
+            let mut row = out[at..].chunks_exact_mut(BLOCK);
+            for (c, out) in row.by_ref().enumerate() {
+                weighted_sum(out, p, &values, c * BLOCK);
+            }
+            let tail = row.into_remainder();
+            if !tail.is_empty() {
+                let from = d - tail.len();
+                weighted_sum(tail, p, &values, from);
             }
         }
+        out
     }
-    out
+}
+
+/// `out[l] = Σ_j p_j·values_j[from + l]`, summed over `j` in order.
+#[inline(always)]
+fn weighted_sum(out: &mut [f32], p: &[f32], values: &[&[f32]], from: usize) {
+    let mut acc = [0f32; BLOCK];
+    let acc = &mut acc[..out.len()];
+    for (&p, value) in p.iter().zip(values) {
+        let value = &value[from..][..acc.len()];
+        acc.iter_mut().zip(value).for_each(|(o, &x)| *o += p * x);
+    }
+    out.copy_from_slice(acc);
 }
 
 /// Cross-attention of decoder queries `q` `(slots, heads, n, d_kv)` over the padded source keys
@@ -235,5 +303,76 @@ fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> candle_core::Result<T
     match (&*storage, layout.contiguous_offsets()) {
         (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) => Ok(f(&data[start..end])),
         _ => candle_core::bail!("packed attention needs contiguous f32 CPU tensors"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition, one scalar at a time, in the order [`head`] promises.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], n: usize, d: usize, bias: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; q.len()];
+        for (i, query) in q.chunks_exact(d).enumerate() {
+            let zero = bias.len() / 2;
+            let mut s: Vec<f32> = (0..n)
+                .map(|j| {
+                    let mut dot = 0f32;
+                    for c in 0..d {
+                        dot += query[c] * k[j * d + c];
+                    }
+                    dot + bias[zero - i + j]
+                })
+                .collect();
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            s.iter_mut().for_each(|x| *x = exp(*x - max));
+            let sum: f32 = s.iter().sum();
+            for c in 0..d {
+                let mut o = 0f32;
+                for j in 0..n {
+                    o += s[j] / sum * v[j * d + c];
+                }
+                out[i * d + c] = o;
+            }
+        }
+        out
+    }
+
+    /// Blocked, vectorized (wide or not) and the plain definition give the same bits, for key
+    /// counts and head widths on and off the blocks.
+    #[test]
+    fn a_head_is_its_definition_bit_for_bit() {
+        let mut seed = 7u32;
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        for (n, d) in [(1, 64), (5, 64), (16, 64), (40, 64), (33, 24), (7, 8)] {
+            let (q, k, v) = (random(n * d), random(n * d), random(n * d));
+            let bias = random(2 * n - 1);
+            let rows = |x| -> Vec<&[f32]> { <[f32]>::chunks_exact(x, d).collect() };
+            let (qr, kr, vr) = (rows(&q[..]), rows(&k[..]), rows(&v[..]));
+            let want = reference(&q, &k, &v, n, d, &bias);
+            let args = || (qr.iter().copied(), kr.iter().copied(), vr.iter().copied());
+            let (a, b, c) = args();
+            let plain = Head {
+                q: a,
+                k: b,
+                v: c,
+                n,
+                d,
+                bias: Some(&bias),
+            }
+            .run();
+            let (a, b, c) = args();
+            let vectorized = one_head(a, b, c, n, d, Some(&bias));
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&plain), bits(&want), "n {n}, d {d}");
+            assert_eq!(bits(&vectorized), bits(&want), "n {n}, d {d} (wide)");
+        }
     }
 }

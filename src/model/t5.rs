@@ -954,7 +954,7 @@ impl T5Model {
             let a = &block.self_attn;
             let h = block.self_attn_norm.forward(&x)?;
             let q = a.split_heads(&a.q.forward(&h)?)?;
-            let (ck, cv) = cache.self_kv;
+            let (ck, cv) = &cache.self_kv;
             let (k, v) = a.split_kv(&a.kv.forward(&h)?)?;
             ck.slice_set(&k, 2, start)?;
             cv.slice_set(&v, 2, start)?;
@@ -965,10 +965,10 @@ impl T5Model {
             let a = &block.cross_attn;
             let h = block.cross_attn_norm.forward(&x)?;
             let q = a.split_heads(&a.q.forward(&h)?)?;
-            let (xk, xv) = cache.cross_kv;
+            let (xk, xv) = &cache.cross_kv;
             let out = match &source_lengths {
                 Some(lengths) => packed_attention::cross_attention(&q, xk, xv, lengths)?,
-                None => Attention::attend(&q, xk, xv, cache.cross_mask)?,
+                None => Attention::attend(&q, xk, xv, &cache.cross_mask)?,
             };
             x = (x + a.o.forward(&a.merge_heads(&out)?)?)?;
 

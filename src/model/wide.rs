@@ -1,0 +1,31 @@
+//! Kernels compiled twice: for the baseline x86-64 (SSE2) the binary targets, and for AVX-512,
+//! picked at run time. The binary must run on any x86-64 CPU, so only code inside a
+//! `#[target_feature]` function may use wider vectors; [`wide`] is that function for any
+//! [`Kernel`], so plain loops (no intrinsics) get 16-wide vectors where the CPU has them.
+
+/// Work whose loops [`wide`] compiles for AVX-512. `run` must be `#[inline(always)]`: it is
+/// then compiled into [`wide`]'s AVX-512 copy (a closure or a function passed by value stays
+/// out of line, in the baseline's SSE).
+pub trait Kernel {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `kernel` compiled for AVX-512 where the CPU has it: its loops then use 16-wide vectors
+/// instead of the baseline's 4-wide SSE. The same operations in the same order either way (no
+/// fused multiply-adds: Rust never contracts), so the same bits.
+#[inline(always)]
+pub fn wide<K: Kernel>(kernel: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { avx512(kernel) };
+    }
+    kernel.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512<K: Kernel>(kernel: K) -> K::Output {
+    kernel.run()
+}
