@@ -169,7 +169,7 @@ fn choose(logits: &Tensor, rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
     Ok(choices)
 }
 
-/// NaN logits have no argmax (the token would be an arbitrary 0): refused instead.
+/// A row holding a NaN or an infinity has no meaningful argmax: refused instead.
 fn non_finite(id: u32, value: f32) -> Error {
     Error::Inference(format!(
         "the model produced non-finite logits (token {id}: {value})"

@@ -34,11 +34,12 @@ pub struct CacheShape {
 
 #[derive(Debug)]
 struct Tensors {
-    /// Per layer, `(slots, heads, capacity, d_kv)`.
+    /// Per layer, `(rows, heads, capacity, d_kv)`: `rows` the most slots the batch has had
+    /// since it started (freed trailing rows keep their storage until the batch empties).
     self_kv: Vec<(Tensor, Tensor)>,
-    /// Per layer, `(slots, heads, src_capacity, d_kv)`.
+    /// Per layer, `(rows, heads, src_capacity, d_kv)`.
     cross_kv: Vec<(Tensor, Tensor)>,
-    /// `(slots, 1, 1, src_capacity)`: 0 on real source tokens, `f32::MIN` on padding.
+    /// `(slots, 1, 1, src_capacity)` (at least): 0 on real source tokens, `f32::MIN` on padding.
     cross_mask: Tensor,
 }
 
@@ -72,7 +73,8 @@ impl DecodeBatch {
         }
     }
 
-    /// Slot rows the cache has (free ones included); every decode step runs over all of them.
+    /// Slots up to the last active one (free ones between included); every decode step runs
+    /// over all of them.
     pub fn num_slots(&self) -> usize {
         self.slots.len()
     }
@@ -357,7 +359,8 @@ impl DecodeBatch {
 
 /// One layer's view of the batch caches.
 pub struct LayerCache {
-    /// Views of the active rows: a prefix along dim 0, contiguous, so written in place.
+    /// Views of the step's rows (slots up to the last active one): a prefix along dim 0,
+    /// contiguous, so written in place.
     pub self_kv: (Tensor, Tensor),
     pub cross_kv: (Tensor, Tensor),
     pub cross_mask: Tensor,

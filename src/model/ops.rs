@@ -20,6 +20,7 @@ use crate::model::wide::{Kernel, wide};
 /// Per-row statistics of a `(rows, vocab)` logits tensor.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowStats {
+    /// NaN for a row holding a NaN or an infinity (on the CPU; candle's ops elsewhere).
     pub max: Vec<f32>,
     /// First index of the maximum, like `torch.argmax`.
     pub argmax: Vec<u32>,
@@ -58,19 +59,18 @@ fn with_cpu_data<T>(
     Ok(Some(f(data, lay, rows, vocab)))
 }
 
-/// Max, argmax and, with `with_log_z` (or off the CPU), `log Σ exp` of every row. Without it a
-/// row holding a NaN or an infinity gets a NaN maximum, so non-finite logits still show.
+/// Max, argmax and, with `with_log_z` (or off the CPU), `log Σ exp` of every row. A row holding
+/// a NaN or an infinity gets a NaN maximum, so non-finite logits show even where no row asks
+/// for the normaliser that would also reveal them.
 pub fn row_stats(logits: &Tensor, with_log_z: bool) -> candle_core::Result<RowStats> {
     if let Some(stats) = with_cpu_data(logits, |data, lay, rows, vocab| {
         let best = cpu_best(data, &lay, rows, vocab);
         let argmax = best.iter().map(|b| b.at).collect();
-        let (max, log_z) = if with_log_z {
+        let log_z = with_log_z.then(|| {
             let max: Vec<f32> = best.iter().map(|b| b.max).collect();
-            let log_z = cpu_log_z(data, &lay, rows, vocab, &max);
-            (max, Some(log_z))
-        } else {
-            (best.iter().map(|b| b.max + b.poison).collect(), None)
-        };
+            cpu_log_z(data, &lay, rows, vocab, &max)
+        });
+        let max = best.iter().map(|b| b.max + b.poison).collect();
         RowStats { max, argmax, log_z }
     })? {
         return Ok(stats);
@@ -610,7 +610,7 @@ mod tests {
                     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let first = row.iter().position(|&x| x == max).unwrap() as u32;
                     assert_eq!(s.argmax[r], first, "row {r}");
-                    if r == 3 && !with_log_z {
+                    if r == 3 {
                         assert!(s.max[r].is_nan());
                     } else {
                         assert_eq!(s.max[r], max, "row {r}");
@@ -620,16 +620,18 @@ mod tests {
         }
     }
 
-    /// Without `log Σ exp`, a NaN or an infinity anywhere in a row still makes it non-finite.
+    /// With or without `log Σ exp`, a NaN or an infinity anywhere in a row makes its maximum NaN.
     #[test]
-    fn a_non_finite_logit_shows_without_the_normaliser() {
+    fn a_non_finite_logit_always_shows_in_the_maximum() {
         let rows = [[1f32, f32::NAN, 2.], [f32::INFINITY, 0., 1.], [0.5, 2., 1.]];
         let row_major = Tensor::new(&rows, &Device::Cpu).unwrap();
         let col_major = row_major.t().unwrap().contiguous().unwrap().t().unwrap();
         for t in [&row_major, &col_major] {
-            let s = row_stats(t, false).unwrap();
-            assert!(s.max[0].is_nan() && s.max[1].is_nan(), "{:?}", s.max);
-            assert_eq!((s.max[2], s.argmax[2]), (2.0, 1));
+            for with_log_z in [false, true] {
+                let s = row_stats(t, with_log_z).unwrap();
+                assert!(s.max[0].is_nan() && s.max[1].is_nan(), "{:?}", s.max);
+                assert_eq!((s.max[2], s.argmax[2]), (2.0, 1));
+            }
         }
     }
 }

@@ -310,7 +310,7 @@ fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> candle_core::Result<T
 mod tests {
     use super::*;
 
-    /// The definition, one scalar at a time, in the order [`head`] promises.
+    /// The definition, one scalar at a time, in the order [`Head`] promises.
     fn reference(q: &[f32], k: &[f32], v: &[f32], n: usize, d: usize, bias: &[f32]) -> Vec<f32> {
         let mut out = vec![0f32; q.len()];
         for (i, query) in q.chunks_exact(d).enumerate() {

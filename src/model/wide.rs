@@ -3,9 +3,10 @@
 //! `#[target_feature]` function may use wider vectors; [`wide`] is that function for any
 //! [`Kernel`], so plain loops (no intrinsics) get 16-wide vectors where the CPU has them.
 
-/// Work whose loops [`wide`] compiles for AVX-512. `run` must be `#[inline(always)]`: it is
-/// then compiled into [`wide`]'s AVX-512 copy (a closure or a function passed by value stays
-/// out of line, in the baseline's SSE).
+/// Work whose loops [`wide`] compiles for AVX-512. `run` must be `#[inline(always)]`, so it is
+/// compiled into [`wide`]'s AVX-512 copy for certain. A closure (or a function passed by value)
+/// is inlined there only if the compiler's size heuristics allow, and large ones were not: their
+/// loops stayed SSE.
 pub trait Kernel {
     type Output;
     fn run(self) -> Self::Output;
