@@ -123,6 +123,11 @@ ARG FINSERVE_VERSION=unknown
 ARG FINSERVE_REVISION=unknown
 ARG FINSERVE_CREATED=unknown
 ARG CUDA_RUNTIME_IMAGE
+# buildah keys a LABEL layer on its unexpanded text: without a step that reads the arguments, a
+# rebuild whose layers above are cached (a commit that changes no byte of the binary) would keep
+# the previous build's revision. This RUN depends on their values, and records them in the image.
+RUN printf 'version=%s\nrevision=%s\ncreated=%s\n' \
+      "${FINSERVE_VERSION}" "${FINSERVE_REVISION}" "${FINSERVE_CREATED}" > /opt/finserve/build-info
 LABEL org.opencontainers.image.title="finserve" \
       org.opencontainers.image.description="finserve inference server for mt0/mT5 financial-sentiment models with merged LoRA adapters (CUDA); bundles a non-commercial CC BY-NC-SA 3.0 demo model" \
       org.opencontainers.image.licenses="Apache-2.0 AND CC-BY-NC-SA-3.0" \
@@ -162,6 +167,11 @@ ARG FINSERVE_VERSION=unknown
 ARG FINSERVE_REVISION=unknown
 ARG FINSERVE_CREATED=unknown
 ARG RUNTIME_IMAGE
+# buildah keys a LABEL layer on its unexpanded text: without a step that reads the arguments, a
+# rebuild whose layers above are cached (a commit that changes no byte of the binary) would keep
+# the previous build's revision. This RUN depends on their values, and records them in the image.
+RUN printf 'version=%s\nrevision=%s\ncreated=%s\n' \
+      "${FINSERVE_VERSION}" "${FINSERVE_REVISION}" "${FINSERVE_CREATED}" > /opt/finserve/build-info
 LABEL org.opencontainers.image.title="finserve" \
       org.opencontainers.image.description="finserve inference server for mt0/mT5 financial-sentiment models with merged LoRA adapters (CPU); bundles a non-commercial CC BY-NC-SA 3.0 demo model" \
       org.opencontainers.image.licenses="Apache-2.0 AND CC-BY-NC-SA-3.0" \

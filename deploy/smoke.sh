@@ -124,6 +124,8 @@ lic=$(podman image inspect "$IMAGE" --format '{{index .Config.Labels "org.openco
 [ "$lic" = "Apache-2.0 AND CC-BY-NC-SA-3.0" ] || fail "org.opencontainers.image.licenses is '$lic'"
 [ "$(podman image inspect "$IMAGE" --format '{{index .Config.Labels "org.opencontainers.image.revision"}}')" = "$REVISION" ] \
   || fail "org.opencontainers.image.revision is not $REVISION"
+podman run --rm --network none --entrypoint /bin/cat "$IMAGE" /opt/finserve/build-info | grep -qx "revision=$REVISION" \
+  || fail "/opt/finserve/build-info does not name revision $REVISION"
 podman run --rm --network none --entrypoint /bin/sh "$IMAGE" -c '
   cd /usr/share/licenses/finserve &&
   for f in NOTICE LICENSE-Apache-2.0 demo-model/README.md \
