@@ -32,6 +32,9 @@ AVX512-BF16, then `--no-adapter`), the peers run
 in-process with every core (torch's default threads, CTranslate2 `intra_threads` = cores). Each
 server's resident memory once ready and its peak until then (loading and merging), and both again
 after its run, are read from /proc. Numbers are medians of `--rounds` passes over the sentences.
+Before each engine runs, the machine's pace (one core's memory and compute speed on a fixed scan)
+is measured and reported beside the others: on shared hosts the speed drifts by minutes, and a
+ratio between engines measured at different paces says little.
 With `--baseline BINARY` (e.g. a release build of the previous commit) the same f32 and q8 runs
 are repeated with that binary right after the current one's, and the report adds their ratios:
 how a change moved finserve's own speed on this machine, in the same run.
@@ -99,6 +102,20 @@ def build_model(work: Path, shape: str, convert: bool = True) -> tuple[Path, Pat
 def sentences(n: int) -> list[str]:
     with (ROOT / "models/data/test.csv").open(newline="", encoding="utf-8") as f:
         return [r["sentence"] for r in csv.DictReader(f)][:n]
+
+
+def pace() -> tuple[float, float]:
+    """The machine's pace right now, one core, best of 3: GB/s of `memchr` over 256 MB (memory
+    bound) and of counting a byte in it (core bound). This machine's speed drifts (shared hosts);
+    printed next to each engine, it shows when a ratio compares a slow phase with a fast one."""
+    buf = b"\x02" * (256 << 20)
+    best = [0.0, 0.0]
+    for _ in range(3):
+        for i, scan in enumerate((lambda: buf.find(1), lambda: buf.count(1))):
+            t = time.perf_counter()
+            scan()
+            best[i] = max(best[i], len(buf) / (time.perf_counter() - t) / 1e9)
+    return best[0], best[1]
 
 
 def timed(fn, rounds: int, n: int) -> float:
@@ -491,7 +508,9 @@ def main() -> None:
                      (Path(args.baseline), "baseline q8", ("--quantize", "q8"))]
     if args.only_modes:
         runs = runs[:2]
+    paces = {}
     for exe, name, extra in runs:
+        paces[name] = pace()
         server = Server(exe, base, adapter, *extra)
         try:
             if not args.only_modes:
@@ -506,9 +525,12 @@ def main() -> None:
         print(f"Machine: {cpu_flags()}; {len(texts)} sentences, median of {args.rounds} rounds.\n")
         print("\n".join(modes_table(modes)))
         return
+    paces["transformers fp32"] = pace()
     results["transformers fp32"] = transformers_rates(base, texts, args.rounds)
     print(f"transformers: {results['transformers fp32']}", file=sys.stderr)
+    paces["CTranslate2 fp32"] = pace()
     results["CTranslate2 fp32"] = ctranslate2_rates(ct2, texts, args.rounds, "float32")
+    paces["CTranslate2 int8"] = pace()
     results["CTranslate2 int8"] = ctranslate2_rates(ct2, texts, args.rounds, "int8")
 
     import ctranslate2
@@ -548,6 +570,9 @@ def main() -> None:
                 f"({results['finserve ' + kind][key] / results['baseline ' + kind][key]:.2f}x)"
                 for kind in ("f32", "q8") for key, _ in ROWS) + ".")
     lines += [
+        "Machine pace just before each engine ran (one core, GB/s: memchr over 256 MB / counting a "
+        "byte in it; compare ratios only between engines measured at a similar pace): "
+        + ", ".join(f"{k} {m:.1f} / {c:.2f}" for k, (m, c) in paces.items()) + ".",
         "Resident memory once ready / peak while loading and merging / after the run / peak of the run: "
         + ", ".join(f"{k} {ready:.0f} / {load:.0f} / {now:.0f} / {peak:.0f} MB"
                     for k, (ready, load, now, peak) in rss.items()) + ".",
