@@ -34,7 +34,9 @@ server's resident memory once ready and its peak until then (loading and merging
 after its run, are read from /proc. Numbers are medians of `--rounds` passes over the sentences.
 Before each engine runs, the machine's pace (one core's memory and compute speed on a fixed scan)
 is measured and reported beside the others: on shared hosts the speed drifts by minutes, and a
-ratio between engines measured at different paces says little.
+ratio between engines measured at different paces says little. `--passes N` runs every engine N
+times in turn (all of finserve's runs, then the peers, then again) and reports the median of the
+passes, so that a slow phase falls on every engine rather than on one (the bulk row runs once).
 With `--baseline BINARY` (e.g. a release build of the previous commit) the same f32 and q8 runs
 are repeated with that binary right after the current one's, and the report adds their ratios:
 how a change moved finserve's own speed on this machine, in the same run.
@@ -276,8 +278,8 @@ def modes_table(modes: dict) -> list[str]:
     f, q = modes["finserve f32"], modes["finserve q8"]
     lines = [
         "finserve only, f32 / q8: entity-level scoring, 4 targets per sentence, 16 sentences per request; "
-        f"`long_input: sentences` on one 3,000-token document of {f['doc_sentences']} test sentences "
-        f"(the server found {f['doc_found']}); each against plain scoring of the same sentences, 16 per "
+        f"`long_input: sentences` on one 3,000-token document of {f['doc_sentences']:.0f} test sentences "
+        f"(the server found {f['doc_found']:.0f}); each against plain scoring of the same sentences, 16 per "
         "request.",
         "",
         "| work | f32 | q8 | f32 vs plain | q8 vs plain |",
@@ -452,6 +454,45 @@ ROWS = [
 ]
 
 
+def passes_note(passes: int) -> str:
+    return f", median of {passes} passes run in turn" if passes > 1 else ""
+
+
+def median_of(passes: list[dict], part: str) -> dict:
+    """Each engine's rates in `part`, the median over the passes."""
+    return {name: {key: statistics.median(p[part][name][key] for p in passes) for key in rates}
+            for name, rates in passes[0][part].items()}
+
+
+def one_pass(runs: list, base: Path, adapter: Path, ct2: Path, texts: list[str], args) -> dict:
+    """Every engine once, one after the other: finserve's runs, then the peers. `results` and
+    `modes` hold each engine's rates, `rss` finserve's memory, `paces` the machine's pace just
+    before each engine."""
+    results, rss, modes, paces = {}, {}, {}, {}
+    for exe, name, extra in runs:
+        paces[name] = pace()
+        server = Server(exe, base, adapter, *extra)
+        try:
+            if not args.only_modes:
+                results[name] = finserve_rates(server, texts, args.rounds)
+            if name in ("finserve f32", "finserve q8"):
+                modes[name] = finserve_mode_rates(server, texts, args.rounds)
+            rss[name] = (*server.ready_mb, *server.rss_mb())
+        finally:
+            server.close()
+        print(f"{name}: {results.get(name)} {modes.get(name)}", file=sys.stderr)
+    if not args.only_modes:
+        paces["transformers fp32"] = pace()
+        results["transformers fp32"] = transformers_rates(base, texts, args.rounds)
+        print(f"transformers: {results['transformers fp32']}", file=sys.stderr)
+        paces["CTranslate2 fp32"] = pace()
+        results["CTranslate2 fp32"] = ctranslate2_rates(ct2, texts, args.rounds, "float32")
+        paces["CTranslate2 int8"] = pace()
+        results["CTranslate2 int8"] = ctranslate2_rates(ct2, texts, args.rounds, "int8")
+        print(f"CTranslate2: {results['CTranslate2 fp32']} {results['CTranslate2 int8']}", file=sys.stderr)
+    return {"results": results, "rss": rss, "modes": modes, "paces": paces}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
@@ -460,6 +501,8 @@ def main() -> None:
                     help="the random model's shape: mt0-small, mt0-base or mt0-large")
     ap.add_argument("--work", help="where the model is built (default: target/compare-SHAPE)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--passes", type=int, default=1,
+                    help="run every engine this many times in turn and report the median of the passes")
     ap.add_argument("--sentences", type=int, default=64)
     ap.add_argument("--out", help="also write the markdown report here")
     ap.add_argument("--baseline", help="another finserve binary to compare with (f32 and q8)")
@@ -470,6 +513,8 @@ def main() -> None:
     ap.add_argument("--only-bulk", action="store_true",
                     help="measure only the bulk row (finserve predict against CTranslate2 score_batch)")
     args = ap.parse_args()
+    if args.passes < 1 or args.rounds < 1:
+        ap.error("--passes and --rounds must be at least 1")
     binary = Path(args.finserve)
     work = Path(args.work or ROOT / f"target/compare-{args.shape}")
     work.mkdir(parents=True, exist_ok=True)
@@ -492,7 +537,6 @@ def main() -> None:
         print("\n".join(bulk_table(bulk)))
         return
 
-    results, rss, modes = {}, {}, {}
     # Entity-level scoring needs a target template; the random adapter was never trained with
     # one, so this measures cost, not quality.
     template = work / "target_template.json"
@@ -508,30 +552,14 @@ def main() -> None:
                      (Path(args.baseline), "baseline q8", ("--quantize", "q8"))]
     if args.only_modes:
         runs = runs[:2]
-    paces = {}
-    for exe, name, extra in runs:
-        paces[name] = pace()
-        server = Server(exe, base, adapter, *extra)
-        try:
-            if not args.only_modes:
-                results[name] = finserve_rates(server, texts, args.rounds)
-            if name in ("finserve f32", "finserve q8"):
-                modes[name] = finserve_mode_rates(server, texts, args.rounds)
-            rss[name] = (*server.ready_mb, *server.rss_mb())
-        finally:
-            server.close()
-        print(f"{name}: {results.get(name)} {modes.get(name)}", file=sys.stderr)
+    passes = [one_pass(runs, base, adapter, ct2, texts, args) for _ in range(args.passes)]
+    results, modes = median_of(passes, "results"), median_of(passes, "modes")
+    rss = passes[0]["rss"]
     if args.only_modes:
-        print(f"Machine: {cpu_flags()}; {len(texts)} sentences, median of {args.rounds} rounds.\n")
+        print(f"Machine: {cpu_flags()}; {len(texts)} sentences, median of {args.rounds} rounds"
+              f"{passes_note(args.passes)}.\n")
         print("\n".join(modes_table(modes)))
         return
-    paces["transformers fp32"] = pace()
-    results["transformers fp32"] = transformers_rates(base, texts, args.rounds)
-    print(f"transformers: {results['transformers fp32']}", file=sys.stderr)
-    paces["CTranslate2 fp32"] = pace()
-    results["CTranslate2 fp32"] = ctranslate2_rates(ct2, texts, args.rounds, "float32")
-    paces["CTranslate2 int8"] = pace()
-    results["CTranslate2 int8"] = ctranslate2_rates(ct2, texts, args.rounds, "int8")
 
     import ctranslate2
     import torch
@@ -542,7 +570,7 @@ def main() -> None:
     lines = [
         f"Machine: {cpu_flags()}; {args.shape} shape; torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"transformers {transformers.__version__}, CTranslate2 {ctranslate2.__version__}; "
-        f"{len(texts)} sentences, median of {args.rounds} rounds, sentences/s.",
+        f"{len(texts)} sentences, median of {args.rounds} rounds{passes_note(args.passes)}, sentences/s.",
         "",
         "| work (finserve / peers) | " + " | ".join(cols) + " | f32 vs CT2 fp32 | f32 vs transformers | q8 vs CT2 int8 |",
         "|---|" + "---|" * (len(cols) + 3),
@@ -572,7 +600,8 @@ def main() -> None:
     lines += [
         "Machine pace just before each engine ran (one core, GB/s: memchr over 256 MB / counting a "
         "byte in it; compare ratios only between engines measured at a similar pace): "
-        + ", ".join(f"{k} {m:.1f} / {c:.2f}" for k, (m, c) in paces.items()) + ".",
+        + "; ".join(f"pass {i + 1}: " + ", ".join(f"{k} {m:.1f} / {c:.2f}" for k, (m, c) in p["paces"].items())
+                    for i, p in enumerate(passes)) + ".",
         "Resident memory once ready / peak while loading and merging / after the run / peak of the run: "
         + ", ".join(f"{k} {ready:.0f} / {load:.0f} / {now:.0f} / {peak:.0f} MB"
                     for k, (ready, load, now, peak) in rss.items()) + ".",
