@@ -28,14 +28,17 @@ fn assert_close(a: &[(String, f64)], b: &[(String, f64)], what: &str) {
 
 /// A server on the fixture model with a target template (`context_words` as given).
 fn server(context_words: Option<usize>, extra: &[&str]) -> (Server, tempfile::TempDir) {
+    server_with(
+        json!({"template": "{target} : {text}", "mark": ["<<", ">>"], "context_words": context_words}),
+        extra,
+    )
+}
+
+/// A server on the fixture model with `template` as its target template.
+fn server_with(template: Value, extra: &[&str]) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("target_template.json");
-    std::fs::write(
-        &path,
-        json!({"template": "{target} : {text}", "mark": ["<<", ">>"], "context_words": context_words})
-            .to_string(),
-    )
-    .unwrap();
+    std::fs::write(&path, template.to_string()).unwrap();
     let path = path.display().to_string();
     let mut args = vec!["--target-template", path.as_str()];
     args.extend_from_slice(extra);
@@ -461,25 +464,107 @@ fn the_demo_answers_entity_requests_out_of_the_box() {
     );
 }
 
-/// A target template without its placeholders stops the server at start-up, naming the file.
+/// `p_target^(1-w) · p_text^w`, renormalised (`TargetTemplate::pool`'s definition), by label.
+fn pooled(target: &[(String, f64)], text: &[(String, f64)], w: f64) -> Vec<(String, f64)> {
+    let (target, text) = (by_label(target.to_vec()), by_label(text.to_vec()));
+    let raw: Vec<f64> = target
+        .iter()
+        .zip(&text)
+        .map(|((_, a), (_, b))| a.powf(1.0 - w) * b.powf(w))
+        .collect();
+    let sum: f64 = raw.iter().sum();
+    target
+        .iter()
+        .zip(raw)
+        .map(|((label, _), r)| (label.clone(), r / sum))
+        .collect()
+}
+
+/// With `text_weight`, a target's scores are its own pooled with the whole text's, and an
+/// attribution is the pooled score with the word minus the pooled score without it (the
+/// marked prompt and the text, each without the word).
 #[test]
-fn a_target_template_without_its_placeholders_is_refused_at_start_up() {
+fn a_template_weighing_in_the_text_pools_the_targets_scores_with_the_texts() {
+    let w = 0.25;
+    let template = json!({"template": "{target} : {text}", "mark": ["<<", ">>"], "text_weight": w});
+    let (s, _dir) = server_with(template, &["--max-explain-words", "20"]);
+    let (code, body) = s.post(
+        "/v1/sentiment",
+        &json!({"inputs": MIXED, "parameters": {"targets": ["Huhtamaki"], "explain": true}}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let entry = &body[0][0];
+    let with = label_scores(&entry["scores"]);
+    let target = plain(
+        &s,
+        &MIXED.replacen("Huhtamaki", "<<Huhtamaki>>", 1),
+        "Huhtamaki : {text}",
+    );
+    let text = plain(&s, MIXED, "{text}");
+    assert_close(&with, &pooled(&target, &text, w), "pooled");
+    let differs = by_label(with.clone())
+        .iter()
+        .zip(by_label(target))
+        .any(|(a, b)| (a.1 - b.1).abs() > 1e-6);
+    assert!(differs, "the text's scores changed nothing: {with:?}");
+    let fell = entry["explanation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["word"] == "fell")
+        .unwrap();
+    let without = pooled(
+        &plain(
+            &s,
+            &MIXED.replacen("Huhtamaki fell", "<<Huhtamaki>>", 1),
+            "Huhtamaki : {text}",
+        ),
+        &plain(&s, &MIXED.replacen("fell ", "", 1), "{text}"),
+        w,
+    );
+    for a in fell["attributions"].as_array().unwrap() {
+        let label = a["label"].as_str().unwrap();
+        let expected = with.iter().find(|x| x.0 == label).unwrap().1
+            - without.iter().find(|x| x.0 == label).unwrap().1;
+        assert!(
+            (a["score"].as_f64().unwrap() - expected).abs() < 1e-6,
+            "{label}"
+        );
+    }
+}
+
+/// A target template without its placeholders, or with a `text_weight` outside `[0, 1)`,
+/// stops the server at start-up, naming the file and what is wrong.
+#[test]
+fn a_bad_target_template_is_refused_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("target_template.json");
-    std::fs::write(&path, r#"{"template": "{text}", "mark": ["[", "]"]}"#).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
-        .args(["serve", "--port", "0", "--model"])
-        .arg(common::fixtures().join("mt5_base"))
-        .arg("--target-template")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("target_template.json") && err.contains("{target}"),
-        "{err}"
-    );
+    for (template, names) in [
+        (r#"{"template": "{text}", "mark": ["[", "]"]}"#, "{target}"),
+        (
+            r#"{"template": "{target}: {text}", "mark": ["[", "]"], "text_weight": 1.0}"#,
+            "text_weight",
+        ),
+        (
+            r#"{"template": "{target}: {text}", "mark": ["[", "]"], "text_weight": -0.5}"#,
+            "text_weight",
+        ),
+    ] {
+        std::fs::write(&path, template).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(common::fixtures().join("mt5_base"))
+            .arg("--target-template")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{template}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("target_template.json") && err.contains(names),
+            "{template}: {err}"
+        );
+    }
 }
 
 /// `finserve eval` on FinEntity's JSON Lines scores every entity as a target and prints the

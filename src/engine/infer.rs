@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::prompt::{Template, TruncationDirection, Window};
 use super::sentiment::{LabelScores, LabelSet};
-use super::targets::{self, Located, Target};
+use super::targets::{self, Located, Target, TargetTemplate};
 use super::validation::{self, GenerateOptions};
 use super::{Engine, GenerateEvent, GenerateOutput, Priority, SentimentOutput, Timing, Variant};
 use super::{explain, sentences};
@@ -65,7 +65,8 @@ pub struct WindowScores {
 }
 
 /// A text's scores: the token-weighted mean of its windows' (one window unless chunked, its
-/// sentences' windows in `Sentences` mode). Empty when the query had targets only.
+/// sentences' windows in `Sentences` mode). Empty when the query had targets only, unless the
+/// target template weighs the text's scores into the targets'.
 #[derive(Debug, Clone, Default)]
 pub struct TextScores {
     pub probs: Vec<f64>,
@@ -90,7 +91,8 @@ pub struct SpanScores {
     pub windows: Vec<WindowScores>,
 }
 
-/// A target's scores: the token-weighted mean of the windows that hold one of its mentions.
+/// A target's scores: the token-weighted mean of the windows that hold one of its mentions,
+/// pooled with the text's when the target template weighs them in.
 #[derive(Debug, Clone)]
 pub struct TargetScores {
     /// The name, or a span's text.
@@ -201,6 +203,23 @@ fn mean(windows: &[WindowScores]) -> LabelScores {
         }
     }
     mean
+}
+
+/// Pools each target's scores (and each of its occlusions) with the text's (and the text's
+/// without the same word).
+fn pool_targets(shown: &TargetTemplate, out: &mut TextScores) {
+    let text = LabelScores {
+        probs: out.probs.clone(),
+        log_probs: out.log_probs.clone(),
+    };
+    for target in &mut out.targets {
+        target.scores = shown.pool(&target.scores, &text);
+        for word in &mut target.words {
+            if let Some(without) = out.words.iter().find(|w| w.span == word.span) {
+                word.scores = shown.pool(&word.scores, &without.scores);
+            }
+        }
+    }
 }
 
 /// A score query tokenized: its variant (held until the answer), labels, and each text's units.
@@ -389,6 +408,13 @@ impl Engine {
             ));
         }
         let chars = |b: usize| text[..b].chars().count();
+        // A target template that weighs in the text's scores needs them, and, to explain a
+        // target, the text's without each word.
+        let weighs = targets.is_some()
+            && variant
+                .target_template
+                .as_deref()
+                .is_some_and(|t| t.weighs_text());
         let mut units = Vec::new();
         let mut sentence_spans = Vec::new();
         if long_input == LongInput::Sentences {
@@ -413,7 +439,7 @@ impl Engine {
                 });
                 sentence_spans.push((chars(s), chars(e)));
             }
-        } else if whole {
+        } else if whole || weighs {
             let mut windows = self.windows(&text, template, long_input, None)?;
             for w in &mut windows {
                 w.span = (chars(w.span.0), chars(w.span.1));
@@ -444,7 +470,7 @@ impl Engine {
         } else {
             Vec::new()
         };
-        if targets.is_none() {
+        if targets.is_none() || weighs {
             for i in 0..words.len() {
                 let occluded = explain::without(&text, &explain::cut(&text, &words, i));
                 units.push(Unit {
@@ -656,6 +682,11 @@ impl Engine {
                         out.targets[target].words.push(word(i, scores))
                     }
                 }
+            }
+            if let Some(shown) = p.variant.target_template.as_deref()
+                && shown.weighs_text()
+            {
+                pool_targets(shown, &mut out);
             }
             if !out.sentences.is_empty() {
                 out.windows = out

@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::prompt::Template;
+use super::sentiment::{LabelScores, softmax};
 use crate::error::{Error, Field, Limit, Result};
 
 /// The file `finserve train` writes beside an adapter and `finserve serve` reads from there.
@@ -125,7 +126,7 @@ fn occurrences(chars: &[char], name: &str) -> Vec<(usize, usize)> {
 
 /// How a target is shown to the model: `template` holds `{text}` once (the text with each
 /// mention wrapped in `mark`) and `{target}` at least once (the target's name).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetTemplate {
     pub template: String,
@@ -136,6 +137,13 @@ pub struct TargetTemplate {
     /// cannot learn where a mention is from its position (the demo's) reads its neighbourhood.
     #[serde(default)]
     pub context_words: Option<usize>,
+    /// How much the whole text's own scores count in a target's, `w` in `[0, 1)`: the target's
+    /// label probabilities are `p_target^(1-w) · p_text^w`, renormalised (log-likelihoods
+    /// `(1-w)·target + w·text`). A model that sees only a mention's neighbourhood misses news
+    /// told further away, which the whole text's reading holds; serving only (training learns
+    /// the target's own view). `None`: the target's scores alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_weight: Option<f64>,
 }
 
 impl TargetTemplate {
@@ -148,6 +156,7 @@ impl TargetTemplate {
             template: template.to_string(),
             mark,
             context_words,
+            text_weight: None,
         };
         t.check()?;
         Ok(t)
@@ -171,7 +180,37 @@ impl TargetTemplate {
                 self.template
             )));
         }
+        if let Some(w) = self.text_weight
+            && !(0.0..1.0).contains(&w)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a target template's `text_weight` must be at least 0 and below 1 (got {w}; at 1 \
+                 the target would not count)"
+            )));
+        }
         Ok(())
+    }
+
+    /// A target's scores with the text's weighed in (see `text_weight`).
+    pub fn pool(&self, target: &LabelScores, text: &LabelScores) -> LabelScores {
+        let Some(w) = self.text_weight else {
+            return target.clone();
+        };
+        let mix = |a: &[f64], b: &[f64], f: fn(f64) -> f64| -> Vec<f64> {
+            a.iter()
+                .zip(b)
+                .map(|(&a, &b)| (1.0 - w) * f(a) + w * f(b))
+                .collect()
+        };
+        LabelScores {
+            log_probs: mix(&target.log_probs, &text.log_probs, |x| x),
+            probs: softmax(&mix(&target.probs, &text.probs, f64::ln), 1.0),
+        }
+    }
+
+    /// Whether a target's scores need the whole text's.
+    pub fn weighs_text(&self) -> bool {
+        self.text_weight.is_some()
     }
 
     /// The prompt template for one target: its name in place of `{target}`, `{text}` left for
