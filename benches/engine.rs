@@ -1,8 +1,8 @@
 //! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
 //! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32, with
 //! `--quantize q8` and (on CPUs with AVX512-BF16) bf16 weights, at 1, 4 and 16 rows; and the machine's read bandwidth next to the
-//! bandwidth each f32 projection reaches in a decode step; and a greedy step's token choice with
-//! and without `lm_head`'s bf16 screen.
+//! bandwidth each f32 projection reaches in a decode step; and a greedy step's token choice:
+//! every logit from each kind of weights, and f32's with and without `lm_head`'s bf16 screen.
 //! These are the engine's own numbers; `benches/compare.py` compares the whole server with
 //! transformers and CTranslate2.
 
@@ -204,17 +204,16 @@ fn bench_model(c: &mut Criterion, quantization: Quantization) {
         );
     }
     group.finish();
-    if quantization == Quantization::None {
-        bench_greedy(c, &model);
-    }
+    bench_greedy(c, &model, quantization);
 }
 
-/// A greedy decode step's token choice after the decoder: every logit in f32 and its argmax,
+/// A greedy decode step's token choice after the decoder: every logit (in f32 from the
+/// model's weights, int8 or bf16 ones included) and its argmax,
 /// against the bf16 screen of `lm_head` with the few tokens it leaves computed in f32
 /// (`model::greedy`; the same tokens). Where the screen does not pay (more than 8 rows without
 /// AMX tiles), `greedy_tokens` declines and the step computes the logits.
-fn bench_greedy(c: &mut Criterion, model: &T5Model) {
-    let mut group = c.benchmark_group("mt0-small-f32-greedy");
+fn bench_greedy(c: &mut Criterion, model: &T5Model, quantization: Quantization) {
+    let mut group = c.benchmark_group(format!("mt0-small-{}-greedy", quantization.as_str()));
     group.sample_size(10);
     for rows in [1, 4, 8, 16, 32, 64] {
         let ids: Vec<Vec<u32>> = (0..rows)

@@ -628,6 +628,7 @@ mod amx {
                 unsafe {
                     let a = codes.add(g * GROUP);
                     let w = weights.add(g * GROUP_BYTES);
+                    crate::model::amx::prefetch_ahead(w.cast(), STEP / GROUP * GROUP_BYTES);
                     asm!(
                         "tileloadd tmm4, [{a} + {ka}*1]",
                         "tileloadd tmm5, [{w0} + {kw}*1]",
