@@ -348,6 +348,11 @@ impl DecodeBatch {
         })
     }
 
+    /// Each slot's first cache column; `None` for a free slot.
+    pub fn first_columns(&self) -> Vec<Option<usize>> {
+        self.slots.iter().map(|s| s.map(|s| s.first)).collect()
+    }
+
     /// Each slot's real source length; 0 for a free slot.
     pub fn source_lengths(&self) -> Vec<usize> {
         self.slots

@@ -1,7 +1,8 @@
 //! Attention on the CPU that reads only real keys, one rayon task per (sequence, head):
 //! - the encoder's self-attention, straight from the packed projections (every input's tokens in
 //!   order, no padding);
-//! - the decoder's cross-attention, over each slot's own source length in the padded cache.
+//! - the decoder's cross-attention, over each slot's own source length in the padded cache;
+//! - the decoder's self-attention in one-token steps, over each slot's own cache columns.
 //!
 //! candle's path (`t5::Attention::attend`, still used on other devices) needs right-padded
 //! layouts: gathering and transposing the projections into them, many tiny batched matrix
@@ -88,7 +89,7 @@ pub fn self_attention(
                         at(2 * inner, inner + column).of(kv),
                         n,
                         d_kv,
-                        Some(&bias[head * span..][..span]),
+                        Bias::Relative(&bias[head * span..][..span]),
                     )
                 })
                 .collect()
@@ -105,16 +106,27 @@ pub fn self_attention(
     Tensor::from_vec(out, (tokens, inner), &Device::Cpu)
 }
 
+/// What one head adds to its scores before the softmax.
+#[derive(Debug, Clone, Copy)]
+enum Bias<'a> {
+    /// Nothing (cross-attention).
+    None,
+    /// The head's position bias over relative positions `-(longest - 1)..=longest - 1`: query `i`
+    /// and key `j` read `j - i` (the encoder, whose queries are its keys).
+    Relative(&'a [f32]),
+    /// One value per key, for every query (a decode step's one query per sequence).
+    PerKey(&'a [f32]),
+}
+
 /// One head of one sequence: query rows against `n` key and value rows of `d` values each, the
-/// output `(queries, d)`. `bias`, for self-attention, is the head's position bias over relative
-/// positions `-(longest - 1)..=longest - 1` (query `i` and key `j` read `j - i`).
+/// output `(queries, d)`.
 fn one_head<'a>(
     q: impl Iterator<Item = &'a [f32]>,
     k: impl Iterator<Item = &'a [f32]>,
     v: impl Iterator<Item = &'a [f32]>,
     n: usize,
     d: usize,
-    bias: Option<&[f32]>,
+    bias: Bias<'_>,
 ) -> Vec<f32> {
     wide(Head {
         q,
@@ -137,7 +149,7 @@ struct Head<'b, Q, K, V> {
     v: V,
     n: usize,
     d: usize,
-    bias: Option<&'b [f32]>,
+    bias: Bias<'b>,
 }
 
 impl<'a, Q, K, V> Kernel for Head<'_, Q, K, V>
@@ -186,11 +198,13 @@ where
                 block.copy_from_slice(&acc);
             }
             let p = &mut scores[..n];
+            let bias = match bias {
+                Bias::None => None,
+                Bias::Relative(bias) => Some(&bias[bias.len() / 2 - i..][..n]),
+                Bias::PerKey(bias) => Some(&bias[..n]),
+            };
             if let Some(bias) = bias {
-                let zero = bias.len() / 2;
-                p.iter_mut()
-                    .zip(&bias[zero - i..][..n])
-                    .for_each(|(s, &b)| *s += b);
+                p.iter_mut().zip(bias).for_each(|(s, &b)| *s += b);
             }
             let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             p.iter_mut().for_each(|s| *s = exp(*s - max));
@@ -273,13 +287,83 @@ pub fn cross_attention(
                             keys.of(v),
                             len,
                             d,
-                            None,
+                            Bias::None,
                         ));
                     })
             })
         })
     })???;
     Tensor::from_vec(out, (slots, heads, n, d), &Device::Cpu)
+}
+
+/// Self-attention of a one-token decode step over the cache: queries `q` `(slots, heads, 1,
+/// d_kv)` of the token at column `width - 1`, keys and values `k`, `v` `(slots, heads,
+/// capacity, d_kv)` already holding it, each slot reading its own columns `firsts[slot]..width`
+/// (`None`, a free slot, gets zeros). `bias`: per head, the position bias of every column seen
+/// from the query, `heads · width` values. Returns `(slots, heads, 1, d_kv)`.
+pub fn decode_self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    firsts: &[Option<usize>],
+    width: usize,
+    bias: &[f32],
+) -> candle_core::Result<Tensor> {
+    let (slots, heads, n, d) = q.dims4()?;
+    let (_, _, capacity, _) = k.dims4()?;
+    if n != 1
+        || k.dims() != [slots, heads, capacity, d]
+        || v.dims() != k.dims()
+        || firsts.len() != slots
+        || width > capacity
+        || firsts.iter().flatten().any(|&f| f >= width)
+        || bias.len() != heads * width
+    {
+        candle_core::bail!(
+            "decode self-attention: q {:?}, k {:?}, v {:?}, {} slots' first columns, {width} \
+             columns and {} bias values do not fit",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            firsts.len(),
+            bias.len()
+        );
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let mut out = vec![0f32; slots * heads * d];
+    with_f32(&q, |q| {
+        with_f32(&k, |k| {
+            with_f32(&v, |v| {
+                out.par_chunks_mut(d).enumerate().for_each(|(task, out)| {
+                    let Some(first) = firsts[task / heads] else {
+                        return;
+                    };
+                    let keys = Rows {
+                        start: (task * capacity + first) * d,
+                        width: d,
+                        n: width - first,
+                        d,
+                    };
+                    let query = Rows {
+                        start: task * d,
+                        width: d,
+                        n: 1,
+                        d,
+                    };
+                    let head = task % heads;
+                    out.copy_from_slice(&one_head(
+                        query.of(q),
+                        keys.of(k),
+                        keys.of(v),
+                        width - first,
+                        d,
+                        Bias::PerKey(&bias[head * width + first..(head + 1) * width]),
+                    ));
+                })
+            })
+        })
+    })???;
+    Tensor::from_vec(out, (slots, heads, 1, d), &Device::Cpu)
 }
 
 /// `n` rows of `d` values, `width` apart from `start`: one head's slice of an input's rows.
@@ -365,11 +449,11 @@ mod tests {
                 v: c,
                 n,
                 d,
-                bias: Some(&bias),
+                bias: Bias::Relative(&bias),
             }
             .run();
             let (a, b, c) = args();
-            let vectorized = one_head(a, b, c, n, d, Some(&bias));
+            let vectorized = one_head(a, b, c, n, d, Bias::Relative(&bias));
             let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), bits(&want), "n {n}, d {d}");
             assert_eq!(bits(&vectorized), bits(&want), "n {n}, d {d} (wide)");

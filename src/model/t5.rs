@@ -457,6 +457,20 @@ struct DecoderBlock {
     ff_norm: LayerNorm,
 }
 
+/// How a decode step runs the decoder's self-attention over the cache.
+enum SelfAttention {
+    /// One token per slot on the CPU in f32: each slot reads only its own columns
+    /// ([`packed_attention::decode_self_attention`]); `bias` is each head's position bias of
+    /// every column seen from the step's column, `heads · width` values.
+    Packed {
+        firsts: Vec<Option<usize>>,
+        bias: Vec<f32>,
+    },
+    /// candle's ops over every column: the position bias plus the masks, broadcastable to the
+    /// scores `(slots, heads, n, width)`.
+    Masked(Tensor),
+}
+
 /// How the encoder runs self-attention over its packed rows.
 enum EncoderAttention<'a> {
     /// On the CPU in f32: straight from the packed rows ([`packed_attention`]).
@@ -885,10 +899,16 @@ impl T5Model {
         // Key column c seen from query q of this step is c - (start + q) positions away, for
         // every slot (see `DecodeBatch`), so one bias serves the whole batch.
         let relative = (0..n).flat_map(|q| (0..width).map(move |c| c as i64 - (start + q) as i64));
-        let bias = self
-            .position_bias(&self.decoder_bias, relative, (n, width), false)?
-            .broadcast_add(&batch.self_mask(start, n)?)?;
-        self.run_decoder(batch, tokens, ids, start, &bias)
+        let position = self.position_bias(&self.decoder_bias, relative, (n, width), false)?;
+        let attention = if self.attends_packed() && n == 1 {
+            SelfAttention::Packed {
+                firsts: batch.first_columns(),
+                bias: position.flatten_all()?.to_vec1()?,
+            }
+        } else {
+            SelfAttention::Masked(position.broadcast_add(&batch.self_mask(start, n)?)?)
+        };
+        self.run_decoder(batch, tokens, ids, start, &attention)
     }
 
     /// Feeds each listed slot of a fresh batch a whole token tree at once: node `i` carries
@@ -930,18 +950,18 @@ impl T5Model {
         let bias = self
             .position_bias(&self.decoder_bias, relative, (n, n), false)?
             .broadcast_add(&Tensor::from_vec(visible, (1, 1, n, n), &self.device)?)?;
-        self.run_decoder(batch, tokens, ids, 0, &bias)
+        self.run_decoder(batch, tokens, ids, 0, &SelfAttention::Masked(bias))
     }
 
-    /// The decoder stack over `ids` `(slots, n)` written at cache column `start`, with the
-    /// self-attention `bias` (position bias and masks) already built.
+    /// The decoder stack over `ids` `(slots, n)` written at cache column `start`, its
+    /// self-attention's biases already built.
     fn run_decoder(
         &self,
         batch: &mut DecodeBatch,
         tokens: &[(usize, Vec<u32>)],
         ids: Tensor,
         start: usize,
-        bias: &Tensor,
+        attention: &SelfAttention,
     ) -> candle_core::Result<Tensor> {
         let (slots, n) = ids.dims2()?;
         let width = start + n;
@@ -958,8 +978,14 @@ impl T5Model {
             let (k, v) = a.split_kv(&a.kv.forward(&h)?)?;
             ck.slice_set(&k, 2, start)?;
             cv.slice_set(&v, 2, start)?;
-            let out =
-                Attention::attend(&q, &ck.narrow(2, 0, width)?, &cv.narrow(2, 0, width)?, bias)?;
+            let out = match attention {
+                SelfAttention::Packed { firsts, bias } => {
+                    packed_attention::decode_self_attention(&q, ck, cv, firsts, width, bias)?
+                }
+                SelfAttention::Masked(bias) => {
+                    Attention::attend(&q, &ck.narrow(2, 0, width)?, &cv.narrow(2, 0, width)?, bias)?
+                }
+            };
             x = (x + a.o.forward(&a.merge_heads(&out)?)?)?;
 
             let a = &block.cross_attn;
@@ -1113,6 +1139,52 @@ mod tests {
         let masked = Attention::attend(&q, &k, &v, &mask).unwrap();
         let diff = max_abs_diff(&packed, &masked);
         assert!(diff < 1e-5, "cross attentions differ by {diff}");
+    }
+
+    #[test]
+    fn decode_self_attention_over_own_columns_equals_the_masked_one() {
+        let dev = Device::Cpu;
+        let (slots, heads, cap, d, width) = (4, 2, 8, 8, 6);
+        let q = Tensor::randn(0f32, 1.0, (slots, heads, 1, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (slots, heads, cap, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (slots, heads, cap, d), &dev).unwrap();
+        // Joined at column 0, 3 and 5 (the step's own column); the third slot is free.
+        let firsts = [Some(0), Some(3), None, Some(5)];
+        let bias = Tensor::randn(0f32, 1.0, (1, heads, 1, width), &dev).unwrap();
+        let mask: Vec<f32> = firsts
+            .iter()
+            .flat_map(|f| (0..width).map(move |c| if c < f.unwrap_or(0) { f32::MIN } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (slots, 1, 1, width), &dev).unwrap();
+        let packed = packed_attention::decode_self_attention(
+            &q,
+            &k,
+            &v,
+            &firsts,
+            width,
+            &bias.flatten_all().unwrap().to_vec1().unwrap(),
+        )
+        .unwrap();
+        let masked = Attention::attend(
+            &q,
+            &k.narrow(2, 0, width).unwrap(),
+            &v.narrow(2, 0, width).unwrap(),
+            &bias.broadcast_add(&mask).unwrap(),
+        )
+        .unwrap();
+        let busy = Tensor::new(&[0u32, 1, 3], &dev).unwrap();
+        let (packed_busy, masked_busy) = (
+            packed.index_select(&busy, 0).unwrap(),
+            masked.index_select(&busy, 0).unwrap(),
+        );
+        let diff = max_abs_diff(&packed_busy, &masked_busy);
+        assert!(diff < 1e-5, "self attentions differ by {diff}");
+        let free = packed.get(2).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(
+            free.to_scalar::<f32>().unwrap(),
+            0.0,
+            "a free slot reads nothing"
+        );
     }
 
     #[test]
