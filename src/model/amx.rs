@@ -30,7 +30,8 @@ pub fn tile_config(n: usize) -> [u8; 64] {
 /// `lm_head` (128 MB in int8 at mt0-small) with tile loads alone reached about half the read
 /// bandwidth plain vector loads reach (the hardware prefetchers do not seem to follow
 /// `tileloadd`); asking for the weights two steps early doubled a one-row greedy step's rate
-/// (`cargo bench --bench engine -- greedy`).
+/// (`cargo bench --bench engine -- greedy`). Only a product's first pass over a weight asks:
+/// its later row groups find the weight in the cache.
 const PREFETCH_AHEAD: usize = 8192;
 
 /// Asks the cache for the `bytes` of a weight stream lying [`PREFETCH_AHEAD`] bytes past

@@ -150,6 +150,7 @@ impl Int8Linear {
             offsets: &self.offsets[tile * blocks * TILE..(tile + 1) * blocks * TILE],
             codes: &acts.codes[r0 * k_pad..(r0 + n) * k_pad],
             row_scales: &acts.scales[r0 * blocks..(r0 + n) * blocks],
+            streams: r0 == 0,
             k_pad,
             groups_per_block: block / GROUP,
             blocks,
@@ -299,6 +300,9 @@ struct TileJob<'a> {
     blocks: usize,
     out: *mut f32,
     stride: usize,
+    /// Whether this call is the first over the tile's weights, which then come from memory
+    /// (later row groups find them in the cache): the AMX kernel prefetches only then.
+    streams: bool,
 }
 
 /// Which implementation of the tile kernel runs.
@@ -628,7 +632,9 @@ mod amx {
                 unsafe {
                     let a = codes.add(g * GROUP);
                     let w = weights.add(g * GROUP_BYTES);
-                    crate::model::amx::prefetch_ahead(w.cast(), STEP / GROUP * GROUP_BYTES);
+                    if job.streams {
+                        crate::model::amx::prefetch_ahead(w.cast(), STEP / GROUP * GROUP_BYTES);
+                    }
                     asm!(
                         "tileloadd tmm4, [{a} + {ka}*1]",
                         "tileloadd tmm5, [{w0} + {kw}*1]",
