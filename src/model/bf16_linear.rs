@@ -254,13 +254,16 @@ mod amx {
             )
         };
         for j in (0..job.pairs).step_by(STEP) {
+            // Later row groups find the panel in the cache.
+            if r0 == 0 {
+                crate::model::amx::prefetch_ahead(
+                    w.wrapping_add(j * PANEL).cast(),
+                    STEP * PANEL * 4,
+                );
+            }
             // SAFETY: the activation tile reads `n` rows of 64 bytes from pair `j` at stride
             // `pairs` (`j + 16 <= pairs`, rows `r0..r0+n` exist); each weight tile reads 16 pair
             // rows `j..j+16` of 64 bytes at the panel's row stride, inside the panel.
-            // Later row groups find the panel in the cache.
-            if r0 == 0 {
-                crate::model::amx::prefetch_ahead(w.wrapping_add(j * PANEL).cast(), STEP * PANEL * 4);
-            }
             unsafe {
                 asm!(
                     "tileloadd tmm4, [{a} + {ka}*1]",
