@@ -32,6 +32,7 @@ pub fn tile_config(n: usize) -> [u8; 64] {
 /// `tileloadd`); asking for the weights two steps early doubled a one-row greedy step's rate
 /// (`cargo bench --bench engine -- greedy`). Only a product's first pass over a weight asks:
 /// its later row groups find the weight in the cache.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 8192;
 
 /// Asks the cache for the `bytes` of a weight stream lying [`PREFETCH_AHEAD`] bytes past
