@@ -178,7 +178,7 @@ pub struct ModelArgs {
     #[arg(long, env = "FINSERVE_QUANTIZE", default_value = "none")]
     pub quantize: String,
     /// Keep no bf16 copy of an f32 `lm_head` for greedy decoding. By default, on CPUs with
-    /// AVX512-BF16, greedy steps whose sequences ask for no log-probabilities screen the
+    /// AVX512-BF16 or AVX2, greedy steps whose sequences ask for no log-probabilities screen the
     /// vocabulary with that copy (half the bytes to read; AMX tiles where the CPU has them, else
     /// steps of up to 8 sequences) and compute in f32 only the tokens it cannot rule out: the
     /// same tokens, faster, for half of `lm_head`'s size in memory (256 MB at mt0-small's

@@ -1,19 +1,21 @@
 //! The matrix product behind `--dtype bf16` on the CPU (and `lm_head`'s greedy screen,
 //! [`super::greedy`]): `y = x·Wᵀ` with `W` rounded to bf16 once at load time and `x` rounded at
 //! every call, products summed in f32 by AMX-BF16's `tdpbf16ps` tiles where the CPU has them
-//! (Sapphire Rapids and later), else by AVX512-BF16's `vdpbf16ps`.
+//! (Sapphire Rapids and later), else by AVX512-BF16's `vdpbf16ps`, else (for `lm_head`'s screen
+//! only) by AVX2: see [`screens`].
 //!
 //! The layout is [`super::f32_linear`]'s with pairs of inputs: panels of [`PANEL`] output
 //! channels, for each pair of inputs `(2j, 2j+1)` the panel's 64 weight pairs side by side (one
 //! 64-byte load feeds 16 channels), each activation pair broadcast to them; it is also the tiles'
 //! own layout. Each output's sums run the same way whatever the batch, so a row's output does not
-//! depend on which other rows share the call. The two instruction sets round their pair sums
-//! differently, so their last bits differ: a layer runs on one of them for every call (tiles
-//! wherever its input is whole tile steps of 32), and both stay within f32 summation's error of
-//! the rounded operands' exact product (unit test).
+//! depend on which other rows share the call. The kernels round their sums differently, so their
+//! last bits differ: a layer runs on one of them for every call (tiles wherever its input is whole
+//! tile steps of 32), and all stay within f32 summation's error of the rounded operands' exact
+//! product (unit test).
 //!
-//! Only CPUs with AVX512-BF16 run it (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4
-//! and later); [`available`] says whether this one does, and loading refuses bf16 elsewhere.
+//! `--dtype bf16` runs only on CPUs with AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids and
+//! later; AMD Zen 4 and later): [`available`] says whether this one has it, and loading refuses
+//! bf16 elsewhere.
 
 use half::bf16;
 use rayon::prelude::*;
@@ -25,7 +27,7 @@ const PANEL: usize = 64;
 /// Rows one kernel pass holds sums for.
 const ROWS: usize = 6;
 
-/// Whether this CPU has the instructions the bf16 product needs.
+/// Whether this CPU has bf16 instructions of its own (AVX512-BF16), which `--dtype bf16` needs.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -34,6 +36,47 @@ pub fn available() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// Whether this CPU runs the product at all: with bf16 instructions, or with AVX2 and FMA, which
+/// widen the bf16 operands to f32 (exactly: a bf16 is an f32 with its low 16 bits zero) and sum
+/// their products with f32 multiply-adds. That is the same rounded operands summed in f32, within
+/// the same bound as the bf16 instructions, for half the bytes of an f32 weight but at f32's
+/// multiply rate: it pays where reading `W` bounds the product, which is why only `lm_head`'s
+/// greedy screen (few-row decode steps over 250k tokens) uses it.
+pub fn screens() -> bool {
+    Kernel::Dot.runs_here() || Kernel::Widened.runs_here()
+}
+
+/// Which implementation of the product runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// AMX-BF16 tiles, for inputs of whole tile steps.
+    Tiles,
+    /// AVX512-BF16's `vdpbf16ps`.
+    Dot,
+    /// AVX2 and FMA on the operands widened to f32 (see [`screens`]).
+    Widened,
+}
+
+impl Kernel {
+    /// Whether this CPU has the instructions the kernel runs (tiles also need whole tile steps).
+    fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Self::Tiles => amx::ready(),
+                Self::Dot => available(),
+                Self::Widened => {
+                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
     }
 }
 
@@ -112,9 +155,17 @@ impl Product for Bf16Linear {
     }
 
     /// # Panics
-    /// On a CPU without AVX512-BF16 (see [`available`]; loading refuses bf16 there).
+    /// On a CPU that [`screens`] rules out (loading refuses bf16 there, and `lm_head` gets no
+    /// screen).
     fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        self.matmul_on(x, rows, self.has_tiles())
+        let kernel = if self.has_tiles() {
+            Kernel::Tiles
+        } else if available() {
+            Kernel::Dot
+        } else {
+            Kernel::Widened
+        };
+        self.matmul_on(x, rows, kernel)
     }
 }
 
@@ -131,8 +182,11 @@ impl Bf16Linear {
         }
     }
 
-    fn matmul_on(&self, x: &[f32], rows: usize, tiles: bool) -> Vec<f32> {
-        assert!(available(), "the bf16 product needs AVX512-BF16");
+    fn matmul_on(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
+        assert!(
+            kernel.runs_here(),
+            "this CPU cannot run the bf16 kernel {kernel:?}"
+        );
         assert_eq!(x.len(), rows * self.input, "{rows} rows of {}", self.input);
         let acts: Vec<u32> = x
             .chunks_exact(self.input.max(1))
@@ -156,9 +210,8 @@ impl Bf16Linear {
             };
             // SAFETY: panel `p` writes only columns `p*PANEL..(p+1)*PANEL` of `y` (row stride
             // `width`), which no other task writes; `y` has room for `rows × width` floats and
-            // outlives the loop; the CPU has AVX512-BF16 (asserted above), and AMX-BF16 with
-            // whole tile steps where `tiles` holds.
-            unsafe { run(&job, tiles) };
+            // outlives the loop; the CPU runs `kernel` (the callers pick one it has).
+            unsafe { run(&job, kernel) };
         });
         // SAFETY: the panels cover all `width` columns of all rows, and each pass stores every
         // element of its rows and panel.
@@ -179,12 +232,12 @@ struct Job<'a> {
 }
 
 /// # Safety
-/// The CPU must have AVX512-BF16 (and with `tiles`, AMX-BF16 granted and `job.pairs` whole tile
-/// steps), and `job.out` be valid for writes of `job.rows` rows of [`PANEL`] floats at
-/// `job.stride`.
-unsafe fn run(job: &Job, tiles: bool) {
+/// The CPU must run `kernel` (AVX512-BF16 for [`Kernel::Dot`], AMX-BF16 granted and `job.pairs`
+/// whole tile steps for [`Kernel::Tiles`], AVX2 and FMA for [`Kernel::Widened`]), and `job.out`
+/// be valid for writes of `job.rows` rows of [`PANEL`] floats at `job.stride`.
+unsafe fn run(job: &Job, kernel: Kernel) {
     #[cfg(target_arch = "x86_64")]
-    if tiles {
+    if kernel == Kernel::Tiles {
         for r0 in (0..job.rows).step_by(amx::ROWS) {
             // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
             unsafe { amx::pass(job, r0, (job.rows - r0).min(amx::ROWS)) };
@@ -197,12 +250,18 @@ unsafe fn run(job: &Job, tiles: bool) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
         unsafe {
-            match n {
-                1 => avx512::pass::<1>(job, r0),
-                2 => avx512::pass::<2>(job, r0),
-                3 => avx512::pass::<3>(job, r0),
-                4 => avx512::pass::<4>(job, r0),
-                5 => avx512::pass::<5>(job, r0),
+            match (kernel, n) {
+                (Kernel::Widened, 1) => avx2::pass::<1>(job, r0),
+                (Kernel::Widened, 2) => avx2::pass::<2>(job, r0),
+                (Kernel::Widened, 3) => avx2::pass::<3>(job, r0),
+                (Kernel::Widened, 4) => avx2::pass::<4>(job, r0),
+                (Kernel::Widened, 5) => avx2::pass::<5>(job, r0),
+                (Kernel::Widened, _) => avx2::pass::<ROWS>(job, r0),
+                (_, 1) => avx512::pass::<1>(job, r0),
+                (_, 2) => avx512::pass::<2>(job, r0),
+                (_, 3) => avx512::pass::<3>(job, r0),
+                (_, 4) => avx512::pass::<4>(job, r0),
+                (_, 5) => avx512::pass::<5>(job, r0),
                 _ => avx512::pass::<ROWS>(job, r0),
             }
         }
@@ -350,6 +409,79 @@ mod avx512 {
     }
 }
 
+/// The kernel for CPUs without bf16 instructions. A packed lane is two bf16 weights (the even
+/// input in the low half); shifting it left 16 bits gives the even one as an f32, masking off
+/// the low half the odd one, so a pair costs a shift and a mask per 8 channels (and per row for
+/// the activations) and two multiply-adds per row.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Job, PANEL};
+
+    /// Rows `r0..r0+R` times one panel, in passes over as many channels as the 16 registers
+    /// hold sums and widened weights for (all 64 on one row, so each pair row of the panel is
+    /// read in one sweep).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `job.out` valid as in [`super::run`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pass<const R: usize>(job: &Job, r0: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match R {
+                1 => channels::<R, 8>(job, r0),
+                2 => channels::<R, 4>(job, r0),
+                3 => channels::<R, 2>(job, r0),
+                _ => channels::<R, 1>(job, r0),
+            }
+        }
+    }
+
+    /// Rows `r0..r0+R` times one panel, `V × 8` channels a pass.
+    ///
+    /// # Safety
+    /// As [`pass`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn channels<const R: usize, const V: usize>(job: &Job, r0: usize) {
+        let (w, a) = (job.panel.as_ptr(), job.acts.as_ptr());
+        let high = _mm256_set1_epi32(-0x1_0000);
+        let widen = |lanes: __m256i| {
+            (
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(lanes)),
+                _mm256_castsi256_ps(_mm256_and_si256(lanes, high)),
+            )
+        };
+        for c0 in (0..PANEL).step_by(8 * V) {
+            let mut acc = [[_mm256_setzero_ps(); V]; R];
+            for j in 0..job.pairs {
+                // SAFETY: `j < pairs` and `c0 + 8V <= PANEL`: the panel's pair row `j` has
+                // `PANEL` lanes; row `r0 + r < rows` of the activations has `pairs`.
+                unsafe {
+                    let xs: [(__m256, __m256); R] = std::array::from_fn(|r| {
+                        widen(_mm256_set1_epi32(*a.add((r0 + r) * job.pairs + j) as i32))
+                    });
+                    for v in 0..V {
+                        let (we, wo) =
+                            widen(_mm256_loadu_si256(w.add(j * PANEL + c0 + 8 * v).cast()));
+                        for (acc, (xe, xo)) in acc.iter_mut().zip(&xs) {
+                            acc[v] = _mm256_fmadd_ps(wo, *xo, _mm256_fmadd_ps(we, *xe, acc[v]));
+                        }
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                for (v, acc) in acc.iter().enumerate() {
+                    // SAFETY: row `r0 + r < rows`, columns `c0 + 8v .. +8 <= PANEL`.
+                    unsafe {
+                        _mm256_storeu_ps(job.out.add((r0 + r) * job.stride + c0 + 8 * v), *acc)
+                    };
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +501,18 @@ mod tests {
         (75, 67, 33),
     ];
 
+    /// Every kernel this CPU runs for `linear`, saying which it cannot.
+    fn kernels(linear: &Bf16Linear) -> Vec<Kernel> {
+        let kernels: Vec<Kernel> = [Kernel::Widened, Kernel::Dot, Kernel::Tiles]
+            .into_iter()
+            .filter(|&k| k.runs_here() && (k != Kernel::Tiles || linear.has_tiles()))
+            .collect();
+        if !kernels.contains(&Kernel::Dot) {
+            eprintln!("this CPU has no AVX512-BF16: the vdpbf16ps kernel cannot run here");
+        }
+        kernels
+    }
+
     /// The rounded operands' products summed in f64: what the kernel computes but for its f32
     /// sums.
     fn rounded_product(x: &[f32], w: &[f32], r: usize, o: usize, input: usize) -> (f64, f64) {
@@ -381,21 +525,18 @@ mod tests {
 
     #[test]
     fn the_product_is_the_rounded_operands_summed_in_f32() {
-        if !available() {
-            eprintln!("this CPU has no AVX512-BF16: the bf16 product cannot run here");
-            return;
-        }
+        let mut ran = Vec::new();
         for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {
             let (x, w) = (
                 random(rows * input, i as u64),
                 random(out * input, 50 + i as u64),
             );
             let linear = Bf16Linear::pack(&w, out, input);
-            let products = [
-                linear.matmul_on(&x, rows, false),
-                linear.matmul_on(&x, rows, linear.has_tiles()),
-            ];
-            for (y, kind) in products.iter().zip(["vdpbf16ps", "tiles"]) {
+            for kernel in kernels(&linear) {
+                let y = linear.matmul_on(&x, rows, kernel);
+                if !ran.contains(&kernel) {
+                    ran.push(kernel);
+                }
                 for r in 0..rows {
                     for o in 0..out {
                         let (exact, magnitude) = rounded_product(&x, &w, r, o, input);
@@ -404,37 +545,26 @@ mod tests {
                         let got = f64::from(y[r * out + o]);
                         assert!(
                             (got - exact).abs() <= bound,
-                            "{kind} {rows}x{out}x{input} [{r},{o}]: {got} vs {exact}"
+                            "{kernel:?} {rows}x{out}x{input} [{r},{o}]: {got} vs {exact}"
                         );
                     }
                 }
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        if !amx::ready() {
-            eprintln!("this CPU has no AMX-BF16: only the AVX512-BF16 kernel ran");
-        }
+        eprintln!("kernels held to the bound on this CPU: {ran:?}");
     }
 
     #[test]
     fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
-        if !available() {
-            eprintln!("this CPU has no AVX512-BF16: the bf16 product cannot run here");
-            return;
-        }
         // More rows than a tile holds, so some share a tile pass with others and some do not.
         let (rows, out, input) = (21, 130, 96);
         let (x, w) = (random(rows * input, 1), random(out * input, 2));
         let linear = Bf16Linear::pack(&w, out, input);
-        for tiles in [false, linear.has_tiles()] {
-            let batch = linear.matmul_on(&x, rows, tiles);
+        for kernel in kernels(&linear) {
+            let batch = linear.matmul_on(&x, rows, kernel);
             for r in 0..rows {
-                let alone = linear.matmul_on(&x[r * input..(r + 1) * input], 1, tiles);
-                assert_eq!(
-                    alone,
-                    batch[r * out..(r + 1) * out],
-                    "row {r}, tiles {tiles}"
-                );
+                let alone = linear.matmul_on(&x[r * input..(r + 1) * input], 1, kernel);
+                assert_eq!(alone, batch[r * out..(r + 1) * out], "row {r}, {kernel:?}");
             }
         }
     }

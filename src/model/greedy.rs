@@ -1,7 +1,7 @@
 //! Exact greedy tokens for half of `lm_head`'s bytes: a decode step is bound by reading `W`
 //! (0.5 GB in f32 for mt0-small's 250k-token vocabulary) on few rows and by multiplying on many,
-//! so the logits are first screened with a bf16 copy of `W` ([`Bf16Linear`] on AMX-BF16 tiles,
-//! half the bytes and many times f32's multiply rate), and only the tokens the screen cannot rule
+//! so the logits are first screened with a bf16 copy of `W` ([`Bf16Linear`]: on AMX-BF16 tiles
+//! half the bytes and many times f32's multiply rate, elsewhere half the bytes), and only the tokens the screen cannot rule
 //! out are computed again in f32, with the very chain the f32 product uses.
 //!
 //! Why that is exact: for a row `x` and token `c`, the screen's logit `s_c` and the f32 logit
@@ -21,8 +21,9 @@ use super::product::Product;
 /// Candidates per row beyond which the screen gives up (the full product is then cheaper).
 const MAX_CANDIDATES: usize = 1024;
 /// Rows up to which the screen beats the f32 product without AMX tiles (`cargo bench --bench
-/// engine -- greedy`): `vdpbf16ps` multiplies at about half f32's rate on the CPUs measured, so
-/// it pays only while reading `W` dominates. On AMX-BF16 tiles it reads at the memory's pace at
+/// engine -- greedy`): `vdpbf16ps` multiplies at about half f32's rate on the CPUs measured, and
+/// AVX2 (widening bf16 to f32) at f32's rate with extra work, so it pays only while reading `W`
+/// dominates. On AMX-BF16 tiles it reads at the memory's pace at
 /// any batch (2x at 1 to 64 rows).
 const MAX_ROWS_WITHOUT_TILES: usize = 8;
 
@@ -56,7 +57,7 @@ const FLUSH: f64 = 1.0 / (1u128 << 120) as f64;
 impl GreedyHead {
     /// The screen of `exact`, where this CPU runs the bf16 product; `None` elsewhere.
     pub fn new(exact: std::sync::Arc<F32Linear>) -> Option<Self> {
-        if !bf16_linear::available() {
+        if !bf16_linear::screens() {
             return None;
         }
         let (out, input) = (exact.out(), exact.input());
@@ -189,7 +190,7 @@ mod tests {
         let exact = Arc::new(F32Linear::pack(&w, out, input));
         let Some(head) = GreedyHead::new(exact.clone()) else {
             eprintln!(
-                "this CPU has no AVX512-BF16: the greedy screen is not used here, nothing to test"
+                "this CPU runs no bf16 product: the greedy screen is not used here, nothing to test"
             );
             return;
         };

@@ -428,37 +428,64 @@ mod avx2 {
     /// floats at `job.stride`.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn tile<const R: usize>(job: &TileJob) {
-        const HALF: usize = TILE / 2;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match R {
+                1 => channels::<R, 8>(job),
+                2 => channels::<R, 4>(job),
+                _ => channels::<R, 2>(job),
+            }
+        }
+    }
+
+    /// `R` rows × one tile in passes of `V × 8` channels, as many as the 16 registers hold
+    /// sums for beside the rows' codes: each pass reads its weights once for all `R` rows (and
+    /// takes `|w|` once), and one row's pass covers the whole tile, so a decode step sweeps each
+    /// group's 256 bytes in order.
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[target_feature(enable = "avx2")]
+    unsafe fn channels<const R: usize, const V: usize>(job: &TileJob) {
         let ones = _mm256_set1_epi16(1);
         let flip = _mm256_set1_epi8(i8::MIN);
-        for r in 0..R {
-            for half in 0..2 {
-                for b in 0..job.blocks {
-                    let mut acc = [_mm256_setzero_si256(); 4];
-                    for g in b * job.groups_per_block..(b + 1) * job.groups_per_block {
-                        let w = &job.weights[g * GROUP_BYTES + half * 4 * 32..][..4 * 32];
-                        let code = &job.codes[r * job.k_pad + g * GROUP..][..GROUP];
-                        // SAFETY: `code` holds 4 bytes.
-                        let a = unsafe { std::ptr::read_unaligned(code.as_ptr().cast::<i32>()) };
-                        let a = _mm256_xor_si256(_mm256_set1_epi32(a), flip);
-                        for (i, acc) in acc.iter_mut().enumerate() {
-                            // SAFETY: `w` holds 4 × 32 bytes; each load reads 32 of them.
-                            let w = unsafe { _mm256_loadu_si256(w.as_ptr().add(32 * i).cast()) };
-                            let pairs =
-                                _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w));
-                            *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(pairs, ones));
+        let (codes, weights) = (job.codes.as_ptr(), job.weights.as_ptr());
+        for c0 in (0..TILE).step_by(8 * V) {
+            for b in 0..job.blocks {
+                let mut acc = [[_mm256_setzero_si256(); V]; R];
+                for g in b * job.groups_per_block..(b + 1) * job.groups_per_block {
+                    // SAFETY: row `r < R` of `codes` has `k_pad` bytes and `g * GROUP + 4 <=
+                    // k_pad`.
+                    let codes: [__m256i; R] = std::array::from_fn(|r| unsafe {
+                        let a = std::ptr::read_unaligned(
+                            codes.add(r * job.k_pad + g * GROUP).cast::<i32>(),
+                        );
+                        _mm256_xor_si256(_mm256_set1_epi32(a), flip)
+                    });
+                    // Channels `c0..c0 + 8V` are bytes `4·c0..` of the group (4 inputs each).
+                    let w = weights.wrapping_add(g * GROUP_BYTES + GROUP * c0);
+                    for v in 0..V {
+                        // SAFETY: group `g` of the tile has `GROUP_BYTES` bytes, and `GROUP ·
+                        // (c0 + 8v) + 32 <= GROUP_BYTES`.
+                        let w = unsafe { _mm256_loadu_si256(w.add(32 * v).cast()) };
+                        let magnitude = _mm256_abs_epi8(w);
+                        for (acc, a) in acc.iter_mut().zip(&codes) {
+                            let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(*a, w));
+                            acc[v] = _mm256_add_epi32(acc[v], _mm256_madd_epi16(pairs, ones));
                         }
                     }
+                }
+                for (r, acc) in acc.iter().enumerate() {
                     let row_scale = _mm256_set1_ps(job.row_scales[r * job.blocks + b]);
-                    for (i, acc) in acc.iter().enumerate() {
-                        let at = b * TILE + half * HALF + 8 * i;
+                    for (v, acc) in acc.iter().enumerate() {
+                        let at = b * TILE + c0 + 8 * v;
                         let scales = &job.scales[at..at + 8];
                         // SAFETY: `scales` holds 8 floats; row `r < R` and columns
-                        // `half*32 + 8i .. +8 <= TILE` of `out`, as the caller guarantees.
+                        // `c0 + 8v .. +8 <= TILE` of `out`, as the caller guarantees.
                         unsafe {
                             let scale = _mm256_mul_ps(_mm256_loadu_ps(scales.as_ptr()), row_scale);
                             let value = _mm256_mul_ps(_mm256_cvtepi32_ps(*acc), scale);
-                            let out = job.out.add(r * job.stride + half * HALF + 8 * i);
+                            let out = job.out.add(r * job.stride + c0 + 8 * v);
                             let sum = if b == 0 {
                                 value
                             } else {
@@ -772,6 +799,7 @@ mod tests {
             }
         }
         kernels.retain(|&k| k != Kernel::Portable);
+        kernels.dedup();
         eprintln!("comparing {kernels:?} with the portable kernel");
         for kernel in kernels {
             for (i, &(rows, out, input)) in SHAPES.iter().enumerate() {

@@ -232,7 +232,8 @@ impl SharedLayers {
         }
     }
 
-    /// Asks for [`GreedyHead`]'s screen on packed f32 `lm_head`s (where the CPU has AVX512-BF16).
+    /// Asks for [`GreedyHead`]'s screen on packed f32 `lm_head`s (where the CPU runs the bf16
+    /// product: [`bf16_linear::screens`]).
     pub fn with_greedy_screen(self, on: bool) -> Self {
         Self {
             greedy_screen: on,
