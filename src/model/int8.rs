@@ -233,8 +233,8 @@ fn round_weights(xs: &[f32], dst: &mut [i8]) -> f32 {
     scale
 }
 
-/// Activation rows rounded per block: `codes` are `q + 128`, `(rows, k_pad)`; `scales` are
-/// `(rows, blocks)`.
+/// Activation rows rounded per block: `codes` are `q` plus the kernel's
+/// [`Kernel::code_offset`] (as a byte), `(rows, k_pad)`; `scales` are `(rows, blocks)`.
 struct Activations {
     codes: Vec<u8>,
     scales: Vec<f32>,
@@ -245,7 +245,8 @@ const ROUND_ROWS: usize = 32;
 
 impl Activations {
     fn quantize(x: &[f32], rows: usize, dims: Dims, kernel: Kernel) -> Self {
-        let mut codes = vec![OFFSET as u8; rows * dims.k_pad];
+        let offset = kernel.code_offset();
+        let mut codes = vec![offset as u8; rows * dims.k_pad];
         let mut scales = vec![0f32; rows * dims.blocks()];
         codes
             .par_chunks_mut(ROUND_ROWS * dims.k_pad)
@@ -254,19 +255,22 @@ impl Activations {
             .for_each(|((codes, scales), x)| match kernel {
                 // SAFETY: `Kernel::Vnni` and `Kernel::Amx` are only detected on CPUs with AVX-512.
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Vnni | Kernel::Amx => unsafe { vnni::round_rows(x, codes, scales, dims) },
+                Kernel::Vnni | Kernel::Amx => unsafe {
+                    vnni::round_rows(x, codes, scales, dims, offset)
+                },
                 // SAFETY: `Kernel::Avx2` is only detected on CPUs with AVX2.
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => unsafe { avx2::round_rows(x, codes, scales, dims) },
-                Kernel::Portable => round_rows(x, codes, scales, dims),
+                Kernel::Avx2 => unsafe { avx2::round_rows(x, codes, scales, dims, offset) },
+                Kernel::Portable => round_rows(x, codes, scales, dims, offset),
             });
         Self { codes, scales }
     }
 }
 
-/// Rounds the rows of `x` into `codes` (`k_pad` each) and `scales` (`blocks` each).
+/// Rounds the rows of `x` into `codes` (`k_pad` each, `q + offset` as a byte) and `scales`
+/// (`blocks` each).
 #[inline(always)]
-fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims) {
+fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims, offset: i32) {
     let rows = x
         .chunks_exact(dims.input)
         .zip(codes.chunks_exact_mut(dims.k_pad));
@@ -279,7 +283,7 @@ fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims) {
             let inv;
             (*scale, inv) = block_scale(xs);
             for (c, &v) in codes.iter_mut().zip(xs) {
-                *c = (code(v, inv) + OFFSET) as u8;
+                *c = (code(v, inv) + offset) as u8;
             }
         }
     }
@@ -345,6 +349,18 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Self::Amx if !dims.block.is_multiple_of(amx::STEP) => Self::Vnni,
             other => other,
+        }
+    }
+
+    /// What the activation codes of this kernel add to `q`: 128 makes them the unsigned bytes
+    /// `vpdpbusd` (and the tiles) multiply, with `128·Σw` subtracted again per block; the AVX2
+    /// kernel reads them as signed bytes, so there they are `q` itself and need no flipping per
+    /// broadcast.
+    fn code_offset(self) -> i32 {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => 0,
+            _ => OFFSET,
         }
     }
 
@@ -420,8 +436,8 @@ mod avx2 {
     /// `R` rows × one tile without VNNI. `vpmaddubsw` multiplies unsigned by signed bytes and
     /// saturates pairs to i16, so it is fed `|w|` and the activation code carrying `w`'s sign
     /// (`vpsignb`): both at most 127 in magnitude, a pair at most 32258, never saturated. The
-    /// codes are read as signed (`q + 128` with its top bit flipped is `q`), so no offset is
-    /// added and none is subtracted: the i32 sums equal the other kernels' after their offset.
+    /// codes are `q` itself ([`super::Kernel::code_offset`]), so no offset is added and none is
+    /// subtracted: the i32 sums equal the other kernels' after their offset.
     ///
     /// # Safety
     /// The CPU must have AVX2, and `job.out` must be valid for writes of `R` rows of [`TILE`]
@@ -448,7 +464,6 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     unsafe fn channels<const R: usize, const V: usize>(job: &TileJob) {
         let ones = _mm256_set1_epi16(1);
-        let flip = _mm256_set1_epi8(i8::MIN);
         let (codes, weights) = (job.codes.as_ptr(), job.weights.as_ptr());
         for c0 in (0..TILE).step_by(8 * V) {
             for b in 0..job.blocks {
@@ -457,10 +472,9 @@ mod avx2 {
                     // SAFETY: row `r < R` of `codes` has `k_pad` bytes and `g * GROUP + 4 <=
                     // k_pad`.
                     let codes: [__m256i; R] = std::array::from_fn(|r| unsafe {
-                        let a = std::ptr::read_unaligned(
+                        _mm256_set1_epi32(std::ptr::read_unaligned(
                             codes.add(r * job.k_pad + g * GROUP).cast::<i32>(),
-                        );
-                        _mm256_xor_si256(_mm256_set1_epi32(a), flip)
+                        ))
                     });
                     // Channels `c0..c0 + 8V` are bytes `4·c0..` of the group (4 inputs each).
                     let w = weights.wrapping_add(g * GROUP_BYTES + GROUP * c0);
@@ -504,8 +518,14 @@ mod avx2 {
     /// # Safety
     /// The CPU must have AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims) {
-        super::round_rows(x, codes, scales, dims);
+    pub(super) unsafe fn round_rows(
+        x: &[f32],
+        codes: &mut [u8],
+        scales: &mut [f32],
+        dims: Dims,
+        offset: i32,
+    ) {
+        super::round_rows(x, codes, scales, dims, offset);
     }
 }
 
@@ -520,8 +540,14 @@ mod vnni {
     /// # Safety
     /// The CPU must have AVX-512F and AVX-512BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims) {
-        super::round_rows(x, codes, scales, dims);
+    pub(super) unsafe fn round_rows(
+        x: &[f32],
+        codes: &mut [u8],
+        scales: &mut [f32],
+        dims: Dims,
+        offset: i32,
+    ) {
+        super::round_rows(x, codes, scales, dims, offset);
     }
 
     /// `R` rows × one tile with `vpdpbusd`.
