@@ -19,6 +19,7 @@
 use rayon::prelude::*;
 
 use super::product::{PaddedOut, Product};
+use super::wide::{self, wide};
 
 /// Output channels per `vpdpbusd` register.
 const LANES: usize = 16;
@@ -252,38 +253,55 @@ impl Activations {
             .par_chunks_mut(ROUND_ROWS * dims.k_pad)
             .zip(scales.par_chunks_mut(ROUND_ROWS * dims.blocks()))
             .zip(x.par_chunks(ROUND_ROWS * dims.input))
-            .for_each(|((codes, scales), x)| match kernel {
-                // SAFETY: `Kernel::Vnni` and `Kernel::Amx` are only detected on CPUs with AVX-512.
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Vnni | Kernel::Amx => unsafe {
-                    vnni::round_rows(x, codes, scales, dims, offset)
-                },
-                // SAFETY: `Kernel::Avx2` is only detected on CPUs with AVX2.
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => unsafe { avx2::round_rows(x, codes, scales, dims, offset) },
-                Kernel::Portable => round_rows(x, codes, scales, dims, offset),
+            .for_each(|((codes, scales), x)| {
+                wide(RoundRows {
+                    x,
+                    codes,
+                    scales,
+                    dims,
+                    offset,
+                })
             });
         Self { codes, scales }
     }
 }
 
 /// Rounds the rows of `x` into `codes` (`k_pad` each, `q + offset` as a byte) and `scales`
-/// (`blocks` each).
-#[inline(always)]
-fn round_rows(x: &[f32], codes: &mut [u8], scales: &mut [f32], dims: Dims, offset: i32) {
-    let rows = x
-        .chunks_exact(dims.input)
-        .zip(codes.chunks_exact_mut(dims.k_pad));
-    for ((row, codes), scales) in rows.zip(scales.chunks_exact_mut(dims.blocks())) {
-        for ((xs, codes), scale) in row
-            .chunks(dims.block)
-            .zip(codes.chunks_exact_mut(dims.block))
-            .zip(scales)
-        {
-            let inv;
-            (*scale, inv) = block_scale(xs);
-            for (c, &v) in codes.iter_mut().zip(xs) {
-                *c = (code(v, inv) + offset) as u8;
+/// (`blocks` each), as a [`wide`] kernel: its loops vectorize as wide as the CPU allows.
+struct RoundRows<'a> {
+    x: &'a [f32],
+    codes: &'a mut [u8],
+    scales: &'a mut [f32],
+    dims: Dims,
+    offset: i32,
+}
+
+impl wide::Kernel for RoundRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let Self {
+            x,
+            codes,
+            scales,
+            dims,
+            offset,
+        } = self;
+        let rows = x
+            .chunks_exact(dims.input)
+            .zip(codes.chunks_exact_mut(dims.k_pad));
+        for ((row, codes), scales) in rows.zip(scales.chunks_exact_mut(dims.blocks())) {
+            for ((xs, codes), scale) in row
+                .chunks(dims.block)
+                .zip(codes.chunks_exact_mut(dims.block))
+                .zip(scales)
+            {
+                let inv;
+                (*scale, inv) = block_scale(xs);
+                for (c, &v) in codes.iter_mut().zip(xs) {
+                    *c = (code(v, inv) + offset) as u8;
+                }
             }
         }
     }
@@ -431,7 +449,7 @@ unsafe fn portable_tile<const R: usize>(job: &TileJob) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Dims, GROUP, GROUP_BYTES, TILE, TileJob};
+    use super::{GROUP, GROUP_BYTES, TILE, TileJob};
 
     /// `R` rows × one tile without VNNI. `vpmaddubsw` multiplies unsigned by signed bytes and
     /// saturates pairs to i16, so it is fed `|w|` and the activation code carrying `w`'s sign
@@ -512,43 +530,13 @@ mod avx2 {
             }
         }
     }
-
-    /// [`super::round_rows`] compiled for AVX2.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn round_rows(
-        x: &[f32],
-        codes: &mut [u8],
-        scales: &mut [f32],
-        dims: Dims,
-        offset: i32,
-    ) {
-        super::round_rows(x, codes, scales, dims, offset);
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
 
-    use super::{Dims, GROUP, GROUP_BYTES, LANES, PANELS, TileJob, store_block};
-
-    /// [`super::round_rows`] compiled for AVX-512, where its loops vectorize 16 wide.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F and AVX-512BW.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn round_rows(
-        x: &[f32],
-        codes: &mut [u8],
-        scales: &mut [f32],
-        dims: Dims,
-        offset: i32,
-    ) {
-        super::round_rows(x, codes, scales, dims, offset);
-    }
+    use super::{GROUP, GROUP_BYTES, LANES, PANELS, TileJob, store_block};
 
     /// `R` rows × one tile with `vpdpbusd`.
     ///
