@@ -1,8 +1,9 @@
 //! Exact greedy tokens for half of `lm_head`'s bytes: a decode step is bound by reading `W`
 //! (0.5 GB in f32 for mt0-small's 250k-token vocabulary) on few rows and by multiplying on many,
 //! so the logits are first screened with a bf16 copy of `W` ([`Bf16Linear`]: on AMX-BF16 tiles
-//! half the bytes and many times f32's multiply rate, elsewhere half the bytes), and only the tokens the screen cannot rule
-//! out are computed again in f32, with the very chain the f32 product uses.
+//! half the bytes and many times f32's multiply rate, elsewhere half the bytes), and only the
+//! tokens the screen cannot rule out are computed again in f32, with the very chain the f32
+//! product uses.
 //!
 //! Why that is exact: for a row `x` and token `c`, the screen's logit `s_c` and the f32 logit
 //! `l_c` differ by at most `b_c = C·‖x‖·‖W_c‖` (bf16 rounding of `x` and `W_c`, f32 summation on
@@ -23,8 +24,7 @@ const MAX_CANDIDATES: usize = 1024;
 /// Rows up to which the screen beats the f32 product without AMX tiles (`cargo bench --bench
 /// engine -- greedy`): `vdpbf16ps` multiplies at about half f32's rate on the CPUs measured, and
 /// AVX2 (widening bf16 to f32) at f32's rate with extra work, so it pays only while reading `W`
-/// dominates. On AMX-BF16 tiles it reads at the memory's pace at
-/// any batch (2x at 1 to 64 rows).
+/// dominates. On AMX-BF16 tiles it reads at the memory's pace at any batch (2x at 1 to 64 rows).
 const MAX_ROWS_WITHOUT_TILES: usize = 8;
 
 /// `lm_head` with its bf16 screen and the row norms the bounds need.
