@@ -2,17 +2,20 @@
 //!
 //! `W` is stored in panels of [`PANEL`] output channels: for each input `k`, the panel's 64
 //! weights lie side by side, so one 64-byte load feeds 16 channels and each activation is
-//! broadcast to them. A kernel call keeps `R × 4` registers of sums (up to 6 rows × 64
-//! channels) while it walks the panel once per group of rows, which reaches most of the CPU's
-//! multiply-add rate on many rows and the memory bandwidth on the one row of a decode step
-//! (where the work is reading `W`, 0.5 GB for mt0's `lm_head`). candle's own product (the `gemm`
-//! crate, AVX2 only on stable Rust) repacks `W` on every call and reaches about half of either.
+//! broadcast to them. A kernel call keeps up to 6 rows × 64 channels of sums in registers;
+//! several groups of rows take turns on slices of the panel, so its bytes come from memory
+//! once, while every group computes. That reaches most of the CPU's multiply-add rate on many
+//! rows and the memory bandwidth on the one row of a decode step (where the work is reading
+//! `W`, 0.5 GB for mt0's `lm_head`). candle's own product (the `gemm` crate, AVX2 only on
+//! stable Rust) repacks `W` on every call and reaches about half of either.
 //!
 //! Every output is the chain `s ← fma(w[k], x[k], s)` for `k = 0, 1, …` from `s = 0`: the
 //! AVX-512, AVX2 and portable kernels give the same bits, and a row's output does not depend
 //! on which other rows share the call (batched equals one at a time, by construction). A unit
 //! test holds all of it.
 //! Work is split across rayon's pool by panel, so each weight byte is read once per call.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -22,6 +25,9 @@ use super::product::{PaddedOut, Product};
 const PANEL: usize = 64;
 /// Rows one kernel pass holds sums for (`ROWS × 4` registers of 16 channels).
 const ROWS: usize = 6;
+/// Inputs per slice of a panel: 64 × 256 bytes of weights, which stay in the L1 cache while
+/// every group of rows uses them.
+const K_SLICE: usize = 64;
 
 /// A weight `(out, in)` packed into panels of [`PANEL`] channels, zeros past `out`.
 #[derive(Debug)]
@@ -151,35 +157,64 @@ impl Kernel {
     /// `job.out` must be valid for writes of `job.rows` rows of [`PANEL`] floats at
     /// `job.stride`, and this CPU must support `self`.
     unsafe fn run(self, job: &Job) {
-        let mut r0 = 0;
-        while r0 < job.rows {
-            let n = (job.rows - r0).min(ROWS);
-            // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
-            unsafe {
-                match n {
-                    1 => self.pass::<1>(job, r0),
-                    2 => self.pass::<2>(job, r0),
-                    3 => self.pass::<3>(job, r0),
-                    4 => self.pass::<4>(job, r0),
-                    5 => self.pass::<5>(job, r0),
-                    _ => self.pass::<ROWS>(job, r0),
+        let blocks = job.rows.div_ceil(ROWS).max(1);
+        // The panel is walked in slices of `K_SLICE` inputs, every group in turn, so its
+        // bytes come from memory once and (prefetched a slice ahead) while all groups compute;
+        // a whole-panel walk per group fetches it all during the first group and stalls.
+        let mut k0 = 0;
+        loop {
+            let k = k0..(k0 + K_SLICE).min(job.input);
+            let mut r0 = 0;
+            for b in 0..blocks {
+                // Groups of nearly equal size: a lone trailing row would run its few
+                // multiply-add chains at the latency of one, not the CPU's rate.
+                let n = job.rows / blocks + usize::from(b < job.rows % blocks);
+                // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
+                unsafe {
+                    match n {
+                        1 => self.pass::<1>(job, r0, k.clone(), (b, blocks)),
+                        2 => self.pass::<2>(job, r0, k.clone(), (b, blocks)),
+                        3 => self.pass::<3>(job, r0, k.clone(), (b, blocks)),
+                        4 => self.pass::<4>(job, r0, k.clone(), (b, blocks)),
+                        5 => self.pass::<5>(job, r0, k.clone(), (b, blocks)),
+                        _ => self.pass::<ROWS>(job, r0, k.clone(), (b, blocks)),
+                    }
                 }
+                r0 += n;
             }
-            r0 += n;
+            k0 = k.end;
+            if k0 >= job.input {
+                break;
+            }
         }
     }
 
+    /// Adds inputs `k` of rows `r0..r0+R` to their outputs (which start from zero at `k = 0`
+    /// and are stored back after every slice, so the chain per output is unchanged). `group`
+    /// is `(this group, groups)` in the slice, for kernels that share out its prefetching.
+    ///
     /// # Safety
-    /// As [`Kernel::run`], for rows `r0..r0+R`.
-    unsafe fn pass<const R: usize>(self, job: &Job, r0: usize) {
+    /// As [`Kernel::run`], for rows `r0..r0+R`; `k` within `0..input`, and the outputs hold
+    /// the sums over `0..k.start`.
+    unsafe fn pass<const R: usize>(
+        self,
+        job: &Job,
+        r0: usize,
+        k: Range<usize>,
+        group: (usize, usize),
+    ) {
         // SAFETY: forwarded from the caller.
         unsafe {
             match self {
                 #[cfg(target_arch = "x86_64")]
-                Self::Avx512 => avx512::pass::<R>(job, r0),
+                Self::Avx512 => avx512::pass::<R>(job, r0, k),
                 #[cfg(target_arch = "x86_64")]
-                Self::Avx2 => avx2::pass::<R>(job, r0),
-                Self::Portable => portable_pass::<R>(job, r0),
+                Self::Avx2 => match R {
+                    1 => avx2::pass::<R, 8>(job, r0, k, group),
+                    2 => avx2::pass::<R, 4>(job, r0, k, group),
+                    _ => avx2::pass::<R, 2>(job, r0, k, group),
+                },
+                Self::Portable => portable_pass::<R>(job, r0, k),
             }
         }
     }
@@ -188,39 +223,55 @@ impl Kernel {
 /// The scalar kernel: the same fused multiply-add chain per output as the SIMD kernels.
 ///
 /// # Safety
-/// As [`Kernel::run`], for rows `r0..r0+R`.
-unsafe fn portable_pass<const R: usize>(job: &Job, r0: usize) {
+/// As [`Kernel::pass`].
+unsafe fn portable_pass<const R: usize>(job: &Job, r0: usize, k: Range<usize>) {
     for r in r0..r0 + R {
+        let out = job.out.wrapping_add(r * job.stride);
         let mut acc = [0f32; PANEL];
+        if k.start > 0 {
+            // SAFETY: row `r < rows`, `PANEL` columns, written by the slice before this one.
+            unsafe { std::ptr::copy_nonoverlapping(out, acc.as_mut_ptr(), PANEL) };
+        }
         let x = &job.x[r * job.input..(r + 1) * job.input];
-        for (k, &xk) in x.iter().enumerate() {
+        for k in k.clone() {
             let w = &job.panel[k * PANEL..(k + 1) * PANEL];
             for (acc, &w) in acc.iter_mut().zip(w) {
-                *acc = w.mul_add(xk, *acc);
+                *acc = w.mul_add(x[k], *acc);
             }
         }
         // SAFETY: row `r < rows`, `PANEL` columns, as the caller guarantees.
-        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), job.out.add(r * job.stride), PANEL) };
+        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out, PANEL) };
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     use super::{Job, PANEL};
 
     const VECTORS: usize = PANEL / 16;
 
-    /// Rows `r0..r0+R` times one panel.
+    /// Inputs `k` of rows `r0..r0+R` times one panel.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; `job.out` valid as in [`super::Kernel::run`].
+    /// The CPU must have AVX-512F; the rest as [`super::Kernel::pass`].
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn pass<const R: usize>(job: &Job, r0: usize) {
+    pub(super) unsafe fn pass<const R: usize>(job: &Job, r0: usize, k: Range<usize>) {
         let (w, x) = (job.panel.as_ptr(), job.x.as_ptr());
+        let out = |r: usize, v: usize| job.out.wrapping_add((r0 + r) * job.stride + 16 * v);
         let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
-        for k in 0..job.input {
+        if k.start > 0 {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (v, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: row `r0 + r < rows`, columns `16v..16v+16 <= PANEL`, written by
+                    // the slice before this one.
+                    *acc = unsafe { _mm512_loadu_ps(out(r, v)) };
+                }
+            }
+        }
+        for k in k {
             // SAFETY: `k < input`: the panel's row `k` has `PANEL` floats and row `r0 + r <
             // rows` of `x` has `input`.
             unsafe {
@@ -237,7 +288,7 @@ mod avx512 {
         for (r, acc) in acc.iter().enumerate() {
             for (v, acc) in acc.iter().enumerate() {
                 // SAFETY: row `r0 + r < rows`, columns `16v..16v+16 <= PANEL`.
-                unsafe { _mm512_storeu_ps(job.out.add((r0 + r) * job.stride + 16 * v), *acc) };
+                unsafe { _mm512_storeu_ps(out(r, v), *acc) };
             }
         }
     }
@@ -246,28 +297,53 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
-    use super::{Job, PANEL};
+    use super::{Job, K_SLICE, PANEL};
 
-    /// Channels per pass: `R × 2` registers of sums fit the 16 registers with the weights.
-    const HALF: usize = 16;
-
-    /// Rows `r0..r0+R` times one panel, 16 channels at a time.
+    /// Inputs `k` of rows `r0..r0+R` times one panel, `8 × V` channels at a time: `R × V`
+    /// registers of sums, enough independent chains to hide the multiply-add latency, plus
+    /// `V` of weights fit the 16 registers (the caller picks `V` by `R`).
+    ///
+    /// With `V = 2` the four passes over a slice each read every fourth cache line, which the
+    /// hardware prefetchers do not follow: each pass then prefetches its columns of the next
+    /// slice, group `part` of `parts` only the inputs `k ≡ part (mod parts)`, so the requests
+    /// spread over the whole slice's work instead of queueing up in the first group's.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `job.out` valid as in [`super::Kernel::run`].
+    /// The CPU must have AVX2 and FMA; the rest as [`super::Kernel::pass`].
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pass<const R: usize>(job: &Job, r0: usize) {
+    pub(super) unsafe fn pass<const R: usize, const V: usize>(
+        job: &Job,
+        r0: usize,
+        k: Range<usize>,
+        (part, parts): (usize, usize),
+    ) {
         let (w, x) = (job.panel.as_ptr(), job.x.as_ptr());
-        for c0 in (0..PANEL).step_by(HALF) {
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for k in 0..job.input {
-                // SAFETY: `k < input` and `c0 + 16 <= PANEL`; row `r0 + r < rows` of `x`.
+        for c0 in (0..PANEL).step_by(8 * V) {
+            let out = |r: usize, v: usize| job.out.wrapping_add((r0 + r) * job.stride + c0 + 8 * v);
+            let mut acc = [[_mm256_setzero_ps(); V]; R];
+            if k.start > 0 {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    for (v, acc) in acc.iter_mut().enumerate() {
+                        // SAFETY: row `r0 + r < rows`, columns `c0 + 8v .. +8 <= PANEL`,
+                        // written by the slice before this one.
+                        *acc = unsafe { _mm256_loadu_ps(out(r, v)) };
+                    }
+                }
+            }
+            let mut due = if V == 2 { k.start + part } else { usize::MAX };
+            for k in k.clone() {
+                if k == due {
+                    due += parts;
+                    // A prefetch is a hint: it reads nothing into the program and never faults
+                    // (past the panel's end it fetches the start of the next one).
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add((k + K_SLICE) * PANEL + c0).cast());
+                }
+                // SAFETY: `k < input` and `c0 + 8V <= PANEL`; row `r0 + r < rows` of `x`.
                 unsafe {
-                    let ws = [
-                        _mm256_loadu_ps(w.add(k * PANEL + c0)),
-                        _mm256_loadu_ps(w.add(k * PANEL + c0 + 8)),
-                    ];
+                    let ws: [__m256; V] =
+                        std::array::from_fn(|v| _mm256_loadu_ps(w.add(k * PANEL + c0 + 8 * v)));
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let xs = _mm256_set1_ps(*x.add((r0 + r) * job.input + k));
                         for (acc, ws) in acc.iter_mut().zip(&ws) {
@@ -279,9 +355,7 @@ mod avx2 {
             for (r, acc) in acc.iter().enumerate() {
                 for (v, acc) in acc.iter().enumerate() {
                     // SAFETY: row `r0 + r < rows`, columns `c0 + 8v .. +8 <= PANEL`.
-                    unsafe {
-                        _mm256_storeu_ps(job.out.add((r0 + r) * job.stride + c0 + 8 * v), *acc)
-                    };
+                    unsafe { _mm256_storeu_ps(out(r, v), *acc) };
                 }
             }
         }
@@ -299,13 +373,15 @@ mod tests {
     }
 
     /// Shapes with partial panels, partial row passes and many rows.
-    const SHAPES: [(usize, usize, usize); 6] = [
+    const SHAPES: [(usize, usize, usize); 8] = [
         (1, 64, 512),
         (3, 70, 384),
         (5, 130, 100),
         (16, 200, 1024),
         (7, 1, 6),
         (75, 67, 33),
+        (13, 70, 150),
+        (2, 130, 200),
     ];
 
     fn kernels() -> Vec<Kernel> {

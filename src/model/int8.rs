@@ -16,6 +16,8 @@
 //! Work is split across rayon's pool by tiles of [`TILE`] output channels, so each weight byte
 //! is read once per call however many rows there are (decode steps read `lm_head` once).
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::product::{PaddedOut, Product};
@@ -103,22 +105,29 @@ impl Int8Linear {
         let width = tiles * TILE;
         let mut y = PaddedOut::new(rows, width);
         let out = y.shared();
+        let blocks = self.dims.blocks();
+        let groups = rows.div_ceil(step);
+        let slice = kernel.blocks_per_slice(blocks).max(1);
         (0..tiles).into_par_iter().for_each(|tile| {
-            for r0 in (0..rows).step_by(step) {
-                // SAFETY: `tile` writes only columns `tile*TILE..(tile+1)*TILE` of rows
-                // `r0..r0+step` (clipped to `rows`) of `y`, which has capacity `rows × width`;
-                // no other task writes them and `y` outlives the parallel loop.
-                unsafe {
-                    self.tile(
+            for first in (0..blocks).step_by(slice) {
+                let run = first..(first + slice).min(blocks);
+                for (group, r0) in (0..rows).step_by(step).enumerate() {
+                    let call = Call {
                         tile,
                         r0,
-                        (rows - r0).min(step),
-                        &acts,
-                        out.at(r0 * width + tile * TILE),
-                        width,
-                        kernel,
-                    )
-                };
+                        n: (rows - r0).min(step),
+                        run: run.clone(),
+                        group: (group, groups),
+                    };
+                    // SAFETY: `tile` writes only columns `tile*TILE..(tile+1)*TILE` of rows
+                    // `r0..r0+step` (clipped to `rows`) of `y`, which has capacity `rows ×
+                    // width`; no other task writes them and `y` outlives the parallel loop.
+                    // The slices run in order, so block `first` finds the sums of the ones
+                    // before it.
+                    unsafe {
+                        self.tile(call, &acts, out.at(r0 * width + tile * TILE), width, kernel)
+                    };
+                }
             }
         });
         // SAFETY: the tiles cover all `width` columns of all rows, and each wrote every element
@@ -126,18 +135,22 @@ impl Int8Linear {
         unsafe { y.finish(self.out) }
     }
 
-    /// Writes rows `r0..r0+n` times tile `tile` to `out` (row stride `stride`): the first
-    /// block's products are stored, later blocks' added, so `out` may start uninitialized.
+    /// Adds blocks `call.run` of rows `r0..r0+n` times tile `tile` to `out` (row stride
+    /// `stride`): block 0's products are stored, later blocks' added, so `out` may start
+    /// uninitialized.
     ///
     /// # Safety
-    /// `out` must be valid for writes of `n` rows of [`TILE`] floats at stride `stride`, and
-    /// `kernel` must be supported by this CPU.
-    #[allow(clippy::too_many_arguments)]
+    /// `out` must be valid for writes of `n` rows of [`TILE`] floats at stride `stride`, hold
+    /// the sums of the blocks before `call.run`, and `kernel` must be supported by this CPU.
     unsafe fn tile(
         &self,
-        tile: usize,
-        r0: usize,
-        n: usize,
+        Call {
+            tile,
+            r0,
+            n,
+            run,
+            group,
+        }: Call,
         acts: &Activations,
         out: *mut f32,
         stride: usize,
@@ -152,6 +165,8 @@ impl Int8Linear {
             codes: &acts.codes[r0 * k_pad..(r0 + n) * k_pad],
             row_scales: &acts.scales[r0 * blocks..(r0 + n) * blocks],
             streams: r0 == 0,
+            run,
+            group,
             k_pad,
             groups_per_block: block / GROUP,
             blocks,
@@ -307,6 +322,16 @@ impl wide::Kernel for RoundRows<'_> {
     }
 }
 
+/// Which rows and blocks of which tile one kernel call computes.
+struct Call {
+    tile: usize,
+    r0: usize,
+    n: usize,
+    run: Range<usize>,
+    /// `(this row group, row groups)`.
+    group: (usize, usize),
+}
+
 /// What one kernel call reads and where it adds its results.
 struct TileJob<'a> {
     /// This tile's packed weights, all groups.
@@ -325,6 +350,10 @@ struct TileJob<'a> {
     /// Whether this call is the first over the tile's weights, which then come from memory
     /// (later row groups find them in the cache): the AMX kernel prefetches only then.
     streams: bool,
+    /// The blocks this call adds.
+    run: Range<usize>,
+    /// `(this row group, row groups)` of the call, for kernels that share out prefetching.
+    group: (usize, usize),
 }
 
 /// Which implementation of the tile kernel runs.
@@ -382,6 +411,18 @@ impl Kernel {
         }
     }
 
+    /// Blocks of a weight with `blocks` of them that one call adds before the next row group's
+    /// call: the AVX2 kernel goes block by block, every row group in turn, so a tile's bytes come
+    /// from memory once (one block, 8 KB, stays in the L1 cache) and while every group
+    /// computes; the others walk all blocks per call.
+    fn blocks_per_slice(self, blocks: usize) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => 1,
+            _ => blocks,
+        }
+    }
+
     /// Rows one kernel call takes.
     fn rows(self) -> usize {
         match self {
@@ -414,7 +455,7 @@ unsafe fn run_tile<const R: usize>(kernel: Kernel, job: &TileJob) {
 /// # Safety
 /// `job.out` must be valid for writes of `R` rows of [`TILE`] floats at `job.stride`.
 unsafe fn portable_tile<const R: usize>(job: &TileJob) {
-    for b in 0..job.blocks {
+    for b in job.run.clone() {
         let mut acc = [[0i32; TILE]; R];
         for g in b * job.groups_per_block..(b + 1) * job.groups_per_block {
             let w = &job.weights[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
@@ -475,7 +516,10 @@ mod avx2 {
     /// `R` rows × one tile in passes of `V × 8` channels, as many as the 16 registers hold
     /// sums for beside the rows' codes: each pass reads its weights once for all `R` rows (and
     /// takes `|w|` once), and one row's pass covers the whole tile, so a decode step sweeps each
-    /// group's 256 bytes in order.
+    /// group's 256 bytes in order. With `V = 2` the four passes each read every fourth cache
+    /// line, which the hardware prefetchers do not follow: each then prefetches its lines of
+    /// the next block, row group `part` of `parts` only the groups `g ≡ part (mod parts)`, so
+    /// the requests spread over all row groups' work.
     ///
     /// # Safety
     /// As [`tile`].
@@ -483,10 +527,24 @@ mod avx2 {
     unsafe fn channels<const R: usize, const V: usize>(job: &TileJob) {
         let ones = _mm256_set1_epi16(1);
         let (codes, weights) = (job.codes.as_ptr(), job.weights.as_ptr());
+        let (part, parts) = job.group;
         for c0 in (0..TILE).step_by(8 * V) {
-            for b in 0..job.blocks {
+            for b in job.run.clone() {
                 let mut acc = [[_mm256_setzero_si256(); V]; R];
-                for g in b * job.groups_per_block..(b + 1) * job.groups_per_block {
+                let groups = b * job.groups_per_block..(b + 1) * job.groups_per_block;
+                let mut due = if V == 2 {
+                    groups.start + part
+                } else {
+                    usize::MAX
+                };
+                for g in groups {
+                    if g == due {
+                        due += parts;
+                        // A prefetch is a hint: it reads nothing into the program and never
+                        // faults (past the tile's end it fetches the start of the next one).
+                        let next = (g + job.groups_per_block) * GROUP_BYTES + GROUP * c0;
+                        _mm_prefetch::<_MM_HINT_T0>(weights.wrapping_add(next).cast());
+                    }
                     // SAFETY: row `r < R` of `codes` has `k_pad` bytes and `g * GROUP + 4 <=
                     // k_pad`.
                     let codes: [__m256i; R] = std::array::from_fn(|r| unsafe {
@@ -546,7 +604,7 @@ mod vnni {
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub(super) unsafe fn tile<const R: usize>(job: &TileJob) {
         let codes = job.codes.as_ptr();
-        for b in 0..job.blocks {
+        for b in job.run.clone() {
             let mut acc = [[_mm512_setzero_si512(); PANELS]; R];
             for g in b * job.groups_per_block..(b + 1) * job.groups_per_block {
                 let w = &job.weights[g * GROUP_BYTES..(g + 1) * GROUP_BYTES];
@@ -653,7 +711,7 @@ mod amx {
         let (codes, weights) = (job.codes.as_ptr(), job.weights.as_ptr());
         // SAFETY: `cfg` is a valid palette-1 configuration, read once by `ldtilecfg`.
         unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack)) };
-        for b in 0..job.blocks {
+        for b in job.run.clone() {
             // SAFETY: zeroing the four sum tiles configured above.
             unsafe {
                 asm!(
