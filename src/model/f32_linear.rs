@@ -157,7 +157,7 @@ impl Kernel {
     /// `job.out` must be valid for writes of `job.rows` rows of [`PANEL`] floats at
     /// `job.stride`, and this CPU must support `self`.
     unsafe fn run(self, job: &Job) {
-        let blocks = job.rows.div_ceil(ROWS).max(1);
+        let groups = job.rows.div_ceil(ROWS);
         // The panel is walked in slices of `K_SLICE` inputs, every group in turn, so its
         // bytes come from memory once and (prefetched a slice ahead) while all groups compute;
         // a whole-panel walk per group fetches it all during the first group and stalls.
@@ -165,19 +165,19 @@ impl Kernel {
         loop {
             let k = k0..(k0 + K_SLICE).min(job.input);
             let mut r0 = 0;
-            for b in 0..blocks {
+            for g in 0..groups {
                 // Groups of nearly equal size: a lone trailing row would run its few
                 // multiply-add chains at the latency of one, not the CPU's rate.
-                let n = job.rows / blocks + usize::from(b < job.rows % blocks);
+                let n = job.rows / groups + usize::from(g < job.rows % groups);
                 // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
                 unsafe {
                     match n {
-                        1 => self.pass::<1>(job, r0, k.clone(), (b, blocks)),
-                        2 => self.pass::<2>(job, r0, k.clone(), (b, blocks)),
-                        3 => self.pass::<3>(job, r0, k.clone(), (b, blocks)),
-                        4 => self.pass::<4>(job, r0, k.clone(), (b, blocks)),
-                        5 => self.pass::<5>(job, r0, k.clone(), (b, blocks)),
-                        _ => self.pass::<ROWS>(job, r0, k.clone(), (b, blocks)),
+                        1 => self.pass::<1>(job, r0, k.clone(), (g, groups)),
+                        2 => self.pass::<2>(job, r0, k.clone(), (g, groups)),
+                        3 => self.pass::<3>(job, r0, k.clone(), (g, groups)),
+                        4 => self.pass::<4>(job, r0, k.clone(), (g, groups)),
+                        5 => self.pass::<5>(job, r0, k.clone(), (g, groups)),
+                        _ => self.pass::<ROWS>(job, r0, k.clone(), (g, groups)),
                     }
                 }
                 r0 += n;
@@ -373,7 +373,7 @@ mod tests {
     }
 
     /// Shapes with partial panels, partial row passes and many rows.
-    const SHAPES: [(usize, usize, usize); 8] = [
+    const SHAPES: [(usize, usize, usize); 9] = [
         (1, 64, 512),
         (3, 70, 384),
         (5, 130, 100),
@@ -382,6 +382,7 @@ mod tests {
         (75, 67, 33),
         (13, 70, 150),
         (2, 130, 200),
+        (0, 64, 100),
     ];
 
     fn kernels() -> Vec<Kernel> {

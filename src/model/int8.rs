@@ -106,18 +106,18 @@ impl Int8Linear {
         let mut y = PaddedOut::new(rows, width);
         let out = y.shared();
         let blocks = self.dims.blocks();
-        let groups = rows.div_ceil(step);
+        let row_groups = rows.div_ceil(step);
         let slice = kernel.blocks_per_slice(blocks).max(1);
         (0..tiles).into_par_iter().for_each(|tile| {
             for first in (0..blocks).step_by(slice) {
                 let run = first..(first + slice).min(blocks);
-                for (group, r0) in (0..rows).step_by(step).enumerate() {
+                for (row_group, r0) in (0..rows).step_by(step).enumerate() {
                     let call = Call {
                         tile,
                         r0,
                         n: (rows - r0).min(step),
                         run: run.clone(),
-                        group: (group, groups),
+                        row_group: (row_group, row_groups),
                     };
                     // SAFETY: `tile` writes only columns `tile*TILE..(tile+1)*TILE` of rows
                     // `r0..r0+step` (clipped to `rows`) of `y`, which has capacity `rows ×
@@ -149,7 +149,7 @@ impl Int8Linear {
             r0,
             n,
             run,
-            group,
+            row_group,
         }: Call,
         acts: &Activations,
         out: *mut f32,
@@ -166,7 +166,7 @@ impl Int8Linear {
             row_scales: &acts.scales[r0 * blocks..(r0 + n) * blocks],
             streams: r0 == 0,
             run,
-            group,
+            row_group,
             k_pad,
             groups_per_block: block / GROUP,
             blocks,
@@ -329,7 +329,7 @@ struct Call {
     n: usize,
     run: Range<usize>,
     /// `(this row group, row groups)`.
-    group: (usize, usize),
+    row_group: (usize, usize),
 }
 
 /// What one kernel call reads and where it adds its results.
@@ -353,7 +353,7 @@ struct TileJob<'a> {
     /// The blocks this call adds.
     run: Range<usize>,
     /// `(this row group, row groups)` of the call, for kernels that share out prefetching.
-    group: (usize, usize),
+    row_group: (usize, usize),
 }
 
 /// Which implementation of the tile kernel runs.
@@ -527,7 +527,7 @@ mod avx2 {
     unsafe fn channels<const R: usize, const V: usize>(job: &TileJob) {
         let ones = _mm256_set1_epi16(1);
         let (codes, weights) = (job.codes.as_ptr(), job.weights.as_ptr());
-        let (part, parts) = job.group;
+        let (part, parts) = job.row_group;
         for c0 in (0..TILE).step_by(8 * V) {
             for b in job.run.clone() {
                 let mut acc = [[_mm256_setzero_si256(); V]; R];
