@@ -10,11 +10,13 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use candle_nn::optim::Optimizer;
+use finserve::engine::sentiment::{LabelSet, score};
+use finserve::engine::targets::TargetTemplate;
 use finserve::model::linear::Quantization;
 use finserve::model::lora::AdapterConfig;
 use finserve::model::{self, Checkpoint, ModelSpec};
 use finserve::train::lora_t5::LoraT5;
-use finserve::train::{Recipe, gradients, optimizer, peft};
+use finserve::train::{Recipe, Row, gradients, merged_model, optimizer, peft};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
@@ -97,13 +99,16 @@ fn check_case(case: &str) {
             .collect()
     };
     let (inputs, targets) = (ids("inputs"), ids("targets"));
-    let inputs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
-    let targets: Vec<&[u32]> = targets.iter().map(Vec::as_slice).collect();
+    let rows: Vec<Row> = inputs
+        .iter()
+        .zip(&targets)
+        .map(|(input, target)| Row::Tokens { input, target })
+        .collect();
     // The whole batch at once, and split in two pieces trained on two threads (what
     // `finserve train` does on a CPU): both are the same loss and gradients.
     let mut grads = None;
     for pieces in [1, 2] {
-        let (got, mut g) = gradients(&model, &inputs, &targets, pieces, None).unwrap();
+        let (got, mut g) = gradients(&model, &rows, &[], pieces, None).unwrap();
         let expect = meta["loss"].as_f64().unwrap();
         assert!(
             (f64::from(got) - expect).abs() <= 1e-5 * expect.abs(),
@@ -165,6 +170,85 @@ fn loss_gradients_and_adamw_step_equal_torch_peft_for_q_v() {
 #[test]
 fn loss_gradients_and_adamw_step_equal_torch_peft_for_all_linear_modules() {
     check_case("all_linear");
+}
+
+/// A pooled entity row (its template weighs in the text) is learnt through exactly the
+/// distribution `serve` answers with: its loss is minus the log of the pooled probability of the
+/// gold label, computed here as the server does, by the merged serving model scoring the
+/// target's prompt and the text's and `TargetTemplate::pool` combining them; the plain row in
+/// the same batch keeps transformers' per-token loss, and splitting the batch changes nothing.
+#[test]
+fn a_pooled_entity_row_learns_the_distribution_serve_answers_with() {
+    let ckpt = checkpoint(&common::fixtures().join("mt5_base"));
+    let adapter: AdapterConfig = serde_json::from_value(json!({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q", "v", "wo"],
+    }))
+    .unwrap();
+    let mut weights = ckpt.weights.clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let model = LoraT5::new(ckpt.config.clone(), &mut weights, &adapter, &mut rng).unwrap();
+    // B starts at zero; give it values so that the adapter moves the scores.
+    for (i, l) in model.loras().iter().enumerate() {
+        let b = l.b.as_tensor();
+        let values: Vec<f32> = (0..b.elem_count())
+            .map(|j| ((j * 7919 + i * 104_729) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        l.b.set(&Tensor::from_vec(values, b.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let names = ["negative", "neutral", "positive"].map(String::from);
+    let labels = LabelSet::new(&names, &ckpt.tokenizer).unwrap();
+    let ids = |s: &str| ckpt.tokenizer.encode(s, true).unwrap().get_ids().to_vec();
+    let target = ids("Siemens : <<Siemens>> is rallying 6% after a boom in orders");
+    let text = ids("Siemens is rallying 6% after a boom in orders, while Huhtamaki fell 3%");
+    let plain = ids("Operating profit fell to EUR 13.1 mn");
+    let shown = TargetTemplate {
+        text_weight: Some(0.4),
+        ..TargetTemplate::new("{target} : {text}", ("<<".into(), ">>".into()), Some(8)).unwrap()
+    };
+    let rows = [
+        Row::Pooled {
+            input: &target,
+            text: &text,
+            label: 0,
+            text_weight: 0.4,
+        },
+        Row::Tokens {
+            input: &plain,
+            target: &labels.targets[1],
+        },
+    ];
+    let merged = merged_model(&ckpt.config, &ckpt.weights, &model.loras()).unwrap();
+    let served = score(&merged, &[&target, &text, &plain], &labels).unwrap();
+    let pooled = shown.pool(&served[0], &served[1]);
+    assert!(
+        (pooled.probs[0] - served[0].probs[0]).abs() > 1e-2,
+        "the text's scores must move the target's for this test to tell pooling apart"
+    );
+    let tokens = labels.targets[0].len() + labels.targets[1].len();
+    let want = -(pooled.probs[0].ln() + served[2].log_probs[1]) / tokens as f64;
+    for pieces in [1, 2] {
+        let (got, grads) = gradients(&model, &rows, &labels.targets, pieces, None).unwrap();
+        assert!(
+            (f64::from(got) - want).abs() <= 1e-5 * want.abs(),
+            "{pieces} pieces: loss {got} vs served {want}"
+        );
+        for l in model.loras() {
+            let g = grads.get(l.a.as_tensor()).unwrap();
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0,
+                "{pieces} pieces: no gradient reaches {}",
+                l.module
+            );
+        }
+    }
 }
 
 fn train(out: &Path, seed: u64) {
@@ -303,6 +387,85 @@ fn entity_rows_train_into_the_same_adapter_with_its_target_template() {
     assert_eq!(
         template,
         json!({"template": "{target} : {text}", "mark": ["<<", ">>"], "context_words": null})
+    );
+    // A template that weighs in the text is trained and scored through the pooled scores: the
+    // epoch's eval accuracy is the one `finserve eval` then gets from the adapter.
+    let weighed = dir.path().join("weighed.json");
+    std::fs::write(
+        &weighed,
+        r#"{"template": "{target} : {text}", "mark": ["<<", ">>"], "text_weight": 0.4}"#,
+    )
+    .unwrap();
+    let pooled = dir.path().join("pooled");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .current_dir(common::repo())
+        .args([
+            "train",
+            "--model",
+            "tests/parity/fixtures/mt5_base",
+            "--data",
+        ])
+        .arg(format!(
+            "{},{}",
+            f.join("tiny.csv").display(),
+            f.join("tiny_entities.jsonl").display()
+        ))
+        .arg("--eval-data")
+        .arg(f.join("tiny_entities.jsonl"))
+        .arg("--target-template")
+        .arg(&weighed)
+        .arg("--out")
+        .arg(&pooled)
+        .args([
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--target-modules",
+            "q,k,v,o",
+        ])
+        .args(["--lr", "5e-2", "--seed", "7"])
+        .env("FINSERVE_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let template: Value = serde_json::from_slice(&read(&pooled, "target_template.json")).unwrap();
+    assert_eq!(template["text_weight"], json!(0.4));
+    let trained: f64 = log
+        .split("eval_accuracy=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{log}"))
+        .parse()
+        .unwrap();
+    let eval = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+        .current_dir(common::repo())
+        .args([
+            "eval",
+            "--model",
+            "tests/parity/fixtures/mt5_base",
+            "--adapter",
+        ])
+        .arg(&pooled)
+        .arg("--data")
+        .arg(f.join("tiny_entities.jsonl"))
+        .env("FINSERVE_LOG", "warn")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&eval.stdout);
+    assert!(eval.status.success(), "{report}");
+    let served: f64 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("targets (this model)"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{report}"))
+        .parse()
+        .unwrap();
+    // `eval` prints four decimals.
+    assert!(
+        (trained - served).abs() < 5e-5,
+        "trained {trained}, served {served}"
     );
     // Without entity rows no template is written.
     let plain = dir.path().join("plain");

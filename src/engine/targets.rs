@@ -140,8 +140,9 @@ pub struct TargetTemplate {
     /// How much the whole text's own scores count in a target's, `w` in `[0, 1)`: the target's
     /// label probabilities are `p_target^(1-w) · p_text^w`, renormalised (log-likelihoods
     /// `(1-w)·target + w·text`). A model that sees only a mention's neighbourhood misses news
-    /// told further away, which the whole text's reading holds; serving only (training learns
-    /// the target's own view). `None`: the target's scores alone.
+    /// told further away, which the whole text's reading holds. `finserve train` learns entity
+    /// rows through these pooled scores, so the target's view learns to outweigh the text's
+    /// where they differ. `None`: the target's scores alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_weight: Option<f64>,
 }

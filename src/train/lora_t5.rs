@@ -227,7 +227,6 @@ pub struct Batch {
     pub input_mask: Tensor,
     pub decoder_ids: Tensor,
     pub labels: Vec<i64>,
-    pub label_tokens: usize,
 }
 
 impl Batch {
@@ -269,7 +268,6 @@ impl Batch {
             input_ids: Tensor::from_vec(ids, (b, t), device)?,
             input_mask: Tensor::from_vec(mask, (b, 1, 1, t), device)?,
             decoder_ids: Tensor::from_vec(dec, (b, u), device)?,
-            label_tokens: labels.iter().filter(|&&l| l >= 0).count(),
             labels,
         })
     }
@@ -446,22 +444,32 @@ impl LoraT5 {
 
     /// Decoder logits `(batch, target length, vocab)` of a teacher-forced batch.
     pub fn forward(&self, batch: &Batch, drop: &mut Dropout) -> Result<Tensor> {
-        let cfg = &self.config;
-        let eps = cfg.layer_norm_epsilon;
-        let (_, t) = batch.input_ids.dims2()?;
-        let (b, u) = batch.decoder_ids.dims2()?;
-        let embed = |ids: &Tensor| -> Result<Tensor> {
-            let (rows, len) = ids.dims2()?;
-            Ok(self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((
-                rows,
-                len,
-                cfg.d_model,
-            ))?)
-        };
+        let encoded = self.encode(&batch.input_ids, &batch.input_mask, drop)?;
+        self.decode(&encoded, &batch.input_mask, &batch.decoder_ids, drop)
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (rows, len) = ids.dims2()?;
+        Ok(self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((
+            rows,
+            len,
+            self.config.d_model,
+        ))?)
+    }
+
+    /// The encoder's output `(batch, input length, d_model)`.
+    fn encode(
+        &self,
+        input_ids: &Tensor,
+        input_mask: &Tensor,
+        drop: &mut Dropout,
+    ) -> Result<Tensor> {
+        let eps = self.config.layer_norm_epsilon;
+        let t = input_ids.dim(1)?;
         let enc_bias = self
             .position_bias(&self.encoder_bias, t, t, true)?
-            .broadcast_add(&batch.input_mask)?;
-        let mut x = drop.apply(&embed(&batch.input_ids)?, self.dropout)?;
+            .broadcast_add(input_mask)?;
+        let mut x = drop.apply(&self.embed(input_ids)?, self.dropout)?;
         for block in &self.encoder {
             let h = rms_norm(&x, &block.self_norm, eps)?;
             let a = self.attend(&block.self_attn, &h, &h, &enc_bias, drop)?;
@@ -470,8 +478,20 @@ impl LoraT5 {
             let f = self.feed_forward(&block.ff, &h, drop)?;
             x = (x + drop.apply(&f, self.dropout)?)?;
         }
-        let encoded = drop.apply(&rms_norm(&x, &self.encoder_norm, eps)?, self.dropout)?;
+        drop.apply(&rms_norm(&x, &self.encoder_norm, eps)?, self.dropout)
+    }
 
+    /// Decoder logits `(batch, target length, vocab)` of `decoder_ids` over `encoded`.
+    fn decode(
+        &self,
+        encoded: &Tensor,
+        input_mask: &Tensor,
+        decoder_ids: &Tensor,
+        drop: &mut Dropout,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let eps = cfg.layer_norm_epsilon;
+        let (b, u) = decoder_ids.dims2()?;
         let causal: Vec<f32> = (0..u)
             .flat_map(|i| (0..u).map(move |j| if j > i { f32::MIN } else { 0.0 }))
             .collect();
@@ -479,14 +499,14 @@ impl LoraT5 {
         let dec_bias = self
             .position_bias(&self.decoder_bias, u, u, false)?
             .broadcast_add(&causal)?;
-        let mut y = drop.apply(&embed(&batch.decoder_ids)?, self.dropout)?;
+        let mut y = drop.apply(&self.embed(decoder_ids)?, self.dropout)?;
         for block in &self.decoder {
             let h = rms_norm(&y, &block.self_norm, eps)?;
             let a = self.attend(&block.self_attn, &h, &h, &dec_bias, drop)?;
             y = (y + drop.apply(&a, self.dropout)?)?;
             if let Some((cross, norm)) = &block.cross {
                 let h = rms_norm(&y, norm, eps)?;
-                let a = self.attend(cross, &h, &encoded, &batch.input_mask, drop)?;
+                let a = self.attend(cross, &h, encoded, input_mask, drop)?;
                 y = (y + drop.apply(&a, self.dropout)?)?;
             }
             let h = rms_norm(&y, &block.ff_norm, eps)?;
@@ -502,26 +522,45 @@ impl LoraT5 {
             .reshape((b, u, cfg.vocab_size))?)
     }
 
-    /// transformers' seq2seq loss: the mean cross-entropy of every label token (padding ignored).
-    pub fn loss(&self, batch: &Batch, drop: &mut Dropout) -> Result<Tensor> {
-        self.loss_over(batch, drop, batch.label_tokens)
+    /// Each row's summed log-probability of its label tokens, teacher forced: `(batch,)`.
+    pub fn log_likelihoods(&self, batch: &Batch, drop: &mut Dropout) -> Result<Tensor> {
+        let logits = self.forward(batch, drop)?;
+        self.picked(&logits, &batch.labels)
     }
 
-    /// The summed cross-entropy of `batch`'s label tokens divided by `label_tokens`, the count
-    /// of the whole batch `batch` is a piece of, so that the pieces' gradients add up to the
-    /// whole batch's.
-    pub fn loss_over(
+    /// Each of `inputs`' summed log-probability of each of `targets` (each ending with EOS),
+    /// teacher forced: `(inputs, targets)`. The encoder runs once per input.
+    pub fn target_log_likelihoods(
         &self,
-        batch: &Batch,
+        inputs: &[&[u32]],
+        targets: &[Vec<u32>],
         drop: &mut Dropout,
-        label_tokens: usize,
     ) -> Result<Tensor> {
-        let logits = self.forward(batch, drop)?;
+        let (b, k) = (inputs.len(), targets.len());
+        let target_refs: Vec<&[u32]> = targets.iter().map(Vec::as_slice).collect();
+        let pairs: Vec<&[u32]> = (0..b).flat_map(|_| target_refs.iter().copied()).collect();
+        let repeated: Vec<&[u32]> = inputs.iter().flat_map(|&i| vec![i; k]).collect();
+        let batch = Batch::new(&repeated, &pairs, &self.config, &self.device)?;
+        let rows: Vec<u32> = (0..b * k).map(|i| (i / k) as u32).collect();
+        let rows = Tensor::from_vec(rows, b * k, &self.device)?;
+        let firsts = Tensor::from_vec(
+            (0..b).map(|i| (i * k) as u32).collect::<Vec<_>>(),
+            b,
+            &self.device,
+        )?;
+        let ids = batch.input_ids.index_select(&firsts, 0)?;
+        let mask = batch.input_mask.index_select(&firsts, 0)?;
+        let encoded = self.encode(&ids, &mask, drop)?.index_select(&rows, 0)?;
+        let logits = self.decode(&encoded, &batch.input_mask, &batch.decoder_ids, drop)?;
+        Ok(self.picked(&logits, &batch.labels)?.reshape((b, k))?)
+    }
+
+    /// The log-probability of each label token (`-1`: padding, left out) summed per row.
+    fn picked(&self, logits: &Tensor, labels: &[i64]) -> Result<Tensor> {
         let (b, u, v) = logits.dims3()?;
         let logp = candle_nn::ops::log_softmax(&logits.reshape((b * u, v))?, D::Minus1)?;
-        let rows: Vec<u32> = batch.labels.iter().map(|&l| l.max(0) as u32).collect();
-        let weights: Vec<f32> = batch
-            .labels
+        let rows: Vec<u32> = labels.iter().map(|&l| l.max(0) as u32).collect();
+        let weights: Vec<f32> = labels
             .iter()
             .map(|&l| if l >= 0 { 1.0 } else { 0.0 })
             .collect();
@@ -529,6 +568,6 @@ impl LoraT5 {
             .gather(&Tensor::from_vec(rows, (b * u, 1), &self.device)?, 1)?
             .squeeze(1)?;
         let weights = Tensor::from_vec(weights, b * u, &self.device)?;
-        Ok(((picked * weights)?.sum_all()? * (-1.0 / label_tokens.max(1) as f64))?)
+        Ok((picked * weights)?.reshape((b, u))?.sum(1)?)
     }
 }

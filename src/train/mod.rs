@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::backprop::GradStore;
+use candle_core::{D, DType, IndexOp, Tensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -92,6 +93,20 @@ pub fn target_modules(names: &[String]) -> serde_json::Value {
     }
 }
 
+/// One training (or eval) example.
+#[derive(Debug, Clone)]
+pub struct Example {
+    /// The prompt's token ids.
+    pub ids: Vec<u32>,
+    /// The gold label's index.
+    pub label: usize,
+    /// An entity row whose target template weighs in the whole text's reading (`text_weight`):
+    /// the text as a sentence-level prompt. Such a row is learnt and scored through the pooled
+    /// label distribution `serve` answers with, so the target's view learns to speak up where
+    /// the text's reading is wrong for it.
+    pub text: Option<Vec<u32>>,
+}
+
 /// Tokenized examples: the prompt of each text (cut from the right to `max_input_tokens`) and
 /// its label index.
 pub fn examples(
@@ -99,51 +114,88 @@ pub fn examples(
     tokenizer: &Tokenizer,
     template: &Template,
     max_input_tokens: usize,
-) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+) -> anyhow::Result<Vec<Example>> {
     rows.iter()
         .enumerate()
         .map(|(i, (text, label))| {
-            let prompt = Prompt::new(tokenizer, template, text)?;
-            let ids = prompt
-                .fit(max_input_tokens, Some(TruncationDirection::Right))?
-                .with_context(|| {
-                    format!(
-                        "row {}: the prompt template alone is longer than --max-input-tokens",
-                        i + 2
-                    )
-                })?;
-            Ok((ids.ids, *label))
+            let ids = fit(tokenizer, template, text, max_input_tokens)?.with_context(|| {
+                format!(
+                    "row {}: the prompt template alone is longer than --max-input-tokens",
+                    i + 2
+                )
+            })?;
+            Ok(Example {
+                ids: ids.ids,
+                label: *label,
+                text: None,
+            })
         })
         .collect()
 }
 
-/// Inputs, targets and dropout seed of one piece of a batch.
-type Piece<'a> = (&'a [&'a [u32]], &'a [&'a [u32]], Option<u64>);
+/// `text` in `template`, cut from the right to `max_input_tokens` (`None`: the template alone
+/// is longer).
+fn fit(
+    tokenizer: &Tokenizer,
+    template: &Template,
+    text: &str,
+    max_input_tokens: usize,
+) -> anyhow::Result<Option<crate::engine::prompt::Window>> {
+    let prompt = Prompt::new(tokenizer, template, text)?;
+    Ok(prompt.fit(max_input_tokens, Some(TruncationDirection::Right))?)
+}
 
-/// The mean loss of the examples `(inputs, targets)` and its gradients, computed as up to
-/// `pieces` contiguous pieces of the batch on as many threads and summed: each piece divides its
-/// summed cross-entropy by the whole batch's label-token count, so the sum is the whole batch's
-/// loss and gradient. Each piece draws its dropout masks from its own generator, seeded from
-/// `rng` in piece order, so a seed still fixes the result.
+/// One example of a batch and how it is learnt.
+#[derive(Debug, Clone, Copy)]
+pub enum Row<'a> {
+    /// transformers' seq2seq loss: the cross-entropy of each of `target`'s tokens (EOS
+    /// included), teacher forced.
+    Tokens { input: &'a [u32], target: &'a [u32] },
+    /// The cross-entropy of the label distribution `serve` gives a target whose template weighs
+    /// in the text: over the labels, `(1-w)·log p(label | input) + w·log p(label | text)`,
+    /// renormalised (see [`TargetTemplate::pool`]).
+    Pooled {
+        input: &'a [u32],
+        text: &'a [u32],
+        label: usize,
+        text_weight: f64,
+    },
+}
+
+/// The rows of one piece of a batch and the seed of its dropout masks.
+type Piece<'a> = (&'a [Row<'a>], Option<u64>);
+
+/// The mean loss of `rows` and its gradients, computed as up to `pieces` contiguous pieces of
+/// the batch on as many threads and summed. The mean is per label token (a pooled row counts
+/// its gold label's tokens), so a batch of `Tokens` rows has transformers' loss; each piece
+/// divides its sum by the whole batch's count, so the pieces' sum is the whole batch's loss and
+/// gradient. Each piece draws its dropout masks from its own generator, seeded from `rng` in
+/// piece order, so a seed still fixes the result. `labels` are the label sets' token sequences
+/// that pooled rows are scored over.
 pub fn gradients(
     model: &LoraT5,
-    inputs: &[&[u32]],
-    targets: &[&[u32]],
+    rows: &[Row],
+    labels: &[Vec<u32>],
     pieces: usize,
     mut rng: Option<&mut ChaCha8Rng>,
 ) -> anyhow::Result<(f32, GradStore)> {
-    let label_tokens: usize = targets.iter().map(|t| t.len()).sum();
-    let per = inputs.len().div_ceil(pieces.max(1)).max(1);
-    let work: Vec<Piece> = inputs
+    let label_tokens: usize = rows
+        .iter()
+        .map(|r| match r {
+            Row::Tokens { target, .. } => target.len(),
+            Row::Pooled { label, .. } => labels.get(*label).map_or(0, Vec::len),
+        })
+        .sum();
+    let per = rows.len().div_ceil(pieces.max(1)).max(1);
+    let work: Vec<Piece> = rows
         .chunks(per)
-        .zip(targets.chunks(per))
-        .map(|(i, t)| (i, t, rng.as_deref_mut().map(Rng::next_u64)))
+        .map(|r| (r, rng.as_deref_mut().map(Rng::next_u64)))
         .collect();
-    let run = |(inputs, targets, seed): Piece| {
-        let batch = Batch::new(inputs, targets, model.config(), model.device())?;
+    let run = |(rows, seed): Piece| {
         let mut rng = seed.map(ChaCha8Rng::seed_from_u64);
-        let loss = model.loss_over(&batch, &mut Dropout { rng: rng.as_mut() }, label_tokens)?;
-        Ok::<_, crate::error::Error>((loss.to_scalar::<f32>()?, loss.backward()?))
+        let summed = summed_loss(model, rows, labels, &mut Dropout { rng: rng.as_mut() })?;
+        let loss = (summed * (1.0 / label_tokens.max(1) as f64))?;
+        Ok::<_, anyhow::Error>((loss.to_scalar::<f32>()?, loss.backward()?))
     };
     let results: Vec<_> = if work.len() == 1 {
         work.into_iter().map(run).collect()
@@ -176,6 +228,55 @@ pub fn gradients(
         }
     }
     Ok((loss, grads))
+}
+
+/// The summed loss of `rows` (see [`Row`]), a scalar tensor.
+fn summed_loss(
+    model: &LoraT5,
+    rows: &[Row],
+    labels: &[Vec<u32>],
+    drop: &mut Dropout,
+) -> anyhow::Result<Tensor> {
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let (mut views, mut gold, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        match *row {
+            Row::Tokens { input, target } => {
+                inputs.push(input);
+                targets.push(target);
+            }
+            Row::Pooled {
+                input,
+                text,
+                label,
+                text_weight,
+            } => {
+                views.extend([input, text]);
+                gold.push(label as u32);
+                weights.push(text_weight as f32);
+            }
+        }
+    }
+    let device = model.device();
+    let mut total = Tensor::zeros((), DType::F32, device)?;
+    if !inputs.is_empty() {
+        let batch = Batch::new(&inputs, &targets, model.config(), device)?;
+        total = (total - model.log_likelihoods(&batch, drop)?.sum_all()?)?;
+    }
+    if !gold.is_empty() {
+        let n = gold.len();
+        // (rows, view: target or text, label)
+        let ll = model
+            .target_log_likelihoods(&views, labels, drop)?
+            .reshape((n, 2, labels.len()))?;
+        let w = Tensor::from_vec(weights, (n, 1), device)?;
+        let pooled = (ll.i((.., 0))?.broadcast_mul(&w.affine(-1.0, 1.0)?)?
+            + ll.i((.., 1))?.broadcast_mul(&w)?)?;
+        let logp = candle_nn::ops::log_softmax(&pooled, D::Minus1)?;
+        let picked = logp.gather(&Tensor::from_vec(gold, (n, 1), device)?, 1)?;
+        total = (total - picked.sum_all()?)?;
+    }
+    Ok(total)
 }
 
 /// One optimizer step on `grads` (clipped to `max_grad_norm` as torch's `clip_grad_norm_` does).
@@ -283,23 +384,37 @@ pub struct Evaluation {
     pub perplexity: f64,
 }
 
-/// How `model` does on `data`.
+/// How `model` does on `data`, each row scored as `serve` scores it: a row with its text
+/// pooled with the text's scores by `pool`.
 pub fn evaluate(
     model: &T5Model,
     labels: &LabelSet,
-    data: &[(Vec<u32>, usize)],
+    data: &[Example],
+    pool: Option<&TargetTemplate>,
 ) -> anyhow::Result<Evaluation> {
     let mut pairs = Vec::with_capacity(data.len());
     let (mut nll, mut tokens) = (0.0, 0usize);
     for chunk in data.chunks(32) {
-        let inputs: Vec<&[u32]> = chunk.iter().map(|(ids, _)| ids.as_slice()).collect();
-        for (s, (_, gold)) in score(model, &inputs, labels)?.iter().zip(chunk) {
+        let inputs: Vec<&[u32]> = chunk.iter().map(|e| e.ids.as_slice()).collect();
+        let texts: Vec<&[u32]> = chunk.iter().filter_map(|e| e.text.as_deref()).collect();
+        let mut text_scores = match (texts.is_empty(), pool) {
+            (false, Some(_)) => score(model, &texts, labels)?,
+            _ => Vec::new(),
+        }
+        .into_iter();
+        for (s, e) in score(model, &inputs, labels)?.into_iter().zip(chunk) {
+            let s = match (&e.text, pool) {
+                (Some(_), Some(shown)) => {
+                    shown.pool(&s, &text_scores.next().context("a text without scores")?)
+                }
+                _ => s,
+            };
             let best = (0..s.probs.len())
                 .max_by(|&a, &b| s.probs[a].total_cmp(&s.probs[b]))
                 .context("no label scores")?;
-            pairs.push((*gold, best));
-            nll -= s.log_probs[*gold];
-            tokens += labels.targets[*gold].len();
+            pairs.push((e.label, best));
+            nll -= s.log_probs[e.label];
+            tokens += labels.targets[e.label].len();
         }
     }
     Ok(Evaluation {
@@ -333,8 +448,8 @@ pub struct Job {
     pub config: Config,
     pub base: Weights,
     pub labels: LabelSet,
-    pub train: Vec<(Vec<u32>, usize)>,
-    pub eval: Option<Vec<(Vec<u32>, usize)>>,
+    pub train: Vec<Example>,
+    pub eval: Option<Vec<Example>>,
     pub out: PathBuf,
     /// Written beside the adapter when entity rows were trained on.
     pub target_template: Option<TargetTemplate>,
@@ -382,20 +497,34 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
         tracing::info!(out = %job.out.display(), why, "adapter saved");
         Ok(())
     };
-    let lengths: Vec<usize> = job.train.iter().map(|(ids, _)| ids.len()).collect();
+    let lengths: Vec<usize> = job.train.iter().map(|e| e.ids.len()).collect();
+    let text_weight = job.target_template.as_ref().and_then(|t| t.text_weight);
     'epochs: for epoch in 1..=recipe.epochs {
         let (mut loss_sum, mut tokens, start) = (0.0, 0usize, Instant::now());
         for (i, chunk) in epoch_batches(&lengths, recipe.batch_size, &mut rng)
             .iter()
             .enumerate()
         {
-            let inputs: Vec<&[u32]> = chunk.iter().map(|&k| job.train[k].0.as_slice()).collect();
-            let labels: Vec<&[u32]> = chunk
+            let rows: Vec<Row> = chunk
                 .iter()
-                .map(|&k| targets[job.train[k].1].as_slice())
+                .map(|&k| {
+                    let e = &job.train[k];
+                    match (&e.text, text_weight) {
+                        (Some(text), Some(text_weight)) => Row::Pooled {
+                            input: &e.ids,
+                            text,
+                            label: e.label,
+                            text_weight,
+                        },
+                        _ => Row::Tokens {
+                            input: &e.ids,
+                            target: &targets[e.label],
+                        },
+                    }
+                })
                 .collect();
             opt.set_learning_rate(recipe.lr_at(done, total));
-            let (loss, grads) = gradients(&model, &inputs, &labels, job.pieces, Some(&mut rng))?;
+            let (loss, grads) = gradients(&model, &rows, targets, job.pieces, Some(&mut rng))?;
             step(&model, &mut opt, grads, recipe.max_grad_norm)?;
             if !loss.is_finite() {
                 bail!(
@@ -405,7 +534,13 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
             }
             done += 1;
             loss_sum += f64::from(loss);
-            tokens += inputs.iter().chain(&labels).map(|x| x.len()).sum::<usize>();
+            tokens += rows
+                .iter()
+                .map(|r| match r {
+                    Row::Tokens { input, target } => input.len() + target.len(),
+                    Row::Pooled { input, text, .. } => input.len() + text.len(),
+                })
+                .sum::<usize>();
             bar.inc(1);
             bar.set_message(format!(
                 "epoch {epoch}/{}  loss {:.4}  {:.0} tokens/s",
@@ -431,7 +566,7 @@ pub fn run(job: Job, recipe: &Recipe) -> anyhow::Result<()> {
             continue;
         };
         let merged = merged_model(&job.config, &job.base, &model.loras())?;
-        let evaluation = evaluate(&merged, &job.labels, eval)?;
+        let evaluation = evaluate(&merged, &job.labels, eval, job.target_template.as_ref())?;
         let (f1, acc) = (evaluation.report.macro_f1(), evaluation.report.accuracy());
         tracing::info!(
             epoch,
@@ -493,7 +628,7 @@ pub struct Prompts<'a> {
 }
 
 /// The examples of a labelled CSV file, or of an entity-level JSON Lines file (one per entity).
-pub fn read(path: &Path, p: &Prompts) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+pub fn read(path: &Path, p: &Prompts) -> anyhow::Result<Vec<Example>> {
     if crate::entity_data::is_jsonl(path) {
         return entity_examples(path, p);
     }
@@ -503,28 +638,45 @@ pub fn read(path: &Path, p: &Prompts) -> anyhow::Result<Vec<(Vec<u32>, usize)>> 
 }
 
 /// Each entity of a JSON Lines file in the target template, cut from the right to
-/// `max_input_tokens`; an entity whose mention the cut removes is left out (and counted).
-fn entity_examples(path: &Path, p: &Prompts) -> anyhow::Result<Vec<(Vec<u32>, usize)>> {
+/// `max_input_tokens`; an entity whose mention the cut removes is left out (and counted). When
+/// the template weighs in the text, each carries its text as a sentence-level prompt.
+fn entity_examples(path: &Path, p: &Prompts) -> anyhow::Result<Vec<Example>> {
+    let too_long = || {
+        format!(
+            "{}: a template alone is longer than --max-input-tokens",
+            path.display()
+        )
+    };
     let mut out = Vec::new();
     let mut cut_off = 0;
     for t in crate::entity_data::read(path, p.labels)? {
+        let text = match p.target_template.weighs_text() {
+            true => Some(
+                fit(p.tokenizer, p.template, &t.text, p.max_input_tokens)?
+                    .with_context(too_long)?
+                    .ids,
+            ),
+            false => None,
+        };
         for (target, label) in &t.entities {
             let shown = p.target_template;
             let (marked, mentions) = shown.mark(&t.text, &target.byte_spans(&t.text));
-            let prompt = Prompt::new(p.tokenizer, &shown.prompt(&target.name), &marked)?;
-            let window = prompt
-                .fit(p.max_input_tokens, Some(TruncationDirection::Right))?
-                .with_context(|| {
-                    format!(
-                        "{}: the target template alone is longer than --max-input-tokens",
-                        path.display()
-                    )
-                })?;
+            let window = fit(
+                p.tokenizer,
+                &shown.prompt(&target.name),
+                &marked,
+                p.max_input_tokens,
+            )?
+            .with_context(too_long)?;
             if mentions
                 .iter()
                 .any(|m| m.start < window.span.1 && window.span.0 < m.end)
             {
-                out.push((window.ids, *label));
+                out.push(Example {
+                    ids: window.ids,
+                    label: *label,
+                    text: text.clone(),
+                });
             } else {
                 cut_off += 1;
             }
