@@ -319,14 +319,11 @@ fn the_same_seed_trains_the_same_adapter_in_peft_format() {
     assert_eq!(names(&a), names(&fixture));
 }
 
-/// Sentence rows and FinEntity rows train one adapter: PEFT's layout as above, with the target
-/// template beside it, which `serve` then reads to answer entity requests.
-#[test]
-fn entity_rows_train_into_the_same_adapter_with_its_target_template() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("mixed");
+/// `finserve train` for one epoch on the tiny sentence rows plus the tiny entity file (`repeat`
+/// times), scored on the entity file, with `extra` flags.
+fn train_with_entities(out: &Path, repeat: usize, extra: &[&str]) -> std::process::Output {
     let f = common::repo().join("tests/train/fixtures");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
+    std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
         .current_dir(common::repo())
         .args([
             "train",
@@ -335,14 +332,14 @@ fn entity_rows_train_into_the_same_adapter_with_its_target_template() {
             "--data",
         ])
         .arg(format!(
-            "{},{}:2",
+            "{},{}:{repeat}",
             f.join("tiny.csv").display(),
             f.join("tiny_entities.jsonl").display()
         ))
         .arg("--eval-data")
         .arg(f.join("tiny_entities.jsonl"))
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .args([
             "--epochs",
             "1",
@@ -352,9 +349,20 @@ fn entity_rows_train_into_the_same_adapter_with_its_target_template() {
             "q,k,v,o",
         ])
         .args(["--lr", "5e-3", "--seed", "7"])
+        .args(extra)
         .env("FINSERVE_LOG", "info")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// Sentence rows and FinEntity rows train one adapter: PEFT's layout as above, with the target
+/// template beside it, which `serve` then reads to answer entity requests.
+#[test]
+fn entity_rows_train_into_the_same_adapter_with_its_target_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mixed");
+    let f = common::repo().join("tests/train/fixtures");
+    let output = train_with_entities(&out, 2, &[]);
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{log}");
     let entities: usize = std::fs::read_to_string(f.join("tiny_entities.jsonl"))
@@ -397,37 +405,8 @@ fn entity_rows_train_into_the_same_adapter_with_its_target_template() {
     )
     .unwrap();
     let pooled = dir.path().join("pooled");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_finserve"))
-        .current_dir(common::repo())
-        .args([
-            "train",
-            "--model",
-            "tests/parity/fixtures/mt5_base",
-            "--data",
-        ])
-        .arg(format!(
-            "{},{}",
-            f.join("tiny.csv").display(),
-            f.join("tiny_entities.jsonl").display()
-        ))
-        .arg("--eval-data")
-        .arg(f.join("tiny_entities.jsonl"))
-        .arg("--target-template")
-        .arg(&weighed)
-        .arg("--out")
-        .arg(&pooled)
-        .args([
-            "--epochs",
-            "1",
-            "--batch-size",
-            "8",
-            "--target-modules",
-            "q,k,v,o",
-        ])
-        .args(["--lr", "5e-2", "--seed", "7"])
-        .env("FINSERVE_LOG", "info")
-        .output()
-        .unwrap();
+    let weighed = weighed.display().to_string();
+    let output = train_with_entities(&pooled, 1, &["--target-template", &weighed]);
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{log}");
     let template: Value = serde_json::from_slice(&read(&pooled, "target_template.json")).unwrap();
