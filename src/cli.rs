@@ -1200,8 +1200,10 @@ pub fn run() -> anyhow::Result<()> {
         Some(Command::Train(args)) => crate::train::parallel_pieces(&args.base.device),
         _ => 1,
     };
-    // Named so that profiles and `top -H` tell the compute pool (matmuls, vocabulary-wide work)
-    // from tokio's workers; it reads `RAYON_NUM_THREADS`, so it comes after `parallel_pieces`.
+    // The global compute pool: loading, merging and quantizing weights, training (a serving
+    // engine computes on a pool of its own of the same size, `finserve-engine-N`). Named so that
+    // profiles and `top -H` tell them from tokio's workers; it reads `RAYON_NUM_THREADS`, so it
+    // comes after `parallel_pieces`.
     rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("finserve-pool-{i}"))
         .build_global()

@@ -154,6 +154,18 @@ impl Engine {
         let batcher =
             batcher::Batcher::new(lanes, tokenizer.clone(), config.clone(), health.clone(), rx);
         let thread_health = health.clone();
+        // The batcher runs on a worker of its own compute pool (its thread only waits for it): a
+        // parallel product called from inside a pool does its share of the work in place while
+        // the other workers steal the rest, where one called from outside parks the caller and
+        // hands all of it over, two thread switches per product, dozens per decode step. Its own
+        // pool, not the global one, because the batcher holds its worker for as long as it runs.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("finserve-engine-{i}"))
+            .build()
+            .map_err(|e| {
+                Error::Startup(format!("cannot start the engine's compute threads: {e}"))
+            })?;
         std::thread::Builder::new()
             .name("finserve-engine".into())
             .spawn(move || {
@@ -171,7 +183,7 @@ impl Engine {
                     }
                 }
                 let _alive = Alive(thread_health);
-                batcher.run();
+                pool.install(|| batcher.run());
             })
             .map_err(|e| Error::Startup(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
@@ -560,4 +572,92 @@ fn check_variant<B: Backend>(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::engine::backend::{Choice, StepRow};
+    use crate::engine::sentiment::LabelScores;
+
+    /// Where a scoring call ran: the thread's name and its index in a rayon pool, if in one.
+    type Seen = (Option<String>, Option<usize>);
+
+    /// A backend that notes where each scoring call runs.
+    struct Whereabouts(Arc<Mutex<Vec<Seen>>>);
+
+    impl Backend for Whereabouts {
+        fn score(&mut self, inputs: &[&[u32]], labels: &LabelSet) -> Result<Vec<LabelScores>> {
+            let thread = std::thread::current();
+            self.0.lock().unwrap().push((
+                thread.name().map(String::from),
+                rayon::current_thread_index(),
+            ));
+            let n = labels.names.len();
+            Ok(inputs
+                .iter()
+                .map(|_| LabelScores {
+                    log_probs: vec![-(n as f64).ln(); n],
+                    probs: vec![1.0 / n as f64; n],
+                })
+                .collect())
+        }
+        fn join(&mut self, inputs: &[&[u32]]) -> Result<Vec<usize>> {
+            Ok((0..inputs.len()).collect())
+        }
+        fn step(&mut self, rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
+            Ok(rows
+                .iter()
+                .map(|_| Choice {
+                    id: 1,
+                    logprob: None,
+                })
+                .collect())
+        }
+        fn leave(&mut self, _slot: usize) {}
+        fn reset(&mut self) {}
+        fn decoder_start(&self) -> u32 {
+            0
+        }
+        fn eos_ids(&self) -> &[u32] {
+            &[1]
+        }
+    }
+
+    #[test]
+    fn the_model_runs_on_a_worker_of_the_engines_own_compute_pool() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/parity/fixtures/tokenizer.json"
+        );
+        let tokenizer = Tokenizer::from_file(path).unwrap();
+        let labels = LabelSet::new(&["up".to_string(), "down".to_string()], &tokenizer).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let served = Served {
+            name: "where".into(),
+            digest: "sha256:not-hashed".into(),
+            backend: Whereabouts(seen.clone()),
+            labels,
+            target_template: None,
+        };
+        let engine =
+            Engine::start(vec![served], Arc::new(tokenizer), EngineConfig::default()).unwrap();
+        let variant = engine.variant(None).unwrap();
+        let scores = engine
+            .sentiment(vec![5, 6, 7], engine.labels(), &variant)
+            .unwrap()
+            .blocking_recv()
+            .unwrap();
+        assert!(scores.is_ok());
+        let seen = seen.lock().unwrap();
+        let (name, index) = &seen[0];
+        assert!(
+            name.as_deref()
+                .is_some_and(|n| n.starts_with("finserve-engine-")),
+            "scored on {name:?}"
+        );
+        assert!(index.is_some(), "scored outside any rayon pool");
+    }
 }
