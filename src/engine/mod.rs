@@ -596,25 +596,17 @@ mod tests {
                 rayon::current_thread_index(),
             ));
             let n = labels.names.len();
-            Ok(inputs
-                .iter()
-                .map(|_| LabelScores {
-                    log_probs: vec![-(n as f64).ln(); n],
-                    probs: vec![1.0 / n as f64; n],
-                })
-                .collect())
+            let uniform = LabelScores {
+                log_probs: vec![-(n as f64).ln(); n],
+                probs: vec![1.0 / n as f64; n],
+            };
+            Ok(vec![uniform; inputs.len()])
         }
-        fn join(&mut self, inputs: &[&[u32]]) -> Result<Vec<usize>> {
-            Ok((0..inputs.len()).collect())
+        fn join(&mut self, _inputs: &[&[u32]]) -> Result<Vec<usize>> {
+            Err(Error::Inference("this backend only scores".into()))
         }
-        fn step(&mut self, rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
-            Ok(rows
-                .iter()
-                .map(|_| Choice {
-                    id: 1,
-                    logprob: None,
-                })
-                .collect())
+        fn step(&mut self, _rows: &mut [StepRow<'_>]) -> Result<Vec<Choice>> {
+            Err(Error::Inference("this backend only scores".into()))
         }
         fn leave(&mut self, _slot: usize) {}
         fn reset(&mut self) {}
