@@ -650,13 +650,11 @@ fn entity_examples(path: &Path, p: &Prompts) -> anyhow::Result<Vec<Example>> {
     let mut out = Vec::new();
     let mut cut_off = 0;
     for t in crate::entity_data::read(path, p.labels)? {
-        let text = match p.target_template.weighs_text() {
-            true => Some(
-                fit(p.tokenizer, p.template, &t.text, p.max_input_tokens)?
-                    .with_context(too_long)?
-                    .ids,
-            ),
-            false => None,
+        let text = if p.target_template.weighs_text() {
+            let window = fit(p.tokenizer, p.template, &t.text, p.max_input_tokens)?;
+            Some(window.with_context(too_long)?.ids)
+        } else {
+            None
         };
         for (target, label) in &t.entities {
             let shown = p.target_template;
