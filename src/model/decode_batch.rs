@@ -35,7 +35,8 @@ pub struct CacheShape {
 #[derive(Debug)]
 struct Tensors {
     /// Per layer, `(rows, heads, capacity, d_kv)`: `rows` the most slots the batch has had
-    /// since it started (freed trailing rows keep their storage until the batch empties).
+    /// since it started, rounded up to a [`ROW_BLOCK`] once it grew (freed trailing rows keep
+    /// their storage until the batch empties).
     self_kv: Vec<(Tensor, Tensor)>,
     /// Per layer, `(rows, heads, src_capacity, d_kv)`.
     cross_kv: Vec<(Tensor, Tensor)>,
@@ -58,6 +59,8 @@ pub struct DecodeBatch {
 }
 
 const MIN_COLUMNS: usize = 16;
+/// Cache rows are added this many at a time (at most this many minus one stay unused).
+const ROW_BLOCK: usize = 8;
 
 impl DecodeBatch {
     pub fn new(shape: CacheShape, dtype: DType, device: &Device) -> Self {
@@ -224,10 +227,17 @@ impl DecodeBatch {
         // Rows past the active ones hold what earlier sequences left: a new sequence's cross K/V
         // overwrite its row, and its self-attention masks every column before its first.
         let stored = t.cross_kv.first().map_or(Ok(0), |(k, _)| k.dim(0))?;
-        if slots > stored {
+        // Rows grow a block at a time: sequences that join one by one would otherwise copy the
+        // whole cache at every join.
+        let rows = if slots > stored {
+            slots.next_multiple_of(ROW_BLOCK)
+        } else {
+            stored
+        };
+        if rows > stored {
             let grow = |x: &Tensor| -> candle_core::Result<Tensor> {
                 let mut dims = x.dims().to_vec();
-                dims[0] = slots - stored;
+                dims[0] = rows - stored;
                 Tensor::cat(&[x, &Tensor::zeros(dims, x.dtype(), x.device())?], 0)
             };
             for (k, v) in t.self_kv.iter_mut().chain(t.cross_kv.iter_mut()) {
@@ -235,7 +245,6 @@ impl DecodeBatch {
                 *v = grow(v)?;
             }
         }
-        let rows = stored.max(slots);
         if slots > self.slots.len() {
             self.slots.resize(slots, None);
         }
@@ -369,4 +378,36 @@ pub struct LayerCache {
     pub self_kv: (Tensor, Tensor),
     pub cross_kv: (Tensor, Tensor),
     pub cross_mask: Tensor,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequences_joining_one_at_a_time_grow_the_cache_a_block_of_rows_at_a_time() {
+        let shape = CacheShape {
+            layers: 1,
+            heads: 2,
+            d_kv: 4,
+        };
+        let mut batch = DecodeBatch::new(shape, DType::F32, &Device::Cpu);
+        let cross_kv = || {
+            let t = Tensor::zeros((1, 2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+            vec![(t.clone(), t)]
+        };
+        let stored = |b: &DecodeBatch| b.tensors.as_ref().unwrap().self_kv[0].0.dim(0).unwrap();
+        assert_eq!(batch.fill(cross_kv(), &[3]).unwrap(), [0]);
+        assert_eq!(stored(&batch), 1);
+        for slot in 1..ROW_BLOCK {
+            assert_eq!(batch.fill(cross_kv(), &[3]).unwrap(), [slot]);
+            assert_eq!(stored(&batch), ROW_BLOCK);
+        }
+        assert_eq!(batch.fill(cross_kv(), &[3]).unwrap(), [ROW_BLOCK]);
+        assert_eq!(stored(&batch), 2 * ROW_BLOCK);
+        assert_eq!(batch.num_slots(), ROW_BLOCK + 1);
+        let cache = batch.layer(0).unwrap();
+        assert_eq!(cache.cross_kv.0.dim(0).unwrap(), ROW_BLOCK + 1);
+        assert_eq!(cache.cross_mask.dim(0).unwrap(), ROW_BLOCK + 1);
+    }
 }
