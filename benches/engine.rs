@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::model::decode_batch::DecodeBatch;
 use finserve::model::linear::{Linear, Quantization, SharedLayers};
@@ -240,4 +240,11 @@ fn bench_greedy(c: &mut Criterion, model: &T5Model, quantization: Quantization) 
 }
 
 criterion_group!(benches, bench);
-criterion_main!(benches);
+
+fn main() {
+    // As the server runs (`cli::run`): candle's elementwise ops on the calling thread.
+    // SAFETY: before anything starts a thread.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -310,9 +310,10 @@ pub fn step(
 /// How many pieces each training batch is split into on `device` (as given to `--device`). On a
 /// CPU, one piece per core, each run with single-threaded candle ops: a small model's
 /// elementwise ops are too short to split across cores (candle's pool spent about 60 % of a
-/// training step waiting at its barrier), whole pieces of a batch are not. candle reads its
-/// thread counts from the environment (the pool's once, on first use), so this sets them, and
-/// must run before the process starts any other thread.
+/// training step waiting at its barrier), whole pieces of a batch are not. `cli::run` keeps
+/// candle's elementwise ops on the calling thread; the products' thread count (rayon's) is read
+/// from the environment, so this sets it, and must run before the process starts any other
+/// thread.
 pub fn parallel_pieces(device: &str) -> usize {
     if device != "cpu" {
         return 1;
@@ -320,10 +321,7 @@ pub fn parallel_pieces(device: &str) -> usize {
     let cores = candle_core::utils::get_num_threads();
     // SAFETY: `cli::run` calls this right after parsing the command line, before telemetry, the
     // runtime or candle start a thread, so nothing can read the environment concurrently.
-    unsafe {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-        std::env::set_var("RAYON_NUM_THREADS", "1");
-    }
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", "1") };
     cores
 }
 
