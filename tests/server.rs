@@ -1,6 +1,6 @@
 //! The real server binary over HTTP: every route, every error status, streaming, API keys,
 //! timing headers and request ids, batching under concurrency, cancellation, graceful shutdown,
-//! the OpenAPI document, and the Prometheus exposition.
+//! the OpenAPI document, the Prometheus exposition, and the threads the server computes on.
 
 mod common;
 
@@ -746,6 +746,33 @@ fn concurrent_requests_batch_and_match_one_at_a_time() {
             "{kind}: no batch larger than one ({singles} of {count} were single)"
         );
     }
+}
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+/// candle runs elementwise ops of 64K elements or more on a pool of its own, whose idle workers
+/// spin on the cores the engine computes on, unless it is given one thread (`cli::run`).
+#[test]
+fn candle_starts_no_thread_pool_beside_the_engines() {
+    let s = start(&[]);
+    // 32 inputs of about 50 tokens at the demo's d_model 128: encoder activations of about 200K
+    // elements, enough for candle's pool (the build before `cli::run` set it started `candle-bp-0`).
+    let inputs: Vec<String> = (0..32).map(|i| format!("{LONG} {i}")).collect();
+    let (code, body) = s.post("/v1/sentiment", &json!({"inputs": inputs}));
+    assert_eq!(code, 200, "{body}");
+    let names = thread_names(s.child.id());
+    assert!(
+        names.iter().any(|n| n.starts_with("finserve-engine")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with("candle")), "{names:?}");
 }
 
 #[test]
