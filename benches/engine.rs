@@ -242,9 +242,8 @@ fn bench_greedy(c: &mut Criterion, model: &T5Model, quantization: Quantization) 
 criterion_group!(benches, bench);
 
 fn main() {
-    // As the server runs (`cli::run`): candle's elementwise ops on the calling thread.
-    // SAFETY: before anything starts a thread.
-    unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    // As the server runs. SAFETY: before anything starts a thread.
+    unsafe { finserve::cli::keep_candle_on_the_calling_thread() };
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -1194,16 +1194,25 @@ impl ModelArgs {
     }
 }
 
+/// Gives candle's elementwise thread pool no workers. candle (0.11) runs every elementwise op of
+/// 64K elements or more on a pool of its own, beside finserve's compute pools, and its idle
+/// workers spin (25,000 times) after each such op on the cores those pools compute on: under a
+/// stream of generations on 2 cores the spinning took about a tenth of the CPU. With one thread
+/// those ops run on the calling thread; finserve's own products do the parallel work.
+///
+/// # Safety
+/// It sets an environment variable (read once, when candle first needs its pool), so it must run
+/// before the process starts any other thread.
+pub unsafe fn keep_candle_on_the_calling_thread() {
+    // SAFETY: the caller guarantees that no other thread can read the environment.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+}
+
 pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // candle (0.11) runs every elementwise op of 64K elements or more on a thread pool of its
-    // own, beside the compute pools below, and its idle workers spin (25,000 times) after each
-    // such op on the cores those pools compute on: under a stream of generations on 2 cores the
-    // spinning took about a tenth of the CPU. With one thread candle's pool has no workers and
-    // runs those ops on the calling thread; finserve's own products do the parallel work.
     // SAFETY: right after parsing the command line, before telemetry, the runtime or candle start
-    // a thread, so nothing can read the environment concurrently.
-    unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    // a thread.
+    unsafe { keep_candle_on_the_calling_thread() };
     let pieces = match &cli.command {
         Some(Command::Train(args)) => crate::train::parallel_pieces(&args.base.device),
         _ => 1,

@@ -311,7 +311,7 @@ pub fn step(
 /// CPU, one piece per core, each run with single-threaded candle ops: a small model's
 /// elementwise ops are too short to split across cores (candle's pool spent about 60 % of a
 /// training step waiting at its barrier), whole pieces of a batch are not. `cli::run` keeps
-/// candle's elementwise ops on the calling thread; the products' thread count (rayon's) is read
+/// candle's elementwise ops on the calling thread (`keep_candle_on_the_calling_thread`); the products' thread count (rayon's) is read
 /// from the environment, so this sets it, and must run before the process starts any other
 /// thread.
 pub fn parallel_pieces(device: &str) -> usize {
