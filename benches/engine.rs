@@ -2,7 +2,7 @@
 //! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32, with
 //! `--quantize q8` and (on CPUs with AVX512-BF16) bf16 weights, at 1, 4 and 16 rows; and the machine's read bandwidth next to the
 //! bandwidth each f32 projection reaches in a decode step; and a greedy step's token choice:
-//! every logit from each kind of weights, and f32's with and without `lm_head`'s bf16 screen.
+//! every logit from each kind of weights, and f32's with and without `lm_head`'s int8 screen.
 //! These are the engine's own numbers; `benches/compare.py` compares the whole server with
 //! transformers and CTranslate2.
 
@@ -209,9 +209,9 @@ fn bench_model(c: &mut Criterion, quantization: Quantization) {
 
 /// A greedy decode step's token choice after the decoder: every logit (in f32 from the
 /// model's weights, int8 or bf16 ones included) and its argmax,
-/// against the bf16 screen of `lm_head` with the few tokens it leaves computed in f32
+/// against the int8 screen of `lm_head` with the few tokens it leaves computed in f32
 /// (`model::greedy`; the same tokens). Where the screen does not pay (more than 8 rows without
-/// AMX tiles), `greedy_tokens` declines and the step computes the logits.
+/// AVX-512 VNNI or AMX), `greedy_tokens` declines and the step computes the logits.
 fn bench_greedy(c: &mut Criterion, model: &T5Model, quantization: Quantization) {
     let mut group = c.benchmark_group(format!("mt0-small-{}-greedy", quantization.as_str()));
     group.sample_size(10);

@@ -177,12 +177,12 @@ pub struct ModelArgs {
     /// Quantize the linear layers and lm_head after the merge: `none`, or `q8` (int8 blocks, CPU).
     #[arg(long, env = "FINSERVE_QUANTIZE", default_value = "none")]
     pub quantize: String,
-    /// Keep no bf16 copy of an f32 `lm_head` for greedy decoding. By default, on CPUs with
-    /// AVX512-BF16 or AVX2, greedy steps whose sequences ask for no log-probabilities screen the
-    /// vocabulary with that copy (half the bytes to read; AMX tiles where the CPU has them, else
-    /// steps of up to 8 sequences) and compute in f32 only the tokens it cannot rule out: the
-    /// same tokens, faster, for half of `lm_head`'s size in memory (256 MB at mt0-small's
-    /// vocabulary and width).
+    /// Keep no int8 copy of an f32 `lm_head` for greedy decoding. By default, on CPUs with
+    /// AVX2, greedy steps whose sequences ask for no log-probabilities screen the vocabulary with
+    /// that copy (a quarter of the bytes to read; steps of any size with AVX-512 VNNI or AMX,
+    /// else of up to 8 sequences) and compute in f32 only the tokens it cannot rule out: the
+    /// same tokens, faster, for about a quarter of `lm_head`'s size in memory (140 MB at
+    /// mt0-small's vocabulary and width).
     #[arg(long, env = "FINSERVE_NO_GREEDY_SCREEN")]
     pub no_greedy_screen: bool,
     #[command(flatten)]

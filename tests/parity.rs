@@ -327,9 +327,9 @@ fn generated_ids(
     }
 }
 
-/// Without log-probabilities a greedy step of few rows takes the bf16 screen of `lm_head` where
-/// the CPU has AVX512-BF16 (`model::greedy`); with them, the full f32 logits. Both must give
-/// transformers' tokens.
+/// Without log-probabilities a greedy step takes the int8 screen of `lm_head` where the CPU has
+/// AVX2 (`model::greedy`; steps of any size with AVX-512 VNNI); with them, the full f32 logits.
+/// Both must give transformers' tokens.
 #[test]
 fn greedy_generation_is_token_identical_alone_and_batched() {
     for case in CASES {

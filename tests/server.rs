@@ -299,7 +299,7 @@ fn routes_statuses_headers_and_spec() {
         a["generated_text"]
     );
     // Without details no log-probability is computed, and a greedy step may take `lm_head`'s
-    // bf16 screen (`model::greedy`): the same text.
+    // int8 screen (`model::greedy`): the same text.
     let plain = json!({"inputs": SHORT, "parameters": {"max_new_tokens": 12}});
     assert_eq!(
         s.post("/v1/generate", &plain).1["generated_text"],

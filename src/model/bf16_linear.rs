@@ -1,8 +1,6 @@
-//! The matrix product behind `--dtype bf16` on the CPU (and `lm_head`'s greedy screen,
-//! [`super::greedy`]): `y = x·Wᵀ` with `W` rounded to bf16 once at load time and `x` rounded at
-//! every call, products summed in f32 by AMX-BF16's `tdpbf16ps` tiles where the CPU has them
-//! (Sapphire Rapids and later), else by AVX512-BF16's `vdpbf16ps`, else (for `lm_head`'s screen
-//! only) by AVX2: see [`screens`].
+//! The matrix product behind `--dtype bf16` on the CPU: `y = x·Wᵀ` with `W` rounded to bf16 once
+//! at load time and `x` rounded at every call, products summed in f32 by AMX-BF16's `tdpbf16ps`
+//! tiles where the CPU has them (Sapphire Rapids and later), else by AVX512-BF16's `vdpbf16ps`.
 //!
 //! The layout is [`super::f32_linear`]'s with pairs of inputs: panels of [`PANEL`] output
 //! channels, for each pair of inputs `(2j, 2j+1)` the panel's 64 weight pairs side by side (one
@@ -39,16 +37,6 @@ pub fn available() -> bool {
     }
 }
 
-/// Whether this CPU runs the product at all: with bf16 instructions, or with AVX2 and FMA, which
-/// widen the bf16 operands to f32 (exactly: a bf16 is an f32 with its low 16 bits zero) and sum
-/// their products with f32 multiply-adds. That is the same rounded operands summed in f32, within
-/// the same bound as the bf16 instructions, for half the bytes of an f32 weight but at f32's
-/// multiply rate: it pays where reading `W` bounds the product, which is why only `lm_head`'s
-/// greedy screen (few-row decode steps over 250k tokens) uses it.
-pub fn screens() -> bool {
-    Kernel::Dot.runs_here() || Kernel::Widened.runs_here()
-}
-
 /// Which implementation of the product runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
@@ -56,8 +44,6 @@ enum Kernel {
     Tiles,
     /// AVX512-BF16's `vdpbf16ps`.
     Dot,
-    /// AVX2 and FMA on the operands widened to f32 (see [`screens`]).
-    Widened,
 }
 
 impl Kernel {
@@ -68,9 +54,6 @@ impl Kernel {
             match self {
                 Self::Tiles => amx::ready(),
                 Self::Dot => available(),
-                Self::Widened => {
-                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-                }
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -101,15 +84,6 @@ impl Bf16Linear {
     /// `(out, input)`.
     pub fn pack(w: &[f32], out: usize, input: usize) -> Self {
         assert_eq!(w.len(), out * input, "weight of {out}x{input}");
-        Self::pack_with(out, input, |c, k| w[c * input + k])
-    }
-
-    /// Like [`Bf16Linear::pack`], reading `W[c][k]` from `weight(c, k)`.
-    pub fn pack_with(
-        out: usize,
-        input: usize,
-        weight: impl Fn(usize, usize) -> f32 + Sync,
-    ) -> Self {
         let pairs = input.div_ceil(2);
         let panels = out.div_ceil(PANEL);
         let mut packed = vec![0u32; panels * pairs * PANEL];
@@ -120,7 +94,7 @@ impl Bf16Linear {
                 for c in 0..PANEL.min(out - p * PANEL) {
                     let w = |k: usize| {
                         if k < input {
-                            weight(p * PANEL + c, k)
+                            w[(p * PANEL + c) * input + k]
                         } else {
                             0.0
                         }
@@ -155,15 +129,12 @@ impl Product for Bf16Linear {
     }
 
     /// # Panics
-    /// On a CPU that [`screens`] rules out (loading refuses bf16 there, and `lm_head` gets no
-    /// screen).
+    /// On a CPU without AVX512-BF16 ([`available`]; loading refuses bf16 there).
     fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let kernel = if self.has_tiles() {
             Kernel::Tiles
-        } else if available() {
-            Kernel::Dot
         } else {
-            Kernel::Widened
+            Kernel::Dot
         };
         self.matmul_on(x, rows, kernel)
     }
@@ -233,7 +204,7 @@ struct Job<'a> {
 
 /// # Safety
 /// The CPU must run `kernel` (AVX512-BF16 for [`Kernel::Dot`], AMX-BF16 granted and `job.pairs`
-/// whole tile steps for [`Kernel::Tiles`], AVX2 and FMA for [`Kernel::Widened`]), and `job.out`
+/// whole tile steps for [`Kernel::Tiles`]), and `job.out`
 /// be valid for writes of `job.rows` rows of [`PANEL`] floats at `job.stride`.
 unsafe fn run(job: &Job, kernel: Kernel) {
     #[cfg(target_arch = "x86_64")]
@@ -250,18 +221,12 @@ unsafe fn run(job: &Job, kernel: Kernel) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: forwarded from the caller; rows `r0..r0+n` exist.
         unsafe {
-            match (kernel, n) {
-                (Kernel::Widened, 1) => avx2::pass::<1>(job, r0),
-                (Kernel::Widened, 2) => avx2::pass::<2>(job, r0),
-                (Kernel::Widened, 3) => avx2::pass::<3>(job, r0),
-                (Kernel::Widened, 4) => avx2::pass::<4>(job, r0),
-                (Kernel::Widened, 5) => avx2::pass::<5>(job, r0),
-                (Kernel::Widened, _) => avx2::pass::<ROWS>(job, r0),
-                (_, 1) => avx512::pass::<1>(job, r0),
-                (_, 2) => avx512::pass::<2>(job, r0),
-                (_, 3) => avx512::pass::<3>(job, r0),
-                (_, 4) => avx512::pass::<4>(job, r0),
-                (_, 5) => avx512::pass::<5>(job, r0),
+            match n {
+                1 => avx512::pass::<1>(job, r0),
+                2 => avx512::pass::<2>(job, r0),
+                3 => avx512::pass::<3>(job, r0),
+                4 => avx512::pass::<4>(job, r0),
+                5 => avx512::pass::<5>(job, r0),
                 _ => avx512::pass::<ROWS>(job, r0),
             }
         }
@@ -409,79 +374,6 @@ mod avx512 {
     }
 }
 
-/// The kernel for CPUs without bf16 instructions. A packed lane is two bf16 weights (the even
-/// input in the low half); shifting it left 16 bits gives the even one as an f32, masking off
-/// the low half the odd one, so a pair costs a shift and a mask per 8 channels (and per row for
-/// the activations) and two multiply-adds per row.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    use super::{Job, PANEL};
-
-    /// Rows `r0..r0+R` times one panel, in passes over as many channels as the 16 registers
-    /// hold sums and widened weights for (all 64 on one row, so each pair row of the panel is
-    /// read in one sweep).
-    ///
-    /// # Safety
-    /// The CPU must have AVX2 and FMA; `job.out` valid as in [`super::run`].
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pass<const R: usize>(job: &Job, r0: usize) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            match R {
-                1 => channels::<R, 8>(job, r0),
-                2 => channels::<R, 4>(job, r0),
-                3 => channels::<R, 2>(job, r0),
-                _ => channels::<R, 1>(job, r0),
-            }
-        }
-    }
-
-    /// Rows `r0..r0+R` times one panel, `V × 8` channels a pass.
-    ///
-    /// # Safety
-    /// As [`pass`].
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn channels<const R: usize, const V: usize>(job: &Job, r0: usize) {
-        let (w, a) = (job.panel.as_ptr(), job.acts.as_ptr());
-        let high = _mm256_set1_epi32(-0x1_0000);
-        let widen = |lanes: __m256i| {
-            (
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(lanes)),
-                _mm256_castsi256_ps(_mm256_and_si256(lanes, high)),
-            )
-        };
-        for c0 in (0..PANEL).step_by(8 * V) {
-            let mut acc = [[_mm256_setzero_ps(); V]; R];
-            for j in 0..job.pairs {
-                // SAFETY: `j < pairs` and `c0 + 8V <= PANEL`: the panel's pair row `j` has
-                // `PANEL` lanes; row `r0 + r < rows` of the activations has `pairs`.
-                unsafe {
-                    let xs: [(__m256, __m256); R] = std::array::from_fn(|r| {
-                        widen(_mm256_set1_epi32(*a.add((r0 + r) * job.pairs + j) as i32))
-                    });
-                    for v in 0..V {
-                        let (we, wo) =
-                            widen(_mm256_loadu_si256(w.add(j * PANEL + c0 + 8 * v).cast()));
-                        for (acc, (xe, xo)) in acc.iter_mut().zip(&xs) {
-                            acc[v] = _mm256_fmadd_ps(wo, *xo, _mm256_fmadd_ps(we, *xe, acc[v]));
-                        }
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                for (v, acc) in acc.iter().enumerate() {
-                    // SAFETY: row `r0 + r < rows`, columns `c0 + 8v .. +8 <= PANEL`.
-                    unsafe {
-                        _mm256_storeu_ps(job.out.add((r0 + r) * job.stride + c0 + 8 * v), *acc)
-                    };
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,7 +395,7 @@ mod tests {
 
     /// Every kernel this CPU runs for `linear`, saying which it cannot.
     fn kernels(linear: &Bf16Linear) -> Vec<Kernel> {
-        let kernels: Vec<Kernel> = [Kernel::Widened, Kernel::Dot, Kernel::Tiles]
+        let kernels: Vec<Kernel> = [Kernel::Dot, Kernel::Tiles]
             .into_iter()
             .filter(|&k| k.runs_here() && (k != Kernel::Tiles || linear.has_tiles()))
             .collect();

@@ -57,6 +57,15 @@ pub struct Int8Linear {
 impl Int8Linear {
     /// Rounds the row-major f32 weight `w` of shape `(out, input)`.
     pub fn quantize(w: &[f32], out: usize, input: usize) -> Self {
+        assert_eq!(w.len(), out * input, "weight of {out}x{input}");
+        Self::quantize_with(out, input, |o, row| {
+            row.copy_from_slice(&w[o * input..(o + 1) * input])
+        })
+    }
+
+    /// Rounds a weight of shape `(out, input)` whose row `o` `row_of(o, row)` writes into `row`,
+    /// so a weight stored in another layout needs no row-major copy of itself.
+    pub fn quantize_with(out: usize, input: usize, row_of: impl Fn(usize, &mut [f32])) -> Self {
         let dims = Dims::new(input);
         let (k_pad, block, blocks) = (dims.k_pad, dims.block, dims.blocks());
         let tiles = out.div_ceil(TILE);
@@ -65,9 +74,10 @@ impl Int8Linear {
         let mut scales = vec![0f32; tiles * blocks * TILE];
         let mut offsets = vec![0i32; tiles * blocks * TILE];
         let mut codes = vec![0i8; k_pad];
+        let mut row = vec![0f32; input];
         for o in 0..out {
             let (tile, c) = (o / TILE, o % TILE);
-            let row = &w[o * input..(o + 1) * input];
+            row_of(o, &mut row);
             for (b, (xs, codes)) in row
                 .chunks(block)
                 .zip(codes.chunks_exact_mut(block))
@@ -95,6 +105,45 @@ impl Int8Linear {
 
     pub fn size_in_bytes(&self) -> usize {
         self.packed.len() + 4 * (self.scales.len() + self.offsets.len())
+    }
+
+    /// `Ŵ[c][k]`: the value the product multiplies for `W[c][k]`, its code times its block's
+    /// scale, exactly.
+    pub fn rounded_weight(&self, c: usize, k: usize) -> f64 {
+        let Dims { k_pad, block, .. } = self.dims;
+        let (tile, lane) = (c / TILE, c % TILE);
+        let groups = k_pad / GROUP;
+        let code =
+            self.packed[(tile * groups + k / GROUP) * GROUP_BYTES + lane * GROUP + k % GROUP];
+        let scale = self.scales[(tile * self.dims.blocks() + k / block) * TILE + lane];
+        f64::from(code) * f64::from(scale)
+    }
+
+    /// For an activation row `x`, `(‖x − x̂‖₂, ‖x̂‖₂)`, where `x̂` is the row as the product rounds
+    /// it (each code times its block's scale), with the same rounding steps; summed in f64.
+    pub fn rounding_of(&self, x: &[f32]) -> (f64, f64) {
+        let (mut err, mut norm) = (0f64, 0f64);
+        for xs in x.chunks(self.dims.block) {
+            let (scale, inv) = block_scale(xs);
+            for &v in xs {
+                let rounded = f64::from(code(v, inv)) * f64::from(scale);
+                err += (f64::from(v) - rounded).powi(2);
+                norm += rounded.powi(2);
+            }
+        }
+        (err.sqrt(), norm.sqrt())
+    }
+
+    /// `ε` of `|y_c − x̂·Ŵ_c| ≤ ε·‖x̂‖·‖Ŵ_c‖` for the product's output `y` (plus at most
+    /// [`UNDERFLOW`] per input where scales underflow): the i32 sums are exact, each block adds
+    /// them as `sum · (scale_w · scale_x)` (two f32 roundings, unit `u = 2⁻²⁴`), and the blocks
+    /// are summed in f32, `blocks − 1` roundings of at most `Σ_b |block b|` each, and
+    /// `Σ_b |block b| ≤ Σ_k |x̂_k Ŵ_ck| ≤ ‖x̂‖·‖Ŵ_c‖`.
+    pub fn float_error(&self) -> f64 {
+        let u = 2f64.powi(-24);
+        let b = self.dims.blocks() as f64;
+        let gamma = b * u / (1.0 - b * u);
+        (1.0 + u).powi(2) * (1.0 + gamma) - 1.0
     }
 
     fn matmul_with(&self, x: &[f32], rows: usize, kernel: Kernel) -> Vec<f32> {
@@ -784,6 +833,26 @@ mod amx {
         // SAFETY: returns the tile state to its initial configuration.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
+}
+
+/// Absolute error per input, generously, where a block's two scales multiply to below f32's
+/// normal range and the product of the block is rounded to a subnormal step.
+pub const UNDERFLOW: f64 = 1.0 / (1u128 << 120) as f64;
+
+/// Whether this CPU multiplies int8 with dot-product instructions (AVX-512 VNNI or AMX), at
+/// several times f32's multiply-add rate; AVX2 multiplies at about f32's rate (see the `avx2`
+/// kernel), and the portable kernel far below it.
+pub fn multiplies_fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(Kernel::detect(), Kernel::Vnni | Kernel::Amx) {
+        return true;
+    }
+    false
+}
+
+/// Whether this CPU runs the int8 product with vector instructions at all.
+pub fn vectorized() -> bool {
+    Kernel::detect() != Kernel::Portable
 }
 
 impl Product for Int8Linear {

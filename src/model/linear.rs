@@ -215,7 +215,7 @@ impl Storage {
 #[derive(Debug, Default)]
 pub struct SharedLayers {
     quantization: Quantization,
-    /// Whether an f32 `lm_head` gets the bf16 screen of [`GreedyHead`].
+    /// Whether an f32 `lm_head` gets the int8 screen of [`GreedyHead`].
     greedy_screen: bool,
     built: HashMap<String, Linear>,
     /// The base's other tensors, by checkpoint name.
@@ -232,8 +232,8 @@ impl SharedLayers {
         }
     }
 
-    /// Asks for [`GreedyHead`]'s screen on packed f32 `lm_head`s (where the CPU runs the bf16
-    /// product: [`bf16_linear::screens`]).
+    /// Asks for [`GreedyHead`]'s screen on packed f32 `lm_head`s (where the CPU runs the int8
+    /// product with vector instructions).
     pub fn with_greedy_screen(self, on: bool) -> Self {
         Self {
             greedy_screen: on,

@@ -48,7 +48,7 @@ pub struct ModelSpec {
     pub dtype: DType,
     pub device: Device,
     pub quantize: Quantization,
-    /// Keep a bf16 screen of an f32 `lm_head` for exact greedy steps (see [`greedy`]).
+    /// Keep an int8 screen of an f32 `lm_head` for exact greedy steps (see [`greedy`]).
     pub greedy_screen: bool,
 }
 

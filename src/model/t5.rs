@@ -537,7 +537,7 @@ pub struct T5Model {
     decoder_blocks: Vec<DecoderBlock>,
     decoder_norm: LayerNorm,
     lm_head: Linear,
-    /// `lm_head`'s bf16 screen, for greedy steps that need no log-probabilities.
+    /// `lm_head`'s int8 screen, for greedy steps that need no log-probabilities.
     greedy: Option<Arc<GreedyHead>>,
     device: Device,
 }
@@ -1028,7 +1028,7 @@ impl T5Model {
     }
 
     /// Each row's greedy token, the first argmax of [`Self::logits`], when `lm_head` has its
-    /// bf16 screen and it pays for this many rows (see [`super::greedy`]); `None` where the
+    /// int8 screen and it pays for this many rows (see [`super::greedy`]); `None` where the
     /// logits must be computed.
     pub fn greedy_tokens(&self, hidden: &Tensor) -> candle_core::Result<Option<Vec<u32>>> {
         let rows = hidden.dim(0)?;
