@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::f32_linear::F32Linear;
 use super::int8::{self, Int8Linear};
+use super::ops;
 use super::product::Product;
 
 /// Candidates per row beyond which the screen gives up (the full product is then cheaper).
@@ -45,20 +46,6 @@ pub struct GreedyHead {
 fn gamma(n: usize) -> f64 {
     let m = n as f64 * 2f64.powi(-24);
     m / (1.0 - m)
-}
-
-/// The largest value of `s`, if every value is finite, in 16 independent lanes that the
-/// compiler vectorizes.
-fn finite_max(s: &[f32]) -> Option<f32> {
-    const EXPONENT: u32 = 0x7f80_0000;
-    let (mut lanes, mut odd) = ([f32::NEG_INFINITY; 16], 0u32);
-    for chunk in s.chunks(16) {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            odd |= u32::from(v.to_bits() & EXPONENT == EXPONENT);
-            *lane = if v > *lane { v } else { *lane };
-        }
-    }
-    (odd == 0).then(|| lanes.into_iter().fold(f32::NEG_INFINITY, f32::max))
 }
 
 /// The largest f32 at or below `v`.
@@ -181,8 +168,7 @@ impl GreedyHead {
     /// worth reading (the per-token terms are 4 MB: read for every token, they took longer
     /// than the screen's product at 16 rows).
     fn settle(&self, s: &[f32], x: &[f32]) -> Option<u32> {
-        let top = finite_max(s)?;
-        let m = s.iter().position(|&v| v == top)?;
+        let (top, m) = ops::finite_best(s)?;
         let bound = self.bound(x);
         let floor = f64::from(top) - bound.of(self.per_x[m], self.per_rounding[m]);
         let widest = bound.of(self.max_per_x, self.max_per_rounding);
@@ -350,8 +336,11 @@ mod tests {
             let c = at_or_below(v);
             assert!(f64::from(c) <= v && f64::from(c.next_up()) > v, "{v}: {c}");
         }
-        assert_eq!(finite_max(&[1.0, -2.0, 7.5, 3.0]), Some(7.5));
-        assert_eq!(finite_max(&[1.0, f32::INFINITY]), None);
+        assert_eq!(
+            ops::finite_best(&[1.0, -2.0, 7.5, 3.0, 7.5]),
+            Some((7.5, 2))
+        );
+        assert_eq!(ops::finite_best(&[1.0, f32::INFINITY]), None);
     }
 
     #[test]

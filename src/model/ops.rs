@@ -84,6 +84,13 @@ pub fn row_stats(logits: &Tensor, with_log_z: bool) -> candle_core::Result<RowSt
     })
 }
 
+/// The largest value of one row and its first index, in the same one pass as [`row_stats`];
+/// `None` if the row holds a NaN or an infinity.
+pub fn finite_best(row: &[f32]) -> Option<(f32, usize)> {
+    let best = wide(BestOfRow(row));
+    (best.poison == 0.0).then_some((best.max, best.at as usize))
+}
+
 /// `log Σ exp` of every row: the normaliser of its log-softmax.
 pub fn log_z(logits: &Tensor) -> candle_core::Result<Vec<f32>> {
     if let Some(log_z) = with_cpu_data(logits, |data, lay, rows, vocab| {
