@@ -34,6 +34,7 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub batch_size: HistogramVec,
     pub batch_tokens: HistogramVec,
+    pub forward_duration: HistogramVec,
     pub predictions: IntCounterVec,
     pub top_score: HistogramVec,
     pub model_load_seconds: Gauge,
@@ -162,6 +163,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     batch_tokens: counts(
         "finserve_batch_padded_tokens",
         "Padded tokens (longest input x batch size) per engine encoder pass, by kind and variant",
+        &["kind", "variant"],
+    ),
+    forward_duration: seconds(
+        "finserve_forward_duration_seconds",
+        "Model time per engine pass, by kind (sentiment: a scored batch; prefill: encoding the \
+         generations that join; decode: one token for every running generation) and variant",
         &["kind", "variant"],
     ),
     predictions: register_int_counter_vec!(

@@ -746,6 +746,15 @@ fn concurrent_requests_batch_and_match_one_at_a_time() {
             "{kind}: no batch larger than one ({singles} of {count} were single)"
         );
     }
+    for kind in ["sentiment", "prefill", "decode"] {
+        let label = format!("kind=\"{kind}\",variant=\"{name}\"");
+        let passes = metric_value(&m, "finserve_forward_duration_seconds_count", &label).unwrap();
+        let seconds = metric_value(&m, "finserve_forward_duration_seconds_sum", &label).unwrap();
+        assert!(
+            passes > 0.0 && seconds > 0.0,
+            "{kind}: {passes} passes, {seconds} s"
+        );
+    }
 }
 
 /// The names of a process's threads.

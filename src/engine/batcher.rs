@@ -355,6 +355,10 @@ impl Batcher {
             backend.score(&inputs, &labels)
         }));
         let inference = start.elapsed();
+        METRICS
+            .forward_duration
+            .with_label_values(&metric)
+            .observe(inference.as_secs_f64());
         let scores = match result {
             Ok(Ok(scores)) => scores,
             Ok(Err(e)) => return self.fail_sentiment(jobs, e.to_string()),
@@ -461,6 +465,10 @@ impl Lane {
         let started = Instant::now();
         let inputs: Vec<&[u32]> = jobs.iter().map(|j| j.ids.as_slice()).collect();
         let slots = self.backend.join(&inputs)?;
+        METRICS
+            .forward_duration
+            .with_label_values(&["prefill", &self.name])
+            .observe(started.elapsed().as_secs_f64());
         let start_token = self.backend.decoder_start();
         for (job, slot) in jobs.into_iter().zip(slots) {
             self.running.push(Running {
@@ -510,7 +518,12 @@ impl Lane {
                 sampler: &mut r.sampler,
             })
             .collect();
+        let stepping = Instant::now();
         let choices = self.backend.step(&mut rows)?;
+        METRICS
+            .forward_duration
+            .with_label_values(&["decode", &self.name])
+            .observe(stepping.elapsed().as_secs_f64());
         drop(rows);
         let mut finished = Vec::new();
         let eos = self.backend.eos_ids();
