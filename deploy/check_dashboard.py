@@ -51,6 +51,7 @@ FINSERVE_METRICS = {
     "finserve_in_flight_requests": "gauge",
     "finserve_batch_size": "histogram",
     "finserve_batch_padded_tokens": "histogram",
+    "finserve_forward_duration_seconds": "histogram",
     "finserve_sentiment_predictions_total": "counter",
     "finserve_sentiment_top_score": "histogram",
     "finserve_model_load_seconds": "gauge",
