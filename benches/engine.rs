@@ -1,10 +1,11 @@
 //! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
 //! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32, with
-//! `--quantize q8` and (on CPUs with AVX512-BF16) bf16 weights, at 1, 4 and 16 rows; and the machine's read bandwidth next to the
-//! bandwidth each f32 projection reaches in a decode step; and a greedy step's token choice:
-//! every logit from each kind of weights, and f32's with and without `lm_head`'s int8 screen.
-//! These are the engine's own numbers; `benches/compare.py` compares the whole server with
-//! transformers and CTranslate2.
+//! `--quantize q8` and (on CPUs with AVX512-BF16) bf16 weights, at 1, 4 and 16 rows, and the
+//! encoder alone at mt0-base's shape (768, 2048, 12 x 64, 12 + 12); the machine's read
+//! bandwidth next to the bandwidth each f32 projection reaches in a decode step; and a greedy
+//! step's token choice: every logit from each kind of weights, and f32's with and without
+//! `lm_head`'s int8 screen. These are the engine's own numbers; `benches/compare.py` compares
+//! the whole server with transformers and CTranslate2.
 
 use std::collections::HashMap;
 
@@ -22,10 +23,47 @@ use finserve::model::weights::Weights;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn mt0_small(quantization: Quantization) -> T5Model {
+/// mt0-small's shape (see [`Shape`]).
+const SMALL: Shape = Shape {
+    name: "mt0-small",
+    d_model: 512,
+    d_ff: 1024,
+    heads: 6,
+    layers: 8,
+};
+
+/// mt0-base's shape, whose encoder the generation rows of `benches/compare.py` spend most of
+/// their time in at that size.
+const BASE: Shape = Shape {
+    name: "mt0-base",
+    d_model: 768,
+    d_ff: 2048,
+    heads: 12,
+    layers: 12,
+};
+
+/// An mT5 shape (heads of 64, gated GELU, vocabulary 250112, as many decoder as encoder layers).
+struct Shape {
+    name: &'static str,
+    d_model: usize,
+    d_ff: usize,
+    heads: usize,
+    layers: usize,
+}
+
+/// A model of `shape` with random weights.
+fn random_model(shape: &Shape, quantization: Quantization) -> T5Model {
+    let Shape {
+        d_model,
+        d_ff,
+        heads,
+        layers,
+        ..
+    } = *shape;
+    let inner = heads * 64;
     let config: Config = serde_json::from_value(serde_json::json!({
-        "model_type": "mt5", "vocab_size": 250112, "d_model": 512, "d_kv": 64, "d_ff": 1024,
-        "num_layers": 8, "num_decoder_layers": 8, "num_heads": 6,
+        "model_type": "mt5", "vocab_size": 250112, "d_model": d_model, "d_kv": 64, "d_ff": d_ff,
+        "num_layers": layers, "num_decoder_layers": layers, "num_heads": heads,
         "feed_forward_proj": "gated-gelu", "tie_word_embeddings": false
     }))
     .expect("config");
@@ -35,15 +73,15 @@ fn mt0_small(quantization: Quantization) -> T5Model {
         let w = Tensor::randn(0f32, 0.05, shape, &dev).expect("randn");
         t.insert(name, w);
     };
-    add("shared.weight".into(), &[250112, 512]);
-    add("lm_head.weight".into(), &[250112, 512]);
+    add("shared.weight".into(), &[250112, d_model]);
+    add("lm_head.weight".into(), &[250112, d_model]);
     for stack in ["encoder", "decoder"] {
         add(
             format!("{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
-            &[32, 6],
+            &[32, heads],
         );
-        add(format!("{stack}.final_layer_norm.weight"), &[512]);
-        for i in 0..8 {
+        add(format!("{stack}.final_layer_norm.weight"), &[d_model]);
+        for i in 0..layers {
             let attn: &[&str] = if stack == "encoder" {
                 &["0.SelfAttention"]
             } else {
@@ -53,29 +91,30 @@ fn mt0_small(quantization: Quantization) -> T5Model {
                 for p in ["q", "k", "v"] {
                     add(
                         format!("{stack}.block.{i}.layer.{a}.{p}.weight"),
-                        &[384, 512],
+                        &[inner, d_model],
                     );
                 }
-                add(format!("{stack}.block.{i}.layer.{a}.o.weight"), &[512, 384]);
+                add(
+                    format!("{stack}.block.{i}.layer.{a}.o.weight"),
+                    &[d_model, inner],
+                );
             }
             let ff = if stack == "encoder" { 1 } else { 2 };
             for l in 0..=ff {
                 add(
                     format!("{stack}.block.{i}.layer.{l}.layer_norm.weight"),
-                    &[512],
+                    &[d_model],
+                );
+            }
+            for wi in ["wi_0", "wi_1"] {
+                add(
+                    format!("{stack}.block.{i}.layer.{ff}.DenseReluDense.{wi}.weight"),
+                    &[d_ff, d_model],
                 );
             }
             add(
-                format!("{stack}.block.{i}.layer.{ff}.DenseReluDense.wi_0.weight"),
-                &[1024, 512],
-            );
-            add(
-                format!("{stack}.block.{i}.layer.{ff}.DenseReluDense.wi_1.weight"),
-                &[1024, 512],
-            );
-            add(
                 format!("{stack}.block.{i}.layer.{ff}.DenseReluDense.wo.weight"),
-                &[512, 1024],
+                &[d_model, d_ff],
             );
         }
     }
@@ -106,7 +145,29 @@ fn bench(c: &mut Criterion) {
             continue;
         }
         bench_model(c, q);
+        bench_encoder(c, &BASE, q);
     }
+}
+
+/// The encoder alone at a larger shape, for a whole request of 16 inputs and for the couple of
+/// generations that typically join a running batch at once.
+fn bench_encoder(c: &mut Criterion, shape: &Shape, quantization: Quantization) {
+    let model = random_model(shape, quantization);
+    let mut group = c.benchmark_group(format!("{}-{}", shape.name, quantization.as_str()));
+    group.sample_size(10);
+    for (batch, len) in [(2, 40), (16, 40)] {
+        let ids: Vec<Vec<u32>> = (0..batch)
+            .map(|b| (0..len).map(|i| (100 + b * 7 + i) as u32).collect())
+            .collect();
+        let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        group.throughput(Throughput::Elements((batch * len) as u64));
+        group.bench_with_input(
+            BenchmarkId::new("encode_tokens", format!("{batch}x{len}")),
+            &inputs,
+            |b, inputs| b.iter(|| model.encode(inputs).expect("encode")),
+        );
+    }
+    group.finish();
 }
 
 /// What a decode step is bound by: the machine's read bandwidth, and the bandwidth each f32
@@ -157,14 +218,14 @@ fn read_all(xs: &[f32]) -> f32 {
 }
 
 fn bench_model(c: &mut Criterion, quantization: Quantization) {
-    let model = mt0_small(quantization);
+    let model = random_model(&SMALL, quantization);
     // Three single-token labels plus EOS, like negative / neutral / positive.
     let labels = LabelSet::from_targets(
         ["negative", "neutral", "positive"].map(String::from).into(),
         vec![vec![4, 1], vec![5, 1], vec![6, 1]],
     )
     .expect("labels");
-    let mut group = c.benchmark_group(format!("mt0-small-{}", quantization.as_str()));
+    let mut group = c.benchmark_group(format!("{}-{}", SMALL.name, quantization.as_str()));
     group.sample_size(10);
     for (batch, len) in [(1, 32), (4, 36), (16, 40)] {
         let ids: Vec<Vec<u32>> = (0..batch)
