@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group};
 use finserve::engine::sentiment::{LabelSet, score};
 use finserve::model::decode_batch::DecodeBatch;
 use finserve::model::linear::{Linear, Quantization, SharedLayers};
@@ -156,18 +157,29 @@ fn bench_encoder(c: &mut Criterion, shape: &Shape, quantization: Quantization) {
     let mut group = c.benchmark_group(format!("{}-{}", shape.name, quantization.as_str()));
     group.sample_size(10);
     for (batch, len) in [(2, 40), (16, 40)] {
-        let ids: Vec<Vec<u32>> = (0..batch)
-            .map(|b| (0..len).map(|i| (100 + b * 7 + i) as u32).collect())
-            .collect();
-        let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        group.throughput(Throughput::Elements((batch * len) as u64));
-        group.bench_with_input(
-            BenchmarkId::new("encode_tokens", format!("{batch}x{len}")),
-            &inputs,
-            |b, inputs| b.iter(|| model.encode(inputs).expect("encode")),
-        );
+        let ids = token_ids(batch, len);
+        bench_encode(&mut group, &model, &ids);
     }
     group.finish();
+}
+
+/// `batch` inputs of `len` token ids, each input its own.
+fn token_ids(batch: usize, len: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|b| (0..len).map(|i| (100 + b * 7 + i) as u32).collect())
+        .collect()
+}
+
+/// `encode_tokens/{batch}x{len}` over `ids` (equally long inputs), in tokens per second.
+fn bench_encode(group: &mut BenchmarkGroup<'_, WallTime>, model: &T5Model, ids: &[Vec<u32>]) {
+    let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let len = inputs.first().map_or(0, |i| i.len());
+    group.throughput(Throughput::Elements((inputs.len() * len) as u64));
+    group.bench_with_input(
+        BenchmarkId::new("encode_tokens", format!("{}x{len}", inputs.len())),
+        &inputs,
+        |b, inputs| b.iter(|| model.encode(inputs).expect("encode")),
+    );
 }
 
 /// What a decode step is bound by: the machine's read bandwidth, and the bandwidth each f32
@@ -228,16 +240,9 @@ fn bench_model(c: &mut Criterion, quantization: Quantization) {
     let mut group = c.benchmark_group(format!("{}-{}", SMALL.name, quantization.as_str()));
     group.sample_size(10);
     for (batch, len) in [(1, 32), (4, 36), (16, 40)] {
-        let ids: Vec<Vec<u32>> = (0..batch)
-            .map(|b| (0..len).map(|i| (100 + b * 7 + i) as u32).collect())
-            .collect();
+        let ids = token_ids(batch, len);
+        bench_encode(&mut group, &model, &ids);
         let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        group.throughput(Throughput::Elements((batch * len) as u64));
-        group.bench_with_input(
-            BenchmarkId::new("encode_tokens", format!("{batch}x{len}")),
-            &inputs,
-            |b, inputs| b.iter(|| model.encode(inputs).expect("encode")),
-        );
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_with_input(
             BenchmarkId::new("decode_step_tokens", format!("{batch}x{len}")),
@@ -277,9 +282,7 @@ fn bench_greedy(c: &mut Criterion, model: &T5Model, quantization: Quantization) 
     let mut group = c.benchmark_group(format!("mt0-small-{}-greedy", quantization.as_str()));
     group.sample_size(10);
     for rows in [1, 4, 8, 16, 32, 64] {
-        let ids: Vec<Vec<u32>> = (0..rows)
-            .map(|b| (0..32).map(|i| (100 + b * 7 + i) as u32).collect())
-            .collect();
+        let ids = token_ids(rows, 32);
         let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let (mut state, slots) = started(model, &inputs, 16);
         let next: Vec<(usize, Vec<u32>)> = slots.iter().map(|&s| (s, vec![5])).collect();
