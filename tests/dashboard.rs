@@ -29,7 +29,7 @@ fn exported_metric_names() -> BTreeSet<String> {
     ] {
         h.with_label_values(&["x"]).observe(1.0);
     }
-    for h in [&m.batch_size, &m.batch_tokens] {
+    for h in [&m.batch_size, &m.batch_tokens, &m.forward_duration] {
         h.with_label_values(&["x", "v"]).observe(1.0);
     }
     let text = finserve::metrics::render().expect("metrics render");
