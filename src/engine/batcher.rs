@@ -355,15 +355,15 @@ impl Batcher {
             backend.score(&inputs, &labels)
         }));
         let inference = start.elapsed();
-        METRICS
-            .forward_duration
-            .with_label_values(&metric)
-            .observe(inference.as_secs_f64());
         let scores = match result {
             Ok(Ok(scores)) => scores,
             Ok(Err(e)) => return self.fail_sentiment(jobs, e.to_string()),
             Err(p) => return self.fail_sentiment(jobs, panic_message(p)),
         };
+        METRICS
+            .forward_duration
+            .with_label_values(&metric)
+            .observe(inference.as_secs_f64());
         self.health.batch_done(true);
         for (job, scores) in jobs.into_iter().zip(scores) {
             let timing = Timing {

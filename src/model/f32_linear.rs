@@ -5,9 +5,9 @@
 //! broadcast to them. A kernel call keeps up to 6 rows × 64 channels of sums in registers;
 //! several groups of rows take turns on slices of the panel, so its bytes come from memory
 //! once, while every group computes; rows go through in blocks of [`ROW_BLOCK`] so that their
-//! sums stay in the L1 cache between slices. That reaches most of the CPU's multiply-add rate on many
-//! rows and the memory bandwidth on the one row of a decode step (where the work is reading
-//! `W`, 0.5 GB for mt0's `lm_head`). candle's own product (the `gemm` crate, AVX2 only on
+//! sums stay in the L1 cache between slices. That reaches most of the CPU's multiply-add rate
+//! on many rows and the memory bandwidth on the one row of a decode step (where the work is
+//! reading `W`, 0.5 GB for mt0's `lm_head`). candle's own product (the `gemm` crate, AVX2 only on
 //! stable Rust) repacks `W` on every call and reaches about half of either.
 //!
 //! Every output is the chain `s ← fma(w[k], x[k], s)` for `k = 0, 1, …` from `s = 0`: the
@@ -92,10 +92,11 @@ impl F32Linear {
         let mut y = PaddedOut::new(rows, width);
         let out = y.shared();
         (0..panels).into_par_iter().for_each(|p| {
+            let panel = &self.packed[p * self.input * PANEL..(p + 1) * self.input * PANEL];
             for r0 in (0..rows).step_by(ROW_BLOCK) {
                 let n = ROW_BLOCK.min(rows - r0);
                 let job = Job {
-                    panel: &self.packed[p * self.input * PANEL..(p + 1) * self.input * PANEL],
+                    panel,
                     x: &x[r0 * self.input..(r0 + n) * self.input],
                     input: self.input,
                     rows: n,
