@@ -304,8 +304,6 @@ mod avx512 {
             }
         }
         for k in k {
-            // SAFETY: `k < input`: the panel's row `k` has `PANEL` floats and row `r0 + r <
-            // rows` of `x` has `input`.
             if first {
                 for v in 0..VECTORS {
                     // A prefetch is a hint: it reads nothing into the program and never faults
@@ -314,6 +312,8 @@ mod avx512 {
                     _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(ahead).cast());
                 }
             }
+            // SAFETY: `k < input`: the panel's row `k` has `PANEL` floats and row `r0 + r <
+            // rows` of `x` has `input`.
             unsafe {
                 let ws: [__m512; VECTORS] =
                     std::array::from_fn(|v| _mm512_loadu_ps(w.add(k * PANEL + 16 * v)));
