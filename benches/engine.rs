@@ -1,13 +1,14 @@
 //! Encoder and decode-step throughput on an mt0-small-shaped model with random weights
 //! (d_model 512, d_ff 1024, 6 heads x 64, 8 + 8 layers, vocab 250112) on the CPU, in f32, with
 //! `--quantize q8` and (on CPUs with AVX512-BF16) bf16 weights, at 1, 4 and 16 rows, and the
-//! encoder alone at mt0-base's shape (768, 2048, 12 x 64, 12 + 12); the machine's read
+//! encoder and a greedy step at mt0-base's shape (768, 2048, 12 x 64, 12 + 12); the machine's read
 //! bandwidth next to the bandwidth each f32 projection reaches in a decode step; and a greedy
 //! step's token choice: every logit from each kind of weights, and f32's with and without
 //! `lm_head`'s int8 screen. These are the engine's own numbers; `benches/compare.py` compares
 //! the whole server with transformers and CTranslate2.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::measurement::WallTime;
@@ -151,7 +152,7 @@ fn bench(c: &mut Criterion) {
 }
 
 /// The encoder alone at a larger shape, for a whole request of 16 inputs and for the couple of
-/// generations that typically join a running batch at once.
+/// generations that typically join a running batch at once, and a greedy step there.
 fn bench_encoder(c: &mut Criterion, shape: &Shape, quantization: Quantization) {
     let model = random_model(shape, quantization);
     let mut group = c.benchmark_group(format!("{}-{}", shape.name, quantization.as_str()));
@@ -160,7 +161,35 @@ fn bench_encoder(c: &mut Criterion, shape: &Shape, quantization: Quantization) {
         let ids = token_ids(batch, len);
         bench_encode(&mut group, &model, &ids);
     }
+    for rows in [1, 4, 16] {
+        bench_greedy_step(&mut group, &model, rows);
+    }
     group.finish();
+}
+
+/// `greedy_step/{rows}`: a decode step as the server takes it, the decoder over caches 16 tokens
+/// deep and one deeper per step, then each row's token from the int8 screen of `lm_head` where
+/// the model has one for this many rows, else from every logit. One batch serves all of a
+/// sample's steps, so its encoding stays out of the time.
+fn bench_greedy_step(group: &mut BenchmarkGroup<'_, WallTime>, model: &T5Model, rows: usize) {
+    let ids = token_ids(rows, 40);
+    let inputs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    group.throughput(Throughput::Elements(rows as u64));
+    group.bench_function(BenchmarkId::new("greedy_step", rows), |b| {
+        b.iter_custom(|steps| {
+            let (mut batch, slots) = started(model, &inputs, 16);
+            let next: Vec<(usize, Vec<u32>)> = slots.iter().map(|&s| (s, vec![5])).collect();
+            let start = Instant::now();
+            for _ in 0..steps {
+                let hidden = model.decode(&mut batch, &next).expect("step");
+                let hidden = hidden.squeeze(1).expect("squeeze");
+                if model.greedy_tokens(&hidden).expect("screen").is_none() {
+                    row_stats(&model.logits(&hidden).expect("logits"), false).expect("argmax");
+                }
+            }
+            start.elapsed()
+        })
+    });
 }
 
 /// `batch` inputs of `len` token ids, each input its own.
