@@ -147,13 +147,13 @@ fn bench(c: &mut Criterion) {
             continue;
         }
         bench_model(c, q);
-        bench_encoder(c, &BASE, q);
+        bench_shape(c, &BASE, q);
     }
 }
 
-/// The encoder alone at a larger shape, for a whole request of 16 inputs and for the couple of
+/// A larger shape: the encoder alone, for a whole request of 16 inputs and for the couple of
 /// generations that typically join a running batch at once, and a greedy step there.
-fn bench_encoder(c: &mut Criterion, shape: &Shape, quantization: Quantization) {
+fn bench_shape(c: &mut Criterion, shape: &Shape, quantization: Quantization) {
     let model = random_model(shape, quantization);
     let mut group = c.benchmark_group(format!("{}-{}", shape.name, quantization.as_str()));
     group.sample_size(10);
@@ -308,7 +308,7 @@ fn bench_model(c: &mut Criterion, quantization: Quantization) {
 /// (`model::greedy`; the same tokens). Where the screen does not pay (more than 8 rows without
 /// AVX-512 VNNI or AMX), `greedy_tokens` declines and the step computes the logits.
 fn bench_greedy(c: &mut Criterion, model: &T5Model, quantization: Quantization) {
-    let mut group = c.benchmark_group(format!("mt0-small-{}-greedy", quantization.as_str()));
+    let mut group = c.benchmark_group(format!("{}-{}-greedy", SMALL.name, quantization.as_str()));
     group.sample_size(10);
     for rows in [1, 4, 8, 16, 32, 64] {
         let ids = token_ids(rows, 32);
