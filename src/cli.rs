@@ -838,8 +838,9 @@ pub struct TrainArgs {
     #[arg(long, env = "FINSERVE_TRAIN_EVAL_DATA", value_delimiter = ',')]
     pub eval_data: Vec<PathBuf>,
     /// How entity rows are shown to the model: a `target_template.json` (`template` with
-    /// `{text}` and `{target}`, `mark`, optional `context_words` and `text_weight`, with which
-    /// entity rows are learnt through the scores pooled with their text's, as `serve` answers).
+    /// `{text}` and `{target}`, `mark`, optional `context_words`, `context_skips_names`,
+    /// `context_stops` and `text_weight`, with which entity rows are learnt through the scores
+    /// pooled with their text's, as `serve` answers).
     /// Default: `{target} : {text}`, mentions marked `<<` `>>`, the whole text. Written beside
     /// the adapter when --data holds entity rows, where `serve` reads it.
     #[arg(long, env = "FINSERVE_TRAIN_TARGET_TEMPLATE")]

@@ -137,6 +137,17 @@ pub struct TargetTemplate {
     /// cannot learn where a mention is from its position (the demo's) reads its neighbourhood.
     #[serde(default)]
     pub context_words: Option<usize>,
+    /// Words that look like names (their first letter or digit is an upper-case letter, or
+    /// they hold none: `Morgan`, `<JPM.N>`, `&`) are shown but not counted in `context_words`,
+    /// so that a list of companies does not use up a mention's context before the news about
+    /// them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub context_skips_names: bool,
+    /// Words a context stops at, left out (compared without case and without the punctuation
+    /// around them: `while` stops at `, while` and `While`): clause boundaries such as `while`
+    /// and `but`, beyond which the news is usually about someone else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context_stops: Vec<String>,
     /// How much the whole text's own scores count in a target's, `w` in `[0, 1)`: the target's
     /// label probabilities are `p_target^(1-w) · p_text^w`, renormalised (log-likelihoods
     /// `(1-w)·target + w·text`). A model that sees only a mention's neighbourhood misses news
@@ -157,6 +168,8 @@ impl TargetTemplate {
             template: template.to_string(),
             mark,
             context_words,
+            context_skips_names: false,
+            context_stops: Vec::new(),
             text_weight: None,
         };
         t.check()?;
@@ -179,6 +192,24 @@ impl TargetTemplate {
                 "a target template needs `{{text}}` exactly once and `{{target}}` at least once \
                  (got {:?})",
                 self.template
+            )));
+        }
+        if self.context_words.is_none()
+            && (self.context_skips_names || !self.context_stops.is_empty())
+        {
+            return Err(Error::InvalidArgument(
+                "a target template's `context_skips_names` and `context_stops` shape a \
+                 `context_words` context: set `context_words` too"
+                    .to_string(),
+            ));
+        }
+        if let Some(stop) = self
+            .context_stops
+            .iter()
+            .find(|w| w.is_empty() || w.contains(char::is_whitespace))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a target template's `context_stops` are single words (got {stop:?})"
             )));
         }
         if let Some(w) = self.text_weight
@@ -232,9 +263,90 @@ impl TargetTemplate {
     pub fn mark(&self, text: &str, spans: &[Range<usize>]) -> (String, Vec<Range<usize>>) {
         let (marked, ranges) = self.wrap(text, spans);
         match self.context_words {
-            Some(k) => context(&marked, &ranges, k),
+            Some(k) => self.context(&marked, &ranges, k),
             None => (marked, ranges),
         }
+    }
+
+    /// `text` cut to `k` words on each side of each of `mentions` (byte ranges, sorted), the
+    /// cut stretches replaced by ` ... `, and where the mentions lie in the result.
+    fn context(
+        &self,
+        text: &str,
+        mentions: &[Range<usize>],
+        k: usize,
+    ) -> (String, Vec<Range<usize>>) {
+        let words = super::explain::words(text);
+        if words.is_empty() {
+            return (text.to_string(), mentions.to_vec());
+        }
+        // Inclusive word-index ranges to keep, merged where they touch.
+        let mut keep: Vec<(usize, usize)> = Vec::new();
+        for m in mentions {
+            let first = words.iter().position(|w| w.end > m.start).unwrap_or(0);
+            let last = words.iter().rposition(|w| w.start < m.end).unwrap_or(first);
+            let lo = self
+                .reach(text, &words, (0..first).rev(), k)
+                .unwrap_or(first);
+            let hi = self
+                .reach(text, &words, last + 1..words.len(), k)
+                .unwrap_or(last);
+            match keep.last_mut() {
+                Some(prev) if lo <= prev.1 + 1 => prev.1 = prev.1.max(hi),
+                _ => keep.push((lo, hi)),
+            }
+        }
+        let mut out = String::new();
+        let mut ranges = Vec::with_capacity(mentions.len());
+        for (i, &(lo, hi)) in keep.iter().enumerate() {
+            if i > 0 {
+                out.push_str(" ... ");
+            }
+            let (start, end) = (words[lo].start, words[hi].end);
+            let at = out.len();
+            out.push_str(&text[start..end]);
+            ranges.extend(
+                mentions
+                    .iter()
+                    .filter(|m| m.start >= start && m.end <= end)
+                    .map(|m| m.start - start + at..m.end - start + at),
+            );
+        }
+        (out, ranges)
+    }
+
+    /// The furthest of `steps` (word indices walking away from a mention) the context keeps:
+    /// `k` counted words, none past a stop word; `None` when it keeps none.
+    fn reach(
+        &self,
+        text: &str,
+        words: &[Range<usize>],
+        steps: impl Iterator<Item = usize>,
+        k: usize,
+    ) -> Option<usize> {
+        let mut counted = 0;
+        let mut furthest = None;
+        for i in steps {
+            if counted == k {
+                break;
+            }
+            let word = &text[words[i].clone()];
+            if self.is_stop(word) {
+                break;
+            }
+            furthest = Some(i);
+            if !(self.context_skips_names && looks_like_a_name(word)) {
+                counted += 1;
+            }
+        }
+        furthest
+    }
+
+    fn is_stop(&self, word: &str) -> bool {
+        let bare = word.trim_matches(|c: char| !c.is_alphanumeric());
+        self.context_stops
+            .iter()
+            .any(|stop| stop.to_lowercase() == bare.to_lowercase())
     }
 
     fn wrap(&self, text: &str, spans: &[Range<usize>]) -> (String, Vec<Range<usize>>) {
@@ -255,44 +367,11 @@ impl TargetTemplate {
     }
 }
 
-/// `text` cut to `k` words on each side of each of `mentions` (byte ranges, sorted), the cut
-/// stretches replaced by ` ... `, and where the mentions lie in the result.
-fn context(text: &str, mentions: &[Range<usize>], k: usize) -> (String, Vec<Range<usize>>) {
-    let words = super::explain::words(text);
-    if words.is_empty() {
-        return (text.to_string(), mentions.to_vec());
-    }
-    // Inclusive word-index ranges to keep, merged where they touch.
-    let mut keep: Vec<(usize, usize)> = Vec::new();
-    for m in mentions {
-        let first = words.iter().position(|w| w.end > m.start).unwrap_or(0);
-        let last = words.iter().rposition(|w| w.start < m.end).unwrap_or(first);
-        let (lo, hi) = (
-            first.saturating_sub(k),
-            last.saturating_add(k).min(words.len() - 1),
-        );
-        match keep.last_mut() {
-            Some(prev) if lo <= prev.1 + 1 => prev.1 = prev.1.max(hi),
-            _ => keep.push((lo, hi)),
-        }
-    }
-    let mut out = String::new();
-    let mut ranges = Vec::with_capacity(mentions.len());
-    for (i, &(lo, hi)) in keep.iter().enumerate() {
-        if i > 0 {
-            out.push_str(" ... ");
-        }
-        let (start, end) = (words[lo].start, words[hi].end);
-        let at = out.len();
-        out.push_str(&text[start..end]);
-        ranges.extend(
-            mentions
-                .iter()
-                .filter(|m| m.start >= start && m.end <= end)
-                .map(|m| m.start - start + at..m.end - start + at),
-        );
-    }
-    (out, ranges)
+/// Whether a word is shown but not counted when a template's context skips names.
+fn looks_like_a_name(word: &str) -> bool {
+    word.chars()
+        .find(|c| c.is_alphanumeric())
+        .is_none_or(char::is_uppercase)
 }
 
 impl Located {
@@ -374,5 +453,39 @@ mod tests {
             t.mark(near, &located[0].byte_spans(near)).0,
             "x <Acme> y <Acme> z"
         );
+    }
+
+    #[test]
+    fn context_can_skip_names_and_stop_at_clause_boundaries() {
+        let t = TargetTemplate {
+            context_skips_names: true,
+            context_stops: vec!["while".into(), "But".into()],
+            ..TargetTemplate::new("{target}: {text}", ("<".into(), ">".into()), Some(2)).unwrap()
+        };
+        let list = "Shares of Acme <ACM.N>, Bolt Corp & Co and Cargo fell 3% today.";
+        let located = locate(list, &[Target::Name("Acme".into())], 1).unwrap();
+        assert_eq!(
+            t.mark(list, &located[0].byte_spans(list)).0,
+            "Shares of <Acme> <ACM.N>, Bolt Corp & Co and Cargo fell"
+        );
+        let two = "Siemens rallied on orders, while Huhtamaki fell; but Acme rose.";
+        let located = locate(two, &[Target::Name("Huhtamaki".into())], 1).unwrap();
+        assert_eq!(
+            t.mark(two, &located[0].byte_spans(two)).0,
+            "<Huhtamaki> fell;"
+        );
+        let bad = |skips: bool, stops: &[&str], words: Option<usize>| TargetTemplate {
+            context_skips_names: skips,
+            context_stops: stops.iter().map(|s| s.to_string()).collect(),
+            ..TargetTemplate::new("{target}: {text}", ("<".into(), ">".into()), words).unwrap()
+        };
+        for t in [
+            bad(true, &[], None),
+            bad(false, &["while"], None),
+            bad(false, &["so that"], Some(2)),
+            bad(false, &[""], Some(2)),
+        ] {
+            assert!(t.check().is_err(), "{t:?}");
+        }
     }
 }
