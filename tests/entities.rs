@@ -533,8 +533,9 @@ fn a_template_weighing_in_the_text_pools_the_targets_scores_with_the_texts() {
     }
 }
 
-/// A target template without its placeholders, or with a `text_weight` outside `[0, 1)`,
-/// stops the server at start-up, naming the file and what is wrong.
+/// A target template without its placeholders, with a `text_weight` outside `[0, 1)`, or with
+/// context options that cannot apply, stops the server at start-up, naming the file and what is
+/// wrong.
 #[test]
 fn a_bad_target_template_is_refused_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -548,6 +549,14 @@ fn a_bad_target_template_is_refused_at_start_up() {
         (
             r#"{"template": "{target}: {text}", "mark": ["[", "]"], "text_weight": -0.5}"#,
             "text_weight",
+        ),
+        (
+            r#"{"template": "{target}: {text}", "mark": ["[", "]"], "context_stops": ["but"]}"#,
+            "context_words",
+        ),
+        (
+            r#"{"template": "{target}: {text}", "mark": ["[", "]"], "context_words": 4, "context_stops": ["so that"]}"#,
+            "context_stops",
         ),
     ] {
         std::fs::write(&path, template).unwrap();
