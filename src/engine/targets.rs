@@ -203,13 +203,15 @@ impl TargetTemplate {
                     .to_string(),
             ));
         }
-        if let Some(stop) = self
-            .context_stops
-            .iter()
-            .find(|w| w.is_empty() || w.contains(char::is_whitespace))
-        {
+        if let Some(stop) = self.context_stops.iter().find(|w| {
+            w.is_empty()
+                || w.trim_matches(|c: char| !c.is_alphanumeric()) != *w
+                || w.contains(char::is_whitespace)
+        }) {
             return Err(Error::InvalidArgument(format!(
-                "a target template's `context_stops` are single words (got {stop:?})"
+                "a target template's `context_stops` are single words that begin and end with a \
+                 letter or digit, matched without the punctuation around a word of the text \
+                 (got {stop:?})"
             )));
         }
         if let Some(w) = self.text_weight
@@ -484,6 +486,8 @@ mod tests {
             bad(false, &["while"], None),
             bad(false, &["so that"], Some(2)),
             bad(false, &[""], Some(2)),
+            bad(false, &["but,"], Some(2)),
+            bad(false, &[";"], Some(2)),
         ] {
             assert!(t.check().is_err(), "{t:?}");
         }
