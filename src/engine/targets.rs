@@ -345,10 +345,15 @@ impl TargetTemplate {
     }
 
     fn is_stop(&self, word: &str) -> bool {
-        let bare = word.trim_matches(|c: char| !c.is_alphanumeric());
+        if self.context_stops.is_empty() {
+            return false;
+        }
+        let bare = word
+            .trim_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase();
         self.context_stops
             .iter()
-            .any(|stop| stop.to_lowercase() == bare.to_lowercase())
+            .any(|stop| stop.to_lowercase() == bare)
     }
 
     fn wrap(&self, text: &str, spans: &[Range<usize>]) -> (String, Vec<Range<usize>>) {
